@@ -1,0 +1,685 @@
+//! llama.cpp's GGUF files: metadata, tensor directory, and dequantization to f32.
+//!
+//! The layout follows `ggml/include/gguf.h` and `ggml-quants.c` (block formats). A GGUF lists
+//! a tensor's dimensions fastest-varying first, so `[in, out]` in GGUF is the `[out, in]` of a
+//! PyTorch linear weight; we report shapes in PyTorch order.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, TensorData};
+use half::f16;
+use memmap2::Mmap;
+
+use crate::config::{Family, ModelConfig, RopeScaling};
+use crate::error::{Error, Result};
+use crate::weights::WeightSource;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U64(v) => Some(v),
+            Value::I64(v) if v >= 0 => Some(v as u64),
+            _ => None,
+        }
+    }
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F64(v) => Some(v),
+            Value::U64(v) => Some(v as f64),
+            Value::I64(v) => Some(v as f64),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Value::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// ggml tensor types Temper can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl GgmlType {
+    fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
+            8 => Self::Q8_0,
+            12 => Self::Q4K,
+            13 => Self::Q5K,
+            14 => Self::Q6K,
+            30 => Self::BF16,
+            _ => return None,
+        })
+    }
+
+    /// (elements per block, bytes per block)
+    fn block(self) -> (usize, usize) {
+        match self {
+            Self::F32 => (1, 4),
+            Self::F16 | Self::BF16 => (1, 2),
+            Self::Q4_0 => (32, 18),
+            Self::Q4_1 => (32, 20),
+            Self::Q5_0 => (32, 22),
+            Self::Q5_1 => (32, 24),
+            Self::Q8_0 => (32, 34),
+            Self::Q4K => (256, 144),
+            Self::Q5K => (256, 176),
+            Self::Q6K => (256, 210),
+        }
+    }
+}
+
+/// Names of ggml types we cannot read, for the error message.
+fn ggml_type_name(id: u32) -> String {
+    let name = match id {
+        9 => "Q8_1",
+        10 => "Q2_K",
+        11 => "Q3_K",
+        15 => "Q8_K",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        _ => return format!("type id {id}"),
+    };
+    format!("{name} (type id {id})")
+}
+
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// Dimensions in PyTorch order (slowest first).
+    pub shape: Vec<usize>,
+    pub type_id: u32,
+    pub ty: Option<GgmlType>,
+    /// Absolute byte offset in the file.
+    pub offset: usize,
+}
+
+/// An open GGUF file (memory-mapped).
+pub struct Gguf {
+    path: PathBuf,
+    mmap: Mmap,
+    pub metadata: HashMap<String, Value>,
+    pub tensors: HashMap<String, TensorInfo>,
+}
+
+struct Cursor<'a> {
+    data: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.data.len() - self.pos < n {
+            return Err(Error::format(
+                self.path,
+                format!("truncated GGUF header: needed {n} bytes at offset {}", self.pos),
+            ));
+        }
+        let s = &self.data[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn len(&mut self) -> Result<usize> {
+        let n = self.u64()?;
+        // No single string or array can be larger than the file itself.
+        if n as usize > self.data.len() {
+            return Err(Error::format(self.path, format!("corrupt GGUF header: length {n} at offset {}", self.pos)));
+        }
+        Ok(n as usize)
+    }
+    fn string(&mut self) -> Result<String> {
+        let n = self.len()?;
+        let bytes = self.take(n)?;
+        // Some converters write invalid UTF-8 in token lists; keep what we can rather than fail.
+        Ok(String::from_utf8_lossy(bytes).into_owned())
+    }
+    fn value(&mut self, ty: u32) -> Result<Value> {
+        Ok(match ty {
+            0 => Value::U64(self.u8()? as u64),
+            1 => Value::I64(self.u8()? as i8 as i64),
+            2 => Value::U64(u16::from_le_bytes(self.take(2)?.try_into().unwrap()) as u64),
+            3 => Value::I64(i16::from_le_bytes(self.take(2)?.try_into().unwrap()) as i64),
+            4 => Value::U64(self.u32()? as u64),
+            5 => Value::I64(self.u32()? as i32 as i64),
+            6 => Value::F64(f32::from_le_bytes(self.take(4)?.try_into().unwrap()) as f64),
+            7 => Value::Bool(self.u8()? != 0),
+            8 => Value::String(self.string()?),
+            9 => {
+                let elem = self.u32()?;
+                let n = self.len()?;
+                let mut items = Vec::with_capacity(n.min(1 << 20));
+                for _ in 0..n {
+                    items.push(self.value(elem)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(self.u64()?),
+            11 => Value::I64(self.u64()? as i64),
+            12 => Value::F64(f64::from_le_bytes(self.take(8)?.try_into().unwrap())),
+            other => {
+                return Err(Error::format(
+                    self.path,
+                    format!("corrupt GGUF header: unknown value type {other} at offset {}", self.pos),
+                ));
+            }
+        })
+    }
+}
+
+impl Gguf {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: read-only map of a file we never write.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let mut c = Cursor {
+            data: &mmap,
+            pos: 0,
+            path: &path,
+        };
+        if c.take(4).ok() != Some(b"GGUF".as_slice()) {
+            return Err(Error::format(&path, "not a GGUF file (bad magic)"));
+        }
+        let version = c.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(Error::format(&path, format!("unsupported GGUF version {version} (expected 2 or 3)")));
+        }
+        let n_tensors = c.len()?;
+        let n_kv = c.len()?;
+        let mut metadata = HashMap::new();
+        for _ in 0..n_kv {
+            let key = c.string()?;
+            let ty = c.u32()?;
+            let value = c.value(ty)?;
+            metadata.insert(key, value);
+        }
+        let mut infos = Vec::with_capacity(n_tensors);
+        for _ in 0..n_tensors {
+            let name = c.string()?;
+            let n_dims = c.u32()? as usize;
+            if n_dims > 4 {
+                return Err(Error::tensor(&path, name, format!("{n_dims} dimensions (GGUF allows at most 4)")));
+            }
+            let mut dims = Vec::with_capacity(n_dims);
+            for _ in 0..n_dims {
+                dims.push(c.u64()? as usize);
+            }
+            dims.reverse();
+            let type_id = c.u32()?;
+            let offset = c.u64()? as usize;
+            infos.push((name, dims, type_id, offset));
+        }
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32) as usize;
+        let data_start = c.pos.div_ceil(alignment) * alignment;
+        let mut tensors = HashMap::new();
+        for (name, shape, type_id, offset) in infos {
+            let info = TensorInfo {
+                shape,
+                type_id,
+                ty: GgmlType::from_id(type_id),
+                offset: data_start + offset,
+            };
+            if let Some(ty) = info.ty {
+                let n: usize = info.shape.iter().product();
+                let (block, bytes) = ty.block();
+                if n % block != 0 {
+                    return Err(Error::tensor(&path, name, format!("{n} elements is not a whole number of {block}-element blocks")));
+                }
+                let end = info.offset + n / block * bytes;
+                if end > mmap.len() {
+                    return Err(Error::tensor(
+                        &path,
+                        name,
+                        format!("data ends at byte {end} but the file has {} bytes (truncated download?)", mmap.len()),
+                    ));
+                }
+            }
+            tensors.insert(name, info);
+        }
+        Ok(Self {
+            path,
+            mmap,
+            metadata,
+            tensors,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    pub fn architecture(&self) -> Result<&str> {
+        self.get("general.architecture")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::format(&self.path, "general.architecture: missing"))
+    }
+
+    /// Dequantizes a tensor. Float tensors keep their dtype; quantized ones become F32.
+    pub fn read(&self, name: &str) -> Result<TensorData> {
+        let info = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+        })?;
+        let ty = info.ty.ok_or_else(|| Error::UnsupportedQuant {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+            ggml_type: ggml_type_name(info.type_id),
+        })?;
+        let n: usize = info.shape.iter().product();
+        let (block, bytes) = ty.block();
+        let raw = &self.mmap[info.offset..info.offset + n / block * bytes];
+        let shape = info.shape.clone();
+        Ok(match ty {
+            GgmlType::F32 => TensorData::from_bytes_vec(raw.to_vec(), shape, DType::F32),
+            GgmlType::F16 => TensorData::from_bytes_vec(raw.to_vec(), shape, DType::F16),
+            GgmlType::BF16 => TensorData::from_bytes_vec(raw.to_vec(), shape, DType::BF16),
+            q => TensorData::new(dequantize(q, raw, n), shape),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block formats (ggml-quants.c, `dequantize_row_*`).
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Dequantizes `n` elements of a quantized tensor.
+pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    let (block, bytes) = ty.block();
+    for (y, x) in out.chunks_exact_mut(block).zip(raw.chunks_exact(bytes)) {
+        match ty {
+            GgmlType::Q8_0 => {
+                let d = f16_at(x, 0);
+                for (yi, &q) in y.iter_mut().zip(&x[2..34]) {
+                    *yi = q as i8 as f32 * d;
+                }
+            }
+            GgmlType::Q4_0 => {
+                let d = f16_at(x, 0);
+                let qs = &x[2..18];
+                for j in 0..16 {
+                    y[j] = ((qs[j] & 0xF) as i32 - 8) as f32 * d;
+                    y[j + 16] = ((qs[j] >> 4) as i32 - 8) as f32 * d;
+                }
+            }
+            GgmlType::Q4_1 => {
+                let (d, m) = (f16_at(x, 0), f16_at(x, 2));
+                let qs = &x[4..20];
+                for j in 0..16 {
+                    y[j] = (qs[j] & 0xF) as f32 * d + m;
+                    y[j + 16] = (qs[j] >> 4) as f32 * d + m;
+                }
+            }
+            GgmlType::Q5_0 => {
+                let d = f16_at(x, 0);
+                let qh = u32::from_le_bytes(x[2..6].try_into().unwrap());
+                let qs = &x[6..22];
+                for j in 0..16 {
+                    let h0 = ((qh >> j) << 4) & 0x10;
+                    let h1 = (qh >> (j + 12)) & 0x10;
+                    y[j] = (((qs[j] & 0xF) as u32 | h0) as i32 - 16) as f32 * d;
+                    y[j + 16] = (((qs[j] >> 4) as u32 | h1) as i32 - 16) as f32 * d;
+                }
+            }
+            GgmlType::Q5_1 => {
+                let (d, m) = (f16_at(x, 0), f16_at(x, 2));
+                let qh = u32::from_le_bytes(x[4..8].try_into().unwrap());
+                let qs = &x[8..24];
+                for j in 0..16 {
+                    let h0 = ((qh >> j) << 4) & 0x10;
+                    let h1 = (qh >> (j + 12)) & 0x10;
+                    y[j] = ((qs[j] & 0xF) as u32 | h0) as f32 * d + m;
+                    y[j + 16] = ((qs[j] >> 4) as u32 | h1) as f32 * d + m;
+                }
+            }
+            GgmlType::Q4K | GgmlType::Q5K => {
+                let (d, dmin) = (f16_at(x, 0), f16_at(x, 2));
+                let scales = &x[4..16];
+                let (qh, mut qs) = if ty == GgmlType::Q5K {
+                    (Some(&x[16..48]), &x[48..176])
+                } else {
+                    (None, &x[16..144])
+                };
+                let mut out_i = 0;
+                for (pair, shift) in (0..4).zip((0..8).step_by(2)) {
+                    let (sc1, m1) = scale_min_k4(2 * pair, scales);
+                    let (sc2, m2) = scale_min_k4(2 * pair + 1, scales);
+                    let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
+                    let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+                    for l in 0..32 {
+                        let high = qh.map_or(0, |h| if h[l] & (1 << shift) != 0 { 16 } else { 0 });
+                        y[out_i + l] = d1 * ((qs[l] & 0xF) as u32 + high) as f32 - m1;
+                    }
+                    for l in 0..32 {
+                        let high = qh.map_or(0, |h| if h[l] & (2 << shift) != 0 { 16 } else { 0 });
+                        y[out_i + 32 + l] = d2 * ((qs[l] >> 4) as u32 + high) as f32 - m2;
+                    }
+                    out_i += 64;
+                    qs = &qs[32..];
+                }
+            }
+            GgmlType::Q6K => {
+                let (ql_all, qh_all, sc_all) = (&x[0..128], &x[128..192], &x[192..208]);
+                let d = f16_at(x, 208);
+                for half in 0..2 {
+                    let (ql, qh, sc) = (&ql_all[64 * half..], &qh_all[32 * half..], &sc_all[8 * half..]);
+                    let y = &mut y[128 * half..];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+                        y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+                        y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+                        y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+                    }
+                }
+            }
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("float types are not dequantized"),
+        }
+    }
+    out
+}
+
+/// The 6-bit scale and min of sub-block `j` in a K-quant's packed 12-byte `scales`.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GGUF as a model checkpoint.
+
+/// Maps a Hugging Face tensor name to llama.cpp's.
+fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let short = match module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{short}.{suffix}"))
+}
+
+/// A GGUF file seen as a Hugging Face checkpoint.
+pub struct GgufSource<'a> {
+    gguf: &'a Gguf,
+    /// llama.cpp's converter permutes the rows of q/k for the `llama` architecture so that
+    /// its RoPE can rotate adjacent pairs; transformers' layout rotates halves. We undo it.
+    unpermute: Option<(usize, usize)>,
+}
+
+impl<'a> GgufSource<'a> {
+    pub fn new(gguf: &'a Gguf, config: &ModelConfig) -> Result<Self> {
+        let unpermute = (gguf.architecture()? == "llama")
+            .then_some((config.num_attention_heads, config.num_key_value_heads));
+        Ok(Self { gguf, unpermute })
+    }
+}
+
+/// Inverse of llama.cpp's `permute(weights, n_head)`: GGUF row `(h, i, j)` holds
+/// Hugging Face row `(h, j, i)` for `j` in 0..2 (the half) and `i` in 0..head_dim/2.
+fn unpermute_rows(data: TensorData, heads: usize) -> TensorData {
+    let rows = data.shape[0];
+    let row_len: usize = data.shape[1..].iter().product::<usize>().max(1);
+    let size = data.dtype.size() * row_len;
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let src = data.as_bytes();
+    let mut out = vec![0u8; src.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let from = h * head_dim + i * 2 + j;
+                let to = h * head_dim + j * half + i;
+                out[to * size..(to + 1) * size].copy_from_slice(&src[from * size..(from + 1) * size]);
+            }
+        }
+    }
+    TensorData::from_bytes_vec(out, data.shape.clone(), data.dtype)
+}
+
+impl WeightSource for GgufSource<'_> {
+    fn path_of(&self, _name: &str) -> PathBuf {
+        self.gguf.path.clone()
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let info = self.gguf.tensors.get(&gguf_name(name)?)?;
+        Some(info.shape.clone())
+    }
+
+    fn read(&self, name: &str) -> Result<TensorData> {
+        let gname = gguf_name(name).ok_or_else(|| Error::MissingTensor {
+            path: self.gguf.path.clone(),
+            tensor: name.to_string(),
+        })?;
+        let data = self.gguf.read(&gname).map_err(|e| match e {
+            Error::MissingTensor { path, .. } => Error::MissingTensor {
+                path,
+                tensor: format!("{gname} (for {name})"),
+            },
+            other => other,
+        })?;
+        let Some((heads, kv_heads)) = self.unpermute else {
+            return Ok(data);
+        };
+        Ok(if name.contains("self_attn.q_proj.") {
+            unpermute_rows(data, heads)
+        } else if name.contains("self_attn.k_proj.") {
+            unpermute_rows(data, kv_heads)
+        } else {
+            data
+        })
+    }
+}
+
+/// Builds the model configuration from GGUF metadata (`{arch}.*` keys).
+pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
+    let path = gguf.path();
+    let arch = gguf.architecture()?;
+    let family = match arch {
+        "llama" => Family::Llama,
+        "qwen2" => Family::Qwen2,
+        other => {
+            return Err(Error::UnsupportedModelType {
+                path: path.to_path_buf(),
+                model_type: other.to_string(),
+            });
+        }
+    };
+    let key = |k: &str| format!("{arch}.{k}");
+    let missing = |k: &str| Error::Config {
+        path: path.to_path_buf(),
+        key: k.to_string(),
+        message: "missing".into(),
+    };
+    let uint = |k: &str| -> Result<usize> {
+        let k = key(k);
+        gguf.get(&k).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| missing(&k))
+    };
+    let float = |k: &str| gguf.get(&key(k)).and_then(Value::as_f64);
+    let hidden = uint("embedding_length")?;
+    let heads = uint("attention.head_count")?;
+    let kv_heads = uint("attention.head_count_kv").unwrap_or(heads);
+    let head_dim = uint("attention.key_length").unwrap_or(hidden / heads);
+    let vocab = match uint("vocab_size") {
+        Ok(v) => v,
+        Err(_) => gguf
+            .get("tokenizer.ggml.tokens")
+            .and_then(Value::as_array)
+            .map(|t| t.len())
+            .ok_or_else(|| missing(&key("vocab_size")))?,
+    };
+    let layers = uint("block_count")?;
+    let rope_scaling = if gguf.tensors.contains_key("rope_freqs.weight") {
+        let data = gguf.read("rope_freqs.weight")?.convert_dtype(DType::F32);
+        RopeScaling::FreqFactors(data.to_vec::<f32>().map_err(|e| {
+            Error::tensor(path, "rope_freqs.weight", format!("{e:?}"))
+        })?)
+    } else {
+        match gguf.get(&key("rope.scaling.type")).and_then(Value::as_str) {
+            None | Some("none") => RopeScaling::Default,
+            Some("linear") => RopeScaling::Linear {
+                factor: float("rope.scaling.factor").ok_or_else(|| missing(&key("rope.scaling.factor")))?,
+            },
+            Some(other) => {
+                return Err(Error::UnsupportedRope {
+                    path: path.to_path_buf(),
+                    rope_type: other.to_string(),
+                });
+            }
+        }
+    };
+    let id = |k: &str| gguf.get(k).and_then(Value::as_u64).map(|v| v as u32);
+    let sliding = uint("attention.sliding_window").ok();
+    Ok(ModelConfig {
+        family,
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: uint("feed_forward_length")?,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim,
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        rope_theta: float("rope.freq_base").unwrap_or(10000.0),
+        rope_scaling,
+        max_position_embeddings: uint("context_length").unwrap_or(2048),
+        tie_word_embeddings: !gguf.tensors.contains_key("output.weight"),
+        qkv_bias: gguf.tensors.contains_key("blk.0.attn_q.bias"),
+        o_bias: gguf.tensors.contains_key("blk.0.attn_output.bias"),
+        mlp_bias: gguf.tensors.contains_key("blk.0.ffn_up.bias"),
+        sliding_window: vec![sliding; layers],
+        bos_token_id: id("tokenizer.ggml.bos_token_id"),
+        eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        dtype: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_llama_cpp() {
+        assert_eq!(gguf_name("model.layers.12.self_attn.q_proj.bias").unwrap(), "blk.12.attn_q.bias");
+        assert_eq!(gguf_name("model.layers.0.post_attention_layernorm.weight").unwrap(), "blk.0.ffn_norm.weight");
+        assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
+        assert!(gguf_name("model.layers.0.unknown.weight").is_none());
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // llama.cpp: w.reshape(n_head, 2, dim/n_head/2, in).swapaxes(1, 2).reshape(w.shape)
+        let (heads, head_dim, cols) = (2, 6, 3);
+        let rows = heads * head_dim;
+        let hf: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+        let mut permuted = vec![0f32; hf.len()];
+        let half = head_dim / 2;
+        for h in 0..heads {
+            for j in 0..2 {
+                for i in 0..half {
+                    let src = h * head_dim + j * half + i;
+                    let dst = h * head_dim + i * 2 + j;
+                    permuted[dst * cols..(dst + 1) * cols].copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        let back = unpermute_rows(TensorData::new(permuted, [rows, cols]), heads);
+        assert_eq!(back.to_vec::<f32>().unwrap(), hf);
+    }
+}

@@ -1,0 +1,451 @@
+//! The Llama family (Llama 2/3.x, SmolLM, TinyLlama, Mistral, Qwen2), top to bottom:
+//! RoPE, RMSNorm, MLP, attention, decoder layer, model. Field names are the Hugging Face
+//! checkpoint keys (`model.layers.{i}.self_attn.q_proj.weight`), so loading is a straight walk.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::{attention, embedding};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
+
+use crate::config::{ModelConfig, RopeScaling};
+use crate::error::Result;
+use crate::weights::{WeightLoader, WeightSource};
+
+// ---------------------------------------------------------------------------------------------
+// RoPE (Hugging Face's `rotate_half` layout: the two halves of each head are the pair, not
+// interleaved neighbours as in burn's `RotaryEncoding`).
+
+/// Inverse frequencies, `head_dim / 2` of them, after rope scaling.
+pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
+    let dim = config.head_dim;
+    // transformers computes these in f32; doing the same keeps logits bit-close.
+    let base: Vec<f32> = (0..dim / 2)
+        .map(|i| 1.0 / (config.rope_theta as f32).powf((2 * i) as f32 / dim as f32))
+        .collect();
+    match &config.rope_scaling {
+        RopeScaling::Default => base,
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / *factor as f32).collect(),
+        RopeScaling::FreqFactors(factors) => base.iter().zip(factors).map(|(f, d)| f / d).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old_ctx,
+        } => {
+            let (factor, low, high, old_ctx) = (
+                *factor as f32,
+                *low_freq_factor as f32,
+                *high_freq_factor as f32,
+                *old_ctx as f32,
+            );
+            let low_freq_wavelen = old_ctx / low;
+            let high_freq_wavelen = old_ctx / high;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    if wavelen < high_freq_wavelen {
+                        f
+                    } else if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old_ctx / wavelen - low) / (high - low);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// Precomputed `cos`/`sin` for the positions of one forward pass.
+pub struct Rope<B: Backend> {
+    cos: Tensor<B, 4>, // [batch, 1, seq, head_dim]
+    sin: Tensor<B, 4>, // [batch, 1, seq, head_dim]
+}
+
+impl<B: Backend> Rope<B> {
+    /// `position_ids`: `[batch, seq]`. Computed in f32 (as transformers does), then cast to
+    /// the activations' dtype.
+    pub fn new(inv_freq: &Tensor<B, 1>, position_ids: Tensor<B, 2, Int>, dtype: DType) -> Self {
+        let [batch, seq] = position_ids.dims();
+        let half = inv_freq.dims()[0];
+        let pos = position_ids.float().cast(DType::F32).reshape([batch, seq, 1]);
+        let freqs = pos * inv_freq.clone().reshape([1, 1, half]); // [batch, seq, half]
+        let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).unsqueeze_dim::<4>(1); // [batch, 1, seq, head_dim]
+        Self {
+            cos: emb.clone().cos().cast(dtype),
+            sin: emb.sin().cast(dtype),
+        }
+    }
+
+    /// `x`: `[batch, heads, seq, head_dim]`.
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, h, s, d] = x.dims();
+        let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
+        let x2 = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Building blocks.
+
+/// A linear layer holding the weight as `[in, out]` (the transpose of the checkpoint's
+/// `[out, in]`, done once at load so every matmul reads contiguous memory).
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// # Shapes
+    /// `[..., in] -> [..., out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+    }
+
+    fn load(w: &mut WeightLoader<'_, B>, prefix: &str, in_f: usize, out_f: usize, bias: bool) -> Result<Self> {
+        Ok(Self {
+            weight: Param::from_tensor(w.linear(&format!("{prefix}.weight"), in_f, out_f)?),
+            bias: if bias {
+                Some(Param::from_tensor(w.vector(&format!("{prefix}.bias"), out_f)?))
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// RMSNorm, computed in f32 whatever the storage dtype (as transformers' `LlamaRMSNorm`).
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32);
+        let var = x.clone().powi_scalar(2).mean_dim(2);
+        let normed = x * (var + self.eps).sqrt().recip();
+        normed.cast(dtype) * self.weight.val().unsqueeze::<3>()
+    }
+
+    fn load(w: &mut WeightLoader<'_, B>, name: &str, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: Param::from_tensor(w.vector(&format!("{name}.weight"), size)?),
+            eps,
+        })
+    }
+}
+
+/// SwiGLU: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// Keys and values of earlier positions, per layer, for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>, // [batch, kv_heads, past, head_dim]
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+        }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// `mask`: `[batch, 1, q, k]`, `true` where attention is not allowed.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        mask: Tensor<B, 4, Bool>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]).swap_dims(1, 2); // [b, h, s, d]
+        let k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, d]).swap_dims(1, 2); // [b, kvh, s, d]
+        let v = self.v_proj.forward(x).reshape([b, s, kvh, d]).swap_dims(1, 2); // [b, kvh, s, d]
+        let q = rope.apply(q);
+        let k = rope.apply(k);
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let k = repeat_kv(k, h / kvh); // [b, h, total, d]
+        let v = repeat_kv(v, h / kvh); // [b, h, total, d]
+        let total = k.dims()[2];
+        let mask = mask.expand([b, h, s, total]);
+        let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default()); // [b, h, s, d]
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+    }
+}
+
+/// Grouped-query attention: each key/value head serves `groups` query heads.
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
+    if groups == 1 {
+        return x;
+    }
+    let [b, kvh, s, d] = x.dims();
+    x.unsqueeze_dim::<5>(2) // [b, kvh, 1, s, d]
+        .expand([b, kvh, groups, s, d])
+        .reshape([b, kvh * groups, s, d])
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub self_attn: Attention<B>,
+    pub mlp: Mlp<B>,
+    pub input_layernorm: RmsNorm<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub sliding_window: Option<usize>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        mask: Tensor<B, 4, Bool>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, mask, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The decoder without its head (`model.*` in the checkpoint).
+#[derive(Module, Debug)]
+pub struct LlamaModel<B: Backend> {
+    pub embed_tokens: Param<Tensor<B, 2>>, // [vocab, hidden]
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+}
+
+/// What one forward pass attends to, besides causality.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardOptions<B: Backend> {
+    /// `[batch, seq]`; defaults to `past..past + seq` for every row.
+    pub position_ids: Option<Tensor<B, 2, Int>>,
+    /// `[batch, past + seq]`, 1 for real tokens and 0 for padding (transformers' meaning).
+    pub attention_mask: Option<Tensor<B, 2, Int>>,
+}
+
+/// A causal language model: the decoder plus the output head (`lm_head`, or the embedding
+/// matrix when `tie_word_embeddings`).
+#[derive(Module, Debug)]
+pub struct LlamaForCausalLM<B: Backend> {
+    pub model: LlamaModel<B>,
+    pub lm_head: Option<Linear<B>>,
+    /// `[head_dim / 2]`, f32.
+    pub inv_freq: Tensor<B, 1>,
+}
+
+impl<B: Backend> LlamaForCausalLM<B> {
+    /// Builds the model from a checkpoint, reading each expected tensor once. Every tensor
+    /// the architecture needs must be present with the expected shape.
+    pub fn load(
+        config: &ModelConfig,
+        source: &dyn WeightSource,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut w = WeightLoader::new(source, device, dtype);
+        let c = config;
+        let (hs, q_out, kv_out) = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let embed_tokens = Param::from_tensor(w.matrix("model.embed_tokens.weight", c.vocab_size, hs)?);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let self_attn = Attention {
+                q_proj: Linear::load(&mut w, &format!("{p}.self_attn.q_proj"), hs, q_out, c.qkv_bias)?,
+                k_proj: Linear::load(&mut w, &format!("{p}.self_attn.k_proj"), hs, kv_out, c.qkv_bias)?,
+                v_proj: Linear::load(&mut w, &format!("{p}.self_attn.v_proj"), hs, kv_out, c.qkv_bias)?,
+                o_proj: Linear::load(&mut w, &format!("{p}.self_attn.o_proj"), q_out, hs, c.o_bias)?,
+                num_heads: c.num_attention_heads,
+                num_kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+            };
+            let is = c.intermediate_size;
+            let mlp = Mlp {
+                gate_proj: Linear::load(&mut w, &format!("{p}.mlp.gate_proj"), hs, is, c.mlp_bias)?,
+                up_proj: Linear::load(&mut w, &format!("{p}.mlp.up_proj"), hs, is, c.mlp_bias)?,
+                down_proj: Linear::load(&mut w, &format!("{p}.mlp.down_proj"), is, hs, c.mlp_bias)?,
+            };
+            layers.push(DecoderLayer {
+                self_attn,
+                mlp,
+                input_layernorm: RmsNorm::load(&mut w, &format!("{p}.input_layernorm"), hs, c.rms_norm_eps)?,
+                post_attention_layernorm: RmsNorm::load(
+                    &mut w,
+                    &format!("{p}.post_attention_layernorm"),
+                    hs,
+                    c.rms_norm_eps,
+                )?,
+                sliding_window: c.sliding_window[i],
+            });
+        }
+        let norm = RmsNorm::load(&mut w, "model.norm", hs, c.rms_norm_eps)?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::load(&mut w, "lm_head", hs, c.vocab_size, false)?)
+        };
+        let inv_freq = rope_inv_freq(c);
+        let inv_freq = Tensor::from_data(TensorData::new(inv_freq.clone(), [inv_freq.len()]), (device, DType::F32));
+        Ok(Self {
+            model: LlamaModel {
+                embed_tokens,
+                layers,
+                norm,
+            },
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.model.layers.len()
+    }
+
+    /// Final hidden states (after the last norm).
+    ///
+    /// # Shapes
+    /// `input_ids: [batch, seq] -> [batch, seq, hidden]`
+    pub fn forward_hidden(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        options: ForwardOptions<B>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let device = input_ids.device();
+        let [batch, seq] = input_ids.dims();
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let position_ids = options.position_ids.unwrap_or_else(|| {
+            Tensor::<B, 1, Int>::arange(past as i64..(past + seq) as i64, &device)
+                .unsqueeze::<2>()
+                .expand([batch, seq])
+        });
+        let weight = self.model.embed_tokens.val();
+        let dtype = weight.dtype();
+        let rope = Rope::new(&self.inv_freq, position_ids, dtype);
+        let mut x = embedding(weight, input_ids); // [batch, seq, hidden]
+        let padding = options.attention_mask.map(|m| m.equal_elem(0)); // [batch, past + seq]
+        let full_mask = build_mask::<B>(batch, seq, past, padding.clone(), None, &device);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let mask = match layer.sliding_window {
+                Some(w) if w < past + seq => build_mask::<B>(batch, seq, past, padding.clone(), Some(w), &device),
+                _ => full_mask.clone(),
+            };
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, &rope, mask, slot);
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Projects hidden states to vocabulary logits, in f32.
+    ///
+    /// # Shapes
+    /// `[batch, seq, hidden] -> [batch, seq, vocab]`
+    pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(self.model.embed_tokens.val().transpose().unsqueeze::<3>()),
+        };
+        logits.cast(DType::F32)
+    }
+
+    /// # Shapes
+    /// `input_ids: [batch, seq] -> logits [batch, seq, vocab]` (f32)
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        options: ForwardOptions<B>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        self.head(self.forward_hidden(input_ids, options, cache))
+    }
+}
+
+/// `[batch, 1, seq, past + seq]`, `true` where query `i` (absolute position `past + i`) may
+/// not see key `j`: the future, padding keys, and keys beyond the sliding window.
+fn build_mask<B: Backend>(
+    batch: usize,
+    seq: usize,
+    past: usize,
+    padding: Option<Tensor<B, 2, Bool>>,
+    window: Option<usize>,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let total = past + seq;
+    let mut blocked = Vec::with_capacity(seq * total);
+    for i in 0..seq {
+        let q = past + i;
+        for k in 0..total {
+            // transformers' sliding window keeps keys with q - k < window.
+            blocked.push(k > q || window.is_some_and(|w| q - k.min(q) >= w));
+        }
+    }
+    let causal = Tensor::<B, 2, Bool>::from_data(TensorData::new(blocked, [seq, total]), device)
+        .reshape([1, 1, seq, total])
+        .expand([batch, 1, seq, total]);
+    match padding {
+        Some(p) => causal.bool_or(p.reshape([batch, 1, 1, total]).expand([batch, 1, seq, total])),
+        None => causal,
+    }
+}

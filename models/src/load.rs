@@ -1,0 +1,83 @@
+//! One entry point for "a model path a user typed": a Hugging Face directory or a GGUF file.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::DType;
+use burn::tensor::backend::Backend;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::gguf::{Gguf, GgufSource, config_from_gguf};
+use crate::llama::LlamaForCausalLM;
+use crate::tokenizer::Tokenizer;
+use crate::weights::SafetensorsSource;
+
+/// A loaded model with what is needed to talk to it.
+pub struct Loaded<B: Backend> {
+    pub model: LlamaForCausalLM<B>,
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub path: PathBuf,
+}
+
+impl<B: Backend> Loaded<B> {
+    /// Token ids that end a generation: the config's and the tokenizer's EOS.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let mut ids = self.config.eos_token_ids.clone();
+        if let Some(id) = self.tokenizer.eos_token_id()
+            && !ids.contains(&id)
+        {
+            ids.push(id);
+        }
+        ids
+    }
+}
+
+/// Whether `path` names a GGUF file (by content, not by extension).
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    path.is_file()
+        && std::fs::File::open(path)
+            .and_then(|mut f| {
+                let mut magic = [0u8; 4];
+                f.read_exact(&mut magic).map(|_| magic == *b"GGUF")
+            })
+            .unwrap_or(false)
+}
+
+/// Loads a model from a Hugging Face directory (`config.json`, safetensors, `tokenizer.json`)
+/// or a GGUF file, storing weights in `dtype`.
+pub fn load_pretrained<B: Backend>(path: &Path, device: &B::Device, dtype: DType) -> Result<Loaded<B>> {
+    if !path.exists() {
+        return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")));
+    }
+    if path.is_dir() {
+        let config = ModelConfig::from_file(path.join("config.json"))?;
+        let source = SafetensorsSource::open_dir(path)?;
+        let model = LlamaForCausalLM::load(&config, &source, device, dtype)?;
+        let tokenizer = Tokenizer::from_hf_dir(path)?;
+        Ok(Loaded {
+            model,
+            config,
+            tokenizer,
+            path: path.to_path_buf(),
+        })
+    } else if is_gguf(path) {
+        let gguf = Gguf::open(path)?;
+        let config = config_from_gguf(&gguf)?;
+        let source = GgufSource::new(&gguf, &config)?;
+        let model = LlamaForCausalLM::load(&config, &source, device, dtype)?;
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        Ok(Loaded {
+            model,
+            config,
+            tokenizer,
+            path: path.to_path_buf(),
+        })
+    } else {
+        Err(Error::format(
+            path,
+            "expected a Hugging Face model directory (config.json + safetensors) or a GGUF file",
+        ))
+    }
+}

@@ -1,0 +1,354 @@
+//! Tokenizer and chat template, from a Hugging Face directory (`tokenizer.json`,
+//! `tokenizer_config.json`, `chat_template.jinja`) or from GGUF metadata (`tokenizer.ggml.*`).
+
+use std::path::Path;
+
+use minijinja::{Environment, ErrorKind, context};
+use serde::Serialize;
+use serde_json::{Value as Json, json};
+
+use crate::error::{Error, Result};
+use crate::gguf::{Gguf, Value};
+
+/// One chat turn, as `messages` in transformers' `apply_chat_template`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    origin: String,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
+    /// Whether encoding plain text should start with BOS (llama.cpp's `add_bos_token`). For
+    /// Hugging Face directories the post-processor in `tokenizer.json` already does this.
+    pub add_bos_token: bool,
+    pub chat_template: Option<String>,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` and
+    /// `chat_template.jinja` from a Hugging Face model directory.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let origin = path.display().to_string();
+        if !path.exists() {
+            return Err(Error::Tokenizer {
+                origin,
+                message: "file not found".into(),
+            });
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
+            origin: origin.clone(),
+            message: e.to_string(),
+        })?;
+        let mut tok = Self {
+            inner,
+            origin,
+            bos_token: None,
+            eos_token: None,
+            pad_token: None,
+            add_bos_token: false,
+            chat_template: None,
+        };
+        let config_path = dir.join("tokenizer_config.json");
+        if config_path.exists() {
+            let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+            let config: Json = serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: config_path.clone(),
+                source,
+            })?;
+            // Special tokens are either strings or `{"content": ...}` objects.
+            let token = |key: &str| match config.get(key) {
+                Some(Json::String(s)) => Some(s.clone()),
+                Some(Json::Object(o)) => o.get("content").and_then(Json::as_str).map(str::to_string),
+                _ => None,
+            };
+            tok.bos_token = token("bos_token");
+            tok.eos_token = token("eos_token");
+            tok.pad_token = token("pad_token");
+            tok.chat_template = match config.get("chat_template") {
+                Some(Json::String(s)) => Some(s.clone()),
+                // A list of named templates: use "default", as transformers does.
+                Some(Json::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
+                    .and_then(|t| t.get("template"))
+                    .and_then(Json::as_str)
+                    .map(str::to_string),
+                _ => None,
+            };
+        }
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.exists() {
+            tok.chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+        }
+        Ok(tok)
+    }
+
+    /// Builds the tokenizer that transformers builds from the same GGUF
+    /// (`transformers/integrations/gguf/gguf_tokenizer_mapping.py`), so both give the same ids.
+    pub fn from_gguf(gguf: &Gguf) -> Result<Self> {
+        let origin = format!("{} (GGUF metadata)", gguf.path().display());
+        let err = |message: String| Error::Tokenizer {
+            origin: origin.clone(),
+            message,
+        };
+        let strings = |key: &str| -> Result<Vec<String>> {
+            gguf.get(key)
+                .and_then(Value::as_array)
+                .ok_or_else(|| err(format!("{key}: missing")))?
+                .iter()
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| err(format!("{key}: not a list of strings"))))
+                .collect()
+        };
+        let model = gguf.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
+        if model != "gpt2" {
+            return Err(err(format!(
+                "tokenizer.ggml.model {model:?} is not supported yet (only byte-level BPE, \"gpt2\"); \
+                 use the model's Hugging Face directory with tokenizer.json instead"
+            )));
+        }
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<u64> = gguf
+            .get("tokenizer.ggml.token_type")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+            .unwrap_or_default();
+        let byte_map = bytes_to_unicode();
+        let in_alphabet = |t: &str| t.chars().all(|c| byte_map.contains(&c));
+        let mut vocab = serde_json::Map::new();
+        for (id, token) in tokens.iter().enumerate() {
+            // A token written outside the byte alphabet is respelled byte by byte.
+            let spelled = if in_alphabet(token) {
+                token.clone()
+            } else {
+                token.bytes().map(|b| byte_map[b as usize]).collect()
+            };
+            vocab.insert(spelled, json!(id));
+        }
+        let merges: Vec<Json> = merges
+            .iter()
+            .map(|m| {
+                let (a, b) = m.split_once(' ').unwrap_or((m, ""));
+                json!([a, b])
+            })
+            .collect();
+        let mut added = Vec::new();
+        for (id, (token, ty)) in tokens.iter().zip(&types).enumerate() {
+            // 3: CONTROL (special), 4: USER_DEFINED (matched whole, not special).
+            let special = match ty {
+                3 if in_alphabet(token) => true,
+                4 => false,
+                _ => continue,
+            };
+            added.push(json!({"id": id, "content": token, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": special}));
+        }
+        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        let pre = gguf.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("");
+        let pre_tokenizer = match split_regex(pre) {
+            Some(regex) => json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
+            None => byte_level.clone(),
+        };
+        let spec = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+                "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab, "merges": merges},
+        });
+        let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e: tokenizers::Error| err(e.to_string()))?;
+        let name_of = |key: &str| {
+            gguf.get(key)
+                .and_then(Value::as_u64)
+                .and_then(|id| tokens.get(id as usize).cloned())
+        };
+        Ok(Self {
+            inner,
+            origin,
+            bos_token: name_of("tokenizer.ggml.bos_token_id"),
+            eos_token: name_of("tokenizer.ggml.eos_token_id"),
+            pad_token: name_of("tokenizer.ggml.padding_token_id"),
+            add_bos_token: gguf.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false),
+            chat_template: gguf.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string),
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn bos_token_id(&self) -> Option<u32> {
+        self.bos_token.as_deref().and_then(|t| self.token_to_id(t))
+    }
+
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token.as_deref().and_then(|t| self.token_to_id(t))
+    }
+
+    /// Encodes text. `add_special_tokens` applies the tokenizer's post-processor and, for GGUF
+    /// tokenizers that ask for it, a leading BOS (transformers' `add_special_tokens=True`).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Tokenizer {
+            origin: self.origin.clone(),
+            message: e.to_string(),
+        })?;
+        let mut ids = enc.get_ids().to_vec();
+        if add_special_tokens && self.add_bos_token
+            && let Some(bos) = self.bos_token_id()
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
+        }
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| Error::Tokenizer {
+            origin: self.origin.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Renders `messages` with the chat template, as transformers' `apply_chat_template(...,
+    /// tokenize=False)`.
+    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let template = self.chat_template.as_deref().ok_or_else(|| Error::Template {
+            origin: self.origin.clone(),
+            message: "this tokenizer has no chat template".into(),
+        })?;
+        render_chat_template(
+            template,
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref().unwrap_or(""),
+            self.eos_token.as_deref().unwrap_or(""),
+        )
+        .map_err(|message| Error::Template {
+            origin: self.origin.clone(),
+            message,
+        })
+    }
+}
+
+/// Renders a chat template with the environment transformers sets up: `trim_blocks`,
+/// `lstrip_blocks`, `raise_exception`, `strftime_now`, Python string methods.
+pub fn render_chat_template(
+    template: &str,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> std::result::Result<String, String> {
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+    });
+    env.add_function("strftime_now", |_fmt: String| -> String {
+        // Templates use this for "Today's date"; a fixed value keeps renders reproducible.
+        String::new()
+    });
+    env.add_template("chat", template).map_err(|e| e.to_string())?;
+    let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
+    tmpl.render(context! {
+        messages => messages,
+        add_generation_prompt => add_generation_prompt,
+        bos_token => bos_token,
+        eos_token => eos_token,
+    })
+    .map_err(|e| {
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            msg.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        msg
+    })
+}
+
+/// GPT-2's reversible map from bytes to printable characters.
+pub fn bytes_to_unicode() -> Vec<char> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars: Vec<u32> = printable.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut map = vec![' '; 256];
+    for (b, c) in printable.into_iter().zip(chars) {
+        map[b as usize] = char::from_u32(c).expect("valid code point");
+    }
+    map
+}
+
+/// The pre-tokenizer split that transformers uses for a `tokenizer.ggml.pre` value.
+fn split_regex(pre: &str) -> Option<&'static str> {
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    match pre {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" | "pixtral" => Some(LLAMA3),
+        "qwen2" | "deepseek-r1-qwen" => Some(QWEN2),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_map_is_gpt2s() {
+        let m = bytes_to_unicode();
+        assert_eq!(m[b'A' as usize], 'A');
+        assert_eq!(m[b' ' as usize], 'Ġ');
+        assert_eq!(m[b'\n' as usize], 'Ċ');
+    }
+
+    #[test]
+    fn template_renders_like_transformers() {
+        // transformers: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        let t = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'].strip() + '<|im_end|>' + '\n' }}{% endfor %}\n{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let out = render_chat_template(t, &[Message::new("user", " hi ")], true, "", "").unwrap();
+        assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        let err = render_chat_template("{{ raise_exception('no system role') }}", &[], false, "", "").unwrap_err();
+        assert!(err.contains("no system role"), "{err}");
+    }
+}

@@ -1,0 +1,92 @@
+//! `temper generate`: load a model, render a prompt, print the completion.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use burn::tensor::DType;
+use burn::tensor::backend::Backend;
+use temper_models::{Message, Sampling, generate, load_pretrained};
+
+use crate::backend::BackendJob;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct GenerateArgs {
+    /// A Hugging Face model directory or a GGUF file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A LoRA adapter directory (PEFT format). Not supported yet.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user turn and render it with the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message for `--chat`.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object: text, token_ids (of the completion), prompt_token_ids.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BackendJob for GenerateArgs {
+    type Output = Result<()>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        if let Some(adapter) = &self.adapter {
+            anyhow::bail!(
+                "--adapter {}: loading LoRA adapters is not implemented yet (see the PEFT issue)",
+                adapter.display()
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            anyhow::bail!("--top-p must be in (0, 1], got {}", self.top_p);
+        }
+        let loaded = load_pretrained::<B>(&self.model, &device, DType::F32)
+            .with_context(|| format!("loading {}", self.model.display()))?;
+        let tok = &loaded.tokenizer;
+        let prompt_ids = if self.chat {
+            let mut messages = Vec::new();
+            if let Some(system) = &self.system {
+                messages.push(Message::new("system", system));
+            }
+            messages.push(Message::new("user", &self.prompt));
+            let text = tok.apply_chat_template(&messages, true)?;
+            tok.encode(&text, false)?
+        } else {
+            tok.encode(&self.prompt, true)?
+        };
+        if prompt_ids.is_empty() {
+            anyhow::bail!("the prompt encodes to no tokens");
+        }
+        let sampling = Sampling {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+        };
+        let ids = generate(&loaded.model, &prompt_ids, &loaded.eos_token_ids(), &sampling, &device);
+        let text = tok.decode(&ids, true)?;
+        if self.json {
+            let out = serde_json::json!({
+                "text": text,
+                "token_ids": ids,
+                "prompt_token_ids": prompt_ids,
+            });
+            println!("{out}");
+        } else {
+            println!("{text}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,5 @@
+//! The `temper` binary's support code: backend selection and the subcommands. The work itself
+//! lives in the workspace crates (`temper-models`, ...).
+
+pub mod backend;
+pub mod generate;
