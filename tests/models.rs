@@ -1,0 +1,316 @@
+//! Parity of temper-models with transformers, on tiny random checkpoints made by
+//! `tests/fixtures/make_fixtures.py` and on the real SmolLM2-135M-Instruct GGUF; and the errors
+//! users get for broken files.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use safetensors::SafeTensors;
+use temper::backend::CpuBackend as B;
+use temper_models::gguf::Gguf;
+use temper_models::weights::SafetensorsSource;
+use temper_models::{Error, ForwardOptions, LlamaForCausalLM, Message, ModelConfig, Sampling};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Reads a tensor of a reference file as f32 or i64 values.
+struct Expected {
+    bytes: Vec<u8>,
+}
+
+impl Expected {
+    fn open(path: &Path) -> Self {
+        Self {
+            bytes: std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        }
+    }
+    fn get(&self, name: &str) -> (Vec<usize>, TensorData) {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let t = st.tensor(name).unwrap();
+        let dtype = match t.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::I64 => DType::I64,
+            other => panic!("{name}: {other:?}"),
+        };
+        (t.shape().to_vec(), TensorData::from_bytes_vec(t.data().to_vec(), t.shape().to_vec(), dtype))
+    }
+    fn f32(&self, name: &str) -> Vec<f32> {
+        self.get(name).1.to_vec().unwrap()
+    }
+}
+
+/// max |a - b| / max |b| over the selected entries.
+fn rel_err(a: &[f32], b: &[f32], keep: impl Fn(usize) -> bool) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let (mut diff, mut scale) = (0f32, 0f32);
+    for i in (0..a.len()).filter(|&i| keep(i)) {
+        diff = diff.max((a[i] - b[i]).abs());
+        scale = scale.max(b[i].abs());
+    }
+    assert!(scale > 0.0, "nothing compared");
+    diff / scale
+}
+
+fn load_hf_dir(dir: &Path) -> Result<LlamaForCausalLM<B>, Error> {
+    let config = ModelConfig::from_file(dir.join("config.json"))?;
+    let source = SafetensorsSource::open_dir(dir)?;
+    LlamaForCausalLM::load(&config, &source, &Default::default(), DType::F32)
+}
+
+fn check_parity(name: &str) {
+    let dir = fixtures().join("models").join(name);
+    let model = load_hf_dir(&dir).unwrap();
+    let expected = Expected::open(&dir.join("expected.safetensors"));
+    let device = Default::default();
+    let int = |key: &str| Tensor::<B, 2, Int>::from_data(expected.get(key).1, &device);
+    let (shape, _) = expected.get("logits_plain");
+    let (batch, seq, vocab) = (shape[0], shape[1], shape[2]);
+
+    let plain: Vec<f32> = model
+        .forward(int("input_ids"), ForwardOptions::default(), None)
+        .into_data()
+        .to_vec()
+        .unwrap();
+    let err = rel_err(&plain, &expected.f32("logits_plain"), |_| true);
+    assert!(err < 1e-4, "{name}: causal logits differ from transformers: rel err {err:e}");
+
+    let mask: Vec<i64> = expected.get("attention_mask").1.to_vec().unwrap();
+    assert!(mask.contains(&0), "fixture should pad");
+    let options = ForwardOptions {
+        position_ids: Some(int("position_ids")),
+        attention_mask: Some(int("attention_mask")),
+    };
+    let masked: Vec<f32> = model.forward(int("input_ids"), options, None).into_data().to_vec().unwrap();
+    assert_eq!(masked.len(), batch * seq * vocab);
+    // Logits at padding positions are meaningless in both implementations.
+    let err = rel_err(&masked, &expected.f32("logits_masked"), |i| mask[i / vocab] == 1);
+    assert!(err < 1e-4, "{name}: padded logits differ from transformers: rel err {err:e}");
+}
+
+#[test]
+fn parity_llama_gqa_llama3_rope_old_config_form() {
+    check_parity("llama_gqa_llama3");
+}
+
+#[test]
+fn parity_qwen2_bias_tied() {
+    check_parity("qwen2_bias_tied");
+}
+
+#[test]
+fn parity_mistral_sliding_window() {
+    check_parity("mistral_window");
+}
+
+#[test]
+fn parity_llama_sharded_bf16() {
+    check_parity("llama_sharded_bf16");
+}
+
+#[test]
+fn kv_cache_matches_full_forward() {
+    let model = load_hf_dir(&fixtures().join("models/mistral_window")).unwrap();
+    let device = Default::default();
+    let ids: Vec<i64> = (0..9).map(|i| (i * 13 + 5) % 128).collect();
+    let full: Vec<f32> = model
+        .forward(
+            Tensor::from_data(TensorData::new(ids.clone(), [1, 9]), &device),
+            ForwardOptions::default(),
+            None,
+        )
+        .into_data()
+        .to_vec()
+        .unwrap();
+    let mut cache = temper_models::KvCache::new(model.num_layers());
+    let mut stepped = Vec::new();
+    // A 5-token prefill, then one token at a time (crossing the sliding window of 4).
+    for chunk in [&ids[..5], &ids[5..6], &ids[6..7], &ids[7..8], &ids[8..9]] {
+        let t = Tensor::from_data(TensorData::new(chunk.to_vec(), [1, chunk.len()]), &device);
+        let out: Vec<f32> = model
+            .forward(t, ForwardOptions::default(), Some(&mut cache))
+            .into_data()
+            .to_vec()
+            .unwrap();
+        stepped.extend(out);
+    }
+    let err = rel_err(&stepped, &full, |_| true);
+    assert!(err < 1e-5, "cached decoding differs from a full forward: {err:e}");
+}
+
+#[test]
+fn gguf_dequantizes_like_gguf_py() {
+    let gguf = Gguf::open(fixtures().join("quants.gguf")).unwrap();
+    let expected = Expected::open(&fixtures().join("quants_expected.safetensors"));
+    for name in ["f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k"] {
+        let data = gguf.read(name).unwrap();
+        assert_eq!(data.shape.as_slice(), &[4, 512], "{name}");
+        let got: Vec<f32> = data.convert_dtype(DType::F32).to_vec().unwrap();
+        let want = expected.f32(name);
+        let err = rel_err(&got, &want, |_| true);
+        assert!(err < 1e-6, "{name}: rel err {err:e}");
+    }
+    let err = gguf.read("q2_k").unwrap_err().to_string();
+    assert!(err.contains("quants.gguf") && err.contains("q2_k") && err.contains("Q2_K"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Broken input: a clear error naming the file and tensor, never a panic.
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+fn edit_config(dir: &Path, key: &str, value: serde_json::Value) {
+    let path = dir.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    c[key] = value;
+    std::fs::write(&path, c.to_string()).unwrap();
+}
+
+#[test]
+fn broken_checkpoints_give_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixtures().join("models/qwen2_bias_tied");
+
+    let err = load_hf_dir(&tmp.path().join("nope")).unwrap_err().to_string();
+    assert!(err.contains("nope") && err.contains("config.json"), "{err}");
+
+    // Truncated download.
+    let dir = tmp.path().join("truncated");
+    copy_dir(&src, &dir);
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_hf_dir(&dir).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors"), "{err}");
+
+    // A config that disagrees with the weights: the tensor and both shapes are named.
+    let dir = tmp.path().join("shape");
+    copy_dir(&src, &dir);
+    edit_config(&dir, "intermediate_size", serde_json::json!(100));
+    let err = load_hf_dir(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("model.layers.0.mlp.gate_proj.weight") && err.contains("[100, 64]") && err.contains("[112, 64]"),
+        "{err}"
+    );
+
+    // A tensor the architecture needs is absent.
+    let dir = tmp.path().join("missing");
+    copy_dir(&fixtures().join("models/llama_gqa_llama3"), &dir);
+    edit_config(&dir, "num_hidden_layers", serde_json::json!(3));
+    let err = load_hf_dir(&dir).unwrap_err().to_string();
+    assert!(err.contains("model.layers.2.self_attn.q_proj.weight") && err.contains("not found"), "{err}");
+
+    // A shard the index names is missing.
+    let dir = tmp.path().join("shard");
+    copy_dir(&fixtures().join("models/llama_sharded_bf16"), &dir);
+    std::fs::remove_file(dir.join("model-00002-of-00003.safetensors")).unwrap();
+    let err = load_hf_dir(&dir).unwrap_err().to_string();
+    assert!(err.contains("model-00002-of-00003.safetensors"), "{err}");
+
+    // Unsupported architecture.
+    let dir = tmp.path().join("arch");
+    copy_dir(&src, &dir);
+    edit_config(&dir, "model_type", serde_json::json!("gpt_neox"));
+    let err = load_hf_dir(&dir).unwrap_err().to_string();
+    assert!(err.contains("unsupported model_type \"gpt_neox\""), "{err}");
+}
+
+#[test]
+fn broken_gguf_gives_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixtures().join("quants.gguf")).unwrap();
+    let path = tmp.path().join("cut.gguf");
+    std::fs::write(&path, &bytes[..bytes.len() - 1000]).unwrap();
+    let err = Gguf::open(&path).err().unwrap().to_string();
+    assert!(err.contains("cut.gguf") && err.contains("truncated"), "{err}");
+    std::fs::write(&path, &bytes[..200]).unwrap();
+    let err = Gguf::open(&path).err().unwrap().to_string();
+    assert!(err.contains("cut.gguf") && err.contains("truncated GGUF header"), "{err}");
+    std::fs::write(&path, b"not a gguf at all").unwrap();
+    let err = Gguf::open(&path).err().unwrap().to_string();
+    assert!(err.contains("bad magic"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real model. `scripts/fetch-model.sh` puts it where `smollm2_path` looks.
+
+fn smollm2_path() -> PathBuf {
+    let path = std::env::var_os("TEMPER_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("TEMPER_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/temper"));
+        cache.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-model.sh (or set TEMPER_SMOLLM2_GGUF)",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn smollm2_gguf_matches_transformers() {
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("smollm2/reference.json")).unwrap()).unwrap();
+    let device = Default::default();
+    let loaded = temper_models::load_pretrained::<B>(&smollm2_path(), &device, DType::F32).unwrap();
+    let tok = &loaded.tokenizer;
+
+    // Tokenizer built from GGUF metadata against transformers' AutoTokenizer(gguf_file=...).
+    let texts = reference["texts"].as_array().unwrap();
+    for (text, ids) in texts.iter().zip(reference["ids"].as_array().unwrap()) {
+        let want: Vec<u32> = serde_json::from_value(ids.clone()).unwrap();
+        let text = text.as_str().unwrap();
+        assert_eq!(tok.encode(text, true).unwrap(), want, "token ids of {text:?}");
+        assert_eq!(tok.decode(&want, false).unwrap(), text, "round trip of {text:?}");
+    }
+
+    // Chat template.
+    let chat = tok
+        .apply_chat_template(&[Message::new("user", "What is the capital of France?")], true)
+        .unwrap();
+    assert_eq!(chat, reference["chat_text"].as_str().unwrap());
+    let ids = tok.encode(&chat, false).unwrap();
+    let want: Vec<u32> = serde_json::from_value(reference["chat_ids"].clone()).unwrap();
+    assert_eq!(ids, want);
+
+    // Logits of transformers loading the same GGUF (dequantized to f32).
+    let expected = Expected::open(&fixtures().join("smollm2/logits.safetensors"));
+    let positions: Vec<i64> = expected.get("positions").1.to_vec().unwrap();
+    let want = expected.f32("logits");
+    let input: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    let n = input.len();
+    let logits = loaded
+        .model
+        .forward(Tensor::from_data(TensorData::new(input, [1, n]), &device), ForwardOptions::default(), None);
+    let vocab = loaded.config.vocab_size;
+    for (row, &pos) in positions.iter().enumerate() {
+        let got: Vec<f32> = logits
+            .clone()
+            .slice([0..1, pos as usize..pos as usize + 1, 0..vocab])
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let err = rel_err(&got, &want[row * vocab..(row + 1) * vocab], |_| true);
+        assert!(err < 1e-3, "logits at position {pos}: rel err {err:e}");
+    }
+
+    // Greedy decoding gives transformers' tokens, and the answer.
+    let greedy: Vec<u32> = serde_json::from_value(reference["greedy_ids"].clone()).unwrap();
+    let sampling = Sampling {
+        max_new_tokens: greedy.len(),
+        ..Sampling::default()
+    };
+    let out = temper_models::generate(&loaded.model, &ids, &loaded.eos_token_ids(), &sampling, &device);
+    assert_eq!(out, greedy[..out.len()]);
+    let text = tok.decode(&out, true).unwrap();
+    assert!(text.contains("Paris"), "{text}");
+}
