@@ -105,7 +105,20 @@ impl<B: Backend> Linear<B> {
     /// # Shapes
     /// `[..., in] -> [..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+        // Flatten the leading dims into one matmul: burn's `linear` on a 3-D input runs one
+        // matmul per batch row (rayon over rows, each BLAS call threaded again, which fights for
+        // the cores) and its weight gradient sums per-row products. One 2-D GEMM avoids both.
+        let dims = x.dims();
+        let in_f = dims[D - 1];
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let y = burn::tensor::module::linear(
+            x.reshape([rows, in_f]),
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+        );
+        let mut out = dims;
+        out[D - 1] = y.dims()[1];
+        y.reshape(out)
     }
 
     fn load(w: &mut WeightLoader<'_, B>, prefix: &str, in_f: usize, out_f: usize, bias: bool) -> Result<Self> {
@@ -405,7 +418,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
     pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let logits = match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => hidden.matmul(self.model.embed_tokens.val().transpose().unsqueeze::<3>()),
+            None => {
+                let [b, s, h] = hidden.dims();
+                let embed = self.model.embed_tokens.val(); // [vocab, hidden]
+                let vocab = embed.dims()[0];
+                hidden.reshape([b * s, h]).matmul(embed.transpose()).reshape([b, s, vocab])
+            }
         };
         logits.cast(DType::F32)
     }
