@@ -14,7 +14,7 @@ pub struct GenerateArgs {
     /// A Hugging Face model directory or a GGUF file.
     #[arg(long)]
     pub model: PathBuf,
-    /// A LoRA adapter directory (PEFT format). Not supported yet.
+    /// A LoRA adapter directory in PEFT's format (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     #[arg(long)]
@@ -43,17 +43,16 @@ impl BackendJob for GenerateArgs {
     type Output = Result<()>;
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        if let Some(adapter) = &self.adapter {
-            anyhow::bail!(
-                "--adapter {}: loading LoRA adapters is not implemented yet (see the PEFT issue)",
-                adapter.display()
-            );
-        }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             anyhow::bail!("--top-p must be in (0, 1], got {}", self.top_p);
         }
-        let loaded = load_pretrained::<B>(&self.model, &device, DType::F32)
+        let mut loaded = load_pretrained::<B>(&self.model, &device, DType::F32)
             .with_context(|| format!("loading {}", self.model.display()))?;
+        if let Some(dir) = &self.adapter {
+            let (model, _) = temper_peft::load_adapter(loaded.model, dir)
+                .with_context(|| format!("loading adapter {}", dir.display()))?;
+            loaded.model = model;
+        }
         let tok = &loaded.tokenizer;
         let prompt_ids = if self.chat {
             let mut messages = Vec::new();

@@ -2,66 +2,19 @@
 //! `tests/fixtures/make_fixtures.py` and on the real SmolLM2-135M-Instruct GGUF; and the errors
 //! users get for broken files.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use safetensors::SafeTensors;
+use common::{Expected, fixtures, load_hf_dir, rel_err};
 use temper::backend::CpuBackend as B;
 use temper_models::gguf::Gguf;
-use temper_models::weights::SafetensorsSource;
-use temper_models::{Error, ForwardOptions, LlamaForCausalLM, Message, ModelConfig, Sampling};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-/// Reads a tensor of a reference file as f32 or i64 values.
-struct Expected {
-    bytes: Vec<u8>,
-}
-
-impl Expected {
-    fn open(path: &Path) -> Self {
-        Self {
-            bytes: std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-        }
-    }
-    fn get(&self, name: &str) -> (Vec<usize>, TensorData) {
-        let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st.tensor(name).unwrap();
-        let dtype = match t.dtype() {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::I64 => DType::I64,
-            other => panic!("{name}: {other:?}"),
-        };
-        (t.shape().to_vec(), TensorData::from_bytes_vec(t.data().to_vec(), t.shape().to_vec(), dtype))
-    }
-    fn f32(&self, name: &str) -> Vec<f32> {
-        self.get(name).1.to_vec().unwrap()
-    }
-}
-
-/// max |a - b| / max |b| over the selected entries.
-fn rel_err(a: &[f32], b: &[f32], keep: impl Fn(usize) -> bool) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let (mut diff, mut scale) = (0f32, 0f32);
-    for i in (0..a.len()).filter(|&i| keep(i)) {
-        diff = diff.max((a[i] - b[i]).abs());
-        scale = scale.max(b[i].abs());
-    }
-    assert!(scale > 0.0, "nothing compared");
-    diff / scale
-}
-
-fn load_hf_dir(dir: &Path) -> Result<LlamaForCausalLM<B>, Error> {
-    let config = ModelConfig::from_file(dir.join("config.json"))?;
-    let source = SafetensorsSource::open_dir(dir)?;
-    LlamaForCausalLM::load(&config, &source, &Default::default(), DType::F32)
-}
+use temper_models::{ForwardOptions, Message, Sampling};
 
 fn check_parity(name: &str) {
     let dir = fixtures().join("models").join(name);
-    let model = load_hf_dir(&dir).unwrap();
+    let model = load_hf_dir::<B>(&dir).unwrap();
     let expected = Expected::open(&dir.join("expected.safetensors"));
     let device = Default::default();
     let int = |key: &str| Tensor::<B, 2, Int>::from_data(expected.get(key).1, &device);
@@ -111,7 +64,7 @@ fn parity_llama_sharded_bf16() {
 
 #[test]
 fn kv_cache_matches_full_forward() {
-    let model = load_hf_dir(&fixtures().join("models/mistral_window")).unwrap();
+    let model = load_hf_dir::<B>(&fixtures().join("models/mistral_window")).unwrap();
     let device = Default::default();
     let ids: Vec<i64> = (0..9).map(|i| (i * 13 + 5) % 128).collect();
     let full: Vec<f32> = model
@@ -178,7 +131,7 @@ fn broken_checkpoints_give_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let src = fixtures().join("models/qwen2_bias_tied");
 
-    let err = load_hf_dir(&tmp.path().join("nope")).unwrap_err().to_string();
+    let err = load_hf_dir::<B>(&tmp.path().join("nope")).unwrap_err().to_string();
     assert!(err.contains("nope") && err.contains("config.json"), "{err}");
 
     // Truncated download.
@@ -187,14 +140,14 @@ fn broken_checkpoints_give_clear_errors() {
     let file = dir.join("model.safetensors");
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
-    let err = load_hf_dir(&dir).unwrap_err().to_string();
+    let err = load_hf_dir::<B>(&dir).unwrap_err().to_string();
     assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors"), "{err}");
 
     // A config that disagrees with the weights: the tensor and both shapes are named.
     let dir = tmp.path().join("shape");
     copy_dir(&src, &dir);
     edit_config(&dir, "intermediate_size", serde_json::json!(100));
-    let err = load_hf_dir(&dir).unwrap_err().to_string();
+    let err = load_hf_dir::<B>(&dir).unwrap_err().to_string();
     assert!(
         err.contains("model.layers.0.mlp.gate_proj.weight") && err.contains("[100, 64]") && err.contains("[112, 64]"),
         "{err}"
@@ -204,21 +157,21 @@ fn broken_checkpoints_give_clear_errors() {
     let dir = tmp.path().join("missing");
     copy_dir(&fixtures().join("models/llama_gqa_llama3"), &dir);
     edit_config(&dir, "num_hidden_layers", serde_json::json!(3));
-    let err = load_hf_dir(&dir).unwrap_err().to_string();
+    let err = load_hf_dir::<B>(&dir).unwrap_err().to_string();
     assert!(err.contains("model.layers.2.self_attn.q_proj.weight") && err.contains("not found"), "{err}");
 
     // A shard the index names is missing.
     let dir = tmp.path().join("shard");
     copy_dir(&fixtures().join("models/llama_sharded_bf16"), &dir);
     std::fs::remove_file(dir.join("model-00002-of-00003.safetensors")).unwrap();
-    let err = load_hf_dir(&dir).unwrap_err().to_string();
+    let err = load_hf_dir::<B>(&dir).unwrap_err().to_string();
     assert!(err.contains("model-00002-of-00003.safetensors"), "{err}");
 
     // Unsupported architecture.
     let dir = tmp.path().join("arch");
     copy_dir(&src, &dir);
     edit_config(&dir, "model_type", serde_json::json!("gpt_neox"));
-    let err = load_hf_dir(&dir).unwrap_err().to_string();
+    let err = load_hf_dir::<B>(&dir).unwrap_err().to_string();
     assert!(err.contains("unsupported model_type \"gpt_neox\""), "{err}");
 }
 

@@ -8,6 +8,7 @@ pub mod generate;
 pub mod gguf;
 pub mod llama;
 pub mod load;
+pub mod lora;
 pub mod tokenizer;
 pub mod weights;
 

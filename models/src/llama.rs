@@ -11,6 +11,7 @@ use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::Result;
+use crate::lora::Lora;
 use crate::weights::{WeightLoader, WeightSource};
 
 // ---------------------------------------------------------------------------------------------
@@ -99,6 +100,8 @@ impl<B: Backend> Rope<B> {
 pub struct Linear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// A LoRA adapter, placed by `temper-peft`.
+    pub adapter: Option<Lora<B>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -111,11 +114,13 @@ impl<B: Backend> Linear<B> {
         let dims = x.dims();
         let in_f = dims[D - 1];
         let rows = dims[..D - 1].iter().product::<usize>();
-        let y = burn::tensor::module::linear(
-            x.reshape([rows, in_f]),
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-        );
+        let x = x.reshape([rows, in_f]);
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let y = burn::tensor::module::linear(x.clone(), self.weight.val(), bias.clone());
+        let y = match &self.adapter {
+            Some(lora) if lora.enabled => lora.apply(x, y, self.weight.val(), bias),
+            _ => y,
+        };
         let mut out = dims;
         out[D - 1] = y.dims()[1];
         y.reshape(out)
@@ -129,6 +134,7 @@ impl<B: Backend> Linear<B> {
             } else {
                 None
             },
+            adapter: None,
         })
     }
 }
@@ -374,6 +380,37 @@ impl<B: Backend> LlamaForCausalLM<B> {
 
     pub fn num_layers(&self) -> usize {
         self.model.layers.len()
+    }
+
+    /// Every linear layer with its Hugging Face module name (`model.layers.0.self_attn.q_proj`,
+    /// ..., `lm_head` when untied), in checkpoint order.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut layer.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            let m = &mut layer.mlp;
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        if let Some(head) = self.lm_head.as_mut() {
+            out.push(("lm_head".to_string(), head));
+        }
+        out
+    }
+
+    /// Turns every adapter on or off (off: the base model, e.g. DPO's reference).
+    pub fn set_adapters_enabled(&mut self, enabled: bool) {
+        for (_, linear) in self.linears_mut() {
+            if let Some(lora) = linear.adapter.as_mut() {
+                lora.enabled = enabled;
+            }
+        }
     }
 
     /// Final hidden states (after the last norm).

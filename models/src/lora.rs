@@ -1,0 +1,83 @@
+//! The low-rank adapter that a [`Linear`](crate::llama::Linear) may carry.
+//!
+//! Only the forward math lives here, because it has to run inside the model's forward; how
+//! adapters are configured, placed, initialised, saved and merged is `temper-peft`'s job.
+
+use burn::module::{Module, Param};
+use burn::nn::DropoutConfig;
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+
+/// `y = x·W + b + scaling · dropout(x)·A·B`, or its DoRA form when `lora_magnitude_vector`
+/// is set. Matrices are stored `[in, r]` and `[r, out]` (the transposes of PEFT's `lora_A`
+/// `[r, in]` and `lora_B` `[out, r]`), like the base weight, so every product is a plain GEMM.
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    pub lora_a: Param<Tensor<B, 2>>, // [in, r]
+    pub lora_b: Param<Tensor<B, 2>>, // [r, out]
+    /// DoRA's per-output magnitude `m` (`[out]`).
+    pub lora_magnitude_vector: Option<Param<Tensor<B, 1>>>,
+    pub scaling: f64,
+    pub dropout: f64,
+    /// The switch that turns the layer back into its base, for DPO's reference pass.
+    pub enabled: bool,
+}
+
+impl<B: Backend> Lora<B> {
+    pub fn rank(&self) -> usize {
+        self.lora_a.dims()[1]
+    }
+
+    /// Adds the adapter's contribution to `base` (`x·W + b`, already computed).
+    ///
+    /// # Shapes
+    /// `x: [rows, in]`, `base: [rows, out]`, `weight: [in, out]` -> `[rows, out]`
+    pub fn apply(
+        &self,
+        x: Tensor<B, 2>,
+        base: Tensor<B, 2>,
+        weight: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Tensor<B, 2> {
+        // burn's Dropout is a no-op unless autodiff is on, i.e. only while training.
+        let dropped = self.dropout > 0.0 && B::ad_enabled(&x.device());
+        let x = if dropped {
+            DropoutConfig::new(self.dropout).init().forward(x)
+        } else {
+            x
+        };
+        let lora = x.clone().matmul(self.lora_a.val()).matmul(self.lora_b.val()); // [rows, out]
+        let Some(magnitude) = &self.lora_magnitude_vector else {
+            return base + lora * self.scaling;
+        };
+        // DoRA, as PEFT computes it (`tuners/lora/dora.py`): the column norm of the adapted
+        // weight is treated as a constant (detached), as the DoRA paper recommends.
+        let adapted = weight.clone() + self.lora_a.val().matmul(self.lora_b.val()) * self.scaling; // [in, out]
+        let norm = adapted.powi_scalar(2).sum_dim(0).sqrt().detach(); // [1, out]
+        let scale = magnitude.val().unsqueeze::<2>() / norm; // [1, out]
+        // PEFT uses the base output minus its bias when x was not dropped, x'·W otherwise.
+        let base_no_bias = if dropped {
+            x.matmul(weight)
+        } else {
+            match bias {
+                Some(b) => base.clone() - b.unsqueeze::<2>(),
+                None => base.clone(),
+            }
+        };
+        base + base_no_bias * (scale.clone() - 1.0) + lora * scale * self.scaling
+    }
+
+    /// The dense update `scaling · A·B` (`[in, out]`) and, for DoRA, the factor that rescales
+    /// each output column: what merging folds into the base weight.
+    pub fn delta(&self, weight: Tensor<B, 2>) -> Tensor<B, 2> {
+        let delta = self.lora_a.val().matmul(self.lora_b.val()) * self.scaling;
+        match &self.lora_magnitude_vector {
+            None => weight + delta,
+            Some(m) => {
+                let adapted = weight + delta;
+                let norm = adapted.clone().powi_scalar(2).sum_dim(0).sqrt(); // [1, out]
+                adapted * (m.val().unsqueeze::<2>() / norm)
+            }
+        }
+    }
+}

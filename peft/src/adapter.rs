@@ -1,0 +1,324 @@
+//! Placing adapters on a model, and PEFT's on-disk format for them.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr_free::normal;
+use safetensors::{Dtype as StDtype, SafeTensors};
+use temper_models::LlamaForCausalLM;
+use temper_models::lora::Lora;
+use temper_models::weights::transpose_2d;
+
+use crate::config::{InitLoraWeights, LoraConfig, TargetModules};
+use crate::error::{Error, Result};
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// PEFT's prefix: the `PeftModel` wrapper (`base_model`) around `LoraModel` (`model`).
+const PREFIX: &str = "base_model.model.";
+
+/// Box-Muller on our own seeded generator, so initialisation is identical on every backend.
+mod rand_distr_free {
+    use rand::Rng;
+    pub fn normal(rng: &mut impl Rng) -> f32 {
+        let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
+        let u2: f32 = rng.random();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+    }
+}
+
+fn uniform(rng: &mut StdRng, n: usize, bound: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+}
+
+fn upload<B: Backend, const D: usize>(data: TensorData, device: &B::Device) -> Tensor<B, D> {
+    Tensor::from_data(data.convert_dtype(DType::F32), (device, DType::F32))
+}
+
+fn trainable<B: Backend, const D: usize>(t: Tensor<B, D>) -> Param<Tensor<B, D>> {
+    Param::from_tensor(t).set_require_grad(true)
+}
+
+/// What [`inject`] did.
+#[derive(Debug, Clone)]
+pub struct Injected {
+    /// Module names that got an adapter, in model order.
+    pub targets: Vec<String>,
+    /// Parameters that will be trained (adapters and modules_to_save).
+    pub trainable_parameters: usize,
+    pub total_parameters: usize,
+}
+
+/// Freezes the model and adds an adapter to every linear layer `config` targets; marks
+/// `modules_to_save` trainable. Errors if nothing matches.
+pub fn inject<B: Backend>(
+    model: LlamaForCausalLM<B>,
+    config: &LoraConfig,
+    seed: u64,
+) -> Result<(LlamaForCausalLM<B>, Injected)> {
+    let mut model = model.no_grad();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut targets = Vec::new();
+    let mut example = String::new();
+    for (name, linear) in model.linears_mut() {
+        if example.is_empty() {
+            example = name.clone();
+        }
+        if !config.targets(&name, name == "lm_head") {
+            continue;
+        }
+        let device = linear.weight.device();
+        let [in_f, out_f] = linear.weight.dims();
+        let r = config.rank_for(&name);
+        let bound = 1.0 / (in_f as f32).sqrt(); // kaiming_uniform_(a=sqrt(5)) on [r, in]
+        let a: Vec<f32> = match config.init_lora_weights {
+            InitLoraWeights::KaimingZero | InitLoraWeights::Random => uniform(&mut rng, in_f * r, bound),
+            InitLoraWeights::Gaussian => (0..in_f * r).map(|_| normal(&mut rng) / r as f32).collect(),
+        };
+        let b: Vec<f32> = match config.init_lora_weights {
+            // nn.Linear's own init for [out, r]: kaiming_uniform(a=sqrt(5)), fan_in = r.
+            InitLoraWeights::Random => uniform(&mut rng, r * out_f, 1.0 / (r as f32).sqrt()),
+            _ => vec![0.0; r * out_f],
+        };
+        // Drawn as PEFT's [r, in] / [out, r], stored transposed.
+        let a = transpose_2d(TensorData::new(a, [r, in_f]));
+        let b = transpose_2d(TensorData::new(b, [out_f, r]));
+        let weight = linear.weight.val().cast(DType::F32);
+        let lora_a = upload::<B, 2>(a, &device);
+        let lora_b = upload::<B, 2>(b, &device);
+        let scaling = config.scaling_for(&name);
+        let magnitude = config.use_dora.then(|| {
+            // m starts at the column norms of the adapted weight, so DoRA starts at the base.
+            let adapted = weight + lora_a.clone().matmul(lora_b.clone()) * scaling;
+            trainable(adapted.powi_scalar(2).sum_dim(0).sqrt().reshape([out_f]))
+        });
+        linear.adapter = Some(Lora {
+            lora_a: trainable(lora_a),
+            lora_b: trainable(lora_b),
+            lora_magnitude_vector: magnitude,
+            scaling,
+            dropout: config.lora_dropout,
+            enabled: true,
+        });
+        targets.push(name);
+    }
+    if targets.is_empty() {
+        let targets = match &config.target_modules {
+            TargetModules::Names(n) => format!("{n:?}"),
+            TargetModules::Regex(r) => format!("{r:?}"),
+            TargetModules::AllLinear => "\"all-linear\"".into(),
+        };
+        return Err(Error::NoTarget { targets, example });
+    }
+    for m in &config.modules_to_save {
+        match m.as_str() {
+            "lm_head" => match model.lm_head.as_mut() {
+                Some(head) => head.weight = head.weight.clone().set_require_grad(true),
+                None => {
+                    return Err(Error::Unsupported(
+                        "modules_to_save: lm_head on a model with tied embeddings is not supported yet".into(),
+                    ));
+                }
+            },
+            "embed_tokens" | "model.embed_tokens" => {
+                let e = &mut model.model.embed_tokens;
+                *e = e.clone().set_require_grad(true);
+            }
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "modules_to_save: {other:?} (supported: lm_head, embed_tokens)"
+                )));
+            }
+        }
+    }
+    let (trainable_parameters, total_parameters) = count_parameters(&model);
+    Ok((
+        model,
+        Injected {
+            targets,
+            trainable_parameters,
+            total_parameters,
+        },
+    ))
+}
+
+/// (trainable, total) parameter counts.
+pub fn count_parameters<B: Backend>(model: &LlamaForCausalLM<B>) -> (usize, usize) {
+    let (mut trainable, mut total) = (0, 0);
+    let mut add = |n: usize, t: bool| {
+        total += n;
+        if t {
+            trainable += n;
+        }
+    };
+    let e = &model.model.embed_tokens;
+    add(e.shape().num_elements(), e.is_require_grad());
+    for layer in &model.model.layers {
+        for n in [&layer.input_layernorm.weight, &layer.post_attention_layernorm.weight] {
+            add(n.shape().num_elements(), n.is_require_grad());
+        }
+    }
+    add(model.model.norm.weight.shape().num_elements(), model.model.norm.weight.is_require_grad());
+    let mut model = model.clone();
+    for (_, l) in model.linears_mut() {
+        add(l.weight.shape().num_elements(), l.weight.is_require_grad());
+        if let Some(b) = &l.bias {
+            add(b.shape().num_elements(), b.is_require_grad());
+        }
+        if let Some(a) = &l.adapter {
+            add(a.lora_a.shape().num_elements(), true);
+            add(a.lora_b.shape().num_elements(), true);
+            if let Some(m) = &a.lora_magnitude_vector {
+                add(m.shape().num_elements(), true);
+            }
+        }
+    }
+    (trainable, total)
+}
+
+fn to_bytes<B: Backend, const D: usize>(t: Tensor<B, D>) -> (Vec<usize>, Vec<u8>) {
+    let data = t.into_data().convert_dtype(DType::F32);
+    (data.shape.to_vec(), data.into_bytes().to_vec())
+}
+
+/// The adapter's tensors under PEFT's names and layouts.
+pub fn adapter_tensors<B: Backend>(model: &LlamaForCausalLM<B>, config: &LoraConfig) -> BTreeMap<String, (Vec<usize>, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    let mut model = model.clone();
+    for (name, linear) in model.linears_mut() {
+        if config.modules_to_save.iter().any(|m| m == &name) {
+            out.insert(format!("{PREFIX}{name}.weight"), to_bytes(linear.weight.val().transpose()));
+        }
+        let Some(lora) = &linear.adapter else { continue };
+        out.insert(format!("{PREFIX}{name}.lora_A.weight"), to_bytes(lora.lora_a.val().transpose()));
+        out.insert(format!("{PREFIX}{name}.lora_B.weight"), to_bytes(lora.lora_b.val().transpose()));
+        if let Some(m) = &lora.lora_magnitude_vector {
+            out.insert(format!("{PREFIX}{name}.lora_magnitude_vector"), to_bytes(m.val()));
+        }
+    }
+    if config.modules_to_save.iter().any(|m| m == "embed_tokens" || m == "model.embed_tokens") {
+        out.insert(format!("{PREFIX}model.embed_tokens.weight"), to_bytes(model.model.embed_tokens.val()));
+    }
+    out
+}
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` as PEFT's `save_pretrained`.
+pub fn save_adapter<B: Backend>(model: &LlamaForCausalLM<B>, config: &LoraConfig, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut m = model.clone();
+    let targets: Vec<String> = m
+        .linears_mut()
+        .into_iter()
+        .filter(|(_, l)| l.adapter.is_some())
+        .map(|(n, _)| n)
+        .collect();
+    let config_path = dir.join(CONFIG_FILE);
+    let text = serde_json::to_string_pretty(&config.to_json(&targets)).expect("JSON values serialize");
+    std::fs::write(&config_path, text + "\n").map_err(|source| Error::Io {
+        path: config_path,
+        source,
+    })?;
+    let tensors = adapter_tensors(model, config);
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, (shape, bytes))| {
+            let view = safetensors::tensor::TensorView::new(StDtype::F32, shape.clone(), bytes).expect("consistent sizes");
+            (k.clone(), view)
+        })
+        .collect();
+    let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
+    let path = dir.join(WEIGHTS_FILE);
+    safetensors::serialize_to_file(views, metadata, &path).map_err(|e| Error::Format {
+        path: path.clone(),
+        message: e.to_string(),
+    })
+}
+
+/// Loads a PEFT LoRA adapter directory onto `model`: every tensor in the file must belong to
+/// an adapter this config places, with the shape it implies, and every adapter must be filled.
+pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Result<(LlamaForCausalLM<B>, LoraConfig)> {
+    let config_path = dir.join(CONFIG_FILE);
+    let config = LoraConfig::from_file(&config_path)?;
+    let (mut model, _) = inject(model, &config, 0)?;
+    let path = dir.join(WEIGHTS_FILE);
+    let bytes = std::fs::read(&path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Format {
+        path: path.clone(),
+        message: format!("not a valid safetensors file: {e}"),
+    })?;
+    let tensor_err = |key: &str, message: String| Error::Tensor {
+        path: path.clone(),
+        key: key.to_string(),
+        message,
+    };
+    let read = |key: &str, expected: &[usize]| -> Result<TensorData> {
+        let view = st.tensor(key).map_err(|_| tensor_err(key, "missing from the adapter file".into()))?;
+        if view.shape() != expected {
+            return Err(tensor_err(key, format!("shape {:?} does not fit the model, which needs {expected:?}", view.shape())));
+        }
+        let dtype = match view.dtype() {
+            StDtype::F32 => DType::F32,
+            StDtype::F16 => DType::F16,
+            StDtype::BF16 => DType::BF16,
+            other => return Err(tensor_err(key, format!("unsupported dtype {other:?}"))),
+        };
+        Ok(TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype))
+    };
+    let mut used = HashSet::new();
+    for (name, linear) in model.linears_mut() {
+        let device = linear.weight.device();
+        let [in_f, out_f] = linear.weight.dims();
+        if config.modules_to_save.iter().any(|m| m == &name) {
+            let key = format!("{PREFIX}{name}.weight");
+            let w = read(&key, &[out_f, in_f])?;
+            linear.weight = trainable(upload::<B, 2>(transpose_2d(w), &device).cast(linear.weight.val().dtype()));
+            used.insert(key);
+        }
+        let Some(lora) = linear.adapter.as_mut() else { continue };
+        let r = lora.rank();
+        let key = format!("{PREFIX}{name}.lora_A.weight");
+        lora.lora_a = trainable(upload(transpose_2d(read(&key, &[r, in_f])?), &device));
+        used.insert(key);
+        let key = format!("{PREFIX}{name}.lora_B.weight");
+        lora.lora_b = trainable(upload(transpose_2d(read(&key, &[out_f, r])?), &device));
+        used.insert(key);
+        if lora.lora_magnitude_vector.is_some() {
+            let key = format!("{PREFIX}{name}.lora_magnitude_vector");
+            lora.lora_magnitude_vector = Some(trainable(upload(read(&key, &[out_f])?, &device)));
+            used.insert(key);
+        }
+    }
+    if config.modules_to_save.iter().any(|m| m == "embed_tokens" || m == "model.embed_tokens") {
+        let key = format!("{PREFIX}model.embed_tokens.weight");
+        let e = &model.model.embed_tokens;
+        let [v, h] = e.dims();
+        let dtype = e.val().dtype();
+        let device = e.device();
+        model.model.embed_tokens = trainable(upload::<B, 2>(read(&key, &[v, h])?, &device).cast(dtype));
+        used.insert(key);
+    }
+    let mut extra: Vec<String> = st.names().into_iter().filter(|k| !used.contains(*k)).map(str::to_string).collect();
+    if !extra.is_empty() {
+        extra.sort();
+        return Err(tensor_err(
+            &extra[0],
+            format!(
+                "{} tensor(s) in the file belong to no adapter this adapter_config.json places on the model{}",
+                extra.len(),
+                if extra.len() > 1 { format!(" (also {})", extra[1..].join(", ")) } else { String::new() }
+            ),
+        ));
+    }
+    Ok((model, config))
+}

@@ -1,0 +1,245 @@
+//! LoRA interop with Hugging Face PEFT, on adapters written by PEFT
+//! (`tests/fixtures/make_peft_fixtures.py`) for the tiny models of `tests/models.rs`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Autodiff;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use common::{Expected, fixtures, load_hf_dir, rel_err};
+use safetensors::SafeTensors;
+use temper::backend::CpuBackend;
+use temper_models::{ForwardOptions, LlamaForCausalLM};
+use temper_peft::{LoraConfig, TargetModules, inject, load_adapter, save_adapter};
+
+type B = CpuBackend;
+type AD = Autodiff<CpuBackend>;
+
+/// adapter fixture -> base model fixture
+const CASES: [(&str, &str); 5] = [
+    ("lora_list", "llama_gqa_llama3"),
+    ("rslora_all_linear", "qwen2_bias_tied"),
+    ("dora", "llama_gqa_llama3"),
+    ("rank_pattern_regex", "mistral_window"),
+    ("modules_to_save", "llama_gqa_llama3"),
+];
+
+fn adapter_dir(name: &str) -> PathBuf {
+    fixtures().join("adapters").join(name)
+}
+
+fn load<Bk: Backend>(adapter: &str, base: &str) -> LlamaForCausalLM<Bk> {
+    let model = load_hf_dir::<Bk>(&fixtures().join("models").join(base)).unwrap();
+    load_adapter(model, &adapter_dir(adapter)).unwrap_or_else(|e| panic!("{adapter}: {e}")).0
+}
+
+fn batch<Bk: Backend>(expected: &Expected) -> (Tensor<Bk, 2, Int>, Tensor<Bk, 2, Int>, Vec<i64>) {
+    let device = Default::default();
+    let ids = Tensor::from_data(expected.get("input_ids").1, &device);
+    let mask_data = expected.get("attention_mask").1;
+    let mask_vec: Vec<i64> = mask_data.to_vec().unwrap();
+    (ids, Tensor::from_data(mask_data, &device), mask_vec)
+}
+
+fn logits<Bk: Backend>(model: &LlamaForCausalLM<Bk>, ids: Tensor<Bk, 2, Int>, mask: Tensor<Bk, 2, Int>) -> Tensor<Bk, 3> {
+    // PEFT's reference passes attention_mask only; transformers then counts positions 0..seq.
+    let options = ForwardOptions {
+        attention_mask: Some(mask),
+        position_ids: None,
+    };
+    model.forward(ids, options, None)
+}
+
+#[test]
+fn logits_match_peft() {
+    for (adapter, base) in CASES {
+        let model = load::<B>(adapter, base);
+        let expected = Expected::open(&adapter_dir(adapter).join("expected.safetensors"));
+        let (ids, mask, mask_vec) = batch::<B>(&expected);
+        let got: Vec<f32> = logits(&model, ids, mask).into_data().to_vec().unwrap();
+        let want = expected.f32("logits");
+        let vocab = want.len() / mask_vec.len();
+        let err = rel_err(&got, &want, |i| mask_vec[i / vocab] == 1);
+        assert!(err < 1e-4, "{adapter}: logits differ from PEFT's: rel err {err:e}");
+    }
+}
+
+#[test]
+fn adapter_off_is_the_base_model() {
+    let (adapter, base) = CASES[0];
+    let mut model = load::<B>(adapter, base);
+    let plain = load_hf_dir::<B>(&fixtures().join("models").join(base)).unwrap();
+    let expected = Expected::open(&adapter_dir(adapter).join("expected.safetensors"));
+    let (ids, mask, _) = batch::<B>(&expected);
+    let with: Vec<f32> = logits(&model, ids.clone(), mask.clone()).into_data().to_vec().unwrap();
+    model.set_adapters_enabled(false);
+    let off: Vec<f32> = logits(&model, ids.clone(), mask.clone()).into_data().to_vec().unwrap();
+    let base_logits: Vec<f32> = logits(&plain, ids, mask).into_data().to_vec().unwrap();
+    assert_eq!(off, base_logits);
+    assert!(rel_err(&with, &off, |_| true) > 1e-3, "the adapter should change the logits");
+}
+
+/// Temper writes what PEFT writes: same keys, shapes, dtypes and values, `{"format": "pt"}`.
+#[test]
+fn saved_adapters_have_peft_keys_shapes_and_dtypes() {
+    let out_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peft-roundtrip");
+    for (adapter, base) in CASES {
+        let model = load::<B>(adapter, base);
+        let config = LoraConfig::from_file(&adapter_dir(adapter).join("adapter_config.json")).unwrap();
+        let out = out_root.join(adapter);
+        save_adapter(&model, &config, &out).unwrap();
+        let ours = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+        let theirs = std::fs::read(adapter_dir(adapter).join("adapter_model.safetensors")).unwrap();
+        let (ours_st, theirs_st) = (SafeTensors::deserialize(&ours).unwrap(), SafeTensors::deserialize(&theirs).unwrap());
+        let mut ours_names = ours_st.names();
+        let mut theirs_names = theirs_st.names();
+        ours_names.sort();
+        theirs_names.sort();
+        assert_eq!(ours_names, theirs_names, "{adapter}: keys");
+        for name in theirs_names {
+            let (a, b) = (ours_st.tensor(name).unwrap(), theirs_st.tensor(name).unwrap());
+            assert_eq!((a.shape(), a.dtype()), (b.shape(), b.dtype()), "{adapter}: {name}");
+            assert_eq!(a.data(), b.data(), "{adapter}: {name} values");
+        }
+        let (_, meta) = SafeTensors::read_metadata(&ours).unwrap();
+        assert_eq!(meta.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str), Some("pt"));
+        // And the config reads back to the same settings.
+        assert_eq!(LoraConfig::from_file(&out.join("adapter_config.json")).unwrap().r, config.r);
+    }
+}
+
+/// One backward pass: only adapter (and modules_to_save) parameters get gradients, and they
+/// equal PyTorch + PEFT's for the same weights and batch.
+#[test]
+fn gradients_match_peft() {
+    for (adapter, base) in CASES {
+        let model = load::<AD>(adapter, base);
+        let expected = Expected::open(&adapter_dir(adapter).join("expected.safetensors"));
+        let (ids, mask, _) = batch::<AD>(&expected);
+        let logits = logits(&model, ids.clone(), mask.clone());
+        let [b, s, v] = logits.dims();
+        // transformers' causal LM loss: shift by one, ignore padding labels, mean over the rest.
+        let lp = log_softmax(logits.slice([0..b, 0..s - 1, 0..v]), 2);
+        let targets = ids.slice([0..b, 1..s]);
+        let keep = mask.slice([0..b, 1..s]).float();
+        let picked = lp.gather(2, targets.unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2);
+        let loss = (picked * keep.clone()).sum().neg() / keep.sum();
+        let want_loss = expected.f32("loss")[0];
+        let got_loss: f32 = loss.clone().into_scalar();
+        assert!((got_loss - want_loss).abs() / want_loss.abs() < 1e-5, "{adapter}: loss {got_loss} vs {want_loss}");
+        let grads = loss.backward();
+
+        let mut model = model;
+        let mut checked = 0;
+        let grad_of = |key: &str| expected.f32(&format!("grad.base_model.model.{key}"));
+        let check = |key: String, got: Option<Tensor<CpuBackend, 2>>, transpose: bool| {
+            let got = got.unwrap_or_else(|| panic!("{adapter}: no gradient for {key}"));
+            let got = if transpose { got.transpose() } else { got };
+            let got: Vec<f32> = got.into_data().to_vec().unwrap();
+            let err = rel_err(&got, &grad_of(&key), |_| true);
+            assert!(err < 1e-4, "{adapter}: gradient of {key}: rel err {err:e}");
+        };
+        for (name, linear) in model.linears_mut() {
+            assert!(linear.weight.grad(&grads).is_none() || (name == "lm_head" && adapter == "modules_to_save"), "{adapter}: {name} base weight got a gradient");
+            if name == "lm_head" && adapter == "modules_to_save" {
+                check(format!("{name}.weight"), linear.weight.grad(&grads), true);
+                checked += 1;
+            }
+            let Some(lora) = &linear.adapter else { continue };
+            check(format!("{name}.lora_A.weight"), lora.lora_a.grad(&grads), true);
+            check(format!("{name}.lora_B.weight"), lora.lora_b.grad(&grads), true);
+            checked += 2;
+            if let Some(m) = &lora.lora_magnitude_vector {
+                let got = m.grad(&grads).expect("magnitude gradient").unsqueeze::<2>();
+                check(format!("{name}.lora_magnitude_vector"), Some(got), false);
+                checked += 1;
+            }
+        }
+        assert!(model.model.embed_tokens.grad(&grads).is_none(), "{adapter}: embeddings got a gradient");
+        let expected_count = expected.names().iter().filter(|n| n.starts_with("grad.")).count();
+        assert_eq!(checked, expected_count, "{adapter}: every PEFT gradient was compared");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adapters that do not fit: clear errors, never a silently ignored adapter.
+
+fn write_adapter(dir: &Path, config: serde_json::Value, tensors: Vec<(&str, Vec<usize>)>) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(k, shape)| {
+            let n: usize = shape.iter().product();
+            (k.to_string(), shape, vec![0u8; n * 4])
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+        .iter()
+        .map(|(k, s, b)| (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
+}
+
+#[test]
+fn bad_adapters_give_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = || load_hf_dir::<B>(&fixtures().join("models/llama_gqa_llama3")).unwrap();
+    let q = "base_model.model.model.layers.0.self_attn.q_proj";
+    let cfg = |extra: serde_json::Value| {
+        let mut c = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+            "layers_to_transform": [0]});
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        c
+    };
+    let ok_tensors = || vec![(format!("{q}.lora_A.weight"), vec![2, 64]), (format!("{q}.lora_B.weight"), vec![64, 2])];
+    let run = |name: &str, config: serde_json::Value, tensors: Vec<(String, Vec<usize>)>| -> String {
+        let dir = tmp.path().join(name);
+        write_adapter(&dir, config, tensors.iter().map(|(k, s)| (k.as_str(), s.clone())).collect());
+        load_adapter(base(), &dir).err().map(|e| e.to_string()).unwrap_or_default()
+    };
+
+    assert_eq!(run("fine", cfg(serde_json::json!({})), ok_tensors()), "", "a fitting adapter loads");
+    let err = run("nothing", cfg(serde_json::json!({"target_modules": ["query_key_value"]})), ok_tensors());
+    assert!(err.contains("query_key_value") && err.contains("match no linear layer") && err.contains("model.layers.0.self_attn.q_proj"), "{err}");
+    let mut wrong = ok_tensors();
+    wrong[0].1 = vec![2, 32];
+    let err = run("shape", cfg(serde_json::json!({})), wrong);
+    assert!(err.contains(&format!("{q}.lora_A.weight")) && err.contains("[2, 32]") && err.contains("[2, 64]"), "{err}");
+    let err = run("missing", cfg(serde_json::json!({})), ok_tensors()[..1].to_vec());
+    assert!(err.contains(&format!("{q}.lora_B.weight")) && err.contains("missing"), "{err}");
+    let mut extra = ok_tensors();
+    extra.push(("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight".into(), vec![2, 64]));
+    let err = run("extra", cfg(serde_json::json!({})), extra);
+    assert!(err.contains("layers.1.self_attn.q_proj.lora_A.weight") && err.contains("belong to no adapter"), "{err}");
+    let err = run("type", cfg(serde_json::json!({"peft_type": "LOHA"})), ok_tensors());
+    assert!(err.contains("adapter_config.json") && err.contains("LOHA"), "{err}");
+}
+
+#[test]
+fn new_adapters_start_at_the_base_and_train_only_adapters() {
+    let base = load_hf_dir::<B>(&fixtures().join("models/qwen2_bias_tied")).unwrap();
+    let config = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: TargetModules::AllLinear,
+        use_dora: true,
+        ..LoraConfig::default()
+    };
+    let (model, injected) = inject(base.clone(), &config, 7).unwrap();
+    assert_eq!(injected.targets.len(), 2 * 7, "all linear layers but the (tied) head");
+    // r * (in + out) per module plus DoRA's magnitude (out).
+    let per_layer = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 112), (64, 112), (112, 64)]
+        .iter()
+        .map(|(i, o)| 4 * (i + o) + o)
+        .sum::<usize>();
+    assert_eq!(injected.trainable_parameters, 2 * per_layer);
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 5, 9, 3], [1, 4]), &Default::default());
+    let a: Vec<f32> = model.forward(ids.clone(), ForwardOptions::default(), None).into_data().to_vec().unwrap();
+    let b: Vec<f32> = base.forward(ids, ForwardOptions::default(), None).into_data().to_vec().unwrap();
+    assert!(rel_err(&a, &b, |_| true) < 1e-6, "B = 0 and m = ||W||: the adapted model starts at the base");
+    let _ = DType::F32;
+}
