@@ -267,3 +267,33 @@ fn smollm2_gguf_matches_transformers() {
     let text = tok.decode(&out, true).unwrap();
     assert!(text.contains("Paris"), "{text}");
 }
+
+/// `checkpoint_shapes` names exactly the tensors transformers writes, so a model built from a
+/// config alone (benchmarks) has the same structure as a loaded one.
+#[test]
+fn random_weights_from_config_alone() {
+    for name in ["llama_gqa_llama3", "qwen2_bias_tied", "mistral_window", "llama_sharded_bf16"] {
+        let dir = fixtures().join("models").join(name);
+        let config = temper_models::ModelConfig::from_file(dir.join("config.json")).unwrap();
+        let source = temper_models::weights::SafetensorsSource::open_dir(&dir).unwrap();
+        let mut written: Vec<String> = source.names().map(str::to_string).collect();
+        written.sort();
+        let mut expected: Vec<String> = temper_models::llama::checkpoint_shapes(&config).into_iter().map(|(n, _)| n).collect();
+        expected.sort();
+        assert_eq!(written, expected, "{name}");
+        let random = temper_models::weights::RandomSource::new(&config, 1);
+        let model = temper_models::LlamaForCausalLM::<B>::load(&config, &random, &Default::default(), DType::F32).unwrap();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 2, 3], [1, 3]), &Default::default());
+        let logits: Vec<f32> = model.forward(ids, ForwardOptions::default(), None).into_data().to_vec().unwrap();
+        assert!(logits.iter().all(|x| x.is_finite()));
+    }
+}
+
+#[test]
+fn half_precision_on_the_cpu_backend_is_an_error_not_a_panic() {
+    let dir = fixtures().join("models/qwen2_bias_tied");
+    let config = temper_models::ModelConfig::from_file(dir.join("config.json")).unwrap();
+    let source = temper_models::weights::SafetensorsSource::open_dir(&dir).unwrap();
+    let e = temper_models::LlamaForCausalLM::<B>::load(&config, &source, &Default::default(), DType::BF16).unwrap_err();
+    assert!(e.to_string().contains("BF16") && e.to_string().contains("f32"), "{e}");
+}

@@ -56,7 +56,7 @@ pub enum Error {
     #[error("chat template ({origin}): {message}")]
     Template { origin: String, message: String },
     #[error("{0}")]
-    Generation(String),
+    Unsupported(String),
 }
 
 impl Error {

@@ -91,6 +91,42 @@ impl<B: Backend> Rope<B> {
     }
 }
 
+/// The checkpoint tensors this architecture reads, by Hugging Face name, with their shapes
+/// (`[out, in]` for linear weights).
+pub fn checkpoint_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, q, kv, is) = (
+        c.hidden_size,
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+        c.intermediate_size,
+    );
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h])];
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for (name, o, inp, bias) in [
+            ("self_attn.q_proj", q, h, c.qkv_bias),
+            ("self_attn.k_proj", kv, h, c.qkv_bias),
+            ("self_attn.v_proj", kv, h, c.qkv_bias),
+            ("self_attn.o_proj", h, q, c.o_bias),
+            ("mlp.gate_proj", is, h, c.mlp_bias),
+            ("mlp.up_proj", is, h, c.mlp_bias),
+            ("mlp.down_proj", h, is, c.mlp_bias),
+        ] {
+            out.push((format!("{p}.{name}.weight"), vec![o, inp]));
+            if bias {
+                out.push((format!("{p}.{name}.bias"), vec![o]));
+            }
+        }
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !c.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![c.vocab_size, h]));
+    }
+    out
+}
+
 // ---------------------------------------------------------------------------------------------
 // Building blocks.
 
@@ -320,6 +356,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
         device: &B::Device,
         dtype: DType,
     ) -> Result<Self> {
+        if !B::supports_dtype(device, dtype) {
+            return Err(crate::error::Error::Unsupported(format!(
+                "this backend cannot hold {dtype:?} tensors on {device:?} (the CPU backends compute in f32; \
+                 use --dtype f32, or a GPU backend for bf16/f16)"
+            )));
+        }
         let mut w = WeightLoader::new(source, device, dtype);
         let c = config;
         let (hs, q_out, kv_out) = (

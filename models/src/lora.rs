@@ -39,6 +39,14 @@ impl<B: Backend> Lora<B> {
         weight: Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
     ) -> Tensor<B, 2> {
+        // Mixed precision: the adapter keeps its own dtype (f32 master weights) whatever the
+        // base computes in; inputs are cast to it and the result back to the base's dtype.
+        let base_dtype = base.dtype();
+        let dtype = self.lora_a.val().dtype();
+        if dtype != base_dtype {
+            let out = self.apply(x.cast(dtype), base.cast(dtype), weight.cast(dtype), bias.map(|b| b.cast(dtype)));
+            return out.cast(base_dtype);
+        }
         // burn's Dropout is a no-op unless autodiff is on, i.e. only while training.
         let dropped = self.dropout > 0.0 && B::ad_enabled(&x.device());
         let x = if dropped {

@@ -110,6 +110,59 @@ pub fn transpose_2d(data: TensorData) -> TensorData {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Random weights from a config alone, for benchmarks (speed does not depend on the values).
+
+/// Every tensor a config's architecture expects, with normal-ish random values
+/// (uniform with std 0.02; norms at 1), generated on the host from `seed`.
+pub struct RandomSource {
+    shapes: HashMap<String, Vec<usize>>,
+    seed: u64,
+}
+
+impl RandomSource {
+    pub fn new(config: &crate::config::ModelConfig, seed: u64) -> Self {
+        Self {
+            shapes: crate::llama::checkpoint_shapes(config).into_iter().collect(),
+            seed,
+        }
+    }
+}
+
+impl WeightSource for RandomSource {
+    fn path_of(&self, _name: &str) -> PathBuf {
+        PathBuf::from("<random weights>")
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.shapes.get(name).cloned()
+    }
+
+    fn read(&self, name: &str) -> Result<TensorData> {
+        let shape = self.shapes.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path_of(name),
+            tensor: name.to_string(),
+        })?;
+        let n: usize = shape.iter().product();
+        if name.contains("norm") {
+            return Ok(TensorData::new(vec![1f32; n], shape.clone()));
+        }
+        // xorshift64*, seeded per tensor: fast enough for a billion parameters.
+        let mut state = self.seed ^ name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3)) | 1;
+        let half_width = 0.02 * 3f32.sqrt();
+        let values = (0..n)
+            .map(|_| {
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                let u = (state.wrapping_mul(0x2545F4914F6CDD1D) >> 40) as f32 / (1u64 << 24) as f32;
+                (2.0 * u - 1.0) * half_width
+            })
+            .collect();
+        Ok(TensorData::new(values, shape.clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Hugging Face safetensors: one `model.safetensors`, or shards listed in
 // `model.safetensors.index.json`. Files are memory-mapped; a tensor is copied out only when
 // the loader asks for it.

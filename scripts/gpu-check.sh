@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Everything Temper checks on a GPU, in one call (see DEVELOPERS.md): correctness against the
+# committed fixtures, then throughput beside PyTorch + PEFT doing the same work. Prints a short
+# table last; full logs go to OUT_DIR.
+#   scripts/gpu-check.sh OUT_DIR      (BIN: the stripped `device_check` example built with
+#                                      --no-default-features --features cuda)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:?usage: scripts/gpu-check.sh OUT_DIR}"; mkdir -p "$OUT"
+BIN="${BIN:-gpu-bin/device_check}"
+PY="${PYTHON:-python3}"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+SUMMARY="$OUT/summary.txt"; : > "$SUMMARY"
+
+# Runs a command while sampling GPU memory; appends its result line and peak memory.
+measure() {
+  local name=$1; shift
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem-$name.csv" 2>/dev/null &
+  local sampler=$!
+  local t0=$(date +%s)
+  timeout 150 "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  kill $sampler 2>/dev/null; wait $sampler 2>/dev/null
+  local peak=$(sort -n "$OUT/mem-$name.csv" | tail -1)
+  local line=$(grep -E '^(temper|pytorch) ' "$OUT/$name.log" | tail -1)
+  [ -n "$line" ] || line="$name: FAILED rc=$rc ($(tail -2 "$OUT/$name.log" | tr '\n' ' ' | cut -c1-200))"
+  echo "$line | nvidia-smi peak ${peak:-?} MiB | $(( $(date +%s) - t0 ))s" | tee -a "$SUMMARY"
+}
+
+echo "== parity (CUDA vs transformers/PEFT fixtures)" | tee -a "$SUMMARY"
+timeout 300 "$BIN" --device cuda parity 2>&1 | tee "$OUT/parity.log" | grep '^parity' | tee -a "$SUMMARY"
+
+echo "== throughput (random weights from config.json; median after 1 warm-up)" | tee -a "$SUMMARY"
+S=benches/configs/smollm2-135m.json; L=benches/configs/llama-3.2-1b.json
+measure t-smol-fwd      "$BIN" --device cuda bench $S forward bf16 8 512 5
+measure p-smol-fwd      "$PY" benches/gpu_torch.py $S forward bf16 8 512 5
+measure t-smol-lora     "$BIN" --device cuda bench $S lora-train bf16 8 512 5
+measure p-smol-lora     "$PY" benches/gpu_torch.py $S lora-train bf16 8 512 5
+measure t-1b-fwd        "$BIN" --device cuda bench $L forward bf16 8 1024 5
+measure p-1b-fwd        "$PY" benches/gpu_torch.py $L forward bf16 8 1024 5
+measure t-1b-lora       "$BIN" --device cuda bench $L lora-train bf16 8 1024 3
+measure p-1b-lora       "$PY" benches/gpu_torch.py $L lora-train bf16 8 1024 3
+echo; echo "== summary"; cat "$SUMMARY"
