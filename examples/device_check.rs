@@ -73,7 +73,11 @@ fn masked_logits<B: Backend>(model: &LlamaForCausalLM<B>, e: &[(String, TensorDa
     (model.forward(ids, options, None).into_data().to_vec().unwrap(), mask)
 }
 
-struct Parity;
+/// `f32_tol`: 1e-4 on the CPU; on CUDA, burn's f32 matmul runs on tensor cores in TF32 (10-bit
+/// mantissa), which lands near 3e-4 relative (seen on an H200, 2026-11-26), so 2e-3 there.
+struct Parity {
+    f32_tol: f32,
+}
 
 impl BackendJob for Parity {
     type Output = bool;
@@ -85,10 +89,10 @@ impl BackendJob for Parity {
             println!("parity {what:<44} rel err {err:9.2e}  (tol {tol:.0e})  {}", if pass { "ok" } else { "FAIL" });
         };
         for (name, dtype, tol) in [
-            ("llama_gqa_llama3", DType::F32, 1e-4),
-            ("qwen2_bias_tied", DType::F32, 1e-4),
-            ("mistral_window", DType::F32, 1e-4),
-            ("llama_sharded_bf16", DType::F32, 1e-4),
+            ("llama_gqa_llama3", DType::F32, self.f32_tol),
+            ("qwen2_bias_tied", DType::F32, self.f32_tol),
+            ("mistral_window", DType::F32, self.f32_tol),
+            ("llama_sharded_bf16", DType::F32, self.f32_tol),
             ("qwen2_bias_tied", DType::BF16, 3e-2),
             ("llama_gqa_llama3", DType::BF16, 3e-2),
         ] {
@@ -112,7 +116,7 @@ impl BackendJob for Parity {
             let (got, mask) = masked_logits(&model, &e, &device);
             let want: Vec<f32> = get(&e, "logits").to_vec().unwrap();
             let vocab = want.len() / mask.len();
-            report(format!("peft {adapter} F32"), rel_err(&got, &want, |i| mask[i / vocab] == 1), 1e-4);
+            report(format!("peft {adapter} F32"), rel_err(&got, &want, |i| mask[i / vocab] == 1), self.f32_tol);
         }
         ok
     }
@@ -193,7 +197,8 @@ fn main() {
     let rest: Vec<&String> = args.iter().skip(1).filter(|a| *a != "--device" && !a.starts_with("cpu") && !a.starts_with("cuda") && *a != "wgpu").collect();
     match rest.first().map(|s| s.as_str()) {
         Some("parity") => {
-            let ok = dispatch(device, Parity).unwrap();
+            let f32_tol = if device == DeviceSpec::Cpu { 1e-4 } else { 2e-3 };
+            let ok = dispatch(device, Parity { f32_tol }).unwrap();
             std::process::exit(if ok { 0 } else { 1 });
         }
         Some("bench") => {

@@ -12,22 +12,28 @@ PY="${PYTHON:-python3}"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 SUMMARY="$OUT/summary.txt"; : > "$SUMMARY"
 
-# Runs a command while sampling GPU memory; appends its result line and peak memory.
+# Runs a command while sampling GPU memory; appends its result line and peak memory. Only a
+# few files come back from the device machine, so every log goes into one file.
+LOG="$OUT/all.log"; : > "$LOG"
 measure() {
   local name=$1; shift
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem-$name.csv" 2>/dev/null &
+  local mem; mem=$(mktemp)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$mem" 2>/dev/null &
   local sampler=$!
-  local t0=$(date +%s)
-  timeout 150 "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  local t0; t0=$(date +%s)
+  local log; log=$(mktemp)
+  timeout 150 "$@" > "$log" 2>&1; local rc=$?
   kill $sampler 2>/dev/null; wait $sampler 2>/dev/null
-  local peak=$(sort -n "$OUT/mem-$name.csv" | tail -1)
-  local line=$(grep -E '^(temper|pytorch) ' "$OUT/$name.log" | tail -1)
-  [ -n "$line" ] || line="$name: FAILED rc=$rc ($(tail -2 "$OUT/$name.log" | tr '\n' ' ' | cut -c1-200))"
+  local peak; peak=$(sort -n "$mem" | tail -1)
+  { echo "=== $name: $*"; cat "$log"; } >> "$LOG"
+  local line; line=$(grep -E '^(temper|pytorch) ' "$log" | tail -1)
+  [ -n "$line" ] || line="$name: FAILED rc=$rc ($(tail -2 "$log" | tr '\n' ' ' | cut -c1-200))"
   echo "$line | nvidia-smi peak ${peak:-?} MiB | $(( $(date +%s) - t0 ))s" | tee -a "$SUMMARY"
+  rm -f "$mem" "$log"
 }
 
 echo "== parity (CUDA vs transformers/PEFT fixtures)" | tee -a "$SUMMARY"
-timeout 300 "$BIN" --device cuda parity 2>&1 | tee "$OUT/parity.log" | grep '^parity' | tee -a "$SUMMARY"
+timeout 300 "$BIN" --device cuda parity 2>&1 | tee -a "$LOG" | grep '^parity' | tee -a "$SUMMARY"
 
 echo "== throughput (random weights from config.json; median after 1 warm-up)" | tee -a "$SUMMARY"
 S=benches/configs/smollm2-135m.json; L=benches/configs/llama-3.2-1b.json
