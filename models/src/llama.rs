@@ -252,12 +252,13 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
-    /// `mask`: `[batch, 1, q, k]`, `true` where attention is not allowed.
+    /// `mask`: `[batch, 1, q, k]`, `true` where attention is not allowed; `None` means plain
+    /// causal attention, which lets GPU backends use their fused causal kernels.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        mask: Tensor<B, 4, Bool>,
+        mask: Option<Tensor<B, 4, Bool>>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
@@ -281,8 +282,12 @@ impl<B: Backend> Attention<B> {
         let k = repeat_kv(k, h / kvh); // [b, h, total, d]
         let v = repeat_kv(v, h / kvh); // [b, h, total, d]
         let total = k.dims()[2];
-        let mask = mask.expand([b, h, s, total]);
-        let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default()); // [b, h, s, d]
+        let options = AttentionModuleOptions {
+            is_causal: mask.is_none(),
+            ..AttentionModuleOptions::default()
+        };
+        let mask = mask.map(|m| m.expand([b, h, s, total]));
+        let out = attention(q, k, v, mask, None, options); // [b, h, s, d]
         self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
     }
 }
@@ -312,7 +317,7 @@ impl<B: Backend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        mask: Tensor<B, 4, Bool>,
+        mask: Option<Tensor<B, 4, Bool>>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
         let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, mask, cache);
@@ -478,10 +483,13 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let rope = Rope::new(&self.inv_freq, position_ids, dtype);
         let mut x = embedding(weight, input_ids); // [batch, seq, hidden]
         let padding = options.attention_mask.map(|m| m.equal_elem(0)); // [batch, past + seq]
-        let full_mask = build_mask::<B>(batch, seq, past, padding.clone(), None, &device);
+        // Without padding, full layers need no explicit mask (`is_causal`).
+        let full_mask = padding
+            .as_ref()
+            .map(|p| build_mask::<B>(batch, seq, past, Some(p.clone()), None, &device));
         for (i, layer) in self.model.layers.iter().enumerate() {
             let mask = match layer.sliding_window {
-                Some(w) if w < past + seq => build_mask::<B>(batch, seq, past, padding.clone(), Some(w), &device),
+                Some(w) if w < past + seq => Some(build_mask::<B>(batch, seq, past, padding.clone(), Some(w), &device)),
                 _ => full_mask.clone(),
             };
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
