@@ -2,6 +2,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use temper::backend::{DeviceSpec, dispatch};
 use temper::generate::GenerateArgs;
+use temper::merge::MergeArgs;
 
 /// Fine-tuning and preference training of language models.
 #[derive(Parser)]
@@ -18,11 +19,14 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt.
     Generate(GenerateArgs),
+    /// Fold a LoRA adapter into its base model and write a Hugging Face model directory.
+    Merge(MergeArgs),
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(args) => dispatch(cli.device, args).map_err(anyhow::Error::msg)?,
+        Command::Merge(args) => dispatch(cli.device, args).map_err(anyhow::Error::msg)?,
     }
 }

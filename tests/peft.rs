@@ -243,3 +243,84 @@ fn new_adapters_start_at_the_base_and_train_only_adapters() {
     assert!(rel_err(&a, &b, |_| true) < 1e-6, "B = 0 and m = ||W||: the adapted model starts at the base");
     let _ = DType::F32;
 }
+
+/// Merging folds each adapter into its base weight: same logits, no adapter left; the
+/// saved directory (sharded here) loads back to the same model.
+#[test]
+fn merged_models_compute_what_the_adapter_computed() {
+    use temper_models::config::CheckpointDtype;
+    use temper_models::save::save_pretrained;
+    // Left under target/ for `make_peft_fixtures.py --check` (transformers loads them).
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peft-roundtrip");
+    for (adapter, base) in CASES {
+        let model = load::<B>(adapter, base);
+        let expected = Expected::open(&adapter_dir(adapter).join("expected.safetensors"));
+        let (ids, mask, mask_vec) = batch::<B>(&expected);
+        let before: Vec<f32> = logits(&model, ids.clone(), mask.clone()).into_data().to_vec().unwrap();
+        let mut merged = temper_peft::merge_adapters(model);
+        assert!(merged.linears_mut().iter().all(|(_, l)| l.adapter.is_none()));
+        let after: Vec<f32> = logits(&merged, ids.clone(), mask.clone()).into_data().to_vec().unwrap();
+        let vocab = before.len() / mask_vec.len();
+        let err = rel_err(&after, &before, |i| mask_vec[i / vocab] == 1);
+        assert!(err < 1e-5, "{adapter}: merged logits differ: {err:e}");
+
+        let config = temper_models::ModelConfig::from_file(fixtures().join("models").join(base).join("config.json")).unwrap();
+        let out = root.join(format!("{adapter}-merged"));
+        let _ = std::fs::remove_dir_all(&out);
+        save_pretrained(&merged, &config, &out, CheckpointDtype::F32, 100_000).unwrap();
+        assert!(out.join("model.safetensors.index.json").exists(), "{adapter}: small shards");
+        let reloaded = load_hf_dir::<B>(&out).unwrap();
+        let again: Vec<f32> = logits(&reloaded, ids, mask).into_data().to_vec().unwrap();
+        assert_eq!(again, after, "{adapter}: saved and reloaded");
+    }
+}
+
+/// `temper merge` on the real SmolLM2 GGUF with a random adapter: the merged Hugging Face
+/// directory (weights, config, tokenizer) loads back and computes the adapted model.
+#[test]
+fn temper_merge_writes_a_loadable_hf_directory() {
+    let gguf = std::env::var_os("TEMPER_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("TEMPER_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/temper"));
+        cache.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(gguf.exists(), "{} is missing: run scripts/fetch-model.sh", gguf.display());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peft-roundtrip");
+    let device = Default::default();
+    let loaded = temper_models::load_pretrained::<B>(&gguf, &device, DType::F32).unwrap();
+    let config = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: TargetModules::Names(vec!["q_proj".into(), "down_proj".into()]),
+        init_lora_weights: temper_peft::InitLoraWeights::Random,
+        ..LoraConfig::default()
+    };
+    let (adapted, _) = inject(loaded.model, &config, 3).unwrap();
+    let adapter = root.join("smollm2-adapter");
+    save_adapter(&adapted, &config, &adapter).unwrap();
+    let out = root.join("smollm2-merged");
+    let _ = std::fs::remove_dir_all(&out);
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
+        .args(["merge", "--dtype", "f32", "--model"])
+        .arg(&gguf)
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let merged = temper_models::load_pretrained::<B>(&out, &device, DType::F32).unwrap();
+    let text = "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n";
+    let ids = merged.tokenizer.encode(text, false).unwrap();
+    assert_eq!(ids, loaded.tokenizer.encode(text, false).unwrap(), "the written tokenizer.json");
+    assert_eq!(merged.tokenizer.chat_template, loaded.tokenizer.chat_template);
+    let input: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    let n = input.len();
+    let t = || Tensor::<B, 2, Int>::from_data(TensorData::new(input.clone(), [1, n]), &device);
+    let want: Vec<f32> = adapted.forward(t(), ForwardOptions::default(), None).into_data().to_vec().unwrap();
+    let got: Vec<f32> = merged.model.forward(t(), ForwardOptions::default(), None).into_data().to_vec().unwrap();
+    let err = rel_err(&got, &want, |_| true);
+    assert!(err < 1e-4, "merged SmolLM2 differs from the adapted one: {err:e}");
+}

@@ -129,6 +129,78 @@ impl ModelConfig {
         raw.validate(path)
     }
 
+    /// `config.json` as transformers writes it for this family (the transformers-4 spelling,
+    /// which transformers 5, vLLM and llama.cpp's converter all read). Errors when the rope
+    /// scaling came from GGUF `rope_freqs`, which config.json cannot express.
+    pub fn to_hf_json(&self, dtype: CheckpointDtype) -> std::result::Result<Value, String> {
+        let rope_scaling = match &self.rope_scaling {
+            RopeScaling::Default => Value::Null,
+            RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => serde_json::json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": *original_max_position_embeddings as u64}),
+            RopeScaling::FreqFactors(_) => {
+                return Err("this model's rope scaling came from GGUF rope_freqs, which config.json cannot express".into());
+            }
+        };
+        let (arch, model_type) = match self.family {
+            Family::Llama => ("LlamaForCausalLM", "llama"),
+            Family::Mistral => ("MistralForCausalLM", "mistral"),
+            Family::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        };
+        let mut c = serde_json::json!({
+            "architectures": [arch],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": match self.eos_token_ids.as_slice() {
+                [] => Value::Null,
+                [one] => serde_json::json!(one),
+                many => serde_json::json!(many),
+            },
+            "torch_dtype": match dtype {
+                CheckpointDtype::F32 => "float32",
+                CheckpointDtype::F16 => "float16",
+                CheckpointDtype::BF16 => "bfloat16",
+            },
+        });
+        let obj = c.as_object_mut().expect("object");
+        match self.family {
+            Family::Llama => {
+                obj.insert("attention_bias".into(), Value::Bool(self.qkv_bias));
+                obj.insert("mlp_bias".into(), Value::Bool(self.mlp_bias));
+            }
+            Family::Mistral => {
+                obj.insert("sliding_window".into(), serde_json::json!(self.sliding_window.first().copied().flatten()));
+            }
+            Family::Qwen2 => {
+                let window = self.sliding_window.iter().flatten().next().copied();
+                obj.insert("use_sliding_window".into(), Value::Bool(window.is_some()));
+                obj.insert("sliding_window".into(), serde_json::json!(window));
+                let first = self.sliding_window.iter().position(Option::is_some).unwrap_or(self.num_hidden_layers);
+                obj.insert("max_window_layers".into(), serde_json::json!(first));
+            }
+        }
+        Ok(c)
+    }
+
     /// Number of query heads sharing one key/value head.
     pub fn kv_groups(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads

@@ -451,6 +451,38 @@ impl<B: Backend> LlamaForCausalLM<B> {
         out
     }
 
+    /// Every checkpoint tensor under its Hugging Face name and layout (`[out, in]` for linear
+    /// weights), in `dtype`: what `save_pretrained` writes. Adapters are not included (merge
+    /// them first).
+    pub fn checkpoint_tensors(&self, dtype: DType) -> Vec<(String, TensorData)> {
+        let data = |t: Tensor<B, 2>| t.cast(dtype).into_data();
+        let vec = |t: Tensor<B, 1>| t.cast(dtype).into_data();
+        let mut out = vec![("model.embed_tokens.weight".to_string(), data(self.model.embed_tokens.val()))];
+        let mut model = self.clone();
+        let norms: Vec<(String, TensorData)> = model
+            .model
+            .layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                [
+                    (format!("model.layers.{i}.input_layernorm.weight"), vec(l.input_layernorm.weight.val())),
+                    (format!("model.layers.{i}.post_attention_layernorm.weight"), vec(l.post_attention_layernorm.weight.val())),
+                ]
+            })
+            .collect();
+        out.extend(norms);
+        for (name, linear) in model.linears_mut() {
+            // Stored [in, out]; checkpoints hold [out, in].
+            out.push((format!("{name}.weight"), crate::weights::transpose_2d(data(linear.weight.val()))));
+            if let Some(b) = &linear.bias {
+                out.push((format!("{name}.bias"), vec(b.val())));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), vec(self.model.norm.weight.val())));
+        out
+    }
+
     /// Turns every adapter on or off (off: the base model, e.g. DPO's reference).
     pub fn set_adapters_enabled(&mut self, enabled: bool) {
         for (_, linear) in self.linears_mut() {

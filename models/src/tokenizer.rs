@@ -196,6 +196,10 @@ impl Tokenizer {
         })
     }
 
+    pub(crate) fn inner_tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

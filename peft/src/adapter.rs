@@ -322,3 +322,16 @@ pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Resul
     }
     Ok((model, config))
 }
+
+/// Folds every adapter into its base weight (`W + scaling·A·B`, or DoRA's rescaled form) and
+/// removes it: the model then computes what the adapted model computed, with no extra cost.
+pub fn merge_adapters<B: Backend>(mut model: LlamaForCausalLM<B>) -> LlamaForCausalLM<B> {
+    for (_, linear) in model.linears_mut() {
+        let Some(lora) = linear.adapter.take() else { continue };
+        let w = linear.weight.val();
+        let dtype = w.dtype();
+        let merged = lora.delta(w.cast(lora.lora_a.val().dtype())).cast(dtype);
+        linear.weight = Param::from_tensor(merged.detach()).set_require_grad(false);
+    }
+    model
+}

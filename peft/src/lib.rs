@@ -10,6 +10,6 @@ pub mod adapter;
 pub mod config;
 pub mod error;
 
-pub use adapter::{Injected, count_parameters, inject, load_adapter, save_adapter};
+pub use adapter::{Injected, count_parameters, inject, load_adapter, merge_adapters, save_adapter};
 pub use config::{InitLoraWeights, LoraConfig, TargetModules};
 pub use error::{Error, Result};
