@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
 use temper_models::{Message, Sampling, generate, load_pretrained};
@@ -46,11 +46,9 @@ impl BackendJob for GenerateArgs {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             anyhow::bail!("--top-p must be in (0, 1], got {}", self.top_p);
         }
-        let mut loaded = load_pretrained::<B>(&self.model, &device, DType::F32)
-            .with_context(|| format!("loading {}", self.model.display()))?;
+        let mut loaded = load_pretrained::<B>(&self.model, &device, DType::F32)?;
         if let Some(dir) = &self.adapter {
-            let (model, _) = temper_peft::load_adapter(loaded.model, dir)
-                .with_context(|| format!("loading adapter {}", dir.display()))?;
+            let (model, _) = temper_peft::load_adapter(loaded.model, dir)?;
             loaded.model = model;
         }
         let tok = &loaded.tokenizer;

@@ -2,5 +2,6 @@
 //! lives in the workspace crates (`temper-models`, ...).
 
 pub mod backend;
+pub mod export;
 pub mod generate;
 pub mod merge;

@@ -53,10 +53,8 @@ impl BackendJob for MergeArgs {
             MergeDtype::Bf16 => CheckpointDtype::BF16,
         };
         // Merge in f32 whatever the output dtype, so rounding happens once.
-        let loaded = temper_models::load_pretrained::<B>(&self.model, &device, DType::F32)
-            .with_context(|| format!("loading {}", self.model.display()))?;
-        let (model, _) = temper_peft::load_adapter(loaded.model, &self.adapter)
-            .with_context(|| format!("loading adapter {}", self.adapter.display()))?;
+        let loaded = temper_models::load_pretrained::<B>(&self.model, &device, DType::F32)?;
+        let (model, _) = temper_peft::load_adapter(loaded.model, &self.adapter)?;
         let model = temper_peft::merge_adapters(model);
         save_pretrained(&model, &loaded.config, &self.out, dtype, DEFAULT_SHARD_BYTES)?;
         if self.model.is_dir() {

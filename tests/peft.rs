@@ -324,3 +324,69 @@ fn temper_merge_writes_a_loadable_hf_directory() {
     let err = rel_err(&got, &want, |_| true);
     assert!(err < 1e-4, "merged SmolLM2 differs from the adapted one: {err:e}");
 }
+
+/// The GGUF export computes, the way llama.cpp reads it (scale alpha / rank, q/k rows in
+/// llama.cpp's order), the same update `scaling · B·A` that PEFT applies.
+#[test]
+fn gguf_export_matches_peft_updates() {
+    use temper_models::gguf::Gguf;
+    let tmp = tempfile::tempdir().unwrap();
+    for (adapter, base) in [("lora_list", "llama_gqa_llama3"), ("rank_pattern_regex", "mistral_window"), ("rslora_all_linear", "qwen2_bias_tied")] {
+        let base_config = temper_models::ModelConfig::from_file(fixtures().join("models").join(base).join("config.json")).unwrap();
+        let out = tmp.path().join(format!("{adapter}.gguf"));
+        let pairs = temper_peft::export_gguf(&adapter_dir(adapter), &base_config, &out).unwrap();
+        let gguf = Gguf::open(&out).unwrap();
+        assert_eq!(gguf.get("general.type").and_then(|v| v.as_str()), Some("adapter"));
+        assert_eq!(gguf.get("adapter.type").and_then(|v| v.as_str()), Some("lora"));
+        let alpha = gguf.get("adapter.lora.alpha").and_then(|v| v.as_f64()).unwrap() as f32;
+        let config = LoraConfig::from_file(&adapter_dir(adapter).join("adapter_config.json")).unwrap();
+        let file = std::fs::read(adapter_dir(adapter).join("adapter_model.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&file).unwrap();
+        let device = Default::default();
+        let mat = |data: TensorData| Tensor::<B, 2>::from_data(data.convert_dtype(DType::F32), &device);
+        let mut seen = 0;
+        for name in st.names().into_iter().filter(|n| n.ends_with(".lora_A.weight")) {
+            let module = name.trim_start_matches("base_model.model.").trim_end_matches(".lora_A.weight");
+            let get = |k: &str| {
+                let t = st.tensor(k).unwrap();
+                TensorData::from_bytes_vec(t.data().to_vec(), t.shape().to_vec(), DType::F32)
+            };
+            let a = mat(get(name));
+            let b = mat(get(&name.replace("lora_A", "lora_B")));
+            let want: Vec<f32> = (b.matmul(a) * config.scaling_for(module)).into_data().to_vec().unwrap();
+            let gname = temper_models::gguf::gguf_module_name(module).unwrap();
+            let ga = gguf.read(&format!("{gname}.weight.lora_a")).unwrap();
+            let gb = gguf.read(&format!("{gname}.weight.lora_b")).unwrap();
+            let r = gb.shape[1] as f32; // llama.cpp: rank = lora_b->ne[0]
+            let delta = mat(gb).matmul(mat(ga)) * (alpha / r); // [out, in], GGUF row order
+            let [rows, cols] = delta.dims();
+            let mut got: Vec<f32> = delta.into_data().to_vec().unwrap();
+            let heads = if module.ends_with("q_proj") {
+                Some(base_config.num_attention_heads)
+            } else if module.ends_with("k_proj") {
+                Some(base_config.num_key_value_heads)
+            } else {
+                None
+            };
+            if let Some(h) = heads.filter(|_| base != "qwen2_bias_tied") {
+                // undo llama.cpp's row order to compare in Hugging Face's
+                let permuted = temper_models::gguf::permute_rows(&(0..rows).map(|i| i as f32).collect::<Vec<_>>(), rows, 1, h);
+                let mut hf = vec![0f32; got.len()];
+                for (gguf_row, &hf_row) in permuted.iter().enumerate() {
+                    let hf_row = hf_row as usize;
+                    hf[hf_row * cols..(hf_row + 1) * cols].copy_from_slice(&got[gguf_row * cols..(gguf_row + 1) * cols]);
+                }
+                got = hf;
+            }
+            let err = rel_err(&got, &want, |_| true);
+            assert!(err < 1e-5, "{adapter}: {module}: {err:e}");
+            seen += 1;
+        }
+        assert_eq!(seen, pairs, "{adapter}");
+    }
+    let base_config = temper_models::ModelConfig::from_file(fixtures().join("models/llama_gqa_llama3/config.json")).unwrap();
+    let err = temper_peft::export_gguf(&adapter_dir("dora"), &base_config, &tmp.path().join("x.gguf")).unwrap_err().to_string();
+    assert!(err.contains("DoRA"), "{err}");
+    let err = temper_peft::export_gguf(&adapter_dir("modules_to_save"), &base_config, &tmp.path().join("x.gguf")).unwrap_err().to_string();
+    assert!(err.contains("lm_head.weight") && err.contains("temper merge"), "{err}");
+}

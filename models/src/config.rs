@@ -124,7 +124,7 @@ impl ModelConfig {
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
         let raw: RawConfig = serde_json::from_str(text).map_err(|source| Error::Json {
             path: path.to_path_buf(),
-            source,
+            error: source,
         })?;
         raw.validate(path)
     }

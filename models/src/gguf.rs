@@ -683,3 +683,126 @@ mod tests {
         assert_eq!(back.to_vec::<f32>().unwrap(), hf);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Writing GGUF (for adapters; f32 tensors only).
+
+/// A metadata value to write.
+#[derive(Debug, Clone)]
+pub enum WriteValue {
+    String(String),
+    F32(f32),
+    U32(u32),
+}
+
+/// Builds a GGUF v3 file: metadata, then f32 tensors given in PyTorch order.
+#[derive(Default)]
+pub struct GgufWriter {
+    metadata: Vec<(String, WriteValue)>,
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+const ALIGNMENT: usize = 32;
+
+impl GgufWriter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add(&mut self, key: &str, value: WriteValue) {
+        self.metadata.push((key.to_string(), value));
+    }
+
+    /// `shape` in PyTorch order (slowest first); written reversed, as ggml wants.
+    pub fn add_tensor(&mut self, name: &str, shape: Vec<usize>, values: Vec<f32>) {
+        assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}: shape and data disagree");
+        self.tensors.push((name.to_string(), shape, values));
+    }
+
+    pub fn write(&self, path: &Path) -> Result<()> {
+        fn string(out: &mut Vec<u8>, s: &str) {
+            out.extend((s.len() as u64).to_le_bytes());
+            out.extend(s.as_bytes());
+        }
+        let mut out = Vec::new();
+        out.extend(b"GGUF");
+        out.extend(3u32.to_le_bytes());
+        out.extend((self.tensors.len() as u64).to_le_bytes());
+        out.extend((self.metadata.len() as u64).to_le_bytes());
+        for (key, value) in &self.metadata {
+            string(&mut out, key);
+            match value {
+                WriteValue::String(s) => {
+                    out.extend(8u32.to_le_bytes());
+                    string(&mut out, s);
+                }
+                WriteValue::F32(v) => {
+                    out.extend(6u32.to_le_bytes());
+                    out.extend(v.to_le_bytes());
+                }
+                WriteValue::U32(v) => {
+                    out.extend(4u32.to_le_bytes());
+                    out.extend(v.to_le_bytes());
+                }
+            }
+        }
+        let mut offset = 0usize;
+        for (name, shape, values) in &self.tensors {
+            string(&mut out, name);
+            out.extend((shape.len() as u32).to_le_bytes());
+            for d in shape.iter().rev() {
+                out.extend((*d as u64).to_le_bytes());
+            }
+            out.extend(0u32.to_le_bytes()); // F32
+            out.extend((offset as u64).to_le_bytes());
+            offset += (values.len() * 4).div_ceil(ALIGNMENT) * ALIGNMENT;
+        }
+        out.resize(out.len().div_ceil(ALIGNMENT) * ALIGNMENT, 0);
+        for (_, _, values) in &self.tensors {
+            let start = out.len();
+            for v in values {
+                out.extend(v.to_le_bytes());
+            }
+            out.resize(start + (out.len() - start).div_ceil(ALIGNMENT) * ALIGNMENT, 0);
+        }
+        std::fs::write(path, out).map_err(|e| Error::io(path, e))
+    }
+}
+
+/// llama.cpp's `permute(weights, n_head)` on the rows of a `[rows, cols]` matrix: Hugging Face
+/// row `(h, j, i)` goes to GGUF row `(h, i, j)`. The inverse of [`GgufSource`]'s unpermute.
+pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let mut out = vec![0f32; values.len()];
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..half {
+                let from = h * head_dim + j * half + i;
+                let to = h * head_dim + i * 2 + j;
+                out[to * cols..(to + 1) * cols].copy_from_slice(&values[from * cols..(from + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// llama.cpp's name for a Hugging Face module (`model.layers.3.self_attn.q_proj` ->
+/// `blk.3.attn_q`).
+pub fn gguf_module_name(hf_module: &str) -> Option<String> {
+    gguf_name(&format!("{hf_module}.weight")).map(|n| n.trim_end_matches(".weight").to_string())
+}
+
+#[cfg(test)]
+mod write_tests {
+    use super::*;
+
+    #[test]
+    fn permute_is_the_inverse_of_unpermute() {
+        let (rows, cols, heads) = (12, 2, 3);
+        let hf: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+        let g = permute_rows(&hf, rows, cols, heads);
+        let back = unpermute_rows(TensorData::new(g, [rows, cols]), heads);
+        assert_eq!(back.to_vec::<f32>().unwrap(), hf);
+    }
+}

@@ -68,7 +68,7 @@ impl Tokenizer {
             let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
             let config: Json = serde_json::from_str(&text).map_err(|source| Error::Json {
                 path: config_path.clone(),
-                source,
+                error: source,
             })?;
             // Special tokens are either strings or `{"content": ...}` objects.
             let token = |key: &str| match config.get(key) {

@@ -191,7 +191,7 @@ impl SafetensorsSource {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
             let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
                 path: index.clone(),
-                source,
+                error: source,
             })?;
             let map = json
                 .get("weight_map")

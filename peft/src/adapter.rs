@@ -211,7 +211,7 @@ pub fn adapter_tensors<B: Backend>(model: &LlamaForCausalLM<B>, config: &LoraCon
 pub fn save_adapter<B: Backend>(model: &LlamaForCausalLM<B>, config: &LoraConfig, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         path: dir.to_path_buf(),
-        source,
+        error: source,
     })?;
     let mut m = model.clone();
     let targets: Vec<String> = m
@@ -224,7 +224,7 @@ pub fn save_adapter<B: Backend>(model: &LlamaForCausalLM<B>, config: &LoraConfig
     let text = serde_json::to_string_pretty(&config.to_json(&targets)).expect("JSON values serialize");
     std::fs::write(&config_path, text + "\n").map_err(|source| Error::Io {
         path: config_path,
-        source,
+        error: source,
     })?;
     let tensors = adapter_tensors(model, config);
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
@@ -251,7 +251,7 @@ pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Resul
     let path = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&path).map_err(|source| Error::Io {
         path: path.clone(),
-        source,
+        error: source,
     })?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Format {
         path: path.clone(),

@@ -187,7 +187,7 @@ impl LoraConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
-            source,
+            error: source,
         })?;
         let json: Value = serde_json::from_str(&text).map_err(|e| Error::Format {
             path: path.to_path_buf(),

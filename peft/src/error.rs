@@ -3,11 +3,10 @@ use std::path::PathBuf;
 /// Errors name the adapter file and the module or key involved.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {key}: {message}")]
     Config {

@@ -9,7 +9,9 @@
 pub mod adapter;
 pub mod config;
 pub mod error;
+pub mod export;
 
 pub use adapter::{Injected, count_parameters, inject, load_adapter, merge_adapters, save_adapter};
 pub use config::{InitLoraWeights, LoraConfig, TargetModules};
 pub use error::{Error, Result};
+pub use export::export_gguf;
