@@ -242,6 +242,37 @@ pub fn save_adapter<B: Backend>(model: &LlamaForCausalLM<B>, config: &LoraConfig
     })
 }
 
+pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|error| Error::Io {
+        path: path.to_path_buf(),
+        error,
+    })
+}
+
+pub(crate) fn parse_weights<'a>(bytes: &'a [u8], path: &Path) -> Result<SafeTensors<'a>> {
+    SafeTensors::deserialize(bytes).map_err(|e| Error::Format {
+        path: path.to_path_buf(),
+        message: format!("not a valid safetensors file: {e}"),
+    })
+}
+
+/// A float tensor of an adapter file, in its stored dtype.
+pub(crate) fn float_data(view: &safetensors::tensor::TensorView<'_>, key: &str, path: &Path) -> Result<TensorData> {
+    let dtype = match view.dtype() {
+        StDtype::F32 => DType::F32,
+        StDtype::F16 => DType::F16,
+        StDtype::BF16 => DType::BF16,
+        other => {
+            return Err(Error::Tensor {
+                path: path.to_path_buf(),
+                key: key.to_string(),
+                message: format!("unsupported dtype {other:?}"),
+            });
+        }
+    };
+    Ok(TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype))
+}
+
 /// Loads a PEFT LoRA adapter directory onto `model`: every tensor in the file must belong to
 /// an adapter this config places, with the shape it implies, and every adapter must be filled.
 pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Result<(LlamaForCausalLM<B>, LoraConfig)> {
@@ -249,14 +280,8 @@ pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Resul
     let config = LoraConfig::from_file(&config_path)?;
     let (mut model, _) = inject(model, &config, 0)?;
     let path = dir.join(WEIGHTS_FILE);
-    let bytes = std::fs::read(&path).map_err(|source| Error::Io {
-        path: path.clone(),
-        error: source,
-    })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Format {
-        path: path.clone(),
-        message: format!("not a valid safetensors file: {e}"),
-    })?;
+    let bytes = read_bytes(&path)?;
+    let st = parse_weights(&bytes, &path)?;
     let tensor_err = |key: &str, message: String| Error::Tensor {
         path: path.clone(),
         key: key.to_string(),
@@ -267,13 +292,7 @@ pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Resul
         if view.shape() != expected {
             return Err(tensor_err(key, format!("shape {:?} does not fit the model, which needs {expected:?}", view.shape())));
         }
-        let dtype = match view.dtype() {
-            StDtype::F32 => DType::F32,
-            StDtype::F16 => DType::F16,
-            StDtype::BF16 => DType::BF16,
-            other => return Err(tensor_err(key, format!("unsupported dtype {other:?}"))),
-        };
-        Ok(TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype))
+        float_data(&view, key, &path)
     };
     let mut used = HashSet::new();
     for (name, linear) in model.linears_mut() {

@@ -8,12 +8,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::DType;
-use safetensors::SafeTensors;
 use temper_models::gguf::{GgufWriter, WriteValue, gguf_module_name, permute_rows};
 use temper_models::llama::checkpoint_shapes;
 use temper_models::{Family, ModelConfig};
 
-use crate::adapter::{CONFIG_FILE, WEIGHTS_FILE};
+use crate::adapter::{CONFIG_FILE, WEIGHTS_FILE, float_data, parse_weights, read_bytes};
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
 
@@ -36,14 +35,8 @@ pub fn export_gguf(adapter_dir: &Path, base: &ModelConfig, out: &Path) -> Result
             adapter_dir.display()
         )));
     }
-    let bytes = std::fs::read(&path).map_err(|source| Error::Io {
-        path: path.clone(),
-        error: source,
-    })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Format {
-        path: path.clone(),
-        message: format!("not a valid safetensors file: {e}"),
-    })?;
+    let bytes = read_bytes(&path)?;
+    let st = parse_weights(&bytes, &path)?;
     let shapes: BTreeMap<String, Vec<usize>> = checkpoint_shapes(base).into_iter().collect();
     // module -> (A [r, in], B [out, r])
     let mut pairs: BTreeMap<String, (Option<(Vec<usize>, Vec<f32>)>, Option<(Vec<usize>, Vec<f32>)>)> = BTreeMap::new();
@@ -62,14 +55,7 @@ pub fn export_gguf(adapter_dir: &Path, base: &ModelConfig, out: &Path) -> Result
             ));
         };
         let view = st.tensor(key).map_err(|e| err(key, e.to_string()))?;
-        let dtype = match view.dtype() {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::F16 => DType::F16,
-            safetensors::Dtype::BF16 => DType::BF16,
-            other => return Err(err(key, format!("unsupported dtype {other:?}"))),
-        };
-        let data = burn::tensor::TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype)
-            .convert_dtype(DType::F32);
+        let data = float_data(&view, key, &path)?.convert_dtype(DType::F32);
         let entry = pairs.entry(module.to_string()).or_default();
         let value = Some((view.shape().to_vec(), data.to_vec::<f32>().expect("f32 after conversion")));
         if is_a { entry.0 = value } else { entry.1 = value }
