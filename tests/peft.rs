@@ -19,7 +19,8 @@ type B = CpuBackend;
 type AD = Autodiff<CpuBackend>;
 
 /// adapter fixture -> base model fixture
-const CASES: [(&str, &str); 5] = [
+const CASES: [(&str, &str); 6] = [
+    ("pissa", "llama_gqa_llama3"),
     ("lora_list", "llama_gqa_llama3"),
     ("rslora_all_linear", "qwen2_bias_tied"),
     ("dora", "llama_gqa_llama3"),
@@ -69,7 +70,7 @@ fn logits_match_peft() {
 
 #[test]
 fn adapter_off_is_the_base_model() {
-    let (adapter, base) = CASES[0];
+    let (adapter, base) = ("lora_list", "llama_gqa_llama3");
     let mut model = load::<B>(adapter, base);
     let plain = load_hf_dir::<B>(&fixtures().join("models").join(base)).unwrap();
     let expected = Expected::open(&adapter_dir(adapter).join("expected.safetensors"));
@@ -78,7 +79,7 @@ fn adapter_off_is_the_base_model() {
     model.set_adapters_enabled(false);
     let off: Vec<f32> = logits(&model, ids.clone(), mask.clone()).into_data().to_vec().unwrap();
     let base_logits: Vec<f32> = logits(&plain, ids, mask).into_data().to_vec().unwrap();
-    assert_eq!(off, base_logits);
+    assert!(off == base_logits, "adapters off must give the base model's logits exactly");
     assert!(rel_err(&with, &off, |_| true) > 1e-3, "the adapter should change the logits");
 }
 
@@ -217,6 +218,28 @@ fn bad_adapters_give_clear_errors() {
     assert!(err.contains("layers.1.self_attn.q_proj.lora_A.weight") && err.contains("belong to no adapter"), "{err}");
     let err = run("type", cfg(serde_json::json!({"peft_type": "LOHA"})), ok_tensors());
     assert!(err.contains("adapter_config.json") && err.contains("LOHA"), "{err}");
+}
+
+/// PiSSA moves the top singular directions of W into the adapter: the model is unchanged at
+/// init, and with the adapter off it is the residual, not the base.
+#[test]
+fn pissa_starts_at_the_base() {
+    let base = load_hf_dir::<B>(&fixtures().join("models/llama_gqa_llama3")).unwrap();
+    let config = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: TargetModules::AllLinear,
+        init_lora_weights: temper_peft::InitLoraWeights::Pissa,
+        ..LoraConfig::default()
+    };
+    let (mut model, _) = inject(base.clone(), &config, 0).unwrap();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 5, 9, 3, 7], [1, 5]), &Default::default());
+    let run = |m: &LlamaForCausalLM<B>| -> Vec<f32> { m.forward(ids.clone(), ForwardOptions::default(), None).into_data().to_vec().unwrap() };
+    let want = run(&base);
+    let err = rel_err(&run(&model), &want, |_| true);
+    assert!(err < 1e-5, "PiSSA must start at the base model: {err:e}");
+    model.set_adapters_enabled(false);
+    assert!(rel_err(&run(&model), &want, |_| true) > 1e-3, "the residual alone differs from the base");
 }
 
 #[test]
@@ -387,6 +410,8 @@ fn gguf_export_matches_peft_updates() {
     let base_config = temper_models::ModelConfig::from_file(fixtures().join("models/llama_gqa_llama3/config.json")).unwrap();
     let err = temper_peft::export_gguf(&adapter_dir("dora"), &base_config, &tmp.path().join("x.gguf")).unwrap_err().to_string();
     assert!(err.contains("DoRA"), "{err}");
+    let err = temper_peft::export_gguf(&adapter_dir("pissa"), &base_config, &tmp.path().join("x.gguf")).unwrap_err().to_string();
+    assert!(err.contains("PiSSA"), "{err}");
     let err = temper_peft::export_gguf(&adapter_dir("modules_to_save"), &base_config, &tmp.path().join("x.gguf")).unwrap_err().to_string();
     assert!(err.contains("lm_head.weight") && err.contains("temper merge"), "{err}");
 }

@@ -44,6 +44,41 @@ fn trainable<B: Backend, const D: usize>(t: Tensor<B, D>) -> Param<Tensor<B, D>>
     Param::from_tensor(t).set_require_grad(true)
 }
 
+/// PiSSA (PEFT's `pissa_init`): with `W = U·S·Vᵀ` (`W` as PEFT sees it, `[out, in]`),
+/// `A = sqrt(S_r/scaling)·V_rᵀ` (`[r, in]`), `B = U_r·sqrt(S_r/scaling)` (`[out, r]`), and the
+/// base becomes `W - scaling·B·A`. `w` is our `[in, out]` layout; the residual comes back in it.
+/// The signs of singular vectors are arbitrary, but `B·A` and the residual are not, so an
+/// adapter trained from here and saved loads in PEFT (which re-runs this on its base) exactly.
+fn pissa(w: &[f32], in_f: usize, out_f: usize, r: usize, scaling: f64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    // nalgebra's from_row_slice reads [out, in] row-major: element (o, i) = w[i * out + o].
+    let m = nalgebra::DMatrix::<f64>::from_fn(out_f, in_f, |o, i| w[i * out_f + o] as f64);
+    let svd = m.svd(true, true);
+    let (u, vt) = (svd.u.expect("asked for U"), svd.v_t.expect("asked for Vᵀ"));
+    let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
+    order.sort_by(|&x, &y| svd.singular_values[y].total_cmp(&svd.singular_values[x]));
+    let r = r.min(order.len());
+    let mut a = vec![0f32; r * in_f];
+    let mut b = vec![0f32; out_f * r];
+    let mut residual = w.to_vec();
+    for (k, &idx) in order.iter().take(r).enumerate() {
+        let root = (svd.singular_values[idx] / scaling).sqrt();
+        for i in 0..in_f {
+            a[k * in_f + i] = (root * vt[(idx, i)]) as f32;
+        }
+        for o in 0..out_f {
+            b[o * r + k] = (u[(o, idx)] * root) as f32;
+        }
+    }
+    // residual[i, o] -= scaling * sum_k B[o, k] A[k, i]
+    for i in 0..in_f {
+        for o in 0..out_f {
+            let dot: f64 = (0..r).map(|k| b[o * r + k] as f64 * a[k * in_f + i] as f64).sum();
+            residual[i * out_f + o] -= (scaling * dot) as f32;
+        }
+    }
+    (a, b, residual)
+}
+
 /// What [`inject`] did.
 #[derive(Debug, Clone)]
 pub struct Injected {
@@ -76,14 +111,20 @@ pub fn inject<B: Backend>(
         let [in_f, out_f] = linear.weight.dims();
         let r = config.rank_for(&name);
         let bound = 1.0 / (in_f as f32).sqrt(); // kaiming_uniform_(a=sqrt(5)) on [r, in]
-        let a: Vec<f32> = match config.init_lora_weights {
-            InitLoraWeights::KaimingZero | InitLoraWeights::Random => uniform(&mut rng, in_f * r, bound),
-            InitLoraWeights::Gaussian => (0..in_f * r).map(|_| normal(&mut rng) / r as f32).collect(),
-        };
-        let b: Vec<f32> = match config.init_lora_weights {
-            // nn.Linear's own init for [out, r]: kaiming_uniform(a=sqrt(5)), fan_in = r.
-            InitLoraWeights::Random => uniform(&mut rng, r * out_f, 1.0 / (r as f32).sqrt()),
-            _ => vec![0.0; r * out_f],
+        let scaling = config.scaling_for(&name);
+        let (a, b): (Vec<f32>, Vec<f32>) = match config.init_lora_weights {
+            InitLoraWeights::KaimingZero => (uniform(&mut rng, in_f * r, bound), vec![0.0; r * out_f]),
+            InitLoraWeights::Gaussian => ((0..in_f * r).map(|_| normal(&mut rng) / r as f32).collect(), vec![0.0; r * out_f]),
+            // nn.Linear's own init for both: kaiming_uniform(a=sqrt(5)), fan_in = in / r.
+            InitLoraWeights::Random => (uniform(&mut rng, in_f * r, bound), uniform(&mut rng, r * out_f, 1.0 / (r as f32).sqrt())),
+            InitLoraWeights::Pissa => {
+                let w: Vec<f32> = linear.weight.val().cast(DType::F32).into_data().to_vec().expect("f32");
+                let (a, b, residual) = pissa(&w, in_f, out_f, r, scaling);
+                let dtype = linear.weight.val().dtype();
+                linear.weight = Param::from_tensor(upload::<B, 2>(TensorData::new(residual, [in_f, out_f]), &device).cast(dtype))
+                    .set_require_grad(false);
+                (a, b)
+            }
         };
         // Drawn as PEFT's [r, in] / [out, r], stored transposed.
         let a = transpose_2d(TensorData::new(a, [r, in_f]));
@@ -91,7 +132,6 @@ pub fn inject<B: Backend>(
         let weight = linear.weight.val().cast(DType::F32);
         let lora_a = upload::<B, 2>(a, &device);
         let lora_b = upload::<B, 2>(b, &device);
-        let scaling = config.scaling_for(&name);
         let magnitude = config.use_dora.then(|| {
             // m starts at the column norms of the adapted weight, so DoRA starts at the base.
             let adapted = weight + lora_a.clone().matmul(lora_b.clone()) * scaling;

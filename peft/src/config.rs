@@ -28,6 +28,9 @@ pub enum InitLoraWeights {
     Gaussian,
     /// `false`: both random (the adapter changes the model from the start; for tests).
     Random,
+    /// `"pissa"`: A and B from the top `r` singular vectors of W, and the base replaced by the
+    /// residual `W - scaling·B·A`, so the model starts where it was.
+    Pissa,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -261,7 +264,13 @@ impl LoraConfig {
             Some(Value::Bool(true)) => InitLoraWeights::KaimingZero,
             Some(Value::Bool(false)) => InitLoraWeights::Random,
             Some(Value::String(s)) if s == "gaussian" => InitLoraWeights::Gaussian,
-            Some(v) => return Err(err("init_lora_weights", format!("{v} is not supported (true, false or \"gaussian\")"))),
+            Some(Value::String(s)) if s == "pissa" => InitLoraWeights::Pissa,
+            Some(v) => {
+                return Err(err(
+                    "init_lora_weights",
+                    format!("{v} is not supported (true, false, \"gaussian\" or \"pissa\")"),
+                ));
+            }
         };
         let config = LoraConfig {
             r: get("r").map(|v| uint("r", v)).transpose()?.unwrap_or(8),
@@ -331,6 +340,7 @@ impl LoraConfig {
                 InitLoraWeights::KaimingZero => json!(true),
                 InitLoraWeights::Gaussian => json!("gaussian"),
                 InitLoraWeights::Random => json!(false),
+                InitLoraWeights::Pissa => json!("pissa"),
             },
             "layer_replication": null,
             "layers_pattern": self.layers_pattern,

@@ -35,6 +35,14 @@ pub fn export_gguf(adapter_dir: &Path, base: &ModelConfig, out: &Path) -> Result
             adapter_dir.display()
         )));
     }
+    if config.init_lora_weights == crate::config::InitLoraWeights::Pissa {
+        // A PiSSA adapter applies to the SVD residual of the base, not to the base llama.cpp
+        // loads; the pair alone would compute the wrong model there.
+        return Err(Error::Unsupported(format!(
+            "{}: PiSSA adapters apply to the residual of the base, which llama.cpp does not have (use `temper merge`)",
+            adapter_dir.display()
+        )));
+    }
     let bytes = read_bytes(&path)?;
     let st = parse_weights(&bytes, &path)?;
     let shapes: BTreeMap<String, Vec<usize>> = checkpoint_shapes(base).into_iter().collect();
