@@ -297,3 +297,20 @@ fn half_precision_on_the_cpu_backend_is_an_error_not_a_panic() {
     let e = temper_models::LlamaForCausalLM::<B>::load(&config, &source, &Default::default(), DType::BF16).unwrap_err();
     assert!(e.to_string().contains("BF16") && e.to_string().contains("f32"), "{e}");
 }
+
+/// A SentencePiece (Llama 2 / TinyLlama style) vocabulary from GGUF metadata, without merges
+/// in the file: the same ids and text as transformers' tokenizer for the same GGUF.
+#[test]
+fn sentencepiece_gguf_tokenizer_matches_transformers() {
+    let gguf = Gguf::open(fixtures().join("tiny_spm.gguf")).unwrap();
+    let tok = temper_models::Tokenizer::from_gguf(&gguf).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny_spm.json")).unwrap()).unwrap();
+    let texts = reference["texts"].as_array().unwrap();
+    for (i, text) in texts.iter().enumerate() {
+        let text = text.as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(reference["ids"][i].clone()).unwrap();
+        assert_eq!(tok.encode(text, true).unwrap(), want, "ids of {text:?}");
+        assert_eq!(tok.decode(&want, true).unwrap(), reference["decoded"][i].as_str().unwrap(), "decode of {text:?}");
+    }
+}

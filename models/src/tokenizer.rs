@@ -115,70 +115,47 @@ impl Tokenizer {
                 .collect()
         };
         let model = gguf.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
-        if model != "gpt2" {
-            return Err(err(format!(
-                "tokenizer.ggml.model {model:?} is not supported yet (only byte-level BPE, \"gpt2\"); \
-                 use the model's Hugging Face directory with tokenizer.json instead"
-            )));
-        }
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
         let types: Vec<u64> = gguf
             .get("tokenizer.ggml.token_type")
             .and_then(Value::as_array)
             .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
             .unwrap_or_default();
-        let byte_map = bytes_to_unicode();
-        let in_alphabet = |t: &str| t.chars().all(|c| byte_map.contains(&c));
-        let mut vocab = serde_json::Map::new();
-        for (id, token) in tokens.iter().enumerate() {
-            // A token written outside the byte alphabet is respelled byte by byte.
-            let spelled = if in_alphabet(token) {
-                token.clone()
-            } else {
-                token.bytes().map(|b| byte_map[b as usize]).collect()
-            };
-            vocab.insert(spelled, json!(id));
-        }
-        let merges: Vec<Json> = merges
-            .iter()
-            .map(|m| {
-                let (a, b) = m.split_once(' ').unwrap_or((m, ""));
-                json!([a, b])
-            })
-            .collect();
-        let mut added = Vec::new();
-        for (id, (token, ty)) in tokens.iter().zip(&types).enumerate() {
-            // 3: CONTROL (special), 4: USER_DEFINED (matched whole, not special).
-            let special = match ty {
-                3 if in_alphabet(token) => true,
-                4 => false,
-                _ => continue,
-            };
-            added.push(json!({"id": id, "content": token, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": special}));
-        }
-        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-        let pre = gguf.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("");
-        let pre_tokenizer = match split_regex(pre) {
-            Some(regex) => json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
-                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
-            None => byte_level.clone(),
+        let spec = match model {
+            "gpt2" => {
+                let merges = strings("tokenizer.ggml.merges")?;
+                let pre = gguf.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("");
+                byte_level_bpe(&tokens, &merges, &types, pre)
+            }
+            "llama" => {
+                let merges = match gguf.get("tokenizer.ggml.merges") {
+                    Some(_) => strings("tokenizer.ggml.merges")?
+                        .iter()
+                        .map(|m| {
+                            let (a, b) = m.split_once(' ').unwrap_or((m, ""));
+                            (a.to_string(), b.to_string())
+                        })
+                        .collect(),
+                    None => {
+                        let scores: Vec<f64> = gguf
+                            .get("tokenizer.ggml.scores")
+                            .and_then(Value::as_array)
+                            .ok_or_else(|| err("tokenizer.ggml.scores: missing (needed without merges)".into()))?
+                            .iter()
+                            .map(|v| v.as_f64().unwrap_or(0.0))
+                            .collect();
+                        merges_from_scores(&tokens, &scores)
+                    }
+                };
+                sentencepiece_bpe(&tokens, &merges, &types)
+            }
+            other => {
+                return Err(err(format!(
+                    "tokenizer.ggml.model {other:?} is not supported (byte-level BPE \"gpt2\" and SentencePiece BPE \"llama\" are); \
+                     use the model's Hugging Face directory with tokenizer.json instead"
+                )));
+            }
         };
-        let spec = json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
-                "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                "vocab": vocab, "merges": merges},
-        });
         let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e: tokenizers::Error| err(e.to_string()))?;
         let name_of = |key: &str| {
             gguf.get(key)
@@ -191,7 +168,11 @@ impl Tokenizer {
             bos_token: name_of("tokenizer.ggml.bos_token_id"),
             eos_token: name_of("tokenizer.ggml.eos_token_id"),
             pad_token: name_of("tokenizer.ggml.padding_token_id"),
-            add_bos_token: gguf.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false),
+            // transformers (and llama.cpp) add BOS for SentencePiece vocabularies that do not say.
+            add_bos_token: gguf
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(model == "llama"),
             chat_template: gguf.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string),
         })
     }
@@ -224,9 +205,9 @@ impl Tokenizer {
             message: e.to_string(),
         })?;
         let mut ids = enc.get_ids().to_vec();
+        // Like transformers' post-processor: BOS goes first even when the text starts with one.
         if add_special_tokens && self.add_bos_token
             && let Some(bos) = self.bos_token_id()
-            && ids.first() != Some(&bos)
         {
             ids.insert(0, bos);
         }
@@ -259,6 +240,119 @@ impl Tokenizer {
             message,
         })
     }
+}
+
+/// `tokenizer.json` for a byte-level BPE vocabulary, as transformers' GPT2Tokenizer builds it
+/// from GGUF (`byte_level_tokenizer` + `set_split_regex`).
+fn byte_level_bpe(tokens: &[String], merges: &[String], types: &[u64], pre: &str) -> Json {
+    let byte_map = bytes_to_unicode();
+    let in_alphabet = |t: &str| t.chars().all(|c| byte_map.contains(&c));
+    let mut vocab = serde_json::Map::new();
+    for (id, token) in tokens.iter().enumerate() {
+        // A token written outside the byte alphabet is respelled byte by byte.
+        let spelled = if in_alphabet(token) {
+            token.clone()
+        } else {
+            token.bytes().map(|b| byte_map[b as usize]).collect()
+        };
+        vocab.insert(spelled, json!(id));
+    }
+    let merges: Vec<Json> = merges
+        .iter()
+        .map(|m| {
+            let (a, b) = m.split_once(' ').unwrap_or((m, ""));
+            json!([a, b])
+        })
+        .collect();
+    // 3: CONTROL (special, unless a llama.cpp mislabel outside the byte alphabet), 4:
+    // USER_DEFINED (matched whole, not special).
+    let added = added_tokens(tokens, types, |ty, token| match ty {
+        3 if in_alphabet(token) => Some(true),
+        4 => Some(false),
+        _ => None,
+    });
+    let pre_tokenizer = match split_regex(pre) {
+        Some(regex) => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
+        None => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
+    };
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": pre_tokenizer, "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+            "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges},
+    })
+}
+
+/// `tokenizer.json` for a SentencePiece BPE vocabulary (Llama 2, TinyLlama, Mistral v0.1), as
+/// transformers' LlamaTokenizer builds it from GGUF: Metaspace with a prefix on the first
+/// word, byte fallback, unknown and control tokens special.
+fn sentencepiece_bpe(tokens: &[String], merges: &[(String, String)], types: &[u64]) -> Json {
+    let vocab: serde_json::Map<String, Json> = tokens.iter().enumerate().map(|(id, t)| (t.clone(), json!(id))).collect();
+    // 2: UNKNOWN and 3: CONTROL are special, 4: USER_DEFINED is matched whole.
+    let added = added_tokens(tokens, types, |ty, _| match ty {
+        2 | 3 => Some(true),
+        4 => Some(false),
+        _ => None,
+    });
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab, "merges": merges.iter().map(|(a, b)| json!([a, b])).collect::<Vec<_>>()},
+    })
+}
+
+fn added_tokens(tokens: &[String], types: &[u64], special: impl Fn(u64, &str) -> Option<bool>) -> Vec<Json> {
+    tokens
+        .iter()
+        .zip(types)
+        .enumerate()
+        .filter_map(|(id, (token, &ty))| {
+            special(ty, token).map(|special| {
+                json!({"id": id, "content": token, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": special})
+            })
+        })
+        .collect()
+}
+
+/// Merges implied by a vocabulary with scores, when the GGUF has none (transformers'
+/// `generate_merges`): every split of a token into two tokens, ranked by the merged token's
+/// score (higher first), then by the pieces' lengths; ties keep vocabulary order.
+pub fn merges_from_scores(tokens: &[String], scores: &[f64]) -> Vec<(String, String)> {
+    let ids: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let mut merges: Vec<(String, String, f64)> = Vec::new();
+    for (token, &score) in tokens.iter().zip(scores) {
+        let mut local = Vec::new();
+        let bounds: Vec<usize> = token.char_indices().map(|(i, _)| i).skip(1).collect();
+        for at in bounds {
+            let (l, r) = token.split_at(at);
+            if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r)) {
+                local.push((li, ri, l.to_string(), r.to_string()));
+            }
+        }
+        local.sort_by_key(|x| (x.0, x.1));
+        merges.extend(local.into_iter().map(|(_, _, l, r)| (l, r, score)));
+    }
+    let len = |s: &str| s.chars().count();
+    // Python's sorted(..., reverse=True) is stable: equal keys keep their order.
+    merges.sort_by(|a, b| {
+        b.2.total_cmp(&a.2)
+            .then(len(&b.0).cmp(&len(&a.0)))
+            .then(len(&b.1).cmp(&len(&a.1)))
+    });
+    merges.into_iter().map(|(l, r, _)| (l, r)).collect()
 }
 
 /// Renders a chat template with the environment transformers sets up: `trim_blocks`,
