@@ -35,9 +35,16 @@ fn main() {
     let num = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (batch, seq, iters) = (num(2, 2), num(3, 256), num(4, 3));
     let path = std::env::var("TEMPER_SMOLLM2_GGUF").unwrap_or_else(|_| {
-        format!("{}/.cache/temper/SmolLM2-135M-Instruct.Q4_1.gguf", std::env::var("HOME").unwrap())
+        format!(
+            "{}/.cache/temper/SmolLM2-135M-Instruct.Q4_1.gguf",
+            std::env::var("HOME").unwrap()
+        )
     });
-    let backend = if cfg!(feature = "ndarray") { "ndarray+openblas" } else { "flex" };
+    let backend = if cfg!(feature = "ndarray") {
+        "ndarray+openblas"
+    } else {
+        "flex"
+    };
     let tokens = (batch * seq) as f64;
     let mut times = Vec::new();
     match mode {

@@ -36,13 +36,20 @@ fn read_expected(path: &Path) -> Vec<(String, TensorData)> {
                 safetensors::Dtype::I64 => DType::I64,
                 other => panic!("{other:?}"),
             };
-            (name, TensorData::from_bytes_vec(t.data().to_vec(), t.shape().to_vec(), dtype))
+            (
+                name,
+                TensorData::from_bytes_vec(t.data().to_vec(), t.shape().to_vec(), dtype),
+            )
         })
         .collect()
 }
 
 fn get(e: &[(String, TensorData)], name: &str) -> TensorData {
-    e.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name}")).1.clone()
+    e.iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no {name}"))
+        .1
+        .clone()
 }
 
 fn rel_err(a: &[f32], b: &[f32], keep: impl Fn(usize) -> bool) -> f32 {
@@ -51,7 +58,11 @@ fn rel_err(a: &[f32], b: &[f32], keep: impl Fn(usize) -> bool) -> f32 {
         diff = diff.max((a[i] - b[i]).abs());
         scale = scale.max(b[i].abs());
     }
-    if a.iter().any(|x| !x.is_finite()) { f32::INFINITY } else { diff / scale }
+    if a.iter().any(|x| !x.is_finite()) {
+        f32::INFINITY
+    } else {
+        diff / scale
+    }
 }
 
 fn load_dir<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> LlamaForCausalLM<B> {
@@ -61,11 +72,18 @@ fn load_dir<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> LlamaFo
 }
 
 /// Logits with the fixture's padding mask (and position ids when the fixture has them).
-fn masked_logits<B: Backend>(model: &LlamaForCausalLM<B>, e: &[(String, TensorData)], device: &B::Device) -> (Vec<f32>, Vec<i64>) {
+fn masked_logits<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    e: &[(String, TensorData)],
+    device: &B::Device,
+) -> (Vec<f32>, Vec<i64>) {
     let ids = Tensor::<B, 2, Int>::from_data(get(e, "input_ids"), device);
     let mask_data = get(e, "attention_mask");
     let mask: Vec<i64> = mask_data.to_vec().unwrap();
-    let position_ids = e.iter().any(|(n, _)| n == "position_ids").then(|| Tensor::from_data(get(e, "position_ids"), device));
+    let position_ids = e
+        .iter()
+        .any(|(n, _)| n == "position_ids")
+        .then(|| Tensor::from_data(get(e, "position_ids"), device));
     let options = ForwardOptions {
         attention_mask: Some(Tensor::from_data(mask_data, device)),
         position_ids,
@@ -86,7 +104,10 @@ impl BackendJob for Parity {
         let mut report = |what: String, err: f32, tol: f32| {
             let pass = err < tol;
             ok &= pass;
-            println!("parity {what:<44} rel err {err:9.2e}  (tol {tol:.0e})  {}", if pass { "ok" } else { "FAIL" });
+            println!(
+                "parity {what:<44} rel err {err:9.2e}  (tol {tol:.0e})  {}",
+                if pass { "ok" } else { "FAIL" }
+            );
         };
         for (name, dtype, tol) in [
             ("llama_gqa_llama3", DType::F32, self.f32_tol),
@@ -97,7 +118,10 @@ impl BackendJob for Parity {
             ("llama_gqa_llama3", DType::BF16, 3e-2),
         ] {
             if !B::supports_dtype(&device, dtype) {
-                println!("parity {:<44} skipped: {dtype:?} unsupported on this backend", format!("{name} {dtype:?}"));
+                println!(
+                    "parity {:<44} skipped: {dtype:?} unsupported on this backend",
+                    format!("{name} {dtype:?}")
+                );
                 continue;
             }
             let dir = fixtures().join("models").join(name);
@@ -106,9 +130,17 @@ impl BackendJob for Parity {
             let (got, mask) = masked_logits(&model, &e, &device);
             let want: Vec<f32> = get(&e, "logits_masked").to_vec().unwrap();
             let vocab = want.len() / mask.len();
-            report(format!("{name} {dtype:?}"), rel_err(&got, &want, |i| mask[i / vocab] == 1), tol);
+            report(
+                format!("{name} {dtype:?}"),
+                rel_err(&got, &want, |i| mask[i / vocab] == 1),
+                tol,
+            );
         }
-        for (adapter, base) in [("lora_list", "llama_gqa_llama3"), ("dora", "llama_gqa_llama3"), ("rank_pattern_regex", "mistral_window")] {
+        for (adapter, base) in [
+            ("lora_list", "llama_gqa_llama3"),
+            ("dora", "llama_gqa_llama3"),
+            ("rank_pattern_regex", "mistral_window"),
+        ] {
             let model = load_dir::<B>(&fixtures().join("models").join(base), &device, DType::F32);
             let dir = fixtures().join("adapters").join(adapter);
             let (model, _) = load_adapter(model, &dir).unwrap();
@@ -116,7 +148,11 @@ impl BackendJob for Parity {
             let (got, mask) = masked_logits(&model, &e, &device);
             let want: Vec<f32> = get(&e, "logits").to_vec().unwrap();
             let vocab = want.len() / mask.len();
-            report(format!("peft {adapter} F32"), rel_err(&got, &want, |i| mask[i / vocab] == 1), self.f32_tol);
+            report(
+                format!("peft {adapter} F32"),
+                rel_err(&got, &want, |i| mask[i / vocab] == 1),
+                self.f32_tol,
+            );
         }
         ok
     }
@@ -150,17 +186,33 @@ impl BackendJob for Bench {
                 eprintln!("loaded in {:.1}s", t0.elapsed().as_secs_f64());
                 for i in 0..=self.iters {
                     let t = Instant::now();
-                    let logits = model.forward(ids::<B>(b, s, config.vocab_size, &device), ForwardOptions::default(), None);
+                    let logits = model.forward(
+                        ids::<B>(b, s, config.vocab_size, &device),
+                        ForwardOptions::default(),
+                        None,
+                    );
                     let _: f32 = logits.slice([0..1, 0..1, 0..1]).into_data().to_vec::<f32>().unwrap()[0];
-                    if i > 0 { times.push(t.elapsed().as_secs_f64()); }
+                    if i > 0 {
+                        times.push(t.elapsed().as_secs_f64());
+                    }
                 }
             }
             "lora-train" => {
                 type AD<B> = Autodiff<B>;
                 let model = LlamaForCausalLM::<AD<B>>::load(&config, &source, &device, self.dtype).unwrap();
-                let lora = LoraConfig { r: 16, lora_alpha: 32.0, target_modules: TargetModules::AllLinear, ..LoraConfig::default() };
+                let lora = LoraConfig {
+                    r: 16,
+                    lora_alpha: 32.0,
+                    target_modules: TargetModules::AllLinear,
+                    ..LoraConfig::default()
+                };
                 let (model, injected) = inject(model, &lora, 0).unwrap();
-                eprintln!("loaded in {:.1}s; trainable {} of {}", t0.elapsed().as_secs_f64(), injected.trainable_parameters, injected.total_parameters);
+                eprintln!(
+                    "loaded in {:.1}s; trainable {} of {}",
+                    t0.elapsed().as_secs_f64(),
+                    injected.trainable_parameters,
+                    injected.total_parameters
+                );
                 let probe = {
                     let mut m = model.clone();
                     let (_, l) = m.linears_mut().into_iter().next().unwrap();
@@ -172,11 +224,16 @@ impl BackendJob for Bench {
                     let logits = model.forward(input.clone(), ForwardOptions::default(), None);
                     let v = logits.dims()[2];
                     let lp = log_softmax(logits.slice([0..b, 0..s - 1, 0..v]), 2);
-                    let loss = lp.gather(2, input.slice([0..b, 1..s]).unsqueeze_dim::<3>(2)).mean().neg();
+                    let loss = lp
+                        .gather(2, input.slice([0..b, 1..s]).unsqueeze_dim::<3>(2))
+                        .mean()
+                        .neg();
                     let grads = loss.backward();
                     let g: f32 = probe.grad(&grads).unwrap().sum().into_data().to_vec::<f32>().unwrap()[0];
                     assert!(g.is_finite());
-                    if i > 0 { times.push(t.elapsed().as_secs_f64()); }
+                    if i > 0 {
+                        times.push(t.elapsed().as_secs_f64());
+                    }
                 }
             }
             other => panic!("unknown mode {other}"),
@@ -186,15 +243,25 @@ impl BackendJob for Bench {
         let name = self.config.file_stem().unwrap().to_string_lossy().to_string();
         println!(
             "temper  {name:<14} {:<10} {:?} {b}x{s}: {median:.4} s/iter, {:.0} tokens/s",
-            self.mode, self.dtype, (b * s) as f64 / median
+            self.mode,
+            self.dtype,
+            (b * s) as f64 / median
         );
     }
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let device: DeviceSpec = args.iter().position(|a| a == "--device").map(|i| args[i + 1].parse().unwrap()).unwrap_or(DeviceSpec::Cpu);
-    let rest: Vec<&String> = args.iter().skip(1).filter(|a| *a != "--device" && !a.starts_with("cpu") && !a.starts_with("cuda") && *a != "wgpu").collect();
+    let device: DeviceSpec = args
+        .iter()
+        .position(|a| a == "--device")
+        .map(|i| args[i + 1].parse().unwrap())
+        .unwrap_or(DeviceSpec::Cpu);
+    let rest: Vec<&String> = args
+        .iter()
+        .skip(1)
+        .filter(|a| *a != "--device" && !a.starts_with("cpu") && !a.starts_with("cuda") && *a != "wgpu")
+        .collect();
     match rest.first().map(|s| s.as_str()) {
         Some("parity") => {
             let f32_tol = if device == DeviceSpec::Cpu { 1e-4 } else { 2e-3 };
@@ -202,7 +269,11 @@ fn main() {
             std::process::exit(if ok { 0 } else { 1 });
         }
         Some("bench") => {
-            let dtype = match rest[3].as_str() { "bf16" => DType::BF16, "f16" => DType::F16, _ => DType::F32 };
+            let dtype = match rest[3].as_str() {
+                "bf16" => DType::BF16,
+                "f16" => DType::F16,
+                _ => DType::F32,
+            };
             let job = Bench {
                 config: PathBuf::from(rest[1]),
                 mode: rest[2].clone(),

@@ -62,7 +62,12 @@ impl BackendJob for MergeArgs {
         } else {
             loaded.tokenizer.save_pretrained(&self.out)?;
         }
-        eprintln!("merged {} into {} -> {}", self.adapter.display(), self.model.display(), self.out.display());
+        eprintln!(
+            "merged {} into {} -> {}",
+            self.adapter.display(),
+            self.model.display(),
+            self.out.display()
+        );
         Ok(())
     }
 }
@@ -77,13 +82,18 @@ fn copy_tokenizer_files(from: &Path, to: &Path, dtype: CheckpointDtype) -> Resul
     // Keep the base's own config.json (every key transformers wrote), with the new dtype.
     let src = from.join("config.json");
     let text = std::fs::read_to_string(&src).with_context(|| format!("reading {}", src.display()))?;
-    let mut config: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", src.display()))?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", src.display()))?;
     let name = match dtype {
         CheckpointDtype::F32 => "float32",
         CheckpointDtype::F16 => "float16",
         CheckpointDtype::BF16 => "bfloat16",
     };
-    let key = if config.get("dtype").is_some() { "dtype" } else { "torch_dtype" };
+    let key = if config.get("dtype").is_some() {
+        "dtype"
+    } else {
+        "torch_dtype"
+    };
     config[key] = serde_json::json!(name);
     std::fs::write(to.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
     Ok(())

@@ -27,7 +27,10 @@ fn check_parity(name: &str) {
         .to_vec()
         .unwrap();
     let err = rel_err(&plain, &expected.f32("logits_plain"), |_| true);
-    assert!(err < 1e-4, "{name}: causal logits differ from transformers: rel err {err:e}");
+    assert!(
+        err < 1e-4,
+        "{name}: causal logits differ from transformers: rel err {err:e}"
+    );
 
     let mask: Vec<i64> = expected.get("attention_mask").1.to_vec().unwrap();
     assert!(mask.contains(&0), "fixture should pad");
@@ -35,11 +38,18 @@ fn check_parity(name: &str) {
         position_ids: Some(int("position_ids")),
         attention_mask: Some(int("attention_mask")),
     };
-    let masked: Vec<f32> = model.forward(int("input_ids"), options, None).into_data().to_vec().unwrap();
+    let masked: Vec<f32> = model
+        .forward(int("input_ids"), options, None)
+        .into_data()
+        .to_vec()
+        .unwrap();
     assert_eq!(masked.len(), batch * seq * vocab);
     // Logits at padding positions are meaningless in both implementations.
     let err = rel_err(&masked, &expected.f32("logits_masked"), |i| mask[i / vocab] == 1);
-    assert!(err < 1e-4, "{name}: padded logits differ from transformers: rel err {err:e}");
+    assert!(
+        err < 1e-4,
+        "{name}: padded logits differ from transformers: rel err {err:e}"
+    );
 }
 
 #[test]
@@ -96,7 +106,9 @@ fn kv_cache_matches_full_forward() {
 fn gguf_dequantizes_like_gguf_py() {
     let gguf = Gguf::open(fixtures().join("quants.gguf")).unwrap();
     let expected = Expected::open(&fixtures().join("quants_expected.safetensors"));
-    for name in ["f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k"] {
+    for name in [
+        "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k",
+    ] {
         let data = gguf.read(name).unwrap();
         assert_eq!(data.shape.as_slice(), &[4, 512], "{name}");
         let got: Vec<f32> = data.convert_dtype(DType::F32).to_vec().unwrap();
@@ -105,7 +117,10 @@ fn gguf_dequantizes_like_gguf_py() {
         assert!(err < 1e-6, "{name}: rel err {err:e}");
     }
     let err = gguf.read("q2_k").unwrap_err().to_string();
-    assert!(err.contains("quants.gguf") && err.contains("q2_k") && err.contains("Q2_K"), "{err}");
+    assert!(
+        err.contains("quants.gguf") && err.contains("q2_k") && err.contains("Q2_K"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -141,7 +156,10 @@ fn broken_checkpoints_give_clear_errors() {
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_hf_dir::<B>(&dir).unwrap_err().to_string();
-    assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a valid safetensors"),
+        "{err}"
+    );
 
     // A config that disagrees with the weights: the tensor and both shapes are named.
     let dir = tmp.path().join("shape");
@@ -158,7 +176,10 @@ fn broken_checkpoints_give_clear_errors() {
     copy_dir(&fixtures().join("models/llama_gqa_llama3"), &dir);
     edit_config(&dir, "num_hidden_layers", serde_json::json!(3));
     let err = load_hf_dir::<B>(&dir).unwrap_err().to_string();
-    assert!(err.contains("model.layers.2.self_attn.q_proj.weight") && err.contains("not found"), "{err}");
+    assert!(
+        err.contains("model.layers.2.self_attn.q_proj.weight") && err.contains("not found"),
+        "{err}"
+    );
 
     // A shard the index names is missing.
     let dir = tmp.path().join("shard");
@@ -185,7 +206,10 @@ fn broken_gguf_gives_clear_errors() {
     assert!(err.contains("cut.gguf") && err.contains("truncated"), "{err}");
     std::fs::write(&path, &bytes[..200]).unwrap();
     let err = Gguf::open(&path).err().unwrap().to_string();
-    assert!(err.contains("cut.gguf") && err.contains("truncated GGUF header"), "{err}");
+    assert!(
+        err.contains("cut.gguf") && err.contains("truncated GGUF header"),
+        "{err}"
+    );
     std::fs::write(&path, b"not a gguf at all").unwrap();
     let err = Gguf::open(&path).err().unwrap().to_string();
     assert!(err.contains("bad magic"), "{err}");
@@ -195,12 +219,14 @@ fn broken_gguf_gives_clear_errors() {
 // The real model. `scripts/fetch-model.sh` puts it where `smollm2_path` looks.
 
 fn smollm2_path() -> PathBuf {
-    let path = std::env::var_os("TEMPER_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("TEMPER_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/temper"));
-        cache.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    let path = std::env::var_os("TEMPER_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("TEMPER_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/temper"));
+            cache.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
     assert!(
         path.exists(),
         "{} is missing: run scripts/fetch-model.sh (or set TEMPER_SMOLLM2_GGUF)",
@@ -241,9 +267,11 @@ fn smollm2_gguf_matches_transformers() {
     let want = expected.f32("logits");
     let input: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
     let n = input.len();
-    let logits = loaded
-        .model
-        .forward(Tensor::from_data(TensorData::new(input, [1, n]), &device), ForwardOptions::default(), None);
+    let logits = loaded.model.forward(
+        Tensor::from_data(TensorData::new(input, [1, n]), &device),
+        ForwardOptions::default(),
+        None,
+    );
     let vocab = loaded.config.vocab_size;
     for (row, &pos) in positions.iter().enumerate() {
         let got: Vec<f32> = logits
@@ -272,19 +300,32 @@ fn smollm2_gguf_matches_transformers() {
 /// config alone (benchmarks) has the same structure as a loaded one.
 #[test]
 fn random_weights_from_config_alone() {
-    for name in ["llama_gqa_llama3", "qwen2_bias_tied", "mistral_window", "llama_sharded_bf16"] {
+    for name in [
+        "llama_gqa_llama3",
+        "qwen2_bias_tied",
+        "mistral_window",
+        "llama_sharded_bf16",
+    ] {
         let dir = fixtures().join("models").join(name);
         let config = temper_models::ModelConfig::from_file(dir.join("config.json")).unwrap();
         let source = temper_models::weights::SafetensorsSource::open_dir(&dir).unwrap();
         let mut written: Vec<String> = source.names().map(str::to_string).collect();
         written.sort();
-        let mut expected: Vec<String> = temper_models::llama::checkpoint_shapes(&config).into_iter().map(|(n, _)| n).collect();
+        let mut expected: Vec<String> = temper_models::llama::checkpoint_shapes(&config)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         expected.sort();
         assert_eq!(written, expected, "{name}");
         let random = temper_models::weights::RandomSource::new(&config, 1);
-        let model = temper_models::LlamaForCausalLM::<B>::load(&config, &random, &Default::default(), DType::F32).unwrap();
+        let model =
+            temper_models::LlamaForCausalLM::<B>::load(&config, &random, &Default::default(), DType::F32).unwrap();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 2, 3], [1, 3]), &Default::default());
-        let logits: Vec<f32> = model.forward(ids, ForwardOptions::default(), None).into_data().to_vec().unwrap();
+        let logits: Vec<f32> = model
+            .forward(ids, ForwardOptions::default(), None)
+            .into_data()
+            .to_vec()
+            .unwrap();
         assert!(logits.iter().all(|x| x.is_finite()));
     }
 }
@@ -311,6 +352,10 @@ fn sentencepiece_gguf_tokenizer_matches_transformers() {
         let text = text.as_str().unwrap();
         let want: Vec<u32> = serde_json::from_value(reference["ids"][i].clone()).unwrap();
         assert_eq!(tok.encode(text, true).unwrap(), want, "ids of {text:?}");
-        assert_eq!(tok.decode(&want, true).unwrap(), reference["decoded"][i].as_str().unwrap(), "decode of {text:?}");
+        assert_eq!(
+            tok.decode(&want, true).unwrap(),
+            reference["decoded"][i].as_str().unwrap(),
+            "decode of {text:?}"
+        );
     }
 }

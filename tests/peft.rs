@@ -34,7 +34,9 @@ fn adapter_dir(name: &str) -> PathBuf {
 
 fn load<Bk: Backend>(adapter: &str, base: &str) -> LlamaForCausalLM<Bk> {
     let model = load_hf_dir::<Bk>(&fixtures().join("models").join(base)).unwrap();
-    load_adapter(model, &adapter_dir(adapter)).unwrap_or_else(|e| panic!("{adapter}: {e}")).0
+    load_adapter(model, &adapter_dir(adapter))
+        .unwrap_or_else(|e| panic!("{adapter}: {e}"))
+        .0
 }
 
 fn batch<Bk: Backend>(expected: &Expected) -> (Tensor<Bk, 2, Int>, Tensor<Bk, 2, Int>, Vec<i64>) {
@@ -45,7 +47,11 @@ fn batch<Bk: Backend>(expected: &Expected) -> (Tensor<Bk, 2, Int>, Tensor<Bk, 2,
     (ids, Tensor::from_data(mask_data, &device), mask_vec)
 }
 
-fn logits<Bk: Backend>(model: &LlamaForCausalLM<Bk>, ids: Tensor<Bk, 2, Int>, mask: Tensor<Bk, 2, Int>) -> Tensor<Bk, 3> {
+fn logits<Bk: Backend>(
+    model: &LlamaForCausalLM<Bk>,
+    ids: Tensor<Bk, 2, Int>,
+    mask: Tensor<Bk, 2, Int>,
+) -> Tensor<Bk, 3> {
     // PEFT's reference passes attention_mask only; transformers then counts positions 0..seq.
     let options = ForwardOptions {
         attention_mask: Some(mask),
@@ -79,8 +85,14 @@ fn adapter_off_is_the_base_model() {
     model.set_adapters_enabled(false);
     let off: Vec<f32> = logits(&model, ids.clone(), mask.clone()).into_data().to_vec().unwrap();
     let base_logits: Vec<f32> = logits(&plain, ids, mask).into_data().to_vec().unwrap();
-    assert!(off == base_logits, "adapters off must give the base model's logits exactly");
-    assert!(rel_err(&with, &off, |_| true) > 1e-3, "the adapter should change the logits");
+    assert!(
+        off == base_logits,
+        "adapters off must give the base model's logits exactly"
+    );
+    assert!(
+        rel_err(&with, &off, |_| true) > 1e-3,
+        "the adapter should change the logits"
+    );
 }
 
 /// Temper writes what PEFT writes: same keys, shapes, dtypes and values, `{"format": "pt"}`.
@@ -94,7 +106,10 @@ fn saved_adapters_have_peft_keys_shapes_and_dtypes() {
         save_adapter(&model, &config, &out).unwrap();
         let ours = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
         let theirs = std::fs::read(adapter_dir(adapter).join("adapter_model.safetensors")).unwrap();
-        let (ours_st, theirs_st) = (SafeTensors::deserialize(&ours).unwrap(), SafeTensors::deserialize(&theirs).unwrap());
+        let (ours_st, theirs_st) = (
+            SafeTensors::deserialize(&ours).unwrap(),
+            SafeTensors::deserialize(&theirs).unwrap(),
+        );
         let mut ours_names = ours_st.names();
         let mut theirs_names = theirs_st.names();
         ours_names.sort();
@@ -106,9 +121,18 @@ fn saved_adapters_have_peft_keys_shapes_and_dtypes() {
             assert_eq!(a.data(), b.data(), "{adapter}: {name} values");
         }
         let (_, meta) = SafeTensors::read_metadata(&ours).unwrap();
-        assert_eq!(meta.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str), Some("pt"));
+        assert_eq!(
+            meta.metadata()
+                .as_ref()
+                .and_then(|m| m.get("format"))
+                .map(String::as_str),
+            Some("pt")
+        );
         // And the config reads back to the same settings.
-        assert_eq!(LoraConfig::from_file(&out.join("adapter_config.json")).unwrap().r, config.r);
+        assert_eq!(
+            LoraConfig::from_file(&out.join("adapter_config.json")).unwrap().r,
+            config.r
+        );
     }
 }
 
@@ -130,7 +154,10 @@ fn gradients_match_peft() {
         let loss = (picked * keep.clone()).sum().neg() / keep.sum();
         let want_loss = expected.f32("loss")[0];
         let got_loss: f32 = loss.clone().into_scalar();
-        assert!((got_loss - want_loss).abs() / want_loss.abs() < 1e-5, "{adapter}: loss {got_loss} vs {want_loss}");
+        assert!(
+            (got_loss - want_loss).abs() / want_loss.abs() < 1e-5,
+            "{adapter}: loss {got_loss} vs {want_loss}"
+        );
         let grads = loss.backward();
 
         let mut model = model;
@@ -144,7 +171,10 @@ fn gradients_match_peft() {
             assert!(err < 1e-4, "{adapter}: gradient of {key}: rel err {err:e}");
         };
         for (name, linear) in model.linears_mut() {
-            assert!(linear.weight.grad(&grads).is_none() || (name == "lm_head" && adapter == "modules_to_save"), "{adapter}: {name} base weight got a gradient");
+            assert!(
+                linear.weight.grad(&grads).is_none() || (name == "lm_head" && adapter == "modules_to_save"),
+                "{adapter}: {name} base weight got a gradient"
+            );
             if name == "lm_head" && adapter == "modules_to_save" {
                 check(format!("{name}.weight"), linear.weight.grad(&grads), true);
                 checked += 1;
@@ -159,7 +189,10 @@ fn gradients_match_peft() {
                 checked += 1;
             }
         }
-        assert!(model.model.embed_tokens.grad(&grads).is_none(), "{adapter}: embeddings got a gradient");
+        assert!(
+            model.model.embed_tokens.grad(&grads).is_none(),
+            "{adapter}: embeddings got a gradient"
+        );
         let expected_count = expected.names().iter().filter(|n| n.starts_with("grad.")).count();
         assert_eq!(checked, expected_count, "{adapter}: every PEFT gradient was compared");
     }
@@ -180,7 +213,12 @@ fn write_adapter(dir: &Path, config: serde_json::Value, tensors: Vec<(&str, Vec<
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
         .iter()
-        .map(|(k, s, b)| (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .map(|(k, s, b)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
 }
@@ -196,26 +234,63 @@ fn bad_adapters_give_clear_errors() {
         c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         c
     };
-    let ok_tensors = || vec![(format!("{q}.lora_A.weight"), vec![2, 64]), (format!("{q}.lora_B.weight"), vec![64, 2])];
+    let ok_tensors = || {
+        vec![
+            (format!("{q}.lora_A.weight"), vec![2, 64]),
+            (format!("{q}.lora_B.weight"), vec![64, 2]),
+        ]
+    };
     let run = |name: &str, config: serde_json::Value, tensors: Vec<(String, Vec<usize>)>| -> String {
         let dir = tmp.path().join(name);
-        write_adapter(&dir, config, tensors.iter().map(|(k, s)| (k.as_str(), s.clone())).collect());
-        load_adapter(base(), &dir).err().map(|e| e.to_string()).unwrap_or_default()
+        write_adapter(
+            &dir,
+            config,
+            tensors.iter().map(|(k, s)| (k.as_str(), s.clone())).collect(),
+        );
+        load_adapter(base(), &dir)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
     };
 
-    assert_eq!(run("fine", cfg(serde_json::json!({})), ok_tensors()), "", "a fitting adapter loads");
-    let err = run("nothing", cfg(serde_json::json!({"target_modules": ["query_key_value"]})), ok_tensors());
-    assert!(err.contains("query_key_value") && err.contains("match no linear layer") && err.contains("model.layers.0.self_attn.q_proj"), "{err}");
+    assert_eq!(
+        run("fine", cfg(serde_json::json!({})), ok_tensors()),
+        "",
+        "a fitting adapter loads"
+    );
+    let err = run(
+        "nothing",
+        cfg(serde_json::json!({"target_modules": ["query_key_value"]})),
+        ok_tensors(),
+    );
+    assert!(
+        err.contains("query_key_value")
+            && err.contains("match no linear layer")
+            && err.contains("model.layers.0.self_attn.q_proj"),
+        "{err}"
+    );
     let mut wrong = ok_tensors();
     wrong[0].1 = vec![2, 32];
     let err = run("shape", cfg(serde_json::json!({})), wrong);
-    assert!(err.contains(&format!("{q}.lora_A.weight")) && err.contains("[2, 32]") && err.contains("[2, 64]"), "{err}");
+    assert!(
+        err.contains(&format!("{q}.lora_A.weight")) && err.contains("[2, 32]") && err.contains("[2, 64]"),
+        "{err}"
+    );
     let err = run("missing", cfg(serde_json::json!({})), ok_tensors()[..1].to_vec());
-    assert!(err.contains(&format!("{q}.lora_B.weight")) && err.contains("missing"), "{err}");
+    assert!(
+        err.contains(&format!("{q}.lora_B.weight")) && err.contains("missing"),
+        "{err}"
+    );
     let mut extra = ok_tensors();
-    extra.push(("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight".into(), vec![2, 64]));
+    extra.push((
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight".into(),
+        vec![2, 64],
+    ));
     let err = run("extra", cfg(serde_json::json!({})), extra);
-    assert!(err.contains("layers.1.self_attn.q_proj.lora_A.weight") && err.contains("belong to no adapter"), "{err}");
+    assert!(
+        err.contains("layers.1.self_attn.q_proj.lora_A.weight") && err.contains("belong to no adapter"),
+        "{err}"
+    );
     let err = run("type", cfg(serde_json::json!({"peft_type": "LOHA"})), ok_tensors());
     assert!(err.contains("adapter_config.json") && err.contains("LOHA"), "{err}");
 }
@@ -234,12 +309,20 @@ fn pissa_starts_at_the_base() {
     };
     let (mut model, _) = inject(base.clone(), &config, 0).unwrap();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 5, 9, 3, 7], [1, 5]), &Default::default());
-    let run = |m: &LlamaForCausalLM<B>| -> Vec<f32> { m.forward(ids.clone(), ForwardOptions::default(), None).into_data().to_vec().unwrap() };
+    let run = |m: &LlamaForCausalLM<B>| -> Vec<f32> {
+        m.forward(ids.clone(), ForwardOptions::default(), None)
+            .into_data()
+            .to_vec()
+            .unwrap()
+    };
     let want = run(&base);
     let err = rel_err(&run(&model), &want, |_| true);
     assert!(err < 1e-5, "PiSSA must start at the base model: {err:e}");
     model.set_adapters_enabled(false);
-    assert!(rel_err(&run(&model), &want, |_| true) > 1e-3, "the residual alone differs from the base");
+    assert!(
+        rel_err(&run(&model), &want, |_| true) > 1e-3,
+        "the residual alone differs from the base"
+    );
 }
 
 #[test]
@@ -261,9 +344,20 @@ fn new_adapters_start_at_the_base_and_train_only_adapters() {
         .sum::<usize>();
     assert_eq!(injected.trainable_parameters, 2 * per_layer);
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 5, 9, 3], [1, 4]), &Default::default());
-    let a: Vec<f32> = model.forward(ids.clone(), ForwardOptions::default(), None).into_data().to_vec().unwrap();
-    let b: Vec<f32> = base.forward(ids, ForwardOptions::default(), None).into_data().to_vec().unwrap();
-    assert!(rel_err(&a, &b, |_| true) < 1e-6, "B = 0 and m = ||W||: the adapted model starts at the base");
+    let a: Vec<f32> = model
+        .forward(ids.clone(), ForwardOptions::default(), None)
+        .into_data()
+        .to_vec()
+        .unwrap();
+    let b: Vec<f32> = base
+        .forward(ids, ForwardOptions::default(), None)
+        .into_data()
+        .to_vec()
+        .unwrap();
+    assert!(
+        rel_err(&a, &b, |_| true) < 1e-6,
+        "B = 0 and m = ||W||: the adapted model starts at the base"
+    );
     let _ = DType::F32;
 }
 
@@ -287,11 +381,15 @@ fn merged_models_compute_what_the_adapter_computed() {
         let err = rel_err(&after, &before, |i| mask_vec[i / vocab] == 1);
         assert!(err < 1e-5, "{adapter}: merged logits differ: {err:e}");
 
-        let config = temper_models::ModelConfig::from_file(fixtures().join("models").join(base).join("config.json")).unwrap();
+        let config =
+            temper_models::ModelConfig::from_file(fixtures().join("models").join(base).join("config.json")).unwrap();
         let out = root.join(format!("{adapter}-merged"));
         let _ = std::fs::remove_dir_all(&out);
         save_pretrained(&merged, &config, &out, CheckpointDtype::F32, 100_000).unwrap();
-        assert!(out.join("model.safetensors.index.json").exists(), "{adapter}: small shards");
+        assert!(
+            out.join("model.safetensors.index.json").exists(),
+            "{adapter}: small shards"
+        );
         let reloaded = load_hf_dir::<B>(&out).unwrap();
         let again: Vec<f32> = logits(&reloaded, ids, mask).into_data().to_vec().unwrap();
         assert_eq!(again, after, "{adapter}: saved and reloaded");
@@ -302,13 +400,19 @@ fn merged_models_compute_what_the_adapter_computed() {
 /// directory (weights, config, tokenizer) loads back and computes the adapted model.
 #[test]
 fn temper_merge_writes_a_loadable_hf_directory() {
-    let gguf = std::env::var_os("TEMPER_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("TEMPER_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/temper"));
-        cache.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    assert!(gguf.exists(), "{} is missing: run scripts/fetch-model.sh", gguf.display());
+    let gguf = std::env::var_os("TEMPER_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("TEMPER_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/temper"));
+            cache.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        gguf.exists(),
+        "{} is missing: run scripts/fetch-model.sh",
+        gguf.display()
+    );
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peft-roundtrip");
     let device = Default::default();
     let loaded = temper_models::load_pretrained::<B>(&gguf, &device, DType::F32).unwrap();
@@ -337,13 +441,26 @@ fn temper_merge_writes_a_loadable_hf_directory() {
     let merged = temper_models::load_pretrained::<B>(&out, &device, DType::F32).unwrap();
     let text = "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n";
     let ids = merged.tokenizer.encode(text, false).unwrap();
-    assert_eq!(ids, loaded.tokenizer.encode(text, false).unwrap(), "the written tokenizer.json");
+    assert_eq!(
+        ids,
+        loaded.tokenizer.encode(text, false).unwrap(),
+        "the written tokenizer.json"
+    );
     assert_eq!(merged.tokenizer.chat_template, loaded.tokenizer.chat_template);
     let input: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
     let n = input.len();
     let t = || Tensor::<B, 2, Int>::from_data(TensorData::new(input.clone(), [1, n]), &device);
-    let want: Vec<f32> = adapted.forward(t(), ForwardOptions::default(), None).into_data().to_vec().unwrap();
-    let got: Vec<f32> = merged.model.forward(t(), ForwardOptions::default(), None).into_data().to_vec().unwrap();
+    let want: Vec<f32> = adapted
+        .forward(t(), ForwardOptions::default(), None)
+        .into_data()
+        .to_vec()
+        .unwrap();
+    let got: Vec<f32> = merged
+        .model
+        .forward(t(), ForwardOptions::default(), None)
+        .into_data()
+        .to_vec()
+        .unwrap();
     let err = rel_err(&got, &want, |_| true);
     assert!(err < 1e-4, "merged SmolLM2 differs from the adapted one: {err:e}");
 }
@@ -354,8 +471,13 @@ fn temper_merge_writes_a_loadable_hf_directory() {
 fn gguf_export_matches_peft_updates() {
     use temper_models::gguf::Gguf;
     let tmp = tempfile::tempdir().unwrap();
-    for (adapter, base) in [("lora_list", "llama_gqa_llama3"), ("rank_pattern_regex", "mistral_window"), ("rslora_all_linear", "qwen2_bias_tied")] {
-        let base_config = temper_models::ModelConfig::from_file(fixtures().join("models").join(base).join("config.json")).unwrap();
+    for (adapter, base) in [
+        ("lora_list", "llama_gqa_llama3"),
+        ("rank_pattern_regex", "mistral_window"),
+        ("rslora_all_linear", "qwen2_bias_tied"),
+    ] {
+        let base_config =
+            temper_models::ModelConfig::from_file(fixtures().join("models").join(base).join("config.json")).unwrap();
         let out = tmp.path().join(format!("{adapter}.gguf"));
         let pairs = temper_peft::export_gguf(&adapter_dir(adapter), &base_config, &out).unwrap();
         let gguf = Gguf::open(&out).unwrap();
@@ -369,7 +491,9 @@ fn gguf_export_matches_peft_updates() {
         let mat = |data: TensorData| Tensor::<B, 2>::from_data(data.convert_dtype(DType::F32), &device);
         let mut seen = 0;
         for name in st.names().into_iter().filter(|n| n.ends_with(".lora_A.weight")) {
-            let module = name.trim_start_matches("base_model.model.").trim_end_matches(".lora_A.weight");
+            let module = name
+                .trim_start_matches("base_model.model.")
+                .trim_end_matches(".lora_A.weight");
             let get = |k: &str| {
                 let t = st.tensor(k).unwrap();
                 TensorData::from_bytes_vec(t.data().to_vec(), t.shape().to_vec(), DType::F32)
@@ -393,11 +517,13 @@ fn gguf_export_matches_peft_updates() {
             };
             if let Some(h) = heads.filter(|_| base != "qwen2_bias_tied") {
                 // undo llama.cpp's row order to compare in Hugging Face's
-                let permuted = temper_models::gguf::permute_rows(&(0..rows).map(|i| i as f32).collect::<Vec<_>>(), rows, 1, h);
+                let permuted =
+                    temper_models::gguf::permute_rows(&(0..rows).map(|i| i as f32).collect::<Vec<_>>(), rows, 1, h);
                 let mut hf = vec![0f32; got.len()];
                 for (gguf_row, &hf_row) in permuted.iter().enumerate() {
                     let hf_row = hf_row as usize;
-                    hf[hf_row * cols..(hf_row + 1) * cols].copy_from_slice(&got[gguf_row * cols..(gguf_row + 1) * cols]);
+                    hf[hf_row * cols..(hf_row + 1) * cols]
+                        .copy_from_slice(&got[gguf_row * cols..(gguf_row + 1) * cols]);
                 }
                 got = hf;
             }
@@ -407,11 +533,22 @@ fn gguf_export_matches_peft_updates() {
         }
         assert_eq!(seen, pairs, "{adapter}");
     }
-    let base_config = temper_models::ModelConfig::from_file(fixtures().join("models/llama_gqa_llama3/config.json")).unwrap();
-    let err = temper_peft::export_gguf(&adapter_dir("dora"), &base_config, &tmp.path().join("x.gguf")).unwrap_err().to_string();
+    let base_config =
+        temper_models::ModelConfig::from_file(fixtures().join("models/llama_gqa_llama3/config.json")).unwrap();
+    let err = temper_peft::export_gguf(&adapter_dir("dora"), &base_config, &tmp.path().join("x.gguf"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("DoRA"), "{err}");
-    let err = temper_peft::export_gguf(&adapter_dir("pissa"), &base_config, &tmp.path().join("x.gguf")).unwrap_err().to_string();
+    let err = temper_peft::export_gguf(&adapter_dir("pissa"), &base_config, &tmp.path().join("x.gguf"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("PiSSA"), "{err}");
-    let err = temper_peft::export_gguf(&adapter_dir("modules_to_save"), &base_config, &tmp.path().join("x.gguf")).unwrap_err().to_string();
+    let err = temper_peft::export_gguf(
+        &adapter_dir("modules_to_save"),
+        &base_config,
+        &tmp.path().join("x.gguf"),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("lm_head.weight") && err.contains("temper merge"), "{err}");
 }

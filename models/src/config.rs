@@ -145,7 +145,9 @@ impl ModelConfig {
                 "high_freq_factor": high_freq_factor,
                 "original_max_position_embeddings": *original_max_position_embeddings as u64}),
             RopeScaling::FreqFactors(_) => {
-                return Err("this model's rope scaling came from GGUF rope_freqs, which config.json cannot express".into());
+                return Err(
+                    "this model's rope scaling came from GGUF rope_freqs, which config.json cannot express".into(),
+                );
             }
         };
         let (arch, model_type) = match self.family {
@@ -188,13 +190,20 @@ impl ModelConfig {
                 obj.insert("mlp_bias".into(), Value::Bool(self.mlp_bias));
             }
             Family::Mistral => {
-                obj.insert("sliding_window".into(), serde_json::json!(self.sliding_window.first().copied().flatten()));
+                obj.insert(
+                    "sliding_window".into(),
+                    serde_json::json!(self.sliding_window.first().copied().flatten()),
+                );
             }
             Family::Qwen2 => {
                 let window = self.sliding_window.iter().flatten().next().copied();
                 obj.insert("use_sliding_window".into(), Value::Bool(window.is_some()));
                 obj.insert("sliding_window".into(), serde_json::json!(window));
-                let first = self.sliding_window.iter().position(Option::is_some).unwrap_or(self.num_hidden_layers);
+                let first = self
+                    .sliding_window
+                    .iter()
+                    .position(Option::is_some)
+                    .unwrap_or(self.num_hidden_layers);
                 obj.insert("max_window_layers".into(), serde_json::json!(first));
             }
         }
@@ -286,8 +295,7 @@ fn parse_rope(
         .and_then(Value::as_str)
         .unwrap_or("default");
     let factor = |name: &str| -> Result<f64> {
-        get_f64(path, key, obj, name)?
-            .ok_or_else(|| config_err(path, &format!("{key}.{name}"), "missing"))
+        get_f64(path, key, obj, name)?.ok_or_else(|| config_err(path, &format!("{key}.{name}"), "missing"))
     };
     let scaling = match rope_type {
         "default" => RopeScaling::Default,
@@ -338,15 +346,15 @@ impl RawConfig {
         if let Some(act) = &self.hidden_act
             && act != "silu"
         {
-            return Err(config_err(path, "hidden_act", format!("only \"silu\" is supported, got {act:?}")));
+            return Err(config_err(
+                path,
+                "hidden_act",
+                format!("only \"silu\" is supported, got {act:?}"),
+            ));
         }
         let hidden_size = required(path, "hidden_size", self.hidden_size)?;
         let heads = required(path, "num_attention_heads", self.num_attention_heads)?;
-        let kv_heads = required(
-            path,
-            "num_key_value_heads",
-            self.num_key_value_heads.or(Some(heads)),
-        )?;
+        let kv_heads = required(path, "num_key_value_heads", self.num_key_value_heads.or(Some(heads)))?;
         if heads % kv_heads != 0 {
             return Err(config_err(
                 path,
@@ -368,7 +376,11 @@ impl RawConfig {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(config_err(path, "head_dim", format!("must be even for RoPE, got {head_dim}")));
+            return Err(config_err(
+                path,
+                "head_dim",
+                format!("must be even for RoPE, got {head_dim}"),
+            ));
         }
         let (theta, rope_scaling) = if self.rope_parameters.is_some() {
             parse_rope(path, "rope_parameters", self.rope_parameters.as_ref(), self.rope_theta)?
@@ -436,7 +448,6 @@ impl RawConfig {
         })
     }
 }
-
 
 #[cfg(test)]
 mod tests {

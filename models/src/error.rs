@@ -7,15 +7,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {error}")]
-    Io {
-        path: PathBuf,
-        error: std::io::Error,
-    },
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: invalid JSON: {error}")]
-    Json {
-        path: PathBuf,
-        error: serde_json::Error,
-    },
+    Json { path: PathBuf, error: serde_json::Error },
     #[error("{path}: {key}: {message}")]
     Config {
         path: PathBuf,
@@ -70,11 +64,7 @@ impl Error {
             message: message.into(),
         }
     }
-    pub(crate) fn tensor(
-        path: impl Into<PathBuf>,
-        tensor: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
+    pub(crate) fn tensor(path: impl Into<PathBuf>, tensor: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Tensor {
             path: path.into(),
             tensor: tensor.into(),

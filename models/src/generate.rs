@@ -48,11 +48,7 @@ pub fn generate<B: Backend>(
         let [_, s, h] = hidden.dims();
         // Only the last position's logits are needed: skip the head for the rest of the prompt.
         let last = hidden.slice([0..1, s - 1..s, 0..h]);
-        let logits: Vec<f32> = model
-            .head(last)
-            .into_data()
-            .to_vec()
-            .expect("head returns f32 logits");
+        let logits: Vec<f32> = model.head(last).into_data().to_vec().expect("head returns f32 logits");
         let next = sample(&logits, sampling, &mut rng);
         out.push(next);
         if eos.contains(&next) {

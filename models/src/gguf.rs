@@ -186,7 +186,10 @@ impl<'a> Cursor<'a> {
         let n = self.u64()?;
         // No single string or array can be larger than the file itself.
         if n as usize > self.data.len() {
-            return Err(Error::format(self.path, format!("corrupt GGUF header: length {n} at offset {}", self.pos)));
+            return Err(Error::format(
+                self.path,
+                format!("corrupt GGUF header: length {n} at offset {}", self.pos),
+            ));
         }
         Ok(n as usize)
     }
@@ -245,7 +248,10 @@ impl Gguf {
         }
         let version = c.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(Error::format(&path, format!("unsupported GGUF version {version} (expected 2 or 3)")));
+            return Err(Error::format(
+                &path,
+                format!("unsupported GGUF version {version} (expected 2 or 3)"),
+            ));
         }
         let n_tensors = c.len()?;
         let n_kv = c.len()?;
@@ -261,7 +267,11 @@ impl Gguf {
             let name = c.string()?;
             let n_dims = c.u32()? as usize;
             if n_dims > 4 {
-                return Err(Error::tensor(&path, name, format!("{n_dims} dimensions (GGUF allows at most 4)")));
+                return Err(Error::tensor(
+                    &path,
+                    name,
+                    format!("{n_dims} dimensions (GGUF allows at most 4)"),
+                ));
             }
             let mut dims = Vec::with_capacity(n_dims);
             for _ in 0..n_dims {
@@ -272,10 +282,7 @@ impl Gguf {
             let offset = c.u64()? as usize;
             infos.push((name, dims, type_id, offset));
         }
-        let alignment = metadata
-            .get("general.alignment")
-            .and_then(Value::as_u64)
-            .unwrap_or(32) as usize;
+        let alignment = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32) as usize;
         let data_start = c.pos.div_ceil(alignment) * alignment;
         let mut tensors = HashMap::new();
         for (name, shape, type_id, offset) in infos {
@@ -288,15 +295,22 @@ impl Gguf {
             if let Some(ty) = info.ty {
                 let n: usize = info.shape.iter().product();
                 let (block, bytes) = ty.block();
-                if n % block != 0 {
-                    return Err(Error::tensor(&path, name, format!("{n} elements is not a whole number of {block}-element blocks")));
+                if !n.is_multiple_of(block) {
+                    return Err(Error::tensor(
+                        &path,
+                        name,
+                        format!("{n} elements is not a whole number of {block}-element blocks"),
+                    ));
                 }
                 let end = info.offset + n / block * bytes;
                 if end > mmap.len() {
                     return Err(Error::tensor(
                         &path,
                         name,
-                        format!("data ends at byte {end} but the file has {} bytes (truncated download?)", mmap.len()),
+                        format!(
+                            "data ends at byte {end} but the file has {} bytes (truncated download?)",
+                            mmap.len()
+                        ),
                     ));
                 }
             }
@@ -461,7 +475,10 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -504,8 +521,8 @@ pub struct GgufSource<'a> {
 
 impl<'a> GgufSource<'a> {
     pub fn new(gguf: &'a Gguf, config: &ModelConfig) -> Result<Self> {
-        let unpermute = (gguf.architecture()? == "llama")
-            .then_some((config.num_attention_heads, config.num_key_value_heads));
+        let unpermute =
+            (gguf.architecture()? == "llama").then_some((config.num_attention_heads, config.num_key_value_heads));
         Ok(Self { gguf, unpermute })
     }
 }
@@ -589,7 +606,10 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
     };
     let uint = |k: &str| -> Result<usize> {
         let k = key(k);
-        gguf.get(&k).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| missing(&k))
+        gguf.get(&k)
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| missing(&k))
     };
     let float = |k: &str| gguf.get(&key(k)).and_then(Value::as_f64);
     let hidden = uint("embedding_length")?;
@@ -607,9 +627,10 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
     let layers = uint("block_count")?;
     let rope_scaling = if gguf.tensors.contains_key("rope_freqs.weight") {
         let data = gguf.read("rope_freqs.weight")?.convert_dtype(DType::F32);
-        RopeScaling::FreqFactors(data.to_vec::<f32>().map_err(|e| {
-            Error::tensor(path, "rope_freqs.weight", format!("{e:?}"))
-        })?)
+        RopeScaling::FreqFactors(
+            data.to_vec::<f32>()
+                .map_err(|e| Error::tensor(path, "rope_freqs.weight", format!("{e:?}")))?,
+        )
     } else {
         match gguf.get(&key("rope.scaling.type")).and_then(Value::as_str) {
             None | Some("none") => RopeScaling::Default,
@@ -656,8 +677,14 @@ mod tests {
 
     #[test]
     fn names_map_to_llama_cpp() {
-        assert_eq!(gguf_name("model.layers.12.self_attn.q_proj.bias").unwrap(), "blk.12.attn_q.bias");
-        assert_eq!(gguf_name("model.layers.0.post_attention_layernorm.weight").unwrap(), "blk.0.ffn_norm.weight");
+        assert_eq!(
+            gguf_name("model.layers.12.self_attn.q_proj.bias").unwrap(),
+            "blk.12.attn_q.bias"
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.post_attention_layernorm.weight").unwrap(),
+            "blk.0.ffn_norm.weight"
+        );
         assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
         assert!(gguf_name("model.layers.0.unknown.weight").is_none());
     }
@@ -715,7 +742,11 @@ impl GgufWriter {
 
     /// `shape` in PyTorch order (slowest first); written reversed, as ggml wants.
     pub fn add_tensor(&mut self, name: &str, shape: Vec<usize>, values: Vec<f32>) {
-        assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}: shape and data disagree");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            values.len(),
+            "{name}: shape and data disagree"
+        );
         self.tensors.push((name.to_string(), shape, values));
     }
 

@@ -320,7 +320,10 @@ impl<B: Backend> DecoderLayer<B> {
         mask: Option<Tensor<B, 4, Bool>>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, mask, cache);
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, mask, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -355,12 +358,7 @@ pub struct LlamaForCausalLM<B: Backend> {
 impl<B: Backend> LlamaForCausalLM<B> {
     /// Builds the model from a checkpoint, reading each expected tensor once. Every tensor
     /// the architecture needs must be present with the expected shape.
-    pub fn load(
-        config: &ModelConfig,
-        source: &dyn WeightSource,
-        device: &B::Device,
-        dtype: DType,
-    ) -> Result<Self> {
+    pub fn load(config: &ModelConfig, source: &dyn WeightSource, device: &B::Device, dtype: DType) -> Result<Self> {
         if !B::supports_dtype(device, dtype) {
             return Err(crate::error::Error::Unsupported(format!(
                 "this backend cannot hold {dtype:?} tensors on {device:?} (the CPU backends compute in f32; \
@@ -413,7 +411,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
             Some(Linear::load(&mut w, "lm_head", hs, c.vocab_size, false)?)
         };
         let inv_freq = rope_inv_freq(c);
-        let inv_freq = Tensor::from_data(TensorData::new(inv_freq.clone(), [inv_freq.len()]), (device, DType::F32));
+        let inv_freq = Tensor::from_data(
+            TensorData::new(inv_freq.clone(), [inv_freq.len()]),
+            (device, DType::F32),
+        );
         Ok(Self {
             model: LlamaModel {
                 embed_tokens,
@@ -457,7 +458,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
     pub fn checkpoint_tensors(&self, dtype: DType) -> Vec<(String, TensorData)> {
         let data = |t: Tensor<B, 2>| t.cast(dtype).into_data();
         let vec = |t: Tensor<B, 1>| t.cast(dtype).into_data();
-        let mut out = vec![("model.embed_tokens.weight".to_string(), data(self.model.embed_tokens.val()))];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            data(self.model.embed_tokens.val()),
+        )];
         let mut model = self.clone();
         let norms: Vec<(String, TensorData)> = model
             .model
@@ -466,15 +470,24 @@ impl<B: Backend> LlamaForCausalLM<B> {
             .enumerate()
             .flat_map(|(i, l)| {
                 [
-                    (format!("model.layers.{i}.input_layernorm.weight"), vec(l.input_layernorm.weight.val())),
-                    (format!("model.layers.{i}.post_attention_layernorm.weight"), vec(l.post_attention_layernorm.weight.val())),
+                    (
+                        format!("model.layers.{i}.input_layernorm.weight"),
+                        vec(l.input_layernorm.weight.val()),
+                    ),
+                    (
+                        format!("model.layers.{i}.post_attention_layernorm.weight"),
+                        vec(l.post_attention_layernorm.weight.val()),
+                    ),
                 ]
             })
             .collect();
         out.extend(norms);
         for (name, linear) in model.linears_mut() {
             // Stored [in, out]; checkpoints hold [out, in].
-            out.push((format!("{name}.weight"), crate::weights::transpose_2d(data(linear.weight.val()))));
+            out.push((
+                format!("{name}.weight"),
+                crate::weights::transpose_2d(data(linear.weight.val())),
+            ));
             if let Some(b) = &linear.bias {
                 out.push((format!("{name}.bias"), vec(b.val())));
             }
@@ -541,7 +554,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 let [b, s, h] = hidden.dims();
                 let embed = self.model.embed_tokens.val(); // [vocab, hidden]
                 let vocab = embed.dims()[0];
-                hidden.reshape([b * s, h]).matmul(embed.transpose()).reshape([b, s, vocab])
+                hidden
+                    .reshape([b * s, h])
+                    .matmul(embed.transpose())
+                    .reshape([b, s, vocab])
             }
         };
         logits.cast(DType::F32)

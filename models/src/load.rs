@@ -49,7 +49,10 @@ pub fn is_gguf(path: &Path) -> bool {
 /// or a GGUF file, storing weights in `dtype`.
 pub fn load_pretrained<B: Backend>(path: &Path, device: &B::Device, dtype: DType) -> Result<Loaded<B>> {
     if !path.exists() {
-        return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")));
+        return Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        ));
     }
     if path.is_dir() {
         let config = ModelConfig::from_file(path.join("config.json"))?;

@@ -44,7 +44,12 @@ impl<B: Backend> Lora<B> {
         let base_dtype = base.dtype();
         let dtype = self.lora_a.val().dtype();
         if dtype != base_dtype {
-            let out = self.apply(x.cast(dtype), base.cast(dtype), weight.cast(dtype), bias.map(|b| b.cast(dtype)));
+            let out = self.apply(
+                x.cast(dtype),
+                base.cast(dtype),
+                weight.cast(dtype),
+                bias.map(|b| b.cast(dtype)),
+            );
             return out.cast(base_dtype);
         }
         // burn's Dropout is a no-op unless autodiff is on, i.e. only while training.

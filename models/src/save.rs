@@ -94,10 +94,12 @@ impl Tokenizer {
     /// the chat template, which `AutoTokenizer.from_pretrained` reads.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
         let path = dir.join("tokenizer.json");
-        self.inner_tokenizer().save(&path, false).map_err(|e| Error::Tokenizer {
-            origin: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        self.inner_tokenizer()
+            .save(&path, false)
+            .map_err(|e| Error::Tokenizer {
+                origin: path.display().to_string(),
+                message: e.to_string(),
+            })?;
         write_json(
             &dir.join("tokenizer_config.json"),
             &json!({

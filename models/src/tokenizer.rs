@@ -111,7 +111,11 @@ impl Tokenizer {
                 .and_then(Value::as_array)
                 .ok_or_else(|| err(format!("{key}: missing")))?
                 .iter()
-                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| err(format!("{key}: not a list of strings"))))
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| err(format!("{key}: not a list of strings")))
+                })
                 .collect()
         };
         let model = gguf.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
@@ -156,7 +160,10 @@ impl Tokenizer {
                 )));
             }
         };
-        let inner: tokenizers::Tokenizer = spec.to_string().parse().map_err(|e: tokenizers::Error| err(e.to_string()))?;
+        let inner: tokenizers::Tokenizer = spec
+            .to_string()
+            .parse()
+            .map_err(|e: tokenizers::Error| err(e.to_string()))?;
         let name_of = |key: &str| {
             gguf.get(key)
                 .and_then(Value::as_u64)
@@ -173,7 +180,10 @@ impl Tokenizer {
                 .get("tokenizer.ggml.add_bos_token")
                 .and_then(Value::as_bool)
                 .unwrap_or(model == "llama"),
-            chat_template: gguf.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string),
+            chat_template: gguf
+                .get("tokenizer.chat_template")
+                .and_then(Value::as_str)
+                .map(str::to_string),
         })
     }
 
@@ -200,13 +210,17 @@ impl Tokenizer {
     /// Encodes text. `add_special_tokens` applies the tokenizer's post-processor and, for GGUF
     /// tokenizers that ask for it, a leading BOS (transformers' `add_special_tokens=True`).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Tokenizer {
-            origin: self.origin.clone(),
-            message: e.to_string(),
-        })?;
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenizer {
+                origin: self.origin.clone(),
+                message: e.to_string(),
+            })?;
         let mut ids = enc.get_ids().to_vec();
         // Like transformers' post-processor: BOS goes first even when the text starts with one.
-        if add_special_tokens && self.add_bos_token
+        if add_special_tokens
+            && self.add_bos_token
             && let Some(bos) = self.bos_token_id()
         {
             ids.insert(0, bos);
@@ -215,10 +229,12 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| Error::Tokenizer {
-            origin: self.origin.clone(),
-            message: e.to_string(),
-        })
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenizer {
+                origin: self.origin.clone(),
+                message: e.to_string(),
+            })
     }
 
     /// Renders `messages` with the chat template, as transformers' `apply_chat_template(...,
@@ -291,7 +307,11 @@ fn byte_level_bpe(tokens: &[String], merges: &[String], types: &[u64], pre: &str
 /// transformers' LlamaTokenizer builds it from GGUF: Metaspace with a prefix on the first
 /// word, byte fallback, unknown and control tokens special.
 fn sentencepiece_bpe(tokens: &[String], merges: &[(String, String)], types: &[u64]) -> Json {
-    let vocab: serde_json::Map<String, Json> = tokens.iter().enumerate().map(|(id, t)| (t.clone(), json!(id))).collect();
+    let vocab: serde_json::Map<String, Json> = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.clone(), json!(id)))
+        .collect();
     // 2: UNKNOWN and 3: CONTROL are special, 4: USER_DEFINED is matched whole.
     let added = added_tokens(tokens, types, |ty, _| match ty {
         2 | 3 => Some(true),
@@ -369,9 +389,12 @@ pub fn render_chat_template(
     env.set_lstrip_blocks(true);
     minijinja_contrib::add_to_environment(&mut env);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
     env.add_function("strftime_now", |_fmt: String| -> String {
         // Templates use this for "Today's date"; a fixed value keeps renders reproducible.
         String::new()

@@ -33,11 +33,7 @@ pub struct WeightLoader<'a, B: Backend> {
 
 impl<'a, B: Backend> WeightLoader<'a, B> {
     pub fn new(source: &'a dyn WeightSource, device: &'a B::Device, dtype: DType) -> Self {
-        Self {
-            source,
-            device,
-            dtype,
-        }
+        Self { source, device, dtype }
     }
 
     fn fetch(&mut self, name: &str, expected: &[usize]) -> Result<TensorData> {
@@ -147,7 +143,11 @@ impl WeightSource for RandomSource {
             return Ok(TensorData::new(vec![1f32; n], shape.clone()));
         }
         // xorshift64*, seeded per tensor: fast enough for a billion parameters.
-        let mut state = self.seed ^ name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3)) | 1;
+        let mut state = self.seed
+            ^ name
+                .bytes()
+                .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+            | 1;
         let half_width = 0.02 * 3f32.sqrt();
         let values = (0..n)
             .map(|_| {
@@ -202,7 +202,10 @@ impl SafetensorsSource {
                 let file = file
                     .as_str()
                     .ok_or_else(|| Error::format(&index, format!("weight_map.{tensor}: not a file name")))?;
-                files.entry(file.to_string()).or_insert_with(Vec::new).push(tensor.clone());
+                files
+                    .entry(file.to_string())
+                    .or_insert_with(Vec::new)
+                    .push(tensor.clone());
             }
             let paths: Vec<PathBuf> = files.keys().map(|f| dir.join(f)).collect();
             let source = Self::open_files(&paths)?;
@@ -267,11 +270,7 @@ impl WeightSource for SafetensorsSource {
     fn path_of(&self, name: &str) -> PathBuf {
         match self.index.get(name) {
             Some(e) => self.shards[e.shard].path.clone(),
-            None => self
-                .shards
-                .first()
-                .map(|s| s.path.clone())
-                .unwrap_or_default(),
+            None => self.shards.first().map(|s| s.path.clone()).unwrap_or_default(),
         }
     }
 
@@ -302,6 +301,10 @@ impl WeightSource for SafetensorsSource {
                 ));
             }
         };
-        Ok(TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype))
+        Ok(TensorData::from_bytes_vec(
+            view.data().to_vec(),
+            view.shape().to_vec(),
+            dtype,
+        ))
     }
 }

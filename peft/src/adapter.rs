@@ -114,15 +114,22 @@ pub fn inject<B: Backend>(
         let scaling = config.scaling_for(&name);
         let (a, b): (Vec<f32>, Vec<f32>) = match config.init_lora_weights {
             InitLoraWeights::KaimingZero => (uniform(&mut rng, in_f * r, bound), vec![0.0; r * out_f]),
-            InitLoraWeights::Gaussian => ((0..in_f * r).map(|_| normal(&mut rng) / r as f32).collect(), vec![0.0; r * out_f]),
+            InitLoraWeights::Gaussian => (
+                (0..in_f * r).map(|_| normal(&mut rng) / r as f32).collect(),
+                vec![0.0; r * out_f],
+            ),
             // nn.Linear's own init for both: kaiming_uniform(a=sqrt(5)), fan_in = in / r.
-            InitLoraWeights::Random => (uniform(&mut rng, in_f * r, bound), uniform(&mut rng, r * out_f, 1.0 / (r as f32).sqrt())),
+            InitLoraWeights::Random => (
+                uniform(&mut rng, in_f * r, bound),
+                uniform(&mut rng, r * out_f, 1.0 / (r as f32).sqrt()),
+            ),
             InitLoraWeights::Pissa => {
                 let w: Vec<f32> = linear.weight.val().cast(DType::F32).into_data().to_vec().expect("f32");
                 let (a, b, residual) = pissa(&w, in_f, out_f, r, scaling);
                 let dtype = linear.weight.val().dtype();
-                linear.weight = Param::from_tensor(upload::<B, 2>(TensorData::new(residual, [in_f, out_f]), &device).cast(dtype))
-                    .set_require_grad(false);
+                linear.weight =
+                    Param::from_tensor(upload::<B, 2>(TensorData::new(residual, [in_f, out_f]), &device).cast(dtype))
+                        .set_require_grad(false);
                 (a, b)
             }
         };
@@ -203,7 +210,10 @@ pub fn count_parameters<B: Backend>(model: &LlamaForCausalLM<B>) -> (usize, usiz
             add(n.shape().num_elements(), n.is_require_grad());
         }
     }
-    add(model.model.norm.weight.shape().num_elements(), model.model.norm.weight.is_require_grad());
+    add(
+        model.model.norm.weight.shape().num_elements(),
+        model.model.norm.weight.is_require_grad(),
+    );
     let mut model = model.clone();
     for (_, l) in model.linears_mut() {
         add(l.weight.shape().num_elements(), l.weight.is_require_grad());
@@ -227,22 +237,41 @@ fn to_bytes<B: Backend, const D: usize>(t: Tensor<B, D>) -> (Vec<usize>, Vec<u8>
 }
 
 /// The adapter's tensors under PEFT's names and layouts.
-pub fn adapter_tensors<B: Backend>(model: &LlamaForCausalLM<B>, config: &LoraConfig) -> BTreeMap<String, (Vec<usize>, Vec<u8>)> {
+pub fn adapter_tensors<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    config: &LoraConfig,
+) -> BTreeMap<String, (Vec<usize>, Vec<u8>)> {
     let mut out = BTreeMap::new();
     let mut model = model.clone();
     for (name, linear) in model.linears_mut() {
         if config.modules_to_save.iter().any(|m| m == &name) {
-            out.insert(format!("{PREFIX}{name}.weight"), to_bytes(linear.weight.val().transpose()));
+            out.insert(
+                format!("{PREFIX}{name}.weight"),
+                to_bytes(linear.weight.val().transpose()),
+            );
         }
         let Some(lora) = &linear.adapter else { continue };
-        out.insert(format!("{PREFIX}{name}.lora_A.weight"), to_bytes(lora.lora_a.val().transpose()));
-        out.insert(format!("{PREFIX}{name}.lora_B.weight"), to_bytes(lora.lora_b.val().transpose()));
+        out.insert(
+            format!("{PREFIX}{name}.lora_A.weight"),
+            to_bytes(lora.lora_a.val().transpose()),
+        );
+        out.insert(
+            format!("{PREFIX}{name}.lora_B.weight"),
+            to_bytes(lora.lora_b.val().transpose()),
+        );
         if let Some(m) = &lora.lora_magnitude_vector {
             out.insert(format!("{PREFIX}{name}.lora_magnitude_vector"), to_bytes(m.val()));
         }
     }
-    if config.modules_to_save.iter().any(|m| m == "embed_tokens" || m == "model.embed_tokens") {
-        out.insert(format!("{PREFIX}model.embed_tokens.weight"), to_bytes(model.model.embed_tokens.val()));
+    if config
+        .modules_to_save
+        .iter()
+        .any(|m| m == "embed_tokens" || m == "model.embed_tokens")
+    {
+        out.insert(
+            format!("{PREFIX}model.embed_tokens.weight"),
+            to_bytes(model.model.embed_tokens.val()),
+        );
     }
     out
 }
@@ -270,7 +299,8 @@ pub fn save_adapter<B: Backend>(model: &LlamaForCausalLM<B>, config: &LoraConfig
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(k, (shape, bytes))| {
-            let view = safetensors::tensor::TensorView::new(StDtype::F32, shape.clone(), bytes).expect("consistent sizes");
+            let view =
+                safetensors::tensor::TensorView::new(StDtype::F32, shape.clone(), bytes).expect("consistent sizes");
             (k.clone(), view)
         })
         .collect();
@@ -310,7 +340,11 @@ pub(crate) fn float_data(view: &safetensors::tensor::TensorView<'_>, key: &str, 
             });
         }
     };
-    Ok(TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype))
+    Ok(TensorData::from_bytes_vec(
+        view.data().to_vec(),
+        view.shape().to_vec(),
+        dtype,
+    ))
 }
 
 /// Loads a PEFT LoRA adapter directory onto `model`: every tensor in the file must belong to
@@ -328,9 +362,17 @@ pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Resul
         message,
     };
     let read = |key: &str, expected: &[usize]| -> Result<TensorData> {
-        let view = st.tensor(key).map_err(|_| tensor_err(key, "missing from the adapter file".into()))?;
+        let view = st
+            .tensor(key)
+            .map_err(|_| tensor_err(key, "missing from the adapter file".into()))?;
         if view.shape() != expected {
-            return Err(tensor_err(key, format!("shape {:?} does not fit the model, which needs {expected:?}", view.shape())));
+            return Err(tensor_err(
+                key,
+                format!(
+                    "shape {:?} does not fit the model, which needs {expected:?}",
+                    view.shape()
+                ),
+            ));
         }
         float_data(&view, key, &path)
     };
@@ -358,7 +400,11 @@ pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Resul
             used.insert(key);
         }
     }
-    if config.modules_to_save.iter().any(|m| m == "embed_tokens" || m == "model.embed_tokens") {
+    if config
+        .modules_to_save
+        .iter()
+        .any(|m| m == "embed_tokens" || m == "model.embed_tokens")
+    {
         let key = format!("{PREFIX}model.embed_tokens.weight");
         let e = &model.model.embed_tokens;
         let [v, h] = e.dims();
@@ -367,7 +413,12 @@ pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Resul
         model.model.embed_tokens = trainable(upload::<B, 2>(read(&key, &[v, h])?, &device).cast(dtype));
         used.insert(key);
     }
-    let mut extra: Vec<String> = st.names().into_iter().filter(|k| !used.contains(*k)).map(str::to_string).collect();
+    let mut extra: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter(|k| !used.contains(*k))
+        .map(str::to_string)
+        .collect();
     if !extra.is_empty() {
         extra.sort();
         return Err(tensor_err(
@@ -375,7 +426,11 @@ pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Resul
             format!(
                 "{} tensor(s) in the file belong to no adapter this adapter_config.json places on the model{}",
                 extra.len(),
-                if extra.len() > 1 { format!(" (also {})", extra[1..].join(", ")) } else { String::new() }
+                if extra.len() > 1 {
+                    format!(" (also {})", extra[1..].join(", "))
+                } else {
+                    String::new()
+                }
             ),
         ));
     }

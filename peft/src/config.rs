@@ -146,7 +146,9 @@ impl LoraConfig {
     }
 
     pub fn alpha_for(&self, key: &str) -> f64 {
-        Self::pattern(&self.alpha_pattern, key).copied().unwrap_or(self.lora_alpha)
+        Self::pattern(&self.alpha_pattern, key)
+            .copied()
+            .unwrap_or(self.lora_alpha)
     }
 
     /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
@@ -166,9 +168,15 @@ impl LoraConfig {
             return Err(err("r", "must be > 0, got 0".into()));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(err("lora_dropout", format!("must be in [0, 1), got {}", self.lora_dropout)));
+            return Err(err(
+                "lora_dropout",
+                format!("must be in [0, 1), got {}", self.lora_dropout),
+            ));
         }
-        for (key, t) in [("target_modules", Some(&self.target_modules)), ("exclude_modules", self.exclude_modules.as_ref())] {
+        for (key, t) in [
+            ("target_modules", Some(&self.target_modules)),
+            ("exclude_modules", self.exclude_modules.as_ref()),
+        ] {
             if let Some(TargetModules::Regex(p)) = t {
                 Regex::new(p).map_err(|e| err(key, format!("invalid regular expression: {e}")))?;
             }
@@ -205,7 +213,9 @@ impl LoraConfig {
             key: key.into(),
             message,
         };
-        let obj = json.as_object().ok_or_else(|| err("", "expected a JSON object".into()))?;
+        let obj = json
+            .as_object()
+            .ok_or_else(|| err("", "expected a JSON object".into()))?;
         let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
         let peft_type = get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
         if peft_type != "LORA" {
@@ -216,11 +226,17 @@ impl LoraConfig {
         }
         // Settings that change the computation and that Temper does not implement.
         for (key, ok) in [
-            ("fan_in_fan_out", get("fan_in_fan_out").is_none_or(|v| v == &json!(false))),
+            (
+                "fan_in_fan_out",
+                get("fan_in_fan_out").is_none_or(|v| v == &json!(false)),
+            ),
             ("lora_bias", get("lora_bias").is_none_or(|v| v == &json!(false))),
             ("bias", get("bias").is_none_or(|v| v == &json!("none"))),
             ("layer_replication", get("layer_replication").is_none()),
-            ("target_parameters", get("target_parameters").is_none_or(|v| v == &json!([]))),
+            (
+                "target_parameters",
+                get("target_parameters").is_none_or(|v| v == &json!([])),
+            ),
             ("trainable_token_indices", get("trainable_token_indices").is_none()),
             ("use_qalora", get("use_qalora").is_none_or(|v| v == &json!(false))),
         ] {
@@ -229,20 +245,31 @@ impl LoraConfig {
             }
         }
         let uint = |key: &str, v: &Value| -> Result<usize> {
-            v.as_u64().map(|n| n as usize).ok_or_else(|| err(key, format!("expected a positive integer, got {v}")))
+            v.as_u64()
+                .map(|n| n as usize)
+                .ok_or_else(|| err(key, format!("expected a positive integer, got {v}")))
         };
-        let float = |key: &str, v: &Value| -> Result<f64> { v.as_f64().ok_or_else(|| err(key, format!("expected a number, got {v}"))) };
+        let float = |key: &str, v: &Value| -> Result<f64> {
+            v.as_f64()
+                .ok_or_else(|| err(key, format!("expected a number, got {v}")))
+        };
         let boolean = |key: &str| -> Result<bool> {
             match get(key) {
                 None => Ok(false),
-                Some(v) => v.as_bool().ok_or_else(|| err(key, format!("expected true or false, got {v}"))),
+                Some(v) => v
+                    .as_bool()
+                    .ok_or_else(|| err(key, format!("expected true or false, got {v}"))),
             }
         };
         let strings = |key: &str, v: &Value| -> Result<Vec<String>> {
             v.as_array()
                 .ok_or_else(|| err(key, format!("expected a list of strings, got {v}")))?
                 .iter()
-                .map(|s| s.as_str().map(str::to_string).ok_or_else(|| err(key, format!("expected a string, got {s}"))))
+                .map(|s| {
+                    s.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| err(key, format!("expected a string, got {s}")))
+                })
                 .collect()
         };
         let targets = |key: &str, v: &Value| -> Result<TargetModules> {
@@ -274,13 +301,21 @@ impl LoraConfig {
         };
         let config = LoraConfig {
             r: get("r").map(|v| uint("r", v)).transpose()?.unwrap_or(8),
-            lora_alpha: get("lora_alpha").map(|v| float("lora_alpha", v)).transpose()?.unwrap_or(8.0),
-            lora_dropout: get("lora_dropout").map(|v| float("lora_dropout", v)).transpose()?.unwrap_or(0.0),
+            lora_alpha: get("lora_alpha")
+                .map(|v| float("lora_alpha", v))
+                .transpose()?
+                .unwrap_or(8.0),
+            lora_dropout: get("lora_dropout")
+                .map(|v| float("lora_dropout", v))
+                .transpose()?
+                .unwrap_or(0.0),
             target_modules: match get("target_modules") {
                 Some(v) => targets("target_modules", v)?,
                 None => return Err(err("target_modules", "missing".into())),
             },
-            exclude_modules: get("exclude_modules").map(|v| targets("exclude_modules", v)).transpose()?,
+            exclude_modules: get("exclude_modules")
+                .map(|v| targets("exclude_modules", v))
+                .transpose()?,
             layers_to_transform: match get("layers_to_transform") {
                 None => None,
                 Some(Value::Number(n)) => Some(vec![uint("layers_to_transform", &Value::Number(n.clone()))?]),
@@ -307,9 +342,14 @@ impl LoraConfig {
                 .collect::<Result<_>>()?,
             use_rslora: boolean("use_rslora")?,
             use_dora: boolean("use_dora")?,
-            modules_to_save: get("modules_to_save").map(|v| strings("modules_to_save", v)).transpose()?.unwrap_or_default(),
+            modules_to_save: get("modules_to_save")
+                .map(|v| strings("modules_to_save", v))
+                .transpose()?
+                .unwrap_or_default(),
             init_lora_weights: init,
-            base_model_name_or_path: get("base_model_name_or_path").and_then(Value::as_str).map(str::to_string),
+            base_model_name_or_path: get("base_model_name_or_path")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             revision: get("revision").and_then(Value::as_str).map(str::to_string),
         };
         config.validate(path)?;
@@ -327,7 +367,11 @@ impl LoraConfig {
         let map = |p: &[(String, Value)]| Value::Object(p.iter().cloned().collect());
         let rank: Vec<(String, Value)> = self.rank_pattern.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
         let alpha: Vec<(String, Value)> = self.alpha_pattern.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-        let alpha_value = if self.lora_alpha.fract() == 0.0 { json!(self.lora_alpha as i64) } else { json!(self.lora_alpha) };
+        let alpha_value = if self.lora_alpha.fract() == 0.0 {
+            json!(self.lora_alpha as i64)
+        } else {
+            json!(self.lora_alpha)
+        };
         json!({
             "alpha_pattern": map(&alpha),
             "auto_mapping": null,
@@ -374,7 +418,10 @@ mod tests {
 
     #[test]
     fn list_targets_are_names_or_suffixes() {
-        let c = cfg(TargetModules::Names(vec!["q_proj".into(), "model.layers.1.mlp.up_proj".into()]));
+        let c = cfg(TargetModules::Names(vec![
+            "q_proj".into(),
+            "model.layers.1.mlp.up_proj".into(),
+        ]));
         assert!(c.targets("model.layers.0.self_attn.q_proj", false));
         assert!(!c.targets("model.layers.0.self_attn.k_proj", false));
         assert!(c.targets("model.layers.1.mlp.up_proj", false));
@@ -421,15 +468,23 @@ mod tests {
 
     #[test]
     fn unsupported_settings_are_named() {
-        let e = LoraConfig::from_json(&json!({"peft_type": "IA3", "target_modules": ["q_proj"]}), Path::new("a.json"))
-            .unwrap_err()
-            .to_string();
+        let e = LoraConfig::from_json(
+            &json!({"peft_type": "IA3", "target_modules": ["q_proj"]}),
+            Path::new("a.json"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("IA3"), "{e}");
-        let e = LoraConfig::from_json(&json!({"target_modules": ["q_proj"], "fan_in_fan_out": true}), Path::new("a.json"))
+        let e = LoraConfig::from_json(
+            &json!({"target_modules": ["q_proj"], "fan_in_fan_out": true}),
+            Path::new("a.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "a.json: fan_in_fan_out: true is not supported");
+        let e = LoraConfig::from_json(&json!({"target_modules": "(", "r": 4}), Path::new("a.json"))
             .unwrap_err()
             .to_string();
-        assert_eq!(e, "a.json: fan_in_fan_out: true is not supported");
-        let e = LoraConfig::from_json(&json!({"target_modules": "(", "r": 4}), Path::new("a.json")).unwrap_err().to_string();
         assert!(e.contains("target_modules: invalid regular expression"), "{e}");
     }
 }

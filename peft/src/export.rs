@@ -16,6 +16,9 @@ use crate::adapter::{CONFIG_FILE, WEIGHTS_FILE, float_data, parse_weights, read_
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
 
+/// A matrix read from the adapter file: shape and f32 values.
+type Matrix = (Vec<usize>, Vec<f32>);
+
 /// Writes the adapter in `adapter_dir` as a GGUF LoRA adapter for llama.cpp.
 ///
 /// llama.cpp scales every pair by `alpha / rank`. rsLoRA and `rank_pattern`/`alpha_pattern`
@@ -47,7 +50,7 @@ pub fn export_gguf(adapter_dir: &Path, base: &ModelConfig, out: &Path) -> Result
     let st = parse_weights(&bytes, &path)?;
     let shapes: BTreeMap<String, Vec<usize>> = checkpoint_shapes(base).into_iter().collect();
     // module -> (A [r, in], B [out, r])
-    let mut pairs: BTreeMap<String, (Option<(Vec<usize>, Vec<f32>)>, Option<(Vec<usize>, Vec<f32>)>)> = BTreeMap::new();
+    let mut pairs: BTreeMap<String, (Option<Matrix>, Option<Matrix>)> = BTreeMap::new();
     for key in st.names() {
         let module_key = key.strip_prefix("base_model.model.").unwrap_or(key);
         let (module, is_a) = if let Some(m) = module_key.strip_suffix(".lora_A.weight") {
@@ -65,7 +68,10 @@ pub fn export_gguf(adapter_dir: &Path, base: &ModelConfig, out: &Path) -> Result
         let view = st.tensor(key).map_err(|e| err(key, e.to_string()))?;
         let data = float_data(&view, key, &path)?.convert_dtype(DType::F32);
         let entry = pairs.entry(module.to_string()).or_default();
-        let value = Some((view.shape().to_vec(), data.to_vec::<f32>().expect("f32 after conversion")));
+        let value = Some((
+            view.shape().to_vec(),
+            data.to_vec::<f32>().expect("f32 after conversion"),
+        ));
         if is_a { entry.0 = value } else { entry.1 = value }
     }
     let (arch, permute) = match base.family {
@@ -82,8 +88,12 @@ pub fn export_gguf(adapter_dir: &Path, base: &ModelConfig, out: &Path) -> Result
     for (module, (a, b)) in &pairs {
         let key_a = format!("base_model.model.{module}.lora_A.weight");
         let key_b = format!("base_model.model.{module}.lora_B.weight");
-        let (a_shape, a) = a.clone().ok_or_else(|| err(&key_a, "missing (its lora_B is present)".into()))?;
-        let (b_shape, mut b) = b.clone().ok_or_else(|| err(&key_b, "missing (its lora_A is present)".into()))?;
+        let (a_shape, a) = a
+            .clone()
+            .ok_or_else(|| err(&key_a, "missing (its lora_B is present)".into()))?;
+        let (b_shape, mut b) = b
+            .clone()
+            .ok_or_else(|| err(&key_b, "missing (its lora_A is present)".into()))?;
         let base_shape = shapes
             .get(&format!("{module}.weight"))
             .ok_or_else(|| err(&key_a, format!("the base model has no linear layer {module}")))?;

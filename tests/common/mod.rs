@@ -32,10 +32,18 @@ impl Expected {
             safetensors::Dtype::I64 => DType::I64,
             other => panic!("{name}: {other:?}"),
         };
-        (t.shape().to_vec(), TensorData::from_bytes_vec(t.data().to_vec(), t.shape().to_vec(), dtype))
+        (
+            t.shape().to_vec(),
+            TensorData::from_bytes_vec(t.data().to_vec(), t.shape().to_vec(), dtype),
+        )
     }
     pub fn names(&self) -> Vec<String> {
-        SafeTensors::deserialize(&self.bytes).unwrap().names().into_iter().map(str::to_string).collect()
+        SafeTensors::deserialize(&self.bytes)
+            .unwrap()
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect()
     }
     pub fn f32(&self, name: &str) -> Vec<f32> {
         self.get(name).1.to_vec().unwrap()
@@ -59,4 +67,3 @@ pub fn load_hf_dir<B: Backend>(dir: &Path) -> Result<LlamaForCausalLM<B>, Error>
     let source = SafetensorsSource::open_dir(dir)?;
     LlamaForCausalLM::load(&config, &source, &Default::default(), DType::F32)
 }
-
