@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 MODEL="$(scripts/fetch-model.sh)"
-cargo build --release --quiet
 if [ $# -eq 0 ]; then set -- --chat --prompt "What is the capital of France?"; fi
-exec target/release/temper generate --model "$MODEL" "$@"
+# `cargo run` finds the binary wherever CARGO_TARGET_DIR puts it.
+exec cargo run --release --quiet -- generate --model "$MODEL" "$@"
