@@ -552,3 +552,101 @@ fn gguf_export_matches_peft_updates() {
     .to_string();
     assert!(err.contains("lm_head.weight") && err.contains("temper merge"), "{err}");
 }
+
+/// QLoRA-style base: 8- and 4-bit block quantization that dequantizes exactly as llama.cpp's
+/// Q8_0/Q4_0 (gguf-py as the reference), a model that stays close to the dense one, the
+/// memory it saves, and adapter gradients through it.
+#[test]
+fn quantized_base_matches_llama_cpp_blocks_and_trains_adapters() {
+    use temper_models::gguf::Gguf;
+    use temper_models::quant::QuantizedWeight;
+    let device = Default::default();
+    // gguf-py quantized these [4, 512] values (out = 4, in = 512) to Q8_0 and Q4_0.
+    let gguf = Gguf::open(fixtures().join("quants.gguf")).unwrap();
+    let values = Tensor::<B, 2>::from_data(gguf.read("f32").unwrap(), &device).transpose(); // [in, out]
+    let expected = Expected::open(&fixtures().join("quants_expected.safetensors"));
+    for (bits, name) in [(8, "q8_0"), (4, "q4_0")] {
+        let q = QuantizedWeight::quantize(values.clone(), bits);
+        let got: Vec<f32> = q.dequantize().transpose().into_data().to_vec().unwrap();
+        let err = rel_err(&got, &expected.f32(name), |_| true);
+        assert!(err < 1e-6, "{name}: {err:e}");
+    }
+
+    let base = load_hf_dir::<B>(&fixtures().join("models/llama_gqa_llama3")).unwrap();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![3i64, 17, 42, 5, 99, 7], [1, 6]), &device);
+    let dense: Vec<f32> = base
+        .forward(ids.clone(), ForwardOptions::default(), None)
+        .into_data()
+        .to_vec()
+        .unwrap();
+    for (bits, tol) in [(8, 2e-2), (4, 2e-1)] {
+        let (model, report) = temper_peft::quantize_base(base.clone(), bits).unwrap();
+        // q/k/v/o/gate/up (in = 64) of both layers; down_proj (in = 112) and lm_head stay dense.
+        assert_eq!(report.quantized_layers, 12, "{report:?}");
+        assert!(report.dense_layers.contains(&"lm_head".to_string()));
+        assert!(
+            report
+                .dense_layers
+                .contains(&"model.layers.0.mlp.down_proj".to_string())
+        );
+        let quantized_share = (64 * 64 * 2 + 64 * 32 * 2 + 64 * 112 * 2) * 2 * 4; // dense f32 bytes of those layers
+        let per_param = if bits == 8 { 1.0 + 4.0 / 32.0 } else { 0.5 + 4.0 / 32.0 };
+        let expected_after =
+            report.bytes_before - quantized_share + (quantized_share as f64 / 4.0 * per_param) as usize;
+        assert_eq!(report.bytes_after, expected_after, "{bits} bits: {report:?}");
+        let got: Vec<f32> = model
+            .forward(ids.clone(), ForwardOptions::default(), None)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let err = rel_err(&got, &dense, |_| true);
+        assert!(err < tol, "{bits}-bit base: logits rel err {err:e}");
+    }
+
+    // Gradients of a LoRA on an 8-bit base: present, and close to those on the dense base.
+    let config = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: TargetModules::AllLinear,
+        init_lora_weights: temper_peft::InitLoraWeights::Random,
+        ..LoraConfig::default()
+    };
+    let grads_of = |quantize: bool| -> Vec<f32> {
+        let base = load_hf_dir::<AD>(&fixtures().join("models/llama_gqa_llama3")).unwrap();
+        let (model, _) = inject(base, &config, 5).unwrap();
+        let mut model = if quantize {
+            temper_peft::quantize_base(model, 8).unwrap().0
+        } else {
+            model
+        };
+        let ids = Tensor::<AD, 2, Int>::from_data(
+            TensorData::new(vec![3i64, 17, 42, 5, 99, 7], [1, 6]),
+            &Default::default(),
+        );
+        let loss = model
+            .forward(ids, ForwardOptions::default(), None)
+            .powi_scalar(2)
+            .mean();
+        let grads = loss.backward();
+        let mut out = Vec::new();
+        for (name, l) in model.linears_mut() {
+            assert!(l.weight.grad(&grads).is_none(), "{name}: the base got a gradient");
+            if let Some(q) = &l.quantized {
+                assert!(q.scales.grad(&grads).is_none(), "{name}: scales got a gradient");
+            }
+            let Some(lora) = l.adapter.as_ref() else { continue };
+            let g: Vec<f32> = lora
+                .lora_b
+                .grad(&grads)
+                .expect("adapter gradient")
+                .into_data()
+                .to_vec()
+                .unwrap();
+            out.extend(g);
+        }
+        out
+    };
+    let (dense_grads, q8_grads) = (grads_of(false), grads_of(true));
+    let err = rel_err(&q8_grads, &dense_grads, |_| true);
+    assert!(err < 5e-2, "adapter gradients on the 8-bit base: rel err {err:e}");
+}

@@ -9,6 +9,7 @@ pub mod gguf;
 pub mod llama;
 pub mod load;
 pub mod lora;
+pub mod quant;
 pub mod save;
 pub mod tokenizer;
 pub mod weights;

@@ -12,6 +12,7 @@ use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::Result;
 use crate::lora::Lora;
+use crate::quant::QuantizedWeight;
 use crate::weights::{WeightLoader, WeightSource};
 
 // ---------------------------------------------------------------------------------------------
@@ -138,6 +139,8 @@ pub struct Linear<B: Backend> {
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// A LoRA adapter, placed by `temper-peft`.
     pub adapter: Option<Lora<B>>,
+    /// When set, the frozen weight lives here, block-quantized, and `weight` is empty.
+    pub quantized: Option<QuantizedWeight<B>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -152,14 +155,33 @@ impl<B: Backend> Linear<B> {
         let rows = dims[..D - 1].iter().product::<usize>();
         let x = x.reshape([rows, in_f]);
         let bias = self.bias.as_ref().map(|b| b.val());
-        let y = burn::tensor::module::linear(x.clone(), self.weight.val(), bias.clone());
+        let y = burn::tensor::module::linear(x.clone(), self.weight(), bias.clone());
         let y = match &self.adapter {
-            Some(lora) if lora.enabled => lora.apply(x, y, self.weight.val(), bias),
+            Some(lora) if lora.enabled => lora.apply(x, y, || self.weight(), bias),
             _ => y,
         };
         let mut out = dims;
         out[D - 1] = y.dims()[1];
         y.reshape(out)
+    }
+
+    /// The `[in, out]` weight (dequantized when the base is kept quantized).
+    pub fn weight(&self) -> Tensor<B, 2> {
+        match &self.quantized {
+            Some(q) => q.dequantize(),
+            None => self.weight.val(),
+        }
+    }
+
+    /// `[in, out]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match &self.quantized {
+            Some(q) => {
+                let [blocks, out] = q.scales.dims();
+                [blocks * crate::quant::BLOCK, out]
+            }
+            None => self.weight.dims(),
+        }
     }
 
     fn load(w: &mut WeightLoader<'_, B>, prefix: &str, in_f: usize, out_f: usize, bias: bool) -> Result<Self> {
@@ -171,6 +193,7 @@ impl<B: Backend> Linear<B> {
                 None
             },
             adapter: None,
+            quantized: None,
         })
     }
 }

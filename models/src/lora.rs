@@ -28,30 +28,24 @@ impl<B: Backend> Lora<B> {
         self.lora_a.dims()[1]
     }
 
-    /// Adds the adapter's contribution to `base` (`x·W + b`, already computed).
+    /// Adds the adapter's contribution to `base` (`x·W + b`, already computed). `weight` gives
+    /// the base weight `[in, out]`, which only DoRA needs (it may be dequantized on demand).
+    ///
+    /// Mixed precision: the adapter computes in its own dtype (f32 master weights) whatever the
+    /// base computes in; its contribution is cast back to the base's dtype once, at the end.
     ///
     /// # Shapes
-    /// `x: [rows, in]`, `base: [rows, out]`, `weight: [in, out]` -> `[rows, out]`
+    /// `x: [rows, in]`, `base: [rows, out]` -> `[rows, out]`
     pub fn apply(
         &self,
         x: Tensor<B, 2>,
         base: Tensor<B, 2>,
-        weight: Tensor<B, 2>,
+        weight: impl FnOnce() -> Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
     ) -> Tensor<B, 2> {
-        // Mixed precision: the adapter keeps its own dtype (f32 master weights) whatever the
-        // base computes in; inputs are cast to it and the result back to the base's dtype.
         let base_dtype = base.dtype();
         let dtype = self.lora_a.val().dtype();
-        if dtype != base_dtype {
-            let out = self.apply(
-                x.cast(dtype),
-                base.cast(dtype),
-                weight.cast(dtype),
-                bias.map(|b| b.cast(dtype)),
-            );
-            return out.cast(base_dtype);
-        }
+        let x = x.cast(dtype);
         // burn's Dropout is a no-op unless autodiff is on, i.e. only while training.
         let dropped = self.dropout > 0.0 && B::ad_enabled(&x.device());
         let x = if dropped {
@@ -60,24 +54,28 @@ impl<B: Backend> Lora<B> {
             x
         };
         let lora = x.clone().matmul(self.lora_a.val()).matmul(self.lora_b.val()); // [rows, out]
-        let Some(magnitude) = &self.lora_magnitude_vector else {
-            return base + lora * self.scaling;
-        };
-        // DoRA, as PEFT computes it (`tuners/lora/dora.py`): the column norm of the adapted
-        // weight is treated as a constant (detached), as the DoRA paper recommends.
-        let adapted = weight.clone() + self.lora_a.val().matmul(self.lora_b.val()) * self.scaling; // [in, out]
-        let norm = adapted.powi_scalar(2).sum_dim(0).sqrt().detach(); // [1, out]
-        let scale = magnitude.val().unsqueeze::<2>() / norm; // [1, out]
-        // PEFT uses the base output minus its bias when x was not dropped, x'·W otherwise.
-        let base_no_bias = if dropped {
-            x.matmul(weight)
-        } else {
-            match bias {
-                Some(b) => base.clone() - b.unsqueeze::<2>(),
-                None => base.clone(),
+        let delta = match &self.lora_magnitude_vector {
+            None => lora * self.scaling,
+            Some(magnitude) => {
+                // DoRA, as PEFT computes it (`tuners/lora/dora.py`): the column norm of the
+                // adapted weight is treated as a constant (detached), as the DoRA paper advises.
+                let weight = weight().cast(dtype);
+                let adapted = weight.clone() + self.lora_a.val().matmul(self.lora_b.val()) * self.scaling; // [in, out]
+                let norm = adapted.powi_scalar(2).sum_dim(0).sqrt().detach(); // [1, out]
+                let scale = magnitude.val().unsqueeze::<2>() / norm; // [1, out]
+                // PEFT uses the base output minus its bias when x was not dropped, x'·W otherwise.
+                let base_no_bias = if dropped {
+                    x.matmul(weight)
+                } else {
+                    match bias {
+                        Some(b) => base.clone().cast(dtype) - b.cast(dtype).unsqueeze::<2>(),
+                        None => base.clone().cast(dtype),
+                    }
+                };
+                base_no_bias * (scale.clone() - 1.0) + lora * scale * self.scaling
             }
         };
-        base + base_no_bias * (scale.clone() - 1.0) + lora * scale * self.scaling
+        base + delta.cast(base_dtype)
     }
 
     /// The dense update `scaling · A·B` (`[in, out]`) and, for DoRA, the factor that rescales

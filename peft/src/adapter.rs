@@ -108,7 +108,7 @@ pub fn inject<B: Backend>(
             continue;
         }
         let device = linear.weight.device();
-        let [in_f, out_f] = linear.weight.dims();
+        let [in_f, out_f] = linear.dims();
         let r = config.rank_for(&name);
         let bound = 1.0 / (in_f as f32).sqrt(); // kaiming_uniform_(a=sqrt(5)) on [r, in]
         let scaling = config.scaling_for(&name);
@@ -124,9 +124,12 @@ pub fn inject<B: Backend>(
                 uniform(&mut rng, r * out_f, 1.0 / (r as f32).sqrt()),
             ),
             InitLoraWeights::Pissa => {
-                let w: Vec<f32> = linear.weight.val().cast(DType::F32).into_data().to_vec().expect("f32");
+                let dense = linear.weight();
+                let dtype = dense.dtype();
+                let w: Vec<f32> = dense.cast(DType::F32).into_data().to_vec().expect("f32");
                 let (a, b, residual) = pissa(&w, in_f, out_f, r, scaling);
-                let dtype = linear.weight.val().dtype();
+                // The residual is a new dense base (a quantized base would be quantized again).
+                linear.quantized = None;
                 linear.weight =
                     Param::from_tensor(upload::<B, 2>(TensorData::new(residual, [in_f, out_f]), &device).cast(dtype))
                         .set_require_grad(false);
@@ -136,7 +139,7 @@ pub fn inject<B: Backend>(
         // Drawn as PEFT's [r, in] / [out, r], stored transposed.
         let a = transpose_2d(TensorData::new(a, [r, in_f]));
         let b = transpose_2d(TensorData::new(b, [out_f, r]));
-        let weight = linear.weight.val().cast(DType::F32);
+        let weight = linear.weight().cast(DType::F32);
         let lora_a = upload::<B, 2>(a, &device);
         let lora_b = upload::<B, 2>(b, &device);
         let magnitude = config.use_dora.then(|| {
@@ -216,7 +219,8 @@ pub fn count_parameters<B: Backend>(model: &LlamaForCausalLM<B>) -> (usize, usiz
     );
     let mut model = model.clone();
     for (_, l) in model.linears_mut() {
-        add(l.weight.shape().num_elements(), l.weight.is_require_grad());
+        let [i, o] = l.dims();
+        add(i * o, l.quantized.is_none() && l.weight.is_require_grad());
         if let Some(b) = &l.bias {
             add(b.shape().num_elements(), b.is_require_grad());
         }
@@ -245,10 +249,7 @@ pub fn adapter_tensors<B: Backend>(
     let mut model = model.clone();
     for (name, linear) in model.linears_mut() {
         if config.modules_to_save.iter().any(|m| m == &name) {
-            out.insert(
-                format!("{PREFIX}{name}.weight"),
-                to_bytes(linear.weight.val().transpose()),
-            );
+            out.insert(format!("{PREFIX}{name}.weight"), to_bytes(linear.weight().transpose()));
         }
         let Some(lora) = &linear.adapter else { continue };
         out.insert(
@@ -379,7 +380,7 @@ pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Resul
     let mut used = HashSet::new();
     for (name, linear) in model.linears_mut() {
         let device = linear.weight.device();
-        let [in_f, out_f] = linear.weight.dims();
+        let [in_f, out_f] = linear.dims();
         if config.modules_to_save.iter().any(|m| m == &name) {
             let key = format!("{PREFIX}{name}.weight");
             let w = read(&key, &[out_f, in_f])?;
@@ -442,10 +443,65 @@ pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Resul
 pub fn merge_adapters<B: Backend>(mut model: LlamaForCausalLM<B>) -> LlamaForCausalLM<B> {
     for (_, linear) in model.linears_mut() {
         let Some(lora) = linear.adapter.take() else { continue };
-        let w = linear.weight.val();
+        let w = linear.weight();
         let dtype = w.dtype();
         let merged = lora.delta(w.cast(lora.lora_a.val().dtype())).cast(dtype);
+        // A quantized base comes out dense: the merged weight is a new matrix.
+        linear.quantized = None;
         linear.weight = Param::from_tensor(merged.detach()).set_require_grad(false);
     }
     model
+}
+
+/// What [`quantize_base`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantReport {
+    pub quantized_layers: usize,
+    /// Layers left dense: the output head, and any whose input size is not a multiple of 32.
+    pub dense_layers: Vec<String>,
+    /// Bytes of the linear weights before and after.
+    pub bytes_before: usize,
+    pub bytes_after: usize,
+}
+
+/// Keeps the frozen linear weights block-quantized (8 or 4 bits, llama.cpp's Q8_0/Q4_0), to be
+/// dequantized per matmul: QLoRA's memory saving with adapters trained in their own dtype.
+/// The output head stays dense, as bitsandbytes leaves it.
+pub fn quantize_base<B: Backend>(
+    mut model: LlamaForCausalLM<B>,
+    bits: usize,
+) -> Result<(LlamaForCausalLM<B>, QuantReport)> {
+    if bits != 8 && bits != 4 {
+        return Err(Error::Unsupported(format!("a {bits}-bit base (supported: 8, 4)")));
+    }
+    let mut report = QuantReport {
+        quantized_layers: 0,
+        dense_layers: vec![],
+        bytes_before: 0,
+        bytes_after: 0,
+    };
+    for (name, linear) in model.linears_mut() {
+        let [in_f, out_f] = linear.dims();
+        let dense_bytes = in_f * out_f * linear.weight.val().dtype().size();
+        if let Some(q) = &linear.quantized {
+            report.bytes_before += q.bytes();
+            report.bytes_after += q.bytes();
+            continue;
+        }
+        report.bytes_before += dense_bytes;
+        if name == "lm_head" || !in_f.is_multiple_of(temper_models::quant::BLOCK) {
+            report.bytes_after += dense_bytes;
+            report.dense_layers.push(name);
+            continue;
+        }
+        let q = temper_models::quant::QuantizedWeight::quantize(linear.weight.val(), bits);
+        report.bytes_after += q.bytes();
+        let device = linear.weight.device();
+        let dtype = linear.weight.val().dtype();
+        linear.quantized = Some(q);
+        // The dense copy goes; a 1x1 placeholder keeps the field's type.
+        linear.weight = Param::from_tensor(Tensor::<B, 2>::zeros([1, 1], (&device, dtype))).set_require_grad(false);
+        report.quantized_layers += 1;
+    }
+    Ok((model, report))
 }

@@ -11,7 +11,9 @@ pub mod config;
 pub mod error;
 pub mod export;
 
-pub use adapter::{Injected, count_parameters, inject, load_adapter, merge_adapters, save_adapter};
+pub use adapter::{
+    Injected, QuantReport, count_parameters, inject, load_adapter, merge_adapters, quantize_base, save_adapter,
+};
 pub use config::{InitLoraWeights, LoraConfig, TargetModules};
 pub use error::{Error, Result};
 pub use export::export_gguf;
