@@ -5,6 +5,8 @@
 //! MODE `forward`: inference forward (logits for every position).
 //! MODE `train`: forward + cross-entropy + backward through every weight (the work of a full
 //! fine-tuning step, minus the optimizer), on burn's autodiff backend.
+//! MODE `lora-train`: the same with the base frozen and LoRA r=16 (alpha 32) on every linear
+//! layer, the work of a LoRA SFT step minus the optimizer.
 //! `benches/run-forward.sh` runs both backends and PyTorch side by side.
 
 use std::time::Instant;
@@ -61,10 +63,21 @@ fn main() {
                 }
             }
         }
-        "train" => {
+        "train" | "lora-train" => {
             type B = Autodiff<CpuBackend>;
             let device = Default::default();
             let model = load::<B>(&path, &device);
+            let model = if mode == "lora-train" {
+                let lora = temper_peft::LoraConfig {
+                    r: 16,
+                    lora_alpha: 32.0,
+                    target_modules: temper_peft::TargetModules::AllLinear,
+                    ..Default::default()
+                };
+                temper_peft::inject(model, &lora, 0).expect("inject").0
+            } else {
+                model
+            };
             for i in 0..=iters {
                 let t = Instant::now();
                 let ids = inputs::<B>(batch, seq, &device);
@@ -80,7 +93,7 @@ fn main() {
                 }
             }
         }
-        other => panic!("unknown mode {other} (forward | train)"),
+        other => panic!("unknown mode {other} (forward | train | lora-train)"),
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];

@@ -11,6 +11,9 @@ torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 path = os.environ.get("TEMPER_SMOLLM2_GGUF", os.path.expanduser("~/.cache/temper/SmolLM2-135M-Instruct.Q4_1.gguf"))
 folder, name = os.path.split(path)
 model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+if mode == "lora-train":
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
 ids = torch.tensor([(i * 7919 + 13) % 49152 for i in range(batch * seq)]).reshape(batch, seq)
 times = []
 for i in range(iters + 1):
