@@ -8,82 +8,32 @@
 //! weights) and times a forward, or a LoRA step (r=16 on all linear layers, f32 adapters on a
 //! base in the given dtype: forward, cross-entropy, backward; no optimizer yet).
 
-use std::path::{Path, PathBuf};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::backend::Autodiff;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use safetensors::SafeTensors;
+use common::{Expected, fixtures, load_hf_dir_on, rel_err};
 use temper::backend::{BackendJob, DeviceSpec, dispatch};
-use temper_models::weights::{RandomSource, SafetensorsSource};
+use temper_models::weights::RandomSource;
 use temper_models::{ForwardOptions, LlamaForCausalLM, ModelConfig};
 use temper_peft::{LoraConfig, TargetModules, inject, load_adapter};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn read_expected(path: &Path) -> Vec<(String, TensorData)> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, t)| {
-            let dtype = match t.dtype() {
-                safetensors::Dtype::F32 => DType::F32,
-                safetensors::Dtype::I64 => DType::I64,
-                other => panic!("{other:?}"),
-            };
-            (
-                name,
-                TensorData::from_bytes_vec(t.data().to_vec(), t.shape().to_vec(), dtype),
-            )
-        })
-        .collect()
-}
-
-fn get(e: &[(String, TensorData)], name: &str) -> TensorData {
-    e.iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("no {name}"))
-        .1
-        .clone()
-}
-
-fn rel_err(a: &[f32], b: &[f32], keep: impl Fn(usize) -> bool) -> f32 {
-    let (mut diff, mut scale) = (0f32, 0f32);
-    for i in (0..a.len()).filter(|&i| keep(i)) {
-        diff = diff.max((a[i] - b[i]).abs());
-        scale = scale.max(b[i].abs());
-    }
-    if a.iter().any(|x| !x.is_finite()) {
-        f32::INFINITY
-    } else {
-        diff / scale
-    }
-}
-
-fn load_dir<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> LlamaForCausalLM<B> {
-    let config = ModelConfig::from_file(dir.join("config.json")).unwrap();
-    let source = SafetensorsSource::open_dir(dir).unwrap();
-    LlamaForCausalLM::load(&config, &source, device, dtype).unwrap()
-}
-
 /// Logits with the fixture's padding mask (and position ids when the fixture has them).
-fn masked_logits<B: Backend>(
-    model: &LlamaForCausalLM<B>,
-    e: &[(String, TensorData)],
-    device: &B::Device,
-) -> (Vec<f32>, Vec<i64>) {
-    let ids = Tensor::<B, 2, Int>::from_data(get(e, "input_ids"), device);
-    let mask_data = get(e, "attention_mask");
+fn masked_logits<B: Backend>(model: &LlamaForCausalLM<B>, e: &Expected, device: &B::Device) -> (Vec<f32>, Vec<i64>) {
+    let ids = Tensor::<B, 2, Int>::from_data(e.get("input_ids").1, device);
+    let mask_data = e.get("attention_mask").1;
     let mask: Vec<i64> = mask_data.to_vec().unwrap();
     let position_ids = e
+        .names()
         .iter()
-        .any(|(n, _)| n == "position_ids")
-        .then(|| Tensor::from_data(get(e, "position_ids"), device));
+        .any(|n| n == "position_ids")
+        .then(|| Tensor::from_data(e.get("position_ids").1, device));
     let options = ForwardOptions {
         attention_mask: Some(Tensor::from_data(mask_data, device)),
         position_ids,
@@ -125,10 +75,10 @@ impl BackendJob for Parity {
                 continue;
             }
             let dir = fixtures().join("models").join(name);
-            let model = load_dir::<B>(&dir, &device, dtype);
-            let e = read_expected(&dir.join("expected.safetensors"));
+            let model = load_hf_dir_on::<B>(&dir, &device, dtype).unwrap();
+            let e = Expected::open(&dir.join("expected.safetensors"));
             let (got, mask) = masked_logits(&model, &e, &device);
-            let want: Vec<f32> = get(&e, "logits_masked").to_vec().unwrap();
+            let want: Vec<f32> = e.f32("logits_masked");
             let vocab = want.len() / mask.len();
             report(
                 format!("{name} {dtype:?}"),
@@ -141,12 +91,12 @@ impl BackendJob for Parity {
             ("dora", "llama_gqa_llama3"),
             ("rank_pattern_regex", "mistral_window"),
         ] {
-            let model = load_dir::<B>(&fixtures().join("models").join(base), &device, DType::F32);
+            let model = load_hf_dir_on::<B>(&fixtures().join("models").join(base), &device, DType::F32).unwrap();
             let dir = fixtures().join("adapters").join(adapter);
             let (model, _) = load_adapter(model, &dir).unwrap();
-            let e = read_expected(&dir.join("expected.safetensors"));
+            let e = Expected::open(&dir.join("expected.safetensors"));
             let (got, mask) = masked_logits(&model, &e, &device);
-            let want: Vec<f32> = get(&e, "logits").to_vec().unwrap();
+            let want: Vec<f32> = e.f32("logits");
             let vocab = want.len() / mask.len();
             report(
                 format!("peft {adapter} F32"),

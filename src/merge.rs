@@ -84,17 +84,12 @@ fn copy_tokenizer_files(from: &Path, to: &Path, dtype: CheckpointDtype) -> Resul
     let text = std::fs::read_to_string(&src).with_context(|| format!("reading {}", src.display()))?;
     let mut config: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", src.display()))?;
-    let name = match dtype {
-        CheckpointDtype::F32 => "float32",
-        CheckpointDtype::F16 => "float16",
-        CheckpointDtype::BF16 => "bfloat16",
-    };
     let key = if config.get("dtype").is_some() {
         "dtype"
     } else {
         "torch_dtype"
     };
-    config[key] = serde_json::json!(name);
+    config[key] = serde_json::json!(dtype.torch_name());
     std::fs::write(to.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
     Ok(())
 }

@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use common::{Expected, fixtures, load_hf_dir, rel_err};
+use common::{Expected, fixtures, load_hf_dir, rel_err, smollm2_path};
 use temper::backend::CpuBackend as B;
 use temper_models::gguf::Gguf;
 use temper_models::{ForwardOptions, Message, Sampling};
@@ -217,23 +217,6 @@ fn broken_gguf_gives_clear_errors() {
 
 // ---------------------------------------------------------------------------------------------
 // The real model. `scripts/fetch-model.sh` puts it where `smollm2_path` looks.
-
-fn smollm2_path() -> PathBuf {
-    let path = std::env::var_os("TEMPER_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("TEMPER_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/temper"));
-            cache.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-model.sh (or set TEMPER_SMOLLM2_GGUF)",
-        path.display()
-    );
-    path
-}
 
 #[test]
 fn smollm2_gguf_matches_transformers() {

@@ -9,7 +9,7 @@ use burn::backend::Autodiff;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use common::{Expected, fixtures, load_hf_dir, rel_err};
+use common::{Expected, fixtures, load_hf_dir, rel_err, smollm2_path};
 use safetensors::SafeTensors;
 use temper::backend::CpuBackend;
 use temper_models::{ForwardOptions, LlamaForCausalLM};
@@ -400,19 +400,7 @@ fn merged_models_compute_what_the_adapter_computed() {
 /// directory (weights, config, tokenizer) loads back and computes the adapted model.
 #[test]
 fn temper_merge_writes_a_loadable_hf_directory() {
-    let gguf = std::env::var_os("TEMPER_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("TEMPER_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/temper"));
-            cache.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    assert!(
-        gguf.exists(),
-        "{} is missing: run scripts/fetch-model.sh",
-        gguf.display()
-    );
+    let gguf = smollm2_path();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peft-roundtrip");
     let device = Default::default();
     let loaded = temper_models::load_pretrained::<B>(&gguf, &device, DType::F32).unwrap();

@@ -55,6 +55,17 @@ pub enum CheckpointDtype {
     BF16,
 }
 
+impl CheckpointDtype {
+    /// The name `config.json` uses (PyTorch's).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            CheckpointDtype::F32 => "float32",
+            CheckpointDtype::F16 => "float16",
+            CheckpointDtype::BF16 => "bfloat16",
+        }
+    }
+}
+
 /// A validated model configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -177,11 +188,7 @@ impl ModelConfig {
                 [one] => serde_json::json!(one),
                 many => serde_json::json!(many),
             },
-            "torch_dtype": match dtype {
-                CheckpointDtype::F32 => "float32",
-                CheckpointDtype::F16 => "float16",
-                CheckpointDtype::BF16 => "bfloat16",
-            },
+            "torch_dtype": dtype.torch_name(),
         });
         let obj = c.as_object_mut().expect("object");
         match self.family {
@@ -319,12 +326,10 @@ fn parse_rope(
 }
 
 fn parse_dtype(path: &Path, key: &str, s: &str) -> Result<CheckpointDtype> {
-    match s {
-        "float32" => Ok(CheckpointDtype::F32),
-        "float16" => Ok(CheckpointDtype::F16),
-        "bfloat16" => Ok(CheckpointDtype::BF16),
-        other => Err(config_err(path, key, format!("unsupported dtype {other:?}"))),
-    }
+    [CheckpointDtype::F32, CheckpointDtype::F16, CheckpointDtype::BF16]
+        .into_iter()
+        .find(|d| d.torch_name() == s)
+        .ok_or_else(|| config_err(path, key, format!("unsupported dtype {s:?}")))
 }
 
 impl RawConfig {

@@ -531,22 +531,28 @@ impl<'a> GgufSource<'a> {
 /// Hugging Face row `(h, j, i)` for `j` in 0..2 (the half) and `i` in 0..head_dim/2.
 fn unpermute_rows(data: TensorData, heads: usize) -> TensorData {
     let rows = data.shape[0];
-    let row_len: usize = data.shape[1..].iter().product::<usize>().max(1);
-    let size = data.dtype.size() * row_len;
+    let row_bytes = data.dtype.size() * data.shape[1..].iter().product::<usize>().max(1);
+    let out = reorder_rows(data.as_bytes(), rows, row_bytes, heads, false);
+    TensorData::from_bytes_vec(out, data.shape.clone(), data.dtype)
+}
+
+/// Moves whole rows between Hugging Face's order (`(h, j, i)`: head, half, index) and
+/// llama.cpp's (`(h, i, j)`); `to_gguf` picks the direction.
+fn reorder_rows<T: Copy + Default>(src: &[T], rows: usize, row_len: usize, heads: usize, to_gguf: bool) -> Vec<T> {
     let head_dim = rows / heads;
     let half = head_dim / 2;
-    let src = data.as_bytes();
-    let mut out = vec![0u8; src.len()];
+    let mut out = vec![T::default(); src.len()];
     for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let from = h * head_dim + i * 2 + j;
-                let to = h * head_dim + j * half + i;
-                out[to * size..(to + 1) * size].copy_from_slice(&src[from * size..(from + 1) * size]);
+        for j in 0..2 {
+            for i in 0..half {
+                let hf = h * head_dim + j * half + i;
+                let gguf = h * head_dim + i * 2 + j;
+                let (from, to) = if to_gguf { (hf, gguf) } else { (gguf, hf) };
+                out[to * row_len..(to + 1) * row_len].copy_from_slice(&src[from * row_len..(from + 1) * row_len]);
             }
         }
     }
-    TensorData::from_bytes_vec(out, data.shape.clone(), data.dtype)
+    out
 }
 
 impl WeightSource for GgufSource<'_> {
@@ -803,19 +809,7 @@ impl GgufWriter {
 /// llama.cpp's `permute(weights, n_head)` on the rows of a `[rows, cols]` matrix: Hugging Face
 /// row `(h, j, i)` goes to GGUF row `(h, i, j)`. The inverse of [`GgufSource`]'s unpermute.
 pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-    let head_dim = rows / heads;
-    let half = head_dim / 2;
-    let mut out = vec![0f32; values.len()];
-    for h in 0..heads {
-        for j in 0..2 {
-            for i in 0..half {
-                let from = h * head_dim + j * half + i;
-                let to = h * head_dim + i * 2 + j;
-                out[to * cols..(to + 1) * cols].copy_from_slice(&values[from * cols..(from + 1) * cols]);
-            }
-        }
-    }
-    out
+    reorder_rows(values, rows, cols, heads, true)
 }
 
 /// llama.cpp's name for a Hugging Face module (`model.layers.3.self_attn.q_proj` ->

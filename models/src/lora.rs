@@ -60,8 +60,8 @@ impl<B: Backend> Lora<B> {
                 // DoRA, as PEFT computes it (`tuners/lora/dora.py`): the column norm of the
                 // adapted weight is treated as a constant (detached), as the DoRA paper advises.
                 let weight = weight().cast(dtype);
-                let adapted = weight.clone() + self.lora_a.val().matmul(self.lora_b.val()) * self.scaling; // [in, out]
-                let norm = adapted.powi_scalar(2).sum_dim(0).sqrt().detach(); // [1, out]
+                let (_, norm) = adapted_weight(weight.clone(), self.lora_a.val(), self.lora_b.val(), self.scaling);
+                let norm = norm.detach(); // [1, out]
                 let scale = magnitude.val().unsqueeze::<2>() / norm; // [1, out]
                 // PEFT uses the base output minus its bias when x was not dropped, x'·W otherwise.
                 let base_no_bias = if dropped {
@@ -78,17 +78,26 @@ impl<B: Backend> Lora<B> {
         base + delta.cast(base_dtype)
     }
 
-    /// The dense update `scaling · A·B` (`[in, out]`) and, for DoRA, the factor that rescales
-    /// each output column: what merging folds into the base weight.
+    /// The merged weight (`[in, out]`): `W + scaling·A·B`, and for DoRA each output column
+    /// rescaled to its magnitude. What merging folds into the base.
     pub fn delta(&self, weight: Tensor<B, 2>) -> Tensor<B, 2> {
-        let delta = self.lora_a.val().matmul(self.lora_b.val()) * self.scaling;
+        let (adapted, norm) = adapted_weight(weight, self.lora_a.val(), self.lora_b.val(), self.scaling);
         match &self.lora_magnitude_vector {
-            None => weight + delta,
-            Some(m) => {
-                let adapted = weight + delta;
-                let norm = adapted.clone().powi_scalar(2).sum_dim(0).sqrt(); // [1, out]
-                adapted * (m.val().unsqueeze::<2>() / norm)
-            }
+            None => adapted,
+            Some(m) => adapted * (m.val().unsqueeze::<2>() / norm),
         }
     }
+}
+
+/// `W + scaling·A·B` (`[in, out]`) and its column norms (`[1, out]`): DoRA's direction and
+/// the norm its magnitude vector divides by (and starts at).
+pub fn adapted_weight<B: Backend>(
+    weight: Tensor<B, 2>,
+    lora_a: Tensor<B, 2>,
+    lora_b: Tensor<B, 2>,
+    scaling: f64,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let adapted = weight + lora_a.matmul(lora_b) * scaling;
+    let norm = adapted.clone().powi_scalar(2).sum_dim(0).sqrt();
+    (adapted, norm)
 }

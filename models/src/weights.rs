@@ -175,6 +175,9 @@ struct Shard {
 struct Entry {
     shard: usize,
     shape: Vec<usize>,
+    dtype: StDtype,
+    /// Where the tensor's bytes sit in the shard's mmap, found once when the header is parsed.
+    bytes: std::ops::Range<usize>,
 }
 
 pub struct SafetensorsSource {
@@ -245,11 +248,14 @@ impl SafetensorsSource {
             let st = SafeTensors::deserialize(&mmap)
                 .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
             for (name, view) in st.tensors() {
+                let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
                 index.insert(
                     name,
                     Entry {
                         shard: i,
                         shape: view.shape().to_vec(),
+                        dtype: view.dtype(),
+                        bytes: start..start + view.data().len(),
                     },
                 );
             }
@@ -284,12 +290,7 @@ impl WeightSource for SafetensorsSource {
             tensor: name.to_string(),
         })?;
         let shard = &self.shards[entry.shard];
-        let st = SafeTensors::deserialize(&shard.mmap)
-            .map_err(|e| Error::format(&shard.path, format!("not a valid safetensors file: {e}")))?;
-        let view = st
-            .tensor(name)
-            .map_err(|e| Error::tensor(&shard.path, name, e.to_string()))?;
-        let dtype = match view.dtype() {
+        let dtype = match entry.dtype {
             StDtype::F32 => DType::F32,
             StDtype::F16 => DType::F16,
             StDtype::BF16 => DType::BF16,
@@ -302,8 +303,8 @@ impl WeightSource for SafetensorsSource {
             }
         };
         Ok(TensorData::from_bytes_vec(
-            view.data().to_vec(),
-            view.shape().to_vec(),
+            shard.mmap[entry.bytes.clone()].to_vec(),
+            entry.shape.clone(),
             dtype,
         ))
     }

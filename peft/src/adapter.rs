@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr_free::normal;
 use safetensors::{Dtype as StDtype, SafeTensors};
 use temper_models::LlamaForCausalLM;
-use temper_models::lora::Lora;
+use temper_models::lora::{Lora, adapted_weight};
 use temper_models::weights::transpose_2d;
 
 use crate::config::{InitLoraWeights, LoraConfig, TargetModules};
@@ -139,13 +139,13 @@ pub fn inject<B: Backend>(
         // Drawn as PEFT's [r, in] / [out, r], stored transposed.
         let a = transpose_2d(TensorData::new(a, [r, in_f]));
         let b = transpose_2d(TensorData::new(b, [out_f, r]));
-        let weight = linear.weight().cast(DType::F32);
         let lora_a = upload::<B, 2>(a, &device);
         let lora_b = upload::<B, 2>(b, &device);
         let magnitude = config.use_dora.then(|| {
             // m starts at the column norms of the adapted weight, so DoRA starts at the base.
-            let adapted = weight + lora_a.clone().matmul(lora_b.clone()) * scaling;
-            trainable(adapted.powi_scalar(2).sum_dim(0).sqrt().reshape([out_f]))
+            let weight = linear.weight().cast(DType::F32);
+            let (_, norm) = adapted_weight(weight, lora_a.clone(), lora_b.clone(), scaling);
+            trainable(norm.reshape([out_f]))
         });
         linear.adapter = Some(Lora {
             lora_a: trainable(lora_a),

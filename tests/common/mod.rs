@@ -1,4 +1,4 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests (and `examples/device_check.rs`).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -59,11 +59,37 @@ pub fn rel_err(a: &[f32], b: &[f32], keep: impl Fn(usize) -> bool) -> f32 {
         scale = scale.max(b[i].abs());
     }
     assert!(scale > 0.0, "nothing compared");
+    // f32::max skips NaN, so a NaN in `a` would otherwise pass as a perfect match.
+    if a.iter().any(|x| !x.is_finite()) {
+        return f32::INFINITY;
+    }
     diff / scale
 }
 
 pub fn load_hf_dir<B: Backend>(dir: &Path) -> Result<LlamaForCausalLM<B>, Error> {
+    load_hf_dir_on(dir, &Default::default(), DType::F32)
+}
+
+pub fn load_hf_dir_on<B: Backend>(dir: &Path, device: &B::Device, dtype: DType) -> Result<LlamaForCausalLM<B>, Error> {
     let config = ModelConfig::from_file(dir.join("config.json"))?;
     let source = SafetensorsSource::open_dir(dir)?;
-    LlamaForCausalLM::load(&config, &source, &Default::default(), DType::F32)
+    LlamaForCausalLM::load(&config, &source, device, dtype)
+}
+
+/// The real SmolLM2 GGUF, where `scripts/fetch-model.sh` puts it.
+pub fn smollm2_path() -> PathBuf {
+    let path = std::env::var_os("TEMPER_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("TEMPER_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/temper"));
+            cache.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-model.sh (or set TEMPER_SMOLLM2_GGUF)",
+        path.display()
+    );
+    path
 }
