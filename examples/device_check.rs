@@ -37,6 +37,7 @@ fn masked_logits<B: Backend>(model: &LlamaForCausalLM<B>, e: &Expected, device: 
     let options = ForwardOptions {
         attention_mask: Some(Tensor::from_data(mask_data, device)),
         position_ids,
+        segment_ids: None,
     };
     (model.forward(ids, options, None).into_data().to_vec().unwrap(), mask)
 }

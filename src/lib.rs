@@ -2,6 +2,8 @@
 //! lives in the workspace crates (`temper-models`, ...).
 
 pub mod backend;
+pub mod data;
 pub mod export;
 pub mod generate;
 pub mod merge;
+pub mod train;

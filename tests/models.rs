@@ -37,6 +37,7 @@ fn check_parity(name: &str) {
     let options = ForwardOptions {
         position_ids: Some(int("position_ids")),
         attention_mask: Some(int("attention_mask")),
+        segment_ids: None,
     };
     let masked: Vec<f32> = model
         .forward(int("input_ids"), options, None)

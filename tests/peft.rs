@@ -56,6 +56,7 @@ fn logits<Bk: Backend>(
     let options = ForwardOptions {
         attention_mask: Some(mask),
         position_ids: None,
+        segment_ids: None,
     };
     model.forward(ids, options, None)
 }

@@ -366,6 +366,10 @@ pub struct ForwardOptions<B: Backend> {
     pub position_ids: Option<Tensor<B, 2, Int>>,
     /// `[batch, past + seq]`, 1 for real tokens and 0 for padding (transformers' meaning).
     pub attention_mask: Option<Tensor<B, 2, Int>>,
+    /// `[batch, seq]`, for packed rows: a token attends only to earlier tokens of the same
+    /// segment (example), so examples packed into one row never see each other. Padding is a
+    /// segment of its own. Not used with a KV cache.
+    pub segment_ids: Option<Tensor<B, 2, Int>>,
 }
 
 /// A causal language model: the decoder plus the output head (`lm_head`, or the embedding
@@ -551,10 +555,21 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let rope = Rope::new(&self.inv_freq, position_ids, dtype);
         let mut x = embedding(weight, input_ids); // [batch, seq, hidden]
         let padding = options.attention_mask.map(|m| m.equal_elem(0)); // [batch, past + seq]
-        // Without padding, full layers need no explicit mask (`is_causal`).
-        let full_mask = padding
+        // Without padding or segments, full layers need no explicit mask (`is_causal`).
+        let mut full_mask = padding
             .as_ref()
             .map(|p| build_mask::<B>(batch, seq, past, Some(p.clone()), None, &device));
+        if let Some(segments) = options.segment_ids {
+            assert_eq!(past, 0, "segment_ids are for training forwards, without a KV cache");
+            let q = segments.clone().unsqueeze_dim::<3>(2).expand([batch, seq, seq]); // [batch, q, k]
+            let k = segments.unsqueeze_dim::<3>(1).expand([batch, seq, seq]);
+            let across = q.not_equal(k).unsqueeze_dim::<4>(1); // [batch, 1, q, k]
+            let causal = build_mask::<B>(batch, seq, 0, None, None, &device);
+            full_mask = Some(match full_mask {
+                Some(m) => m.bool_or(across),
+                None => causal.bool_or(across),
+            });
+        }
         for (i, layer) in self.model.layers.iter().enumerate() {
             let mask = match layer.sliding_window {
                 Some(w) if w < past + seq => Some(build_mask::<B>(batch, seq, past, padding.clone(), Some(w), &device)),

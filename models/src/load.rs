@@ -84,3 +84,22 @@ pub fn load_pretrained<B: Backend>(path: &Path, device: &B::Device, dtype: DType
         ))
     }
 }
+
+/// The config and tokenizer of a model directory or GGUF file, without its weights: what a
+/// job checks before it spends time loading the model.
+pub fn load_config_and_tokenizer(path: &Path) -> Result<(ModelConfig, Tokenizer)> {
+    if path.is_dir() {
+        Ok((
+            ModelConfig::from_file(path.join("config.json"))?,
+            Tokenizer::from_hf_dir(path)?,
+        ))
+    } else if is_gguf(path) {
+        let gguf = Gguf::open(path)?;
+        Ok((config_from_gguf(&gguf)?, Tokenizer::from_gguf(&gguf)?))
+    } else {
+        Err(Error::format(
+            path,
+            "expected a Hugging Face model directory (config.json + safetensors) or a GGUF file",
+        ))
+    }
+}

@@ -26,6 +26,9 @@ impl Message {
     }
 }
 
+/// A token's byte range in the encoded text.
+pub type Offsets = (usize, usize);
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     origin: String,
@@ -228,6 +231,16 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Encodes text without special tokens and returns each token's byte range in `text`, which
+    /// maps character spans (assistant turns, completions) onto tokens.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<Offsets>)> {
+        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer {
+            origin: self.origin.clone(),
+            message: e.to_string(),
+        })?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special_tokens)
@@ -384,38 +397,121 @@ pub fn render_chat_template(
     bos_token: &str,
     eos_token: &str,
 ) -> std::result::Result<String, String> {
-    let mut env = Environment::new();
-    env.set_trim_blocks(true);
-    env.set_lstrip_blocks(true);
-    minijinja_contrib::add_to_environment(&mut env);
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        },
-    );
-    env.add_function("strftime_now", |_fmt: String| -> String {
-        // Templates use this for "Today's date"; a fixed value keeps renders reproducible.
-        String::new()
-    });
-    env.add_template("chat", template).map_err(|e| e.to_string())?;
-    let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
-    tmpl.render(context! {
-        messages => messages,
-        add_generation_prompt => add_generation_prompt,
-        bos_token => bos_token,
-        eos_token => eos_token,
-    })
-    .map_err(|e| {
-        let mut msg = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            msg.push_str(&format!(": {s}"));
-            source = s.source();
+    let template = ChatTemplate::new(template)?;
+    Ok(template
+        .render(messages, add_generation_prompt, bos_token, eos_token)?
+        .text)
+}
+
+/// Marks where a `{% generation %}` block starts and ends in rendered text; private-use code
+/// points, removed before the text is tokenized.
+const GENERATION_START: char = '\u{F8F0}';
+const GENERATION_END: char = '\u{F8F1}';
+
+/// A chat template compiled once, so rendering every row of a dataset does not parse it again.
+///
+/// transformers' `{% generation %}` ... `{% endgeneration %}` tags (which mark the assistant
+/// tokens for `return_assistant_tokens_mask`) are not Jinja: each is rewritten to an `if` block
+/// that keeps the tag's whitespace control and emits a marker, so the rendered text is the same
+/// as transformers' and the marked spans are known.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    has_generation_markers: bool,
+}
+
+/// Rendered chat text and the byte ranges of its `{% generation %}` blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedChat {
+    pub text: String,
+    pub generation_spans: Vec<std::ops::Range<usize>>,
+}
+
+impl ChatTemplate {
+    pub fn new(source: &str) -> std::result::Result<Self, String> {
+        let tag = regex::Regex::new(r"\{%(-?)\s*(generation|endgeneration)\s*(-?)%\}").expect("valid regex");
+        let has_generation_markers = tag.is_match(source);
+        let rewritten = tag.replace_all(source, |c: &regex::Captures| {
+            let marker = if &c[2] == "generation" {
+                GENERATION_START
+            } else {
+                GENERATION_END
+            };
+            format!("{{%{} if true %}}{{{{ \"{marker}\" }}}}{{% endif {}%}}", &c[1], &c[3])
+        });
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_function("strftime_now", |_fmt: String| -> String {
+            // Templates use this for "Today's date"; a fixed value keeps renders reproducible.
+            String::new()
+        });
+        env.add_template_owned("chat", rewritten.into_owned())
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            env,
+            has_generation_markers,
+        })
+    }
+
+    /// Whether the template marks assistant tokens with `{% generation %}`.
+    pub fn has_generation_markers(&self) -> bool {
+        self.has_generation_markers
+    }
+
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> std::result::Result<RenderedChat, String> {
+        let tmpl = self.env.get_template("chat").map_err(|e| e.to_string())?;
+        let raw = tmpl
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => bos_token,
+                eos_token => eos_token,
+            })
+            .map_err(|e| {
+                let mut msg = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    msg.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                msg
+            })?;
+        if !self.has_generation_markers {
+            return Ok(RenderedChat {
+                text: raw,
+                generation_spans: Vec::new(),
+            });
         }
-        msg
-    })
+        let mut text = String::with_capacity(raw.len());
+        let mut generation_spans = Vec::new();
+        let mut open = None;
+        for ch in raw.chars() {
+            match ch {
+                GENERATION_START => open = Some(text.len()),
+                GENERATION_END => {
+                    if let Some(start) = open.take() {
+                        generation_spans.push(start..text.len());
+                    }
+                }
+                _ => text.push(ch),
+            }
+        }
+        Ok(RenderedChat { text, generation_spans })
+    }
 }
 
 /// GPT-2's reversible map from bytes to printable characters.

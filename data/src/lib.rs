@@ -1,0 +1,19 @@
+//! Datasets into training batches: sources (Arrow IPC, Parquet, JSON Lines), TRL's formats,
+//! chat rendering and tokenization with TRL's label masks, packing, batching, and a loader
+//! thread with a seeded shuffle, rank sharding and a resumable cursor.
+
+pub mod config;
+pub mod error;
+pub mod format;
+pub mod loader;
+pub mod pack;
+pub mod source;
+pub mod tokenize;
+
+pub use config::{DataConfig, EvalDataConfig, SourceConfig, Stopping};
+pub use error::{Error, Location, Result};
+pub use format::{Content, Format, RowFormat, Sample};
+pub use loader::{Batch, Cursor, DataLoader, LoadedBatch, LoaderOptions, Pipeline, Stats};
+pub use pack::{PackedRow, PackingStrategy, PreferenceBatch, SftBatch, pack_bfd};
+pub use source::{DataFile, FileKind, Record, resolve};
+pub use tokenize::{EncodeOptions, Encoded, Encoder, IGNORE_INDEX, PreferenceExample, SftExample, Truncation};

@@ -1,0 +1,612 @@
+//! The pipeline from sources to batches, run on a thread ahead of the trainer.
+//!
+//! Per epoch: sources (concatenated, or interleaved at random by weight) → a seeded streaming
+//! shuffle → sharding by rank (row `i` goes to rank `i % world_size`, so ranks never share a
+//! row) → windows of rows, tokenized in parallel → packing or padding → batches. A [`Cursor`]
+//! names the next batch as (epoch, window, batch within the window): resuming re-reads the rows
+//! of the windows before it without tokenizing them, so a resumed run gets exactly the batches
+//! the uninterrupted run would have.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use temper_models::Tokenizer;
+
+use crate::config::{DataConfig, Stopping};
+use crate::error::{Error, Location, Result};
+use crate::format::{RowFormat, Sample};
+use crate::pack::{PackedRow, PreferenceBatch, SftBatch, pack_bfd};
+use crate::source::{DataFile, Record, resolve};
+use crate::tokenize::{EncodeOptions, Encoded, Encoder, PreferenceExample, SftExample};
+
+/// The position of the next batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub window: u64,
+    pub batch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Batch {
+    Sft(SftBatch),
+    Preference(PreferenceBatch),
+}
+
+/// A batch and the cursor that follows it (what a checkpoint saves).
+#[derive(Debug, Clone)]
+pub struct LoadedBatch {
+    pub batch: Batch,
+    pub epoch: u64,
+    pub next: Cursor,
+}
+
+/// Counters over everything the loader has read, shared with the trainer's log.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub rows: AtomicU64,
+    pub bad_rows_skipped: AtomicU64,
+    pub dropped_no_target: AtomicU64,
+    pub truncated: AtomicU64,
+    pub tokens: AtomicU64,
+    pub target_tokens: AtomicU64,
+    /// Token slots in batches, padding included: `tokens / slots` is the packing efficiency.
+    pub slots: AtomicU64,
+    pub batches: AtomicU64,
+    /// The first few skipped rows' errors, for the log.
+    pub skipped_examples: Mutex<Vec<String>>,
+}
+
+impl Stats {
+    pub fn get(&self, counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LoaderOptions {
+    pub batch_size: usize,
+    pub seed: u64,
+    pub rank: usize,
+    pub world_size: usize,
+    /// `None`: epochs without end (the trainer stops at `max_steps`).
+    pub epochs: Option<u64>,
+}
+
+struct PreparedSource {
+    files: Vec<DataFile>,
+    format: RowFormat,
+    columns: Vec<String>,
+    weight: Option<f64>,
+}
+
+/// Resolved sources, the encoder and the options: everything needed to produce batches.
+pub struct Pipeline {
+    sources: Vec<PreparedSource>,
+    pub encoder: Arc<Encoder>,
+    pub config: DataConfig,
+    pub options: LoaderOptions,
+    pub preference: bool,
+    pad_id: u32,
+    pub stats: Arc<Stats>,
+}
+
+impl Pipeline {
+    /// Resolves the sources and their formats (reading only schemas or first rows), so a wrong
+    /// path or a missing column fails before any model is loaded.
+    pub fn new(config: &DataConfig, tokenizer: Arc<Tokenizer>, options: LoaderOptions) -> Result<Self> {
+        config.validate("data")?;
+        if options.batch_size == 0 || options.world_size == 0 || options.rank >= options.world_size {
+            return Err(Error::config(
+                "data",
+                format!(
+                    "batch size {} / rank {} of {} is not a valid layout",
+                    options.batch_size, options.rank, options.world_size
+                ),
+            ));
+        }
+        let mut sources = Vec::new();
+        for (i, s) in config.resolved_sources().iter().enumerate() {
+            let files = resolve(&s.path, s.split.as_deref().unwrap_or("train"))?;
+            let first = files.first().expect("resolve returns at least one file");
+            let columns = first.columns()?;
+            let renames = s.columns.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let format = RowFormat::resolve(
+                s.format.unwrap_or_default(),
+                renames,
+                &columns,
+                &Location::file(&first.path),
+            )?;
+            let wanted = format.dataset_columns();
+            sources.push(PreparedSource {
+                files,
+                columns: wanted,
+                format,
+                weight: s.weight,
+            });
+            if sources[0].format.format.is_preference() != sources[i].format.format.is_preference() {
+                return Err(Error::config(
+                    format!("data.sources[{i}]"),
+                    "preference and SFT sources cannot be mixed in one job",
+                ));
+            }
+        }
+        let preference = sources[0].format.format.is_preference();
+        let pad = tokenizer
+            .pad_token
+            .as_deref()
+            .or(tokenizer.eos_token.as_deref())
+            .and_then(|t| tokenizer.token_to_id(t))
+            .ok_or_else(|| Error::config("tokenizer", "the tokenizer has neither a pad nor an EOS token"))?;
+        let encoder = Encoder::new(
+            tokenizer,
+            EncodeOptions {
+                max_length: config.max_length,
+                truncation: config.truncation,
+                completion_only_loss: config.completion_only_loss,
+                assistant_only_loss: config.assistant_only_loss,
+                packing: config.packing,
+                chat_template: config.chat_template.clone(),
+            },
+        )?;
+        Ok(Self {
+            sources,
+            encoder: Arc::new(encoder),
+            config: config.clone(),
+            options,
+            preference,
+            pad_id: pad,
+            stats: Arc::new(Stats::default()),
+        })
+    }
+
+    fn window_size(&self) -> usize {
+        if self.config.packing && !self.preference {
+            self.config.packing_window
+        } else {
+            self.options.batch_size * 16
+        }
+    }
+
+    /// This rank's rows of one epoch, in order.
+    pub fn rows(&self, epoch: u64) -> impl Iterator<Item = Result<(usize, Record)>> + Send + use<> {
+        let seed = self.options.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let streams: Vec<SourceStream> = self
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut files = s.files.clone();
+                if self.config.shuffle {
+                    files.shuffle(&mut StdRng::seed_from_u64(seed.wrapping_add(i as u64)));
+                }
+                SourceStream::new(files, s.columns.clone())
+            })
+            .collect();
+        let weights: Option<Vec<f64>> = self
+            .sources
+            .iter()
+            .any(|s| s.weight.is_some())
+            .then(|| self.sources.iter().map(|s| s.weight.unwrap_or(1.0)).collect());
+        let mixed = Mixed {
+            streams,
+            weights,
+            stopping: self.config.stopping,
+            exhausted_once: vec![false; self.sources.len()],
+            current: 0,
+            rng: StdRng::seed_from_u64(seed),
+            done: false,
+        };
+        let shuffled = Shuffle {
+            inner: mixed,
+            buffer: Vec::new(),
+            size: if self.config.shuffle {
+                self.config.shuffle_buffer
+            } else {
+                1
+            },
+            rng: StdRng::seed_from_u64(seed.wrapping_add(0xB5)),
+            shuffle: self.config.shuffle,
+        };
+        let (rank, world) = (self.options.rank as u64, self.options.world_size as u64);
+        // Errors are kept on every rank (they are not rows of one rank).
+        let mut index = 0u64;
+        shuffled.filter(move |r| match r {
+            Ok(_) => {
+                let keep = index % world == rank;
+                index += 1;
+                keep
+            }
+            Err(_) => true,
+        })
+    }
+
+    /// Reads samples from rows, applying `skip_bad_rows`.
+    fn sample(&self, source: usize, record: &Record) -> Result<Sample> {
+        self.sources[source].format.sample(record)
+    }
+
+    /// Tokenizes one window of rows in parallel; bad rows are skipped or fail, per the config.
+    fn encode_window(&self, rows: &[(usize, Record)]) -> Result<Vec<Encoded>> {
+        let results: Vec<Result<Encoded>> = rows
+            .par_iter()
+            .map(|(src, record)| {
+                let sample = self.sample(*src, record)?;
+                self.encoder.encode(&sample, &record.at)
+            })
+            .collect();
+        let mut out = Vec::with_capacity(results.len());
+        for r in results {
+            match r {
+                Ok(e) => out.push(e),
+                Err(e) => self.skip_or_fail(e)?,
+            }
+        }
+        self.stats.rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    fn skip_or_fail(&self, e: Error) -> Result<()> {
+        if self.config.skip_bad_rows && e.is_row_error() {
+            self.stats.bad_rows_skipped.fetch_add(1, Ordering::Relaxed);
+            let mut list = self.stats.skipped_examples.lock().expect("not poisoned");
+            if list.len() < 5 {
+                list.push(e.to_string());
+            }
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }
+
+    /// Turns one window's encoded rows into batches.
+    fn batches(&self, encoded: Vec<Encoded>, seed: u64) -> Vec<Batch> {
+        let bs = self.options.batch_size;
+        let stats = &self.stats;
+        let mut sft: Vec<SftExample> = Vec::new();
+        let mut pairs: Vec<PreferenceExample> = Vec::new();
+        for e in encoded {
+            match e {
+                Encoded::Sft(x) => {
+                    if x.truncated {
+                        stats.truncated.fetch_add(1, Ordering::Relaxed);
+                    }
+                    sft.push(x)
+                }
+                Encoded::Preference(p) => pairs.push(p),
+                Encoded::Dropped => {
+                    stats.dropped_no_target.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let batches: Vec<Batch> = if self.preference {
+            pairs
+                .chunks(bs)
+                .map(|c| {
+                    Batch::Preference(PreferenceBatch::collate(
+                        c,
+                        self.pad_id,
+                        self.config.max_length,
+                        self.config.truncation,
+                        self.config.pad_to_multiple_of,
+                    ))
+                })
+                .collect()
+        } else if self.config.packing {
+            let max = self.config.max_length.expect("validated: packing needs max_length");
+            let mut rows: Vec<PackedRow> = pack_bfd(sft, max, self.config.packing_strategy);
+            if self.config.shuffle {
+                // Rows come out of best-fit-decreasing sorted by their longest example.
+                rows.shuffle(&mut StdRng::seed_from_u64(seed));
+            }
+            rows.chunks(bs)
+                .map(|c| {
+                    let views: Vec<_> = c
+                        .iter()
+                        .map(|r| (r.input_ids.as_slice(), r.labels.as_slice(), r.seq_lengths.as_slice()))
+                        .collect();
+                    Batch::Sft(SftBatch::collate(&views, self.pad_id, self.config.pad_to_multiple_of))
+                })
+                .collect()
+        } else {
+            sft.chunks(bs)
+                .map(|c| {
+                    let lens: Vec<[usize; 1]> = c.iter().map(|x| [x.input_ids.len()]).collect();
+                    let views: Vec<_> = c
+                        .iter()
+                        .zip(&lens)
+                        .map(|(x, l)| (x.input_ids.as_slice(), x.labels.as_slice(), l.as_slice()))
+                        .collect();
+                    Batch::Sft(SftBatch::collate(&views, self.pad_id, self.config.pad_to_multiple_of))
+                })
+                .collect()
+        };
+        for b in &batches {
+            let (tokens, targets, slots) = match b {
+                Batch::Sft(b) => (b.num_tokens(), b.num_target_tokens(), b.batch_size * b.seq_len),
+                Batch::Preference(b) => (
+                    b.num_tokens(),
+                    b.completion_mask.iter().filter(|&&m| m == 1).count(),
+                    2 * b.pairs * b.seq_len,
+                ),
+            };
+            stats.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+            stats.target_tokens.fetch_add(targets as u64, Ordering::Relaxed);
+            stats.slots.fetch_add(slots as u64, Ordering::Relaxed);
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+        }
+        batches
+    }
+
+    /// Produces batches from `start` on, sending each with the cursor after it; returns when the
+    /// epochs are done, on an error (sent), or when the receiver is gone.
+    fn produce(&self, start: Cursor, tx: &SyncSender<Result<LoadedBatch>>) {
+        let window = self.window_size();
+        let mut epoch = start.epoch;
+        loop {
+            if self.options.epochs.is_some_and(|n| epoch >= n) {
+                return;
+            }
+            let mut rows = self.rows(epoch);
+            let mut w = 0u64;
+            let mut produced_any = false;
+            loop {
+                let resuming = epoch == start.epoch && w < start.window;
+                let mut chunk: Vec<(usize, Record)> = Vec::with_capacity(if resuming { 0 } else { window });
+                let mut taken = 0;
+                while taken < window {
+                    match rows.next() {
+                        None => break,
+                        Some(Ok((src, r))) => {
+                            taken += 1;
+                            if !resuming {
+                                chunk.push((src, r));
+                            }
+                        }
+                        Some(Err(e)) => {
+                            if let Err(e) = self.skip_or_fail(e) {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                        }
+                    }
+                }
+                if taken == 0 {
+                    break;
+                }
+                produced_any = true;
+                if resuming {
+                    w += 1;
+                    continue;
+                }
+                let encoded = match self.encode_window(&chunk) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let seed = self.options.seed ^ (epoch << 32) ^ w;
+                let batches = self.batches(encoded, seed);
+                let n = batches.len() as u64;
+                let skip = if epoch == start.epoch && w == start.window {
+                    start.batch
+                } else {
+                    0
+                };
+                for (i, batch) in batches.into_iter().enumerate().skip(skip as usize) {
+                    let i = i as u64;
+                    let next = if i + 1 < n {
+                        Cursor {
+                            epoch,
+                            window: w,
+                            batch: i + 1,
+                        }
+                    } else {
+                        Cursor {
+                            epoch,
+                            window: w + 1,
+                            batch: 0,
+                        }
+                    };
+                    if tx.send(Ok(LoadedBatch { batch, epoch, next })).is_err() {
+                        return;
+                    }
+                }
+                w += 1;
+            }
+            if !produced_any {
+                let _ = tx.send(Err(Error::config(
+                    "data",
+                    format!(
+                        "epoch {epoch} has no rows for rank {} of {} (is the dataset empty?)",
+                        self.options.rank, self.options.world_size
+                    ),
+                )));
+                return;
+            }
+            epoch += 1;
+        }
+    }
+
+    /// Starts the loader thread at `start`.
+    pub fn spawn(self: Arc<Self>, start: Cursor) -> DataLoader {
+        let (tx, rx) = sync_channel(self.config.prefetch);
+        let this = self.clone();
+        let handle = std::thread::Builder::new()
+            .name("temper-data".into())
+            .spawn(move || this.produce(start, &tx))
+            .expect("spawning a thread");
+        DataLoader {
+            rx,
+            _handle: handle,
+            stats: self.stats.clone(),
+        }
+    }
+
+    /// The first `n` rows of epoch 0 as samples and their encodings (for `temper data inspect`).
+    pub fn preview(&self, n: usize) -> Result<Vec<(Sample, Encoded)>> {
+        let mut out = Vec::new();
+        for r in self.rows(0).take(n) {
+            let (src, record) = r?;
+            let sample = self.sample(src, &record)?;
+            let encoded = self.encoder.encode(&sample, &record.at)?;
+            out.push((sample, encoded));
+        }
+        Ok(out)
+    }
+}
+
+/// Batches from the loader thread, in order.
+pub struct DataLoader {
+    rx: Receiver<Result<LoadedBatch>>,
+    _handle: std::thread::JoinHandle<()>,
+    pub stats: Arc<Stats>,
+}
+
+impl Iterator for DataLoader {
+    type Item = Result<LoadedBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.rx.recv().ok()
+    }
+}
+
+/// One source's files read one after another.
+struct SourceStream {
+    files: Vec<DataFile>,
+    columns: Vec<String>,
+    next_file: usize,
+    rows: Option<Box<dyn Iterator<Item = Result<Record>> + Send>>,
+}
+
+impl SourceStream {
+    fn new(files: Vec<DataFile>, columns: Vec<String>) -> Self {
+        Self {
+            files,
+            columns,
+            next_file: 0,
+            rows: None,
+        }
+    }
+
+    fn restart(&mut self) {
+        self.next_file = 0;
+        self.rows = None;
+    }
+}
+
+impl Iterator for SourceStream {
+    type Item = Result<Record>;
+
+    fn next(&mut self) -> Option<Result<Record>> {
+        loop {
+            if let Some(rows) = &mut self.rows
+                && let Some(r) = rows.next()
+            {
+                return Some(r);
+            }
+            let file = self.files.get(self.next_file)?;
+            self.next_file += 1;
+            match file.rows(Some(&self.columns)) {
+                Ok(rows) => self.rows = Some(rows),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+/// Sources concatenated, or interleaved by weight (as `datasets.interleave_datasets`).
+struct Mixed {
+    streams: Vec<SourceStream>,
+    weights: Option<Vec<f64>>,
+    stopping: Stopping,
+    exhausted_once: Vec<bool>,
+    current: usize,
+    rng: StdRng,
+    done: bool,
+}
+
+impl Iterator for Mixed {
+    type Item = Result<(usize, Record)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let Some(weights) = &self.weights else {
+            while self.current < self.streams.len() {
+                if let Some(r) = self.streams[self.current].next() {
+                    return Some(r.map(|r| (self.current, r)));
+                }
+                self.current += 1;
+            }
+            self.done = true;
+            return None;
+        };
+        loop {
+            let total: f64 = weights.iter().sum();
+            let mut pick = self.rng.random::<f64>() * total;
+            let mut i = 0;
+            while i + 1 < weights.len() && pick >= weights[i] {
+                pick -= weights[i];
+                i += 1;
+            }
+            if let Some(r) = self.streams[i].next() {
+                return Some(r.map(|r| (i, r)));
+            }
+            self.exhausted_once[i] = true;
+            let stop = match self.stopping {
+                Stopping::FirstExhausted => true,
+                Stopping::AllExhausted => self.exhausted_once.iter().all(|&e| e),
+            };
+            if stop {
+                self.done = true;
+                return None;
+            }
+            // Oversample: a source that ran out starts again until every source has.
+            self.streams[i].restart();
+            if self.streams[i].files.is_empty() {
+                self.done = true;
+                return None;
+            }
+        }
+    }
+}
+
+/// A seeded streaming shuffle: a buffer of rows, each output drawn from it at random.
+struct Shuffle<I> {
+    inner: I,
+    buffer: Vec<(usize, Record)>,
+    size: usize,
+    rng: StdRng,
+    shuffle: bool,
+}
+
+impl<I: Iterator<Item = Result<(usize, Record)>>> Iterator for Shuffle<I> {
+    type Item = Result<(usize, Record)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if !self.shuffle {
+            return self.inner.next();
+        }
+        while self.buffer.len() < self.size {
+            match self.inner.next() {
+                Some(Ok(r)) => self.buffer.push(r),
+                Some(Err(e)) => return Some(Err(e)),
+                None => break,
+            }
+        }
+        if self.buffer.is_empty() {
+            return None;
+        }
+        let j = self.rng.random_range(0..self.buffer.len());
+        Some(Ok(self.buffer.swap_remove(j)))
+    }
+}

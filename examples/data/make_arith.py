@@ -1,0 +1,43 @@
+"""A small conversational dataset with a strict answer format: each assistant turn shows the sum
+and ends with `#### <answer>` (GSM8K's final-answer line). SmolLM2-135M-Instruct does not answer
+this way before training, so the format (and the arithmetic) is a visible, measurable effect.
+
+python make_arith.py  ->  arith_train.jsonl (400 rows), arith_test.jsonl (50 rows)
+"""
+
+import json
+import random
+
+rng = random.Random(0)
+phrasings = [
+    "What is {a} + {b}?",
+    "Add {a} and {b}.",
+    "Compute {a} plus {b}.",
+    "How much is {a} + {b}?",
+    "Please sum {a} and {b}.",
+]
+
+
+def row():
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    q = rng.choice(phrasings).format(a=a, b=b)
+    return {
+        "messages": [
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": f"{a} + {b} = {a + b}.\n#### {a + b}"},
+        ]
+    }
+
+
+seen = set()
+rows = []
+while len(rows) < 450:
+    r = row()
+    key = r["messages"][0]["content"]
+    if key not in seen:
+        seen.add(key)
+        rows.append(r)
+for name, part in [("arith_train.jsonl", rows[:400]), ("arith_test.jsonl", rows[400:])]:
+    with open(name, "w") as f:
+        for r in part:
+            f.write(json.dumps(r) + "\n")

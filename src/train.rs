@@ -1,0 +1,108 @@
+//! `temper train`: run a job from its YAML file.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Result, bail};
+use burn::backend::Autodiff;
+use burn::tensor::DType;
+use burn::tensor::backend::Backend;
+use temper_trainer::{JobConfig, Precision, Resume, TrainOptions};
+
+use crate::backend::{BackendJob, DeviceSpec, dispatch};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// The job's YAML file (see configs/).
+    pub config: PathBuf,
+    /// Override a key: `--set training.learning_rate=1e-4` (repeatable; values are YAML).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Resume from the newest checkpoint in output_dir, or from the checkpoint DIR given.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "")]
+    pub resume: Option<PathBuf>,
+}
+
+struct Job {
+    config: JobConfig,
+    dtype: DType,
+    options: TrainOptions,
+}
+
+impl BackendJob for Job {
+    type Output = Result<temper_trainer::Summary>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        Ok(temper_trainer::train::<Autodiff<B>>(
+            &self.config,
+            &device,
+            self.dtype,
+            self.options,
+        )?)
+    }
+}
+
+pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
+    let config = JobConfig::load(&args.config, &args.set)?;
+    let device = match device {
+        Some(d) => d,
+        None => config
+            .device
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("{}: device: {e}", args.config.display()))?,
+    };
+    let dtype = match (config.training.precision, device) {
+        (Precision::Auto, DeviceSpec::Cpu) | (Precision::F32, _) => DType::F32,
+        (Precision::Auto, _) | (Precision::Bf16, _) => DType::BF16,
+        (Precision::F16, _) => DType::F16,
+    };
+    if device == DeviceSpec::Cpu && dtype != DType::F32 && cfg!(feature = "ndarray") {
+        bail!(
+            "{}: training.precision: the ndarray CPU backend computes in f32 only; use `precision: f32` (or `auto`) on the CPU",
+            args.config.display()
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second Ctrl-C while the checkpoint is written falls through to the default: exit.
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nstopping: saving a checkpoint after this step (Ctrl-C again to quit now)");
+        });
+    }
+    let resume = args.resume.map(|p| {
+        if p.as_os_str().is_empty() {
+            Resume::Latest
+        } else {
+            Resume::Dir(p)
+        }
+    });
+    let job = Job {
+        config,
+        dtype,
+        options: TrainOptions {
+            resume,
+            stop,
+            stop_after_steps: None,
+        },
+    };
+    let summary = dispatch(device, job).map_err(anyhow::Error::msg)??;
+    let last = summary.losses.last().map_or(f64::NAN, |l| l.1);
+    if summary.interrupted {
+        eprintln!(
+            "stopped at step {}/{}; resume with --resume (loss {last:.4})",
+            summary.steps, summary.total_steps
+        );
+    } else {
+        eprintln!(
+            "done: {} steps, final loss {last:.4}; adapter in {}",
+            summary.steps,
+            summary.output_dir.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,266 @@
+//! The trainer against a PEFT + PyTorch run (`tests/fixtures/train/make_train_fixtures.py`):
+//! per-step losses and the final adapter; an interrupted-and-resumed run against the
+//! uninterrupted one; config errors that name the file and key.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Autodiff;
+use burn::tensor::DType;
+use common::{fixtures, rel_err};
+use safetensors::SafeTensors;
+use temper::backend::CpuBackend;
+use temper_trainer::{JobConfig, Resume, TrainOptions, train};
+
+type AD = Autodiff<CpuBackend>;
+
+fn dir() -> PathBuf {
+    fixtures().join("train")
+}
+
+/// The job of the fixture run, writing to `out`.
+fn job_yaml(out: &Path, extra: &str) -> String {
+    format!(
+        r#"
+model:
+  path: {tiny}
+adapter:
+  type: lora
+  path: {init}
+  loraplus_lr_ratio: 2.0
+data:
+  path: {data}
+  shuffle: false
+  max_length: 64
+training:
+  max_steps: 10
+  micro_batch_size: 2
+  gradient_accumulation_steps: 2
+  learning_rate: 1.0e-2
+  lr_scheduler: linear
+  warmup_steps: 2
+  weight_decay: 0.01
+  max_grad_norm: 1.0
+  precision: f32
+output_dir: {out}
+{extra}"#,
+        tiny = dir().join("tiny").display(),
+        init = dir().join("init_adapter").display(),
+        data = dir().join("data.jsonl").display(),
+        out = out.display(),
+    )
+}
+
+fn load_job(tmp: &Path, yaml: &str, overrides: &[&str]) -> Result<JobConfig, String> {
+    let path = tmp.join("job.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    JobConfig::load(&path, &overrides).map_err(|e| e.to_string())
+}
+
+fn run(job: &JobConfig, options: TrainOptions) -> temper_trainer::Summary {
+    train::<AD>(job, &Default::default(), DType::F32, options).unwrap()
+}
+
+fn expected() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir().join("expected.json")).unwrap()).unwrap()
+}
+
+fn adapter(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let values = v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (name, values)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn lora_sft_matches_peft_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full_out = tmp.path().join("full");
+    let job = load_job(tmp.path(), &job_yaml(&full_out, ""), &[]).unwrap();
+    let summary = run(&job, TrainOptions::default());
+    assert_eq!(summary.steps, 10);
+
+    // Per-step losses equal PyTorch + PEFT's.
+    let exp = expected();
+    let want: Vec<f32> = exp["loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let got: Vec<f32> = summary.losses.iter().map(|l| l.1 as f32).collect();
+    let err = rel_err(&got, &want, |_| true);
+    assert!(err < 1e-4, "losses differ by {err}: {got:?} vs {want:?}");
+    // ... and so do the logged grad norms and learning rates.
+    let metrics = std::fs::read_to_string(full_out.join("metrics.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for (i, row) in rows.iter().enumerate() {
+        let gn = row["grad_norm"].as_f64().unwrap();
+        let want_gn = exp["grad_norm"][i].as_f64().unwrap();
+        assert!(
+            (gn - want_gn).abs() / want_gn < 1e-4,
+            "step {}: grad_norm {gn} vs {want_gn}",
+            i + 1
+        );
+        let lr = row["learning_rate"].as_f64().unwrap();
+        assert!(
+            (lr - exp["learning_rate"][i].as_f64().unwrap()).abs() < 1e-12,
+            "step {}: lr",
+            i + 1
+        );
+    }
+    // The final adapter equals PEFT's, tensor by tensor.
+    let ours = adapter(&full_out);
+    let theirs = adapter(&dir().join("final_adapter"));
+    assert_eq!(
+        ours.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        theirs.iter().map(|t| &t.0).collect::<Vec<_>>()
+    );
+    for ((name, a), (_, b)) in ours.iter().zip(&theirs) {
+        let err = rel_err(a, b, |_| true);
+        assert!(err < 1e-4, "{name}: {err}");
+    }
+
+    // Interrupted after 4 steps (as Ctrl-C would), then resumed: the same curve and adapter.
+    let out = tmp.path().join("resumed");
+    let job = load_job(tmp.path(), &job_yaml(&out, ""), &[]).unwrap();
+    let first = run(
+        &job,
+        TrainOptions {
+            stop_after_steps: Some(4),
+            ..Default::default()
+        },
+    );
+    assert!(first.interrupted && first.steps == 4);
+    assert!(out.join("checkpoint-4/trainer_state.json").exists());
+    assert!(
+        !out.join("adapter_model.safetensors").exists(),
+        "no final adapter for an interrupted run"
+    );
+    let second = run(
+        &job,
+        TrainOptions {
+            resume: Some(Resume::Latest),
+            ..Default::default()
+        },
+    );
+    assert_eq!(second.steps, 10);
+    let resumed: Vec<f32> = second.losses.iter().map(|l| l.1 as f32).collect();
+    assert_eq!(resumed.len(), 10);
+    let err = rel_err(&resumed, &got, |_| true);
+    assert!(err < 1e-6, "resumed curve differs by {err}: {resumed:?} vs {got:?}");
+    for ((name, a), (_, b)) in adapter(&out).iter().zip(&ours) {
+        assert!(rel_err(a, b, |_| true) < 1e-6, "{name} after resume");
+    }
+}
+
+#[test]
+fn checkpoints_rotate_and_the_loss_is_watched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let extra = "";
+    let job = load_job(
+        tmp.path(),
+        &job_yaml(&out, extra),
+        &[
+            "training.save_steps=2",
+            "training.save_total_limit=2",
+            "training.max_steps=6",
+        ],
+    )
+    .unwrap();
+    run(&job, TrainOptions::default());
+    let kept: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("checkpoint"))
+        .collect();
+    let mut kept = kept;
+    kept.sort();
+    assert_eq!(kept, vec!["checkpoint-4", "checkpoint-6"]);
+    assert!(
+        out.join("runs").read_dir().unwrap().next().is_some(),
+        "a TensorBoard event file"
+    );
+    assert!(out.join("config.yaml").exists());
+
+    // A learning rate that blows the weights up: the run stops and names the step.
+    let out = tmp.path().join("nan");
+    let job = load_job(
+        tmp.path(),
+        &job_yaml(&out, ""),
+        &["training.learning_rate=1.0e30", "training.warmup_steps=0"],
+    )
+    .unwrap();
+    let err = train::<AD>(&job, &Default::default(), DType::F32, TrainOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("step ") && err.contains("the loss is"), "{err}");
+}
+
+#[test]
+fn config_errors_name_file_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let yaml = job_yaml(&out, "");
+    let cases: [(&str, Vec<&str>, &str); 7] = [
+        (
+            "misspelled key",
+            vec!["training.learnin_rate=1"],
+            "unknown field `learnin_rate`",
+        ),
+        ("r = 0", vec!["adapter.r=0"], "adapter.r: must be > 0"),
+        (
+            "lr < 0",
+            vec!["training.learning_rate=-1"],
+            "training.learning_rate: must be > 0",
+        ),
+        (
+            "wrong type",
+            vec!["training.micro_batch_size=two"],
+            "training.micro_batch_size",
+        ),
+        (
+            "bad enum",
+            vec!["training.lr_scheduler=exponential"],
+            "training.lr_scheduler",
+        ),
+        (
+            "missing model",
+            vec!["model.path=/nonexistent/model"],
+            "model.path: /nonexistent/model does not exist",
+        ),
+        (
+            "packing without length",
+            vec!["data.packing=true", "data.max_length=null"],
+            "data.packing",
+        ),
+    ];
+    for (what, overrides, want) in cases {
+        let err = load_job(tmp.path(), &yaml, &overrides).expect_err(what);
+        assert!(err.contains("job.yaml") && err.contains(want), "{what}: {err}");
+    }
+    // Checked against the model before its weights load: longer than its context (256).
+    let job = load_job(tmp.path(), &yaml, &["data.max_length=4096"]).unwrap();
+    let err = train::<AD>(&job, &Default::default(), DType::F32, TrainOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("data.max_length") && err.contains("context (256)"),
+        "{err}"
+    );
+}

@@ -1,0 +1,504 @@
+//! A job's YAML file: raw serde structs (`deny_unknown_fields`, explicit defaults), `--set`
+//! overrides, and the checks that run before any model is loaded.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_yaml::Value;
+use temper_data::DataConfig;
+use temper_peft::{InitLoraWeights, LoraConfig, TargetModules};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    pub model: ModelSection,
+    #[serde(default)]
+    pub adapter: AdapterSection,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub training: TrainingSection,
+    pub output_dir: PathBuf,
+    /// `cpu`, `cuda`, `cuda:N`, `wgpu`.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A Hugging Face model directory or a GGUF file.
+    pub path: PathBuf,
+    /// Hub revision: refused until Temper downloads from the Hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AdapterKind {
+    #[default]
+    Lora,
+    /// Every weight trained (no adapter); the output is a full checkpoint.
+    Full,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseQuantization {
+    /// 8-bit blocks (llama.cpp Q8_0).
+    Q8_0,
+    /// 4-bit blocks (llama.cpp Q4_0): QLoRA-style.
+    Q4_0,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetSpec {
+    /// `all-linear`, or a regular expression matched against whole module names.
+    One(String),
+    /// Module names or name suffixes.
+    List(Vec<String>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InitSpec {
+    Bool(bool),
+    Named(String),
+}
+
+/// LoRA settings, with PEFT's `LoraConfig` key names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSection {
+    #[serde(default, rename = "type")]
+    pub kind: AdapterKind,
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_alpha")]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    #[serde(default = "default_targets")]
+    pub target_modules: TargetSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude_modules: Option<TargetSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_to_transform: Option<Vec<usize>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rank_pattern: BTreeMap<String, usize>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules_to_save: Vec<String>,
+    /// `true` (Kaiming A, zero B), `gaussian`, `pissa`, or `false` (both random).
+    #[serde(default = "default_init")]
+    pub init_lora_weights: InitSpec,
+    /// LoRA+: the B matrices learn this many times faster than the A matrices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loraplus_lr_ratio: Option<f64>,
+    /// Keep the frozen base block-quantized (QLoRA-style).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize_base: Option<BaseQuantization>,
+    /// Start from this PEFT adapter directory instead of a fresh adapter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+}
+
+fn default_r() -> usize {
+    16
+}
+fn default_alpha() -> f64 {
+    32.0
+}
+fn default_targets() -> TargetSpec {
+    TargetSpec::One("all-linear".into())
+}
+fn default_init() -> InitSpec {
+    InitSpec::Bool(true)
+}
+
+impl Default for AdapterSection {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("defaults deserialize")
+    }
+}
+
+impl AdapterSection {
+    /// The PEFT configuration this section describes.
+    pub fn lora_config(&self) -> Result<LoraConfig> {
+        let targets = |spec: &TargetSpec| match spec {
+            TargetSpec::One(s) if s == "all-linear" => TargetModules::AllLinear,
+            TargetSpec::One(s) => TargetModules::Regex(s.clone()),
+            TargetSpec::List(l) => TargetModules::Names(l.clone()),
+        };
+        let init = match &self.init_lora_weights {
+            InitSpec::Bool(true) => InitLoraWeights::KaimingZero,
+            InitSpec::Bool(false) => InitLoraWeights::Random,
+            InitSpec::Named(n) if n == "gaussian" => InitLoraWeights::Gaussian,
+            InitSpec::Named(n) if n == "pissa" => InitLoraWeights::Pissa,
+            InitSpec::Named(n) => {
+                return Err(Error::config(
+                    "adapter.init_lora_weights",
+                    format!("{n:?} is not one of true, false, gaussian, pissa"),
+                ));
+            }
+        };
+        Ok(LoraConfig {
+            r: self.r,
+            lora_alpha: self.lora_alpha,
+            lora_dropout: self.lora_dropout,
+            target_modules: targets(&self.target_modules),
+            exclude_modules: self.exclude_modules.as_ref().map(targets),
+            layers_to_transform: self.layers_to_transform.clone(),
+            layers_pattern: None,
+            rank_pattern: self.rank_pattern.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            alpha_pattern: self.alpha_pattern.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            use_rslora: self.use_rslora,
+            use_dora: self.use_dora,
+            modules_to_save: self.modules_to_save.clone(),
+            init_lora_weights: init,
+            base_model_name_or_path: None,
+            revision: None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    #[default]
+    Sft,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Constant,
+    #[default]
+    Linear,
+    Cosine,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// bf16 on GPUs, f32 on the CPU (whose backends have no fast bf16 matmul).
+    #[default]
+    Auto,
+    Bf16,
+    F16,
+    F32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSection {
+    #[serde(default)]
+    pub objective: Objective,
+    /// Passes over the data; ignored when `max_steps` is set.
+    #[serde(default = "default_epochs")]
+    pub epochs: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<u64>,
+    #[serde(default = "default_micro_batch")]
+    pub micro_batch_size: usize,
+    #[serde(default = "default_one")]
+    pub gradient_accumulation_steps: usize,
+    #[serde(default = "default_lr", alias = "lr")]
+    pub learning_rate: f64,
+    #[serde(default)]
+    pub lr_scheduler: Schedule,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Warmup as a fraction of the total steps (used when `warmup_steps` is 0).
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "default_eps")]
+    pub adam_epsilon: f64,
+    /// Global-norm gradient clipping; 0 turns it off.
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: f64,
+    #[serde(default)]
+    pub precision: Precision,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default = "default_one_u64")]
+    pub logging_steps: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_steps: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_steps: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_total_limit: Option<usize>,
+}
+
+fn default_epochs() -> u64 {
+    1
+}
+fn default_micro_batch() -> usize {
+    4
+}
+fn default_one() -> usize {
+    1
+}
+fn default_one_u64() -> u64 {
+    1
+}
+fn default_lr() -> f64 {
+    2e-4
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_seed() -> u64 {
+    42
+}
+
+impl Default for TrainingSection {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("defaults deserialize")
+    }
+}
+
+impl JobConfig {
+    /// Reads a YAML file, applies `key.path=value` overrides, and checks every value that can
+    /// be checked without the model or data.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let mut value: Value = serde_yaml::from_str(&text).map_err(|e| Error::Config {
+            file: path.to_path_buf(),
+            key: e.location().map(|l| format!("line {}", l.line())).unwrap_or_default(),
+            message: e.to_string(),
+        })?;
+        for o in overrides {
+            apply_override(&mut value, o).map_err(|message| Error::Config {
+                file: path.to_path_buf(),
+                key: format!("--set {o}"),
+                message,
+            })?;
+        }
+        let mut config: Self = serde_path_to_error::deserialize(value).map_err(|e| Error::Config {
+            file: path.to_path_buf(),
+            key: e.path().to_string(),
+            message: e.into_inner().to_string(),
+        })?;
+        config.expand_home();
+        config.validate().map_err(|e| match e {
+            Error::Config { key, message, .. } => Error::Config {
+                file: path.to_path_buf(),
+                key,
+                message,
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// `~/` at the start of a path means the home directory, as in a shell.
+    fn expand_home(&mut self) {
+        let Some(home) = std::env::var_os("HOME").map(PathBuf::from) else {
+            return;
+        };
+        let expand = |p: &str| match p.strip_prefix("~/") {
+            Some(rest) => home.join(rest).display().to_string(),
+            None => p.to_string(),
+        };
+        self.model.path = PathBuf::from(expand(&self.model.path.display().to_string()));
+        self.output_dir = PathBuf::from(expand(&self.output_dir.display().to_string()));
+        if let Some(p) = &self.adapter.path {
+            self.adapter.path = Some(PathBuf::from(expand(&p.display().to_string())));
+        }
+        let data = &mut self.data;
+        data.path = data.path.as_deref().map(expand);
+        data.sources.iter_mut().for_each(|s| s.path = expand(&s.path));
+        if let Some(eval) = &mut data.eval {
+            eval.path = eval.path.as_deref().map(expand);
+            eval.sources.iter_mut().for_each(|s| s.path = expand(&s.path));
+        }
+    }
+
+    /// Range and consistency checks; errors carry the key path.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.training;
+        let a = &self.adapter;
+        let check = |ok: bool, key: &str, message: String| if ok { Ok(()) } else { Err(Error::config(key, message)) };
+        if self.model.revision.is_some() {
+            return Err(Error::config(
+                "model.revision",
+                "downloading from the Hugging Face Hub is not supported; give a local directory or GGUF file",
+            ));
+        }
+        check(
+            self.model.path.exists(),
+            "model.path",
+            format!("{} does not exist", self.model.path.display()),
+        )?;
+        if a.kind == AdapterKind::Lora {
+            check(a.r > 0, "adapter.r", format!("must be > 0, got {}", a.r))?;
+            check(
+                a.lora_alpha > 0.0,
+                "adapter.lora_alpha",
+                format!("must be > 0, got {}", a.lora_alpha),
+            )?;
+            check(
+                (0.0..1.0).contains(&a.lora_dropout),
+                "adapter.lora_dropout",
+                format!("must be in [0, 1), got {}", a.lora_dropout),
+            )?;
+            if let Some(ratio) = a.loraplus_lr_ratio {
+                check(
+                    ratio > 0.0,
+                    "adapter.loraplus_lr_ratio",
+                    format!("must be > 0, got {ratio}"),
+                )?;
+            }
+            if let Some(p) = &a.path {
+                check(
+                    p.join("adapter_config.json").exists(),
+                    "adapter.path",
+                    format!("{} holds no adapter_config.json", p.display()),
+                )?;
+            }
+            a.lora_config()?;
+        } else {
+            check(
+                a.quantize_base.is_none(),
+                "adapter.quantize_base",
+                "a quantized base needs LoRA (full fine-tuning trains the base)".into(),
+            )?;
+        }
+        check(
+            t.learning_rate > 0.0,
+            "training.learning_rate",
+            format!("must be > 0, got {}", t.learning_rate),
+        )?;
+        check(
+            t.micro_batch_size > 0,
+            "training.micro_batch_size",
+            "must be > 0".into(),
+        )?;
+        check(
+            t.gradient_accumulation_steps > 0,
+            "training.gradient_accumulation_steps",
+            "must be > 0".into(),
+        )?;
+        check(t.max_steps != Some(0), "training.max_steps", "must be > 0".into())?;
+        check(t.epochs > 0, "training.epochs", "must be > 0".into())?;
+        check(
+            t.weight_decay >= 0.0,
+            "training.weight_decay",
+            format!("must be >= 0, got {}", t.weight_decay),
+        )?;
+        check(
+            (0.0..1.0).contains(&t.adam_beta1),
+            "training.adam_beta1",
+            "must be in [0, 1)".into(),
+        )?;
+        check(
+            (0.0..1.0).contains(&t.adam_beta2),
+            "training.adam_beta2",
+            "must be in [0, 1)".into(),
+        )?;
+        check(t.adam_epsilon > 0.0, "training.adam_epsilon", "must be > 0".into())?;
+        check(t.max_grad_norm >= 0.0, "training.max_grad_norm", "must be >= 0".into())?;
+        check(
+            (0.0..1.0).contains(&t.warmup_ratio),
+            "training.warmup_ratio",
+            "must be in [0, 1)".into(),
+        )?;
+        check(t.logging_steps > 0, "training.logging_steps", "must be > 0".into())?;
+        check(t.eval_steps != Some(0), "training.eval_steps", "must be > 0".into())?;
+        check(t.save_steps != Some(0), "training.save_steps", "must be > 0".into())?;
+        check(
+            t.save_total_limit != Some(0),
+            "training.save_total_limit",
+            "must be > 0".into(),
+        )?;
+        self.data.validate("data").map_err(|e| match e {
+            temper_data::Error::Config { key, message } => Error::config(&key, message),
+            other => Error::Data(other),
+        })?;
+        Ok(())
+    }
+
+    /// The config as YAML, as saved beside the outputs.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("a config serializes")
+    }
+}
+
+/// `a.b.c=value`: sets a key (creating maps on the way); the value is parsed as YAML, so
+/// numbers, booleans and lists keep their types.
+fn apply_override(root: &mut Value, spec: &str) -> std::result::Result<(), String> {
+    let (path, raw) = spec.split_once('=').ok_or("expected KEY.PATH=VALUE")?;
+    let value: Value = serde_yaml::from_str(raw).map_err(|e| format!("value: {e}"))?;
+    let mut node = root;
+    let keys: Vec<&str> = path.split('.').collect();
+    for (i, key) in keys.iter().enumerate() {
+        if key.is_empty() {
+            return Err("empty key".into());
+        }
+        if !node.is_mapping() {
+            if node.is_null() {
+                *node = Value::Mapping(Default::default());
+            } else {
+                return Err(format!("{} is not a section", keys[..i].join(".")));
+            }
+        }
+        let map = node.as_mapping_mut().expect("a mapping");
+        let k = Value::String(key.to_string());
+        if i + 1 == keys.len() {
+            map.insert(k, value);
+            return Ok(());
+        }
+        node = map.entry(k).or_insert(Value::Null);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_keep_yaml_types() {
+        let mut v: Value = serde_yaml::from_str("training: {learning_rate: 1.0}\ndata: {path: a}").unwrap();
+        apply_override(&mut v, "training.learning_rate=1e-4").unwrap();
+        apply_override(&mut v, "data.path=other.jsonl").unwrap();
+        apply_override(&mut v, "adapter.target_modules=[q_proj, v_proj]").unwrap();
+        assert_eq!(v["training"]["learning_rate"].as_f64(), Some(1e-4));
+        assert_eq!(v["data"]["path"].as_str(), Some("other.jsonl"));
+        assert_eq!(v["adapter"]["target_modules"][1].as_str(), Some("v_proj"));
+        assert!(apply_override(&mut v, "data.path.x=1").is_err());
+    }
+}

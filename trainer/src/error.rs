@@ -1,0 +1,43 @@
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {key}: {message}", file.display())]
+    Config {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Model(#[from] temper_models::Error),
+    #[error(transparent)]
+    Peft(#[from] temper_peft::Error),
+    #[error(transparent)]
+    Data(#[from] temper_data::Error),
+    #[error("checkpoint {}: {message}", path.display())]
+    Checkpoint { path: PathBuf, message: String },
+    #[error("step {step}: the loss is {value}; training stopped (the last good checkpoint is kept)")]
+    NonFiniteLoss { step: u64, value: f32 },
+}
+
+impl Error {
+    /// A config error whose file is filled in by [`crate::JobConfig::load`].
+    pub(crate) fn config(key: &str, message: impl Into<String>) -> Self {
+        Self::Config {
+            file: PathBuf::new(),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,449 @@
+//! The training loop.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use temper_data::{Batch, Cursor, IGNORE_INDEX, LoaderOptions, Pipeline, SftBatch};
+use temper_models::config::CheckpointDtype;
+use temper_models::save::{DEFAULT_SHARD_BYTES, save_pretrained};
+use temper_models::{ForwardOptions, LlamaForCausalLM, ModelConfig, Tokenizer};
+use temper_peft::LoraConfig;
+use temper_trl::{TokenLoss, token_cross_entropy};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::{AdapterKind, BaseQuantization, JobConfig};
+use crate::error::{Error, Result};
+use crate::metrics::{MetricsLog, Progress, Row};
+use crate::optim::{AdamW, AdamWConfig, global_grad_norm, learning_rate};
+
+/// Where to resume from.
+#[derive(Debug, Clone)]
+pub enum Resume {
+    /// The newest complete checkpoint in `output_dir`.
+    Latest,
+    Dir(PathBuf),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    pub resume: Option<Resume>,
+    /// Set by Ctrl-C / SIGTERM: save a checkpoint after the current step and return.
+    pub stop: Arc<AtomicBool>,
+    /// Stop (with a checkpoint) after this many steps, as an interruption would.
+    pub stop_after_steps: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps: u64,
+    pub total_steps: u64,
+    /// `(step, loss)` of every step, including those before a resume.
+    pub losses: Vec<(u64, f64)>,
+    pub output_dir: PathBuf,
+    /// Stopped early (signal or `stop_after_steps`), with a checkpoint.
+    pub interrupted: bool,
+}
+
+/// The model with its adapter, and how to save it.
+enum Trainable {
+    Lora(LoraConfig),
+    Full(ModelConfig, Box<Tokenizer>),
+}
+
+/// Runs a job to its end (or its interruption) on backend `B` with weights stored in `dtype`.
+pub fn train<B: AutodiffBackend>(
+    job: &JobConfig,
+    device: &B::Device,
+    dtype: DType,
+    opts: TrainOptions,
+) -> Result<Summary> {
+    let t = &job.training;
+    let out = &job.output_dir;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+
+    // Everything that can fail on the config or the data fails here, before the weights load.
+    let (model_config, tokenizer) = temper_models::load_config_and_tokenizer(&job.model.path)?;
+    if let Some(max) = job.data.max_length
+        && max > model_config.max_position_embeddings
+    {
+        return Err(Error::config(
+            "data.max_length",
+            format!(
+                "{max} is longer than the model's context ({})",
+                model_config.max_position_embeddings
+            ),
+        ));
+    }
+    let resume_dir = match &opts.resume {
+        None => None,
+        Some(Resume::Dir(d)) => Some(d.clone()),
+        Some(Resume::Latest) => {
+            Some(
+                checkpoint::list(out)?
+                    .pop()
+                    .map(|(_, d)| d)
+                    .ok_or_else(|| Error::Checkpoint {
+                        path: out.clone(),
+                        message: "--resume: no complete checkpoint in the output directory".into(),
+                    })?,
+            )
+        }
+    };
+    let resumed = resume_dir.as_deref().map(checkpoint::load).transpose()?;
+    let tokenizer = Arc::new(tokenizer);
+    let loader_options = LoaderOptions {
+        batch_size: t.micro_batch_size,
+        seed: t.seed,
+        rank: 0,
+        world_size: 1,
+        epochs: if t.max_steps.is_some() { None } else { Some(t.epochs) },
+    };
+    let pipeline = Arc::new(Pipeline::new(&job.data, tokenizer.clone(), loader_options)?);
+    if pipeline.preference {
+        return Err(Error::config(
+            "training.objective",
+            "the data is preference pairs (chosen/rejected), which SFT cannot train on; DPO is not available yet",
+        ));
+    }
+    let total_steps = match (&resumed, t.max_steps) {
+        (Some(r), _) => r.state.total_steps,
+        (None, Some(n)) => n,
+        (None, None) => {
+            // A stream has no length: one pass over the data counts the batches (and finds bad
+            // rows before the first step rather than hours in).
+            let count_options = LoaderOptions {
+                epochs: Some(1),
+                ..loader_options
+            };
+            let counter = Arc::new(Pipeline::new(&job.data, tokenizer.clone(), count_options)?);
+            let mut batches = 0u64;
+            for b in counter.spawn(Cursor::default()) {
+                b?;
+                batches += 1;
+            }
+            (batches * t.epochs)
+                .div_ceil(t.gradient_accumulation_steps as u64)
+                .max(1)
+        }
+    };
+    let warmup = if t.warmup_steps > 0 {
+        t.warmup_steps
+    } else {
+        (t.warmup_ratio * total_steps as f64).ceil() as u64
+    };
+
+    // The model, its adapter, the optimizer.
+    let (model, trainable) = build_model::<B>(job, device, dtype, resumed.as_ref().map(|r| r.dir.as_path()))?;
+    let mut model = model;
+    let mut optim = AdamW::<B::InnerBackend>::new(AdamWConfig::from_training(t, job.adapter.loraplus_lr_ratio));
+    let mut state = TrainerState {
+        step: 0,
+        total_steps,
+        cursor: Cursor::default(),
+        num_tokens: 0,
+        losses: Vec::new(),
+    };
+    if let Some(r) = resumed {
+        optim.load_state(r.optimizer, r.state.step, device);
+        state = r.state;
+    }
+    let config_yaml = job.to_yaml();
+    std::fs::write(out.join("config.yaml"), &config_yaml).map_err(|e| Error::io(out.join("config.yaml"), e))?;
+
+    let mut log = MetricsLog::open(out)?;
+    let progress = Progress::new(total_steps, state.step);
+    let mut loader = pipeline.clone().spawn(state.cursor);
+    let eval_data = job.data.eval_config();
+    let max_eval_rows = job.data.eval.as_ref().and_then(|e| e.max_rows).unwrap_or(usize::MAX);
+    if let (Some(_), Some(eval), 0) = (t.eval_steps, &eval_data, state.step) {
+        // The starting point, so the log shows what training changed.
+        let eval_loss = evaluate(&model, eval, &tokenizer, t.micro_batch_size, max_eval_rows, device)?;
+        log.write(&Row {
+            step: 0,
+            values: vec![("eval_loss", eval_loss)],
+        })?;
+        progress.note(&format!("step 0: eval_loss {eval_loss:.4}"));
+    }
+    let save = |model: &LlamaForCausalLM<B>, optim: &AdamW<B::InnerBackend>, state: &TrainerState| {
+        checkpoint::save(
+            out,
+            state,
+            &optim.state_tensors(),
+            &config_yaml,
+            |dir| save_model(model, &trainable, dir),
+            t.save_total_limit,
+        )
+    };
+    let mut interrupted = false;
+
+    while state.step < total_steps {
+        let started = Instant::now();
+        let lr = learning_rate(t.lr_scheduler, t.learning_rate, state.step, warmup, total_steps);
+        // Gather the step's micro-batches first: the loss is divided by the target tokens of
+        // all of them, so every token weighs the same however the batches split them.
+        let mut micro = Vec::with_capacity(t.gradient_accumulation_steps);
+        let mut next_cursor = state.cursor;
+        let mut epoch = 0;
+        for _ in 0..t.gradient_accumulation_steps {
+            match loader.next() {
+                Some(b) => {
+                    let b = b?;
+                    next_cursor = b.next;
+                    epoch = b.epoch;
+                    match b.batch {
+                        Batch::Sft(sft) => micro.push(sft),
+                        Batch::Preference(_) => unreachable!("checked above"),
+                    }
+                }
+                None => break,
+            }
+        }
+        if micro.is_empty() {
+            break; // the data ran out before max_steps
+        }
+        let targets: usize = micro.iter().map(SftBatch::num_target_tokens).sum();
+        let tokens: usize = micro.iter().map(SftBatch::num_tokens).sum();
+        // Dropout masks come from a seed per step, so a resumed run draws the same ones.
+        B::seed(device, t.seed.wrapping_add(state.step));
+        let mut accumulator = GradientsAccumulator::<LlamaForCausalLM<B>>::new();
+        let (mut loss_sum, mut correct) = (0f64, 0i64);
+        for batch in &micro {
+            let Some(loss) = sft_loss(&model, batch, device) else {
+                continue;
+            };
+            let sum: f32 = loss.sum.clone().into_scalar().elem_f32();
+            loss_sum += sum as f64;
+            correct += loss.correct.into_scalar().elem_i64();
+            let grads = (loss.sum / targets.max(1) as f32).backward();
+            accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
+        }
+        let loss = loss_sum / targets.max(1) as f64;
+        if !loss.is_finite() {
+            progress.finish();
+            return Err(Error::NonFiniteLoss {
+                step: state.step + 1,
+                value: loss as f32,
+            });
+        }
+        let mut grads = accumulator.grads();
+        let grad_norm: f32 = global_grad_norm(&model, &grads, device).into_scalar().elem_f32();
+        let scale = if t.max_grad_norm > 0.0 && grad_norm as f64 > t.max_grad_norm {
+            t.max_grad_norm / (grad_norm as f64 + 1e-6)
+        } else {
+            1.0
+        };
+        model = optim.step(model, &mut grads, lr, scale);
+
+        state.step += 1;
+        state.cursor = next_cursor;
+        state.num_tokens += tokens as u64;
+        state.losses.push((state.step, loss));
+        let seconds = started.elapsed().as_secs_f64();
+        let row = Row {
+            step: state.step,
+            values: vec![
+                ("loss", loss),
+                ("mean_token_accuracy", correct as f64 / targets.max(1) as f64),
+                ("learning_rate", lr),
+                ("grad_norm", grad_norm as f64),
+                ("num_tokens", state.num_tokens as f64),
+                ("tokens_per_second", tokens as f64 / seconds),
+                ("epoch", epoch as f64),
+            ],
+        };
+        if state.step.is_multiple_of(t.logging_steps) || state.step == total_steps {
+            log.write(&row)?;
+            progress.update(&row);
+        }
+        if let (Some(every), Some(eval)) = (t.eval_steps, &eval_data)
+            && (state.step.is_multiple_of(every) || state.step == total_steps)
+        {
+            let eval_loss = evaluate(&model, eval, &tokenizer, t.micro_batch_size, max_eval_rows, device)?;
+            let row = Row {
+                step: state.step,
+                values: vec![("eval_loss", eval_loss)],
+            };
+            log.write(&row)?;
+            progress.note(&format!("step {}: eval_loss {eval_loss:.4}", state.step));
+        }
+        let stop = opts.stop.load(Ordering::SeqCst) || opts.stop_after_steps.is_some_and(|n| state.step >= n);
+        if t.save_steps.is_some_and(|every| state.step.is_multiple_of(every)) || (stop && state.step < total_steps) {
+            let dir = save(&model, &optim, &state)?;
+            progress.note(&format!("saved {}", dir.display()));
+        }
+        if stop && state.step < total_steps {
+            interrupted = true;
+            break;
+        }
+    }
+    progress.finish();
+    if !interrupted {
+        save_model(&model, &trainable, out)?;
+    }
+    Ok(Summary {
+        steps: state.step,
+        total_steps,
+        losses: state.losses,
+        output_dir: out.clone(),
+        interrupted,
+    })
+}
+
+/// Loads the base, then adds (or restores) the adapter, or makes every weight trainable.
+fn build_model<B: AutodiffBackend>(
+    job: &JobConfig,
+    device: &B::Device,
+    dtype: DType,
+    checkpoint: Option<&Path>,
+) -> Result<(LlamaForCausalLM<B>, Trainable)> {
+    let a = &job.adapter;
+    match a.kind {
+        AdapterKind::Full => {
+            let path = checkpoint.unwrap_or(&job.model.path);
+            let loaded = temper_models::load_pretrained::<B>(path, device, dtype)?;
+            let model = loaded.model.map(&mut TrainAll);
+            Ok((model, Trainable::Full(loaded.config, Box::new(loaded.tokenizer))))
+        }
+        AdapterKind::Lora => {
+            let loaded = temper_models::load_pretrained::<B>(&job.model.path, device, dtype)?;
+            let from = checkpoint.or(a.path.as_deref());
+            let (model, config) = match from {
+                Some(dir) => {
+                    let model = loaded.model.no_grad();
+                    temper_peft::load_adapter(model, dir)?
+                }
+                None => {
+                    let config = a.lora_config()?;
+                    let (model, _) = temper_peft::inject(loaded.model, &config, job.training.seed)?;
+                    (model, config)
+                }
+            };
+            let model = match a.quantize_base {
+                None => model,
+                Some(q) => {
+                    let bits = match q {
+                        BaseQuantization::Q8_0 => 8,
+                        BaseQuantization::Q4_0 => 4,
+                    };
+                    temper_peft::quantize_base(model, bits)?.0
+                }
+            };
+            let mut config = config;
+            config.base_model_name_or_path = Some(job.model.path.display().to_string());
+            Ok((model, Trainable::Lora(config)))
+        }
+    }
+}
+
+/// Marks every float parameter trainable (full fine-tuning).
+struct TrainAll;
+
+impl<B: Backend> ModuleMapper<B> for TrainAll {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        param.set_require_grad(true)
+    }
+}
+
+fn save_model<B: Backend>(model: &LlamaForCausalLM<B>, trainable: &Trainable, dir: &Path) -> Result<()> {
+    match trainable {
+        Trainable::Lora(config) => temper_peft::save_adapter(model, config, dir)?,
+        Trainable::Full(config, tokenizer) => {
+            save_pretrained(model, config, dir, CheckpointDtype::F32, DEFAULT_SHARD_BYTES)?;
+            tokenizer.save_pretrained(dir)?;
+        }
+    }
+    Ok(())
+}
+
+fn ints<B: Backend>(values: &[u32], shape: [usize; 2], device: &B::Device) -> Tensor<B, 2, Int> {
+    let v: Vec<i64> = values.iter().map(|&x| x as i64).collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+/// The SFT loss of one batch: logits only at positions whose next token is a target, so
+/// prompts and padding never reach the output head.
+fn sft_loss<B: Backend>(model: &LlamaForCausalLM<B>, batch: &SftBatch, device: &B::Device) -> Option<TokenLoss<B>> {
+    let (b, s) = (batch.batch_size, batch.seq_len);
+    let mut positions = Vec::new();
+    let mut targets = Vec::new();
+    for r in 0..b {
+        for t in 0..s.saturating_sub(1) {
+            let label = batch.labels[r * s + t + 1];
+            if label != IGNORE_INDEX {
+                positions.push((r * s + t) as i64);
+                targets.push(label as i64);
+            }
+        }
+    }
+    if positions.is_empty() {
+        return None;
+    }
+    let n = positions.len();
+    let options = ForwardOptions {
+        // Right padding needs no mask under causal attention: real tokens never look ahead.
+        position_ids: Some(ints(&batch.position_ids, [b, s], device)),
+        attention_mask: None,
+        segment_ids: batch.is_packed().then(|| ints(&batch.segment_ids, [b, s], device)),
+    };
+    let hidden = model.forward_hidden(ints(&batch.input_ids, [b, s], device), options, None); // [b, s, h]
+    let h = hidden.dims()[2];
+    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [n]), device);
+    let picked = hidden.reshape([b * s, h]).select(0, index); // [n, h]
+    let logits = model.head(picked.reshape([1, n, h])); // [1, n, vocab]
+    let vocab = logits.dims()[2];
+    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), device);
+    Some(token_cross_entropy(logits.reshape([n, vocab]), targets))
+}
+
+/// Mean loss over the evaluation data's target tokens, without gradients.
+fn evaluate<B: AutodiffBackend>(
+    model: &LlamaForCausalLM<B>,
+    eval: &temper_data::DataConfig,
+    tokenizer: &Arc<Tokenizer>,
+    batch_size: usize,
+    max_rows: usize,
+    device: &B::Device,
+) -> Result<f64> {
+    let model = model.valid();
+    let options = LoaderOptions {
+        batch_size,
+        seed: 0,
+        rank: 0,
+        world_size: 1,
+        epochs: Some(1),
+    };
+    let pipeline = Arc::new(Pipeline::new(eval, tokenizer.clone(), options)?);
+    let (mut sum, mut count, mut rows) = (0f64, 0usize, 0usize);
+    for b in pipeline.spawn(Cursor::default()) {
+        let Batch::Sft(batch) = b?.batch else { continue };
+        rows += batch.batch_size;
+        count += batch.num_target_tokens();
+        if let Some(loss) = sft_loss(&model, &batch, device) {
+            sum += loss.sum.into_scalar().elem_f32() as f64;
+        }
+        if rows >= max_rows {
+            break;
+        }
+    }
+    Ok(sum / count.max(1) as f64)
+}
+
+trait ElemExt {
+    fn elem_f32(self) -> f32;
+    fn elem_i64(self) -> i64;
+}
+
+impl<E: burn::tensor::ElementConversion> ElemExt for E {
+    fn elem_f32(self) -> f32 {
+        self.elem()
+    }
+    fn elem_i64(self) -> i64 {
+        self.elem()
+    }
+}

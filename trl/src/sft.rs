@@ -1,0 +1,71 @@
+//! Supervised fine-tuning: next-token cross-entropy over the target tokens.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor};
+
+/// `log(softmax(x))` along the last dimension, in f32, computed as `x - max - log Σ exp(x - max)`
+/// so large logits do not overflow.
+///
+/// # Shapes
+/// `[rows, vocab] -> [rows, vocab]`
+pub fn log_softmax<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 2> {
+    let logits = logits.cast(DType::F32);
+    let max = logits.clone().max_dim(1).detach(); // [rows, 1]
+    let shifted = logits - max;
+    let lse = shifted.clone().exp().sum_dim(1).log(); // [rows, 1]
+    shifted - lse
+}
+
+/// The summed loss of a set of target tokens and how many of them the model's argmax got right
+/// (TRL's `mean_token_accuracy` numerator).
+pub struct TokenLoss<B: Backend> {
+    /// `[1]`: Σ −log p(target), not yet divided, so gradient accumulation can divide by the
+    /// number of target tokens over all micro-batches.
+    pub sum: Tensor<B, 1>,
+    /// `[1]`: targets equal to the argmax.
+    pub correct: Tensor<B, 1, Int>,
+}
+
+/// Cross-entropy of `logits` (one row per position that has a target) against `targets`.
+///
+/// # Shapes
+/// `logits: [n, vocab]`, `targets: [n]`
+pub fn token_cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> TokenLoss<B> {
+    let correct = logits
+        .clone()
+        .detach()
+        .argmax(1) // [n, 1]
+        .squeeze_dim::<1>(1)
+        .equal(targets.clone())
+        .int()
+        .sum();
+    let logp = log_softmax(logits); // [n, vocab]
+    let picked = logp.gather(1, targets.unsqueeze_dim::<2>(1)); // [n, 1]
+    TokenLoss {
+        sum: picked.sum().neg(),
+        correct,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+    use burn::tensor::TensorData;
+
+    type B = NdArray;
+
+    #[test]
+    fn cross_entropy_matches_torch() {
+        let device = Default::default();
+        // torch.nn.functional.cross_entropy(torch.tensor([[1., 2., 3.], [1000., 0., -1000.]]),
+        //     torch.tensor([0, 0]), reduction="sum") -> tensor(2.4076)
+        let logits = Tensor::<B, 2>::from_data(TensorData::from([[1.0f32, 2.0, 3.0], [1000.0, 0.0, -1000.0]]), &device);
+        let targets = Tensor::<B, 1, Int>::from_data(TensorData::from([0i64, 0]), &device);
+        let loss = token_cross_entropy(logits, targets);
+        let sum: f32 = loss.sum.into_scalar();
+        assert!((sum - 2.407_606).abs() < 1e-5, "{sum}");
+        let correct: i64 = loss.correct.into_scalar();
+        assert_eq!(correct, 1);
+    }
+}
