@@ -264,3 +264,97 @@ fn config_errors_name_file_and_key() {
         "{err}"
     );
 }
+
+/// DPO from the fixture adapter on `pref.jsonl`, 3 steps of 4 pairs, as make_dpo_fixtures.py.
+fn dpo_yaml(out: &Path, loss_type: &str, label_smoothing: f64) -> String {
+    format!(
+        r#"
+model:
+  path: {tiny}
+adapter:
+  type: lora
+  path: {init}
+data:
+  path: {data}
+  max_length: 64
+training:
+  objective: dpo
+  dpo: {{beta: 0.1, loss_type: {loss_type}, label_smoothing: {label_smoothing}}}
+  max_steps: 3
+  micro_batch_size: 4
+  learning_rate: 1.0e-2
+  lr_scheduler: constant
+  precision: f32
+output_dir: {out}
+"#,
+        tiny = dir().join("tiny").display(),
+        init = dir().join("init_adapter").display(),
+        data = dir().join("pref.jsonl").display(),
+        out = out.display(),
+    )
+}
+
+#[test]
+fn dpo_matches_trl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("dpo_expected.json")).unwrap()).unwrap();
+    for (loss_type, ls) in [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.1)] {
+        let out = tmp.path().join(loss_type);
+        let job = load_job(tmp.path(), &dpo_yaml(&out, loss_type, ls), &[]).unwrap();
+        run(&job, TrainOptions::default());
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let rows: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let want = exp[loss_type].as_array().unwrap();
+        assert_eq!(rows.len(), want.len(), "{loss_type}");
+        for (step, (row, want)) in rows.iter().zip(want).enumerate() {
+            for key in [
+                "loss",
+                "rewards/chosen",
+                "rewards/rejected",
+                "rewards/accuracies",
+                "rewards/margins",
+                "logps/chosen",
+                "logps/rejected",
+                "logits/chosen",
+                "logits/rejected",
+            ] {
+                let (a, b) = (row[key].as_f64().unwrap(), want[key].as_f64().unwrap());
+                // Rewards start at exactly 0 (policy == reference): compare absolutely there.
+                let tol = 1e-4 * b.abs().max(1e-2);
+                assert!(
+                    (a - b).abs() <= tol,
+                    "{loss_type} step {}: {key} {a} vs TRL {b}",
+                    step + 1
+                );
+            }
+        }
+    }
+    // A fresh adapter (B = 0) is its own reference at the start: the first loss is ln 2.
+    let out = tmp.path().join("fresh");
+    let yaml = dpo_yaml(&out, "sigmoid", 0.0).replace(
+        &format!("  path: {}\n", dir().join("init_adapter").display()),
+        "  r: 4\n",
+    );
+    let job = load_job(tmp.path(), &yaml, &["training.max_steps=1"]).unwrap();
+    let summary = run(&job, TrainOptions::default());
+    assert!(
+        (summary.losses[0].1 - std::f64::consts::LN_2).abs() < 1e-6,
+        "{:?}",
+        summary.losses
+    );
+    // SFT data under a DPO objective is refused by name.
+    let job = load_job(
+        tmp.path(),
+        &dpo_yaml(&out, "sigmoid", 0.0),
+        &[&format!("data.path={}", dir().join("data.jsonl").display())],
+    )
+    .unwrap();
+    let err = train::<AD>(&job, &Default::default(), DType::F32, TrainOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("training.objective") && err.contains("preference data"),
+        "{err}"
+    );
+}

@@ -180,6 +180,33 @@ impl AdapterSection {
 pub enum Objective {
     #[default]
     Sft,
+    /// Preference training on chosen/rejected pairs (`training.dpo`).
+    Dpo,
+}
+
+/// DPO's options, with TRL's `DPOConfig` names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpoSection {
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    #[serde(default)]
+    pub loss_type: temper_trl::DpoLossType,
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// No reference model: its log-probabilities are taken as 0.
+    #[serde(default)]
+    pub reference_free: bool,
+}
+
+fn default_beta() -> f64 {
+    0.1
+}
+
+impl Default for DpoSection {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("defaults deserialize")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -207,6 +234,8 @@ pub enum Precision {
 pub struct TrainingSection {
     #[serde(default)]
     pub objective: Objective,
+    #[serde(default)]
+    pub dpo: DpoSection,
     /// Passes over the data; ignored when `max_steps` is set.
     #[serde(default = "default_epochs")]
     pub epochs: u64,

@@ -9,15 +9,15 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use temper_data::{Batch, Cursor, IGNORE_INDEX, LoaderOptions, Pipeline, SftBatch};
+use temper_data::{Batch, Cursor, IGNORE_INDEX, LoaderOptions, Pipeline, PreferenceBatch, SftBatch};
 use temper_models::config::CheckpointDtype;
 use temper_models::save::{DEFAULT_SHARD_BYTES, save_pretrained};
 use temper_models::{ForwardOptions, LlamaForCausalLM, ModelConfig, Tokenizer};
 use temper_peft::LoraConfig;
-use temper_trl::{TokenLoss, token_cross_entropy};
+use temper_trl::{DpoParams, TokenLoss, dpo_loss, sequence_logps, token_cross_entropy};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::{AdapterKind, BaseQuantization, JobConfig};
+use crate::config::{AdapterKind, BaseQuantization, JobConfig, Objective};
 use crate::error::{Error, Result};
 use crate::metrics::{MetricsLog, Progress, Row};
 use crate::optim::{AdamW, AdamWConfig, global_grad_norm, learning_rate};
@@ -105,11 +105,20 @@ pub fn train<B: AutodiffBackend>(
         epochs: if t.max_steps.is_some() { None } else { Some(t.epochs) },
     };
     let pipeline = Arc::new(Pipeline::new(&job.data, tokenizer.clone(), loader_options)?);
-    if pipeline.preference {
-        return Err(Error::config(
-            "training.objective",
-            "the data is preference pairs (chosen/rejected), which SFT cannot train on; DPO is not available yet",
-        ));
+    match (t.objective, pipeline.preference) {
+        (Objective::Sft, true) => {
+            return Err(Error::config(
+                "training.objective",
+                "the data is preference pairs (chosen/rejected): set `objective: dpo`, or give SFT data",
+            ));
+        }
+        (Objective::Dpo, false) => {
+            return Err(Error::config(
+                "training.objective",
+                "DPO needs preference data (`chosen` and `rejected` columns)",
+            ));
+        }
+        _ => {}
     }
     let total_steps = match (&resumed, t.max_steps) {
         (Some(r), _) => r.state.total_steps,
@@ -156,6 +165,18 @@ pub fn train<B: AutodiffBackend>(
     let config_yaml = job.to_yaml();
     std::fs::write(out.join("config.yaml"), &config_yaml).map_err(|e| Error::io(out.join("config.yaml"), e))?;
 
+    // DPO's reference, built once: LoRA trains only adapters, so the base never changes. It is
+    // the base with adapters off, or, when training starts from an existing adapter, that
+    // adapter as it was (TRL's "ref" adapter). Either way it shares the policy's base weights.
+    let reference = match (t.objective, t.dpo.reference_free, &job.adapter.path) {
+        (Objective::Dpo, false, Some(initial)) => Some(temper_peft::load_adapter(model.valid(), initial)?.0),
+        (Objective::Dpo, false, None) => {
+            let mut r = model.valid();
+            r.set_adapters_enabled(false);
+            Some(r)
+        }
+        _ => None,
+    };
     let mut log = MetricsLog::open(out)?;
     let progress = Progress::new(total_steps, state.step);
     let mut loader = pipeline.clone().spawn(state.cursor);
@@ -196,10 +217,7 @@ pub fn train<B: AutodiffBackend>(
                     let b = b?;
                     next_cursor = b.next;
                     epoch = b.epoch;
-                    match b.batch {
-                        Batch::Sft(sft) => micro.push(sft),
-                        Batch::Preference(_) => unreachable!("checked above"),
-                    }
+                    micro.push(b.batch);
                 }
                 None => break,
             }
@@ -207,23 +225,39 @@ pub fn train<B: AutodiffBackend>(
         if micro.is_empty() {
             break; // the data ran out before max_steps
         }
-        let targets: usize = micro.iter().map(SftBatch::num_target_tokens).sum();
-        let tokens: usize = micro.iter().map(SftBatch::num_tokens).sum();
+        // The step's normaliser: target tokens (SFT) or pairs (DPO), over all micro-batches.
+        let denominator: usize = micro
+            .iter()
+            .map(|b| match b {
+                Batch::Sft(b) => b.num_target_tokens(),
+                Batch::Preference(b) => b.pairs,
+            })
+            .sum();
+        let tokens: usize = micro
+            .iter()
+            .map(|b| match b {
+                Batch::Sft(b) => b.num_tokens(),
+                Batch::Preference(b) => b.num_tokens(),
+            })
+            .sum();
         // Dropout masks come from a seed per step, so a resumed run draws the same ones.
         B::seed(device, t.seed.wrapping_add(state.step));
         let mut accumulator = GradientsAccumulator::<LlamaForCausalLM<B>>::new();
-        let (mut loss_sum, mut correct) = (0f64, 0i64);
+        let mut sums = StepSums::default();
         for batch in &micro {
-            let Some(loss) = sft_loss(&model, batch, device) else {
-                continue;
+            let loss = match batch {
+                Batch::Sft(b) => sft_loss(&model, b, device).map(|l| {
+                    sums.add("mean_token_accuracy", l.correct.clone().into_scalar().elem_i64() as f64);
+                    l.sum
+                }),
+                Batch::Preference(b) => Some(dpo_step_loss(&model, reference.as_ref(), b, &t.dpo, device, &mut sums)),
             };
-            let sum: f32 = loss.sum.clone().into_scalar().elem_f32();
-            loss_sum += sum as f64;
-            correct += loss.correct.into_scalar().elem_i64();
-            let grads = (loss.sum / targets.max(1) as f32).backward();
+            let Some(loss) = loss else { continue };
+            sums.add("loss", loss.clone().into_scalar().elem_f32() as f64);
+            let grads = (loss / denominator.max(1) as f32).backward();
             accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
         }
-        let loss = loss_sum / targets.max(1) as f64;
+        let loss = sums.get("loss") / denominator.max(1) as f64;
         if !loss.is_finite() {
             progress.finish();
             return Err(Error::NonFiniteLoss {
@@ -247,15 +281,17 @@ pub fn train<B: AutodiffBackend>(
         let seconds = started.elapsed().as_secs_f64();
         let row = Row {
             step: state.step,
-            values: vec![
-                ("loss", loss),
-                ("mean_token_accuracy", correct as f64 / targets.max(1) as f64),
-                ("learning_rate", lr),
-                ("grad_norm", grad_norm as f64),
-                ("num_tokens", state.num_tokens as f64),
-                ("tokens_per_second", tokens as f64 / seconds),
-                ("epoch", epoch as f64),
-            ],
+            values: [("loss", loss)]
+                .into_iter()
+                .chain(sums.logged(denominator))
+                .chain([
+                    ("learning_rate", lr),
+                    ("grad_norm", grad_norm as f64),
+                    ("num_tokens", state.num_tokens as f64),
+                    ("tokens_per_second", tokens as f64 / seconds),
+                    ("epoch", epoch as f64),
+                ])
+                .collect(),
         };
         if state.step.is_multiple_of(t.logging_steps) || state.step == total_steps {
             log.write(&row)?;
@@ -446,4 +482,141 @@ impl<E: burn::tensor::ElementConversion> ElemExt for E {
     fn elem_i64(self) -> i64 {
         self.elem()
     }
+}
+
+/// Per-step sums of the logged quantities, divided by the step's normaliser when logged.
+#[derive(Default)]
+struct StepSums {
+    values: Vec<(&'static str, f64)>,
+}
+
+impl StepSums {
+    fn add(&mut self, name: &'static str, v: f64) {
+        match self.values.iter_mut().find(|(n, _)| *n == name) {
+            Some(e) => e.1 += v,
+            None => self.values.push((name, v)),
+        }
+    }
+
+    fn get(&self, name: &str) -> f64 {
+        self.values.iter().find(|(n, _)| *n == name).map_or(0.0, |e| e.1)
+    }
+
+    /// The logged means: per target token or pair, and `logits/*` per completion token as TRL
+    /// averages them. Names starting with `_` are counts, not logged.
+    fn logged(&self, denominator: usize) -> Vec<(&'static str, f64)> {
+        self.values
+            .iter()
+            .filter(|(n, _)| *n != "loss" && !n.starts_with('_'))
+            .map(|&(n, v)| {
+                let by = match n {
+                    "logits/chosen" => self.get("_chosen_tokens"),
+                    "logits/rejected" => self.get("_rejected_tokens"),
+                    _ => denominator as f64,
+                };
+                (n, v / by.max(1.0))
+            })
+            .collect()
+    }
+}
+
+/// Positions predicting a completion token of a preference batch: (flat position, target, row).
+fn completion_positions(batch: &PreferenceBatch) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
+    let s = batch.seq_len;
+    let (mut pos, mut tgt, mut row) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..2 * batch.pairs {
+        for t in 0..s.saturating_sub(1) {
+            if batch.completion_mask[r * s + t + 1] == 1 {
+                pos.push((r * s + t) as i64);
+                tgt.push(batch.input_ids[r * s + t + 1] as i64);
+                row.push(r as i64);
+            }
+        }
+    }
+    (pos, tgt, row)
+}
+
+/// Summed completion log-probabilities of every row of a preference batch (chosen rows, then
+/// rejected rows), and the mean logit at completion positions per row (TRL's `logits/*`).
+fn preference_logps<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    batch: &PreferenceBatch,
+    device: &B::Device,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let (rows, s) = (2 * batch.pairs, batch.seq_len);
+    let (pos, tgt, row) = completion_positions(batch);
+    let n = pos.len();
+    let ids = ints(&batch.input_ids, [rows, s], device);
+    let hidden = model.forward_hidden(ids, ForwardOptions::default(), None); // [rows, s, h]
+    let h = hidden.dims()[2];
+    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(pos, [n]), device);
+    let picked = hidden.reshape([rows * s, h]).select(0, index); // [n, h]
+    let logits = model.head(picked.reshape([1, n, h])); // [1, n, vocab]
+    let vocab = logits.dims()[2];
+    let logits = logits.reshape([n, vocab]);
+    let row = Tensor::<B, 1, Int>::from_data(TensorData::new(row, [n]), device);
+    let mean_logits = Tensor::<B, 1>::zeros([rows], device).select_assign(
+        0,
+        row.clone(),
+        logits.clone().detach().mean_dim(1).squeeze_dim::<1>(1),
+        burn::tensor::IndexingUpdateOp::Add,
+    );
+    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(tgt, [n]), device);
+    (sequence_logps(logits, targets, row, rows), mean_logits)
+}
+
+/// The summed DPO loss of one micro-batch; adds TRL's `rewards/*`, `logps/*` and `logits/*`
+/// (as sums over pairs) to `sums`. No `reference`: reference-free (log π_ref = 0).
+fn dpo_step_loss<B: AutodiffBackend>(
+    model: &LlamaForCausalLM<B>,
+    reference: Option<&LlamaForCausalLM<B::InnerBackend>>,
+    batch: &PreferenceBatch,
+    dpo: &crate::config::DpoSection,
+    device: &B::Device,
+    sums: &mut StepSums,
+) -> Tensor<B, 1> {
+    let p = batch.pairs;
+    let (logps, mean_logits) = preference_logps(model, batch, device);
+    let reference = match reference {
+        None => Tensor::<B, 1>::zeros([2 * p], device),
+        Some(r) => Tensor::from_inner(preference_logps(r, batch, device).0),
+    };
+    let s = batch.seq_len;
+    let lengths: Vec<f32> = (0..2 * p)
+        .map(|r| {
+            batch.completion_mask[r * s + 1..(r + 1) * s]
+                .iter()
+                .filter(|&&m| m == 1)
+                .count() as f32
+        })
+        .collect();
+    let lengths = Tensor::<B, 1>::from_data(TensorData::new(lengths, [2 * p]), device);
+    let half = |t: Tensor<B, 1>, second: bool| if second { t.slice(p..2 * p) } else { t.slice(0..p) };
+    let out = dpo_loss(
+        half(logps.clone(), false),
+        half(logps.clone(), true),
+        half(reference.clone(), false),
+        half(reference, true),
+        half(lengths.clone(), false),
+        half(lengths.clone(), true),
+        DpoParams {
+            beta: dpo.beta,
+            loss_type: dpo.loss_type,
+            label_smoothing: dpo.label_smoothing,
+        },
+    );
+    let sum = |t: Tensor<B, 1>| -> f64 { t.sum().into_scalar().elem_f32() as f64 };
+    let (cr, rr) = (out.chosen_rewards.clone(), out.rejected_rewards.clone());
+    sums.add("rewards/chosen", sum(cr.clone()));
+    sums.add("rewards/rejected", sum(rr.clone()));
+    sums.add("rewards/accuracies", sum(cr.clone().greater(rr.clone()).float()));
+    sums.add("rewards/margins", sum(cr - rr));
+    let logps = logps.detach();
+    sums.add("logps/chosen", sum(half(logps.clone(), false)));
+    sums.add("logps/rejected", sum(half(logps, true)));
+    sums.add("logits/chosen", sum(half(mean_logits.clone(), false)));
+    sums.add("logits/rejected", sum(half(mean_logits, true)));
+    sums.add("_chosen_tokens", sum(half(lengths.clone(), false)));
+    sums.add("_rejected_tokens", sum(half(lengths, true)));
+    out.losses.sum()
 }
