@@ -1,6 +1,9 @@
 """The PyTorch + PEFT peer of `device_check bench`: same config, random weights, shapes and work.
 
-    python benches/gpu_torch.py CONFIG.json forward|lora-train bf16|f32 BATCH SEQ ITERS
+    python benches/gpu_torch.py CONFIG.json forward|lora-train|sft bf16|f32 BATCH SEQ ITERS
+
+`sft` is a whole training step as `temper train` takes it: LoRA forward + backward, global-norm
+clipping and AdamW.
 """
 import sys
 import time
@@ -14,7 +17,7 @@ config = AutoConfig.from_pretrained(path)
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").cuda()
 ids = torch.tensor([(i * 7919 + 13) % config.vocab_size for i in range(batch * seq)], device="cuda").reshape(batch, seq)
-if mode == "lora-train":
+if mode in ("lora-train", "sft"):
     from peft import LoraConfig, get_peft_model
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     # f32 adapters on a bf16 base, as Temper does.
@@ -34,6 +37,11 @@ for i in range(iters + 1):
             logits = model(input_ids=ids).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         loss.backward()
+        if mode == "sft":
+            if i == 0:
+                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            opt.step()
         model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     if i > 0:

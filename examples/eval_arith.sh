@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Measures what `configs/sft-lora.yaml` taught SmolLM2: on the 50 held-out questions of
-# examples/data/arith_test.jsonl, how many greedy answers end with the `#### N` line, and how
-# many have the right N, without and with the adapter.
+# Measures what `configs/sft-lora.yaml` (or `dpo-lora.yaml`) taught SmolLM2: on the 50
+# held-out questions of examples/data/arith_test.jsonl, how many greedy answers end with the
+# `#### N` line, how many have the right N, and how many state the right sum after the first
+# `=`, without and with the adapter.
 #   examples/eval_arith.sh [ADAPTER_DIR]   (default runs/sft-lora)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ import json, re, subprocess, sys
 binary, model, adapter = sys.argv[1:]
 rows = [json.loads(l) for l in open("examples/data/arith_test.jsonl")]
 for label, extra in [("base", []), ("base + adapter", ["--adapter", adapter])]:
-    fmt = right = 0
+    fmt = right = stated = 0
     for r in rows:
         q, a = r["messages"][0]["content"], r["messages"][1]["content"]
         want = a.split("#### ")[1]
@@ -25,5 +26,8 @@ for label, extra in [("base", []), ("base + adapter", ["--adapter", adapter])]:
         m = re.search(r"#### (-?\d+)", text)
         fmt += m is not None
         right += m is not None and m.group(1) == want
-    print(f"{label:15} format {fmt}/{len(rows)}, correct {right}/{len(rows)}")
+        s = re.search(r"=\s*(-?\d+)", text)
+        stated += s is not None and s.group(1) == want
+    n = len(rows)
+    print(f"{label:15} format {fmt}/{n}, correct {right}/{n}, right sum after '=' {stated}/{n}")
 PY

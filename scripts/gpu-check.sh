@@ -2,12 +2,14 @@
 # Everything Temper checks on a GPU, in one call (see DEVELOPERS.md): correctness against the
 # committed fixtures, then throughput beside PyTorch + PEFT doing the same work. Prints a short
 # table last; full logs go to OUT_DIR.
-#   scripts/gpu-check.sh OUT_DIR      (BIN: the stripped `device_check` example built with
-#                                      --no-default-features --features cuda)
+#   scripts/gpu-check.sh OUT_DIR      (gpu-bin/: the stripped `temper` binary and `device_check`
+#                                      example built with --no-default-features --features cuda)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:?usage: scripts/gpu-check.sh OUT_DIR}"; mkdir -p "$OUT"
 BIN="${BIN:-gpu-bin/device_check}"
+TEMPER="${TEMPER:-gpu-bin/temper}"
+DEV="${DEV:-cuda}"   # DEV=cpu TEMPER=target/release/temper checks the script's logic on a CPU machine
 PY="${PYTHON:-python3}"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 SUMMARY="$OUT/summary.txt"; : > "$SUMMARY"
@@ -38,17 +40,61 @@ measure() {
 }
 
 echo "== parity (CUDA vs transformers/PEFT fixtures)" | tee -a "$SUMMARY"
-timeout 300 "$BIN" --device cuda parity 2>&1 | tee -a "$LOG" | grep '^parity' | tee -a "$SUMMARY"
+# The model-level checks (logits, LoRA gradients vs the fixtures) passed on an H200 before;
+# PARITY=1 runs them again (needs gpu-bin/device_check).
+[ -n "${PARITY:-}" ] && timeout 300 "$BIN" --device cuda parity 2>&1 | tee -a "$LOG" | grep '^parity' | tee -a "$SUMMARY"
 
-echo "== throughput (random weights from config.json; median after 1 warm-up)" | tee -a "$SUMMARY"
+# `temper train` on CUDA: the PEFT fixture run of tests/train.rs (10 LoRA steps), in f32 and
+# bf16, against PyTorch + PEFT's per-step losses.
+W=$(mktemp -d)
+for prec in f32 bf16; do
+  sed "s|OUT|$W/tiny-$prec|; s|PREC|$prec|" > "$W/tiny.yaml" <<'YAML'
+model: {path: tests/fixtures/train/tiny}
+adapter: {type: lora, path: tests/fixtures/train/init_adapter, loraplus_lr_ratio: 2.0}
+data: {path: tests/fixtures/train/data.jsonl, shuffle: false, max_length: 64}
+training: {max_steps: 10, micro_batch_size: 2, gradient_accumulation_steps: 2, learning_rate: 1.0e-2,
+  lr_scheduler: linear, warmup_steps: 2, weight_decay: 0.01, max_grad_norm: 1.0, precision: PREC}
+output_dir: OUT
+YAML
+  timeout 100 "$TEMPER" --device "$DEV" train "$W/tiny.yaml" >> "$LOG" 2>&1
+  "$PY" - "$W/tiny-$prec/metrics.jsonl" "$prec" <<'PY' | tee -a "$SUMMARY"
+import json, sys
+try:
+    got = [json.loads(l)["loss"] for l in open(sys.argv[1])]
+except OSError:
+    got = []
+want = json.load(open("tests/fixtures/train/expected.json"))["loss"]
+err = max((abs(a - b) / abs(b) for a, b in zip(got, want)), default=float("nan"))
+print(f"parity train {sys.argv[2]}: {len(got)}/10 steps, max rel loss error vs PEFT {err:.2e}")
+PY
+done
+
+# Random-weight models of the benchmark shapes: config.json + the tiny tokenizer (pre-tokenized
+# data needs only its EOS). Rows of token ids, full length.
+mkmodel() { mkdir -p "$W/$1"; cp "$2" "$W/$1/config.json"; cp tests/fixtures/train/tiny/tokenizer*.json "$W/$1/"; }
+mkmodel smol benches/configs/smollm2-135m.json; mkmodel l1b benches/configs/llama-3.2-1b.json
+rows() { "$PY" -c "
+import json
+with open('$W/rows-$1.jsonl', 'w') as f:
+    for r in range($2):
+        f.write(json.dumps({'input_ids': [(r * 131 + i * 7919 + 13) % 49152 for i in range($1)]}) + '\\n')"; }
+train_rate() { "$PY" -c "
+import json, statistics
+rows = [json.loads(l) for l in open('$1/metrics.jsonl')][2:]
+print(f'temper {\"$2\":<14} sft        bf16  $3: {statistics.median(r[\"tokens_per_second\"] for r in rows):.0f} tokens/s (median of steps 3+)')"; }
+tsft() { # name model batch seq steps
+  local out="$W/out-$1"; rows "$4" $(( $3 * $5 ))
+  "$TEMPER" --device "$DEV" train benches/configs/gpu-train.yaml --set "model.path=$W/$2" \
+    --set "data.path=$W/rows-$4.jsonl" --set "data.max_length=$4" --set "output_dir=$out" \
+    --set "training.micro_batch_size=$3" --set "training.max_steps=$5" && train_rate "$out" "$2" "$3x$4"; }
+
+[ -n "${SKIP_BENCH:-}" ] && { cat "$SUMMARY"; exit 0; }
+echo "== throughput (random weights from config.json; median after warm-up)" | tee -a "$SUMMARY"
 S=benches/configs/smollm2-135m.json; L=benches/configs/llama-3.2-1b.json
-# Training steps first: they are what the issue measures, and the slowest to tune.
-LIMIT=200 measure t-smol-lora "$BIN" --device cuda bench $S lora-train bf16 8 512 5
-measure p-smol-lora     "$PY" benches/gpu_torch.py $S lora-train bf16 8 512 5
-LIMIT=200 measure t-1b-lora "$BIN" --device cuda bench $L lora-train bf16 8 1024 3
-measure p-1b-lora       "$PY" benches/gpu_torch.py $L lora-train bf16 8 1024 3
-measure t-smol-fwd      "$BIN" --device cuda bench $S forward bf16 8 512 5
-measure p-smol-fwd      "$PY" benches/gpu_torch.py $S forward bf16 8 512 5
-measure t-1b-fwd        "$BIN" --device cuda bench $L forward bf16 8 1024 5
-measure p-1b-fwd        "$PY" benches/gpu_torch.py $L forward bf16 8 1024 5
+# Whole training steps (temper train: LoRA fwd+bwd, clipping, AdamW) beside PyTorch + PEFT.
+export W PY TEMPER DEV; export -f rows train_rate tsft
+LIMIT=150 measure t-smol-sft bash -c "tsft smol smol 8 512 12"
+measure p-smol-sft      "$PY" benches/gpu_torch.py $S sft bf16 8 512 8
+LIMIT=170 measure t-1b-sft bash -c "tsft l1b l1b 8 1024 8"
+measure p-1b-sft        "$PY" benches/gpu_torch.py $L sft bf16 8 1024 5
 echo; echo "== summary"; cat "$SUMMARY"

@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Result, bail};
 use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
 use temper_trainer::{JobConfig, Precision, Resume, TrainOptions};
@@ -20,9 +21,12 @@ pub struct TrainArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// Resume from the newest checkpoint in output_dir, or from the checkpoint DIR given.
-    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "")]
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = LATEST)]
     pub resume: Option<PathBuf>,
 }
+
+/// `--resume` without a directory.
+const LATEST: &str = "latest";
 
 struct Job {
     config: JobConfig,
@@ -34,12 +38,13 @@ impl BackendJob for Job {
     type Output = Result<temper_trainer::Summary>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        Ok(temper_trainer::train::<Autodiff<B>>(
-            &self.config,
-            &device,
-            self.dtype,
-            self.options,
-        )?)
+        let (config, dtype, options) = (&self.config, self.dtype, self.options);
+        // The autodiff backend's checkpointing strategy is a type parameter in burn.
+        Ok(if config.training.gradient_checkpointing {
+            temper_trainer::train::<Autodiff<B, BalancedCheckpointing>>(config, &device, dtype, options)?
+        } else {
+            temper_trainer::train::<Autodiff<B>>(config, &device, dtype, options)?
+        })
     }
 }
 
@@ -75,7 +80,7 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
         });
     }
     let resume = args.resume.map(|p| {
-        if p.as_os_str().is_empty() {
+        if p.as_os_str() == LATEST && !p.is_dir() {
             Resume::Latest
         } else {
             Resume::Dir(p)
@@ -99,7 +104,7 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
         );
     } else {
         eprintln!(
-            "done: {} steps, final loss {last:.4}; adapter in {}",
+            "done: {} steps, final loss {last:.4}; output in {}",
             summary.steps,
             summary.output_dir.display()
         );

@@ -1,8 +1,13 @@
-"""A small conversational dataset with a strict answer format: each assistant turn shows the sum
+"""Small conversational datasets with a strict answer format: each assistant turn shows the sum
 and ends with `#### <answer>` (GSM8K's final-answer line). SmolLM2-135M-Instruct does not answer
 this way before training, so the format (and the arithmetic) is a visible, measurable effect.
 
-python make_arith.py  ->  arith_train.jsonl (400 rows), arith_test.jsonl (50 rows)
+Also preference pairs for DPO on the same questions: the chosen answer states the right sum,
+the rejected one a near miss (off by 1 or 10, or digits swapped), so DPO's effect is checkable:
+the share of greedy answers with the right sum.
+
+python make_arith.py  ->  arith_train.jsonl (400 rows), arith_test.jsonl (50 rows),
+                          arith_pref_train.jsonl (400 pairs), arith_pref_test.jsonl (50 pairs)
 """
 
 import json
@@ -41,3 +46,22 @@ for name, part in [("arith_train.jsonl", rows[:400]), ("arith_test.jsonl", rows[
     with open(name, "w") as f:
         for r in part:
             f.write(json.dumps(r) + "\n")
+
+
+def near_miss(a, b):
+    c = a + b
+    options = [c + 1, c - 1, c + 10, c - 10, int(str(c)[::-1])]
+    return rng.choice([o for o in options if o != c and o > 0])
+
+
+for name, part in [("arith_pref_train.jsonl", rows[:400]), ("arith_pref_test.jsonl", rows[400:])]:
+    with open(name, "w") as f:
+        for r in part:
+            q = r["messages"][0]["content"]
+            a, b = (int(x) for x in r["messages"][1]["content"].split(" = ")[0].split(" + "))
+            pair = {
+                "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": f"{a} + {b} = {a + b}."}],
+                "rejected": [{"role": "assistant", "content": f"{a} + {b} = {near_miss(a, b)}."}],
+            }
+            f.write(json.dumps(pair) + "\n")

@@ -38,6 +38,10 @@ pub struct ModelSection {
     /// Hub revision: refused until Temper downloads from the Hub.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// Random weights of the shape `config.json` describes (for benchmarks: speed does not
+    /// depend on the values). The directory needs `config.json` and a tokenizer only.
+    #[serde(default)]
+    pub random_init: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -269,6 +273,11 @@ pub struct TrainingSection {
     pub precision: Precision,
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Trade compute for memory: burn's balanced checkpointing keeps the outputs of
+    /// compute-bound ops (matmuls) and recomputes the memory-bound ones (activations, norms,
+    /// softmax) during the backward pass. Not per decoder block, as PyTorch's is.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     #[serde(default = "default_one_u64")]
     pub logging_steps: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -88,12 +88,16 @@ impl Progress {
             0.0
         };
         let f = |n: &str| row.get(n).unwrap_or(f64::NAN);
+        // SFT's token accuracy, or DPO's reward accuracy.
+        let (acc_name, acc) = match row.get("rewards/accuracies") {
+            Some(a) => ("reward acc", a),
+            None => ("acc", f("mean_token_accuracy")),
+        };
         let line = format!(
-            "step {}/{} | loss {:.4} | acc {:.3} | lr {:.2e} | grad_norm {:.3} | {:.0} tok/s | ETA {}",
+            "step {}/{} | loss {:.4} | {acc_name} {acc:.3} | lr {:.2e} | grad_norm {:.3} | {:.0} tok/s | ETA {}",
             row.step,
             self.total,
             f("loss"),
-            f("mean_token_accuracy"),
             f("learning_rate"),
             f("grad_norm"),
             f("tokens_per_second"),

@@ -184,12 +184,18 @@ pub fn train<B: AutodiffBackend>(
     let max_eval_rows = job.data.eval.as_ref().and_then(|e| e.max_rows).unwrap_or(usize::MAX);
     if let (Some(_), Some(eval), 0) = (t.eval_steps, &eval_data, state.step) {
         // The starting point, so the log shows what training changed.
-        let eval_loss = evaluate(&model, eval, &tokenizer, t.micro_batch_size, max_eval_rows, device)?;
-        log.write(&Row {
-            step: 0,
-            values: vec![("eval_loss", eval_loss)],
-        })?;
-        progress.note(&format!("step 0: eval_loss {eval_loss:.4}"));
+        let values = evaluate(
+            &model,
+            reference.as_ref(),
+            &t.dpo,
+            eval,
+            &tokenizer,
+            t.micro_batch_size,
+            max_eval_rows,
+            device,
+        )?;
+        progress.note(&format!("step 0: {}", show(&values)));
+        log.write(&Row { step: 0, values })?;
     }
     let save = |model: &LlamaForCausalLM<B>, optim: &AdamW<B::InnerBackend>, state: &TrainerState| {
         checkpoint::save(
@@ -250,7 +256,12 @@ pub fn train<B: AutodiffBackend>(
                     sums.add("mean_token_accuracy", l.correct.clone().into_scalar().elem_i64() as f64);
                     l.sum
                 }),
-                Batch::Preference(b) => Some(dpo_step_loss(&model, reference.as_ref(), b, &t.dpo, device, &mut sums)),
+                Batch::Preference(b) => {
+                    let ref_logps = reference
+                        .as_ref()
+                        .map(|r| Tensor::from_inner(preference_logps(r, b, device).0));
+                    Some(dpo_step_loss(&model, ref_logps, b, &t.dpo, device, &mut sums))
+                }
             };
             let Some(loss) = loss else { continue };
             sums.add("loss", loss.clone().into_scalar().elem_f32() as f64);
@@ -300,13 +311,21 @@ pub fn train<B: AutodiffBackend>(
         if let (Some(every), Some(eval)) = (t.eval_steps, &eval_data)
             && (state.step.is_multiple_of(every) || state.step == total_steps)
         {
-            let eval_loss = evaluate(&model, eval, &tokenizer, t.micro_batch_size, max_eval_rows, device)?;
-            let row = Row {
+            let values = evaluate(
+                &model,
+                reference.as_ref(),
+                &t.dpo,
+                eval,
+                &tokenizer,
+                t.micro_batch_size,
+                max_eval_rows,
+                device,
+            )?;
+            progress.note(&format!("step {}: {}", state.step, show(&values)));
+            log.write(&Row {
                 step: state.step,
-                values: vec![("eval_loss", eval_loss)],
-            };
-            log.write(&row)?;
-            progress.note(&format!("step {}: eval_loss {eval_loss:.4}", state.step));
+                values,
+            })?;
         }
         let stop = opts.stop.load(Ordering::SeqCst) || opts.stop_after_steps.is_some_and(|n| state.step >= n);
         if t.save_steps.is_some_and(|every| state.step.is_multiple_of(every)) || (stop && state.step < total_steps) {
@@ -339,15 +358,30 @@ fn build_model<B: AutodiffBackend>(
     checkpoint: Option<&Path>,
 ) -> Result<(LlamaForCausalLM<B>, Trainable)> {
     let a = &job.adapter;
+    let load = |path: &Path| -> Result<temper_models::Loaded<B>> {
+        if job.model.random_init && path == job.model.path {
+            let (config, tokenizer) = temper_models::load_config_and_tokenizer(path)?;
+            let source = temper_models::weights::RandomSource::new(&config, job.training.seed);
+            let model = LlamaForCausalLM::load(&config, &source, device, dtype)?;
+            Ok(temper_models::Loaded {
+                model,
+                config,
+                tokenizer,
+                path: path.to_path_buf(),
+            })
+        } else {
+            Ok(temper_models::load_pretrained::<B>(path, device, dtype)?)
+        }
+    };
     match a.kind {
         AdapterKind::Full => {
             let path = checkpoint.unwrap_or(&job.model.path);
-            let loaded = temper_models::load_pretrained::<B>(path, device, dtype)?;
+            let loaded = load(path)?;
             let model = loaded.model.map(&mut TrainAll);
             Ok((model, Trainable::Full(loaded.config, Box::new(loaded.tokenizer))))
         }
         AdapterKind::Lora => {
-            let loaded = temper_models::load_pretrained::<B>(&job.model.path, device, dtype)?;
+            let loaded = load(&job.model.path)?;
             let from = checkpoint.or(a.path.as_deref());
             let (model, config) = match from {
                 Some(dir) => {
@@ -437,15 +471,19 @@ fn sft_loss<B: Backend>(model: &LlamaForCausalLM<B>, batch: &SftBatch, device: &
     Some(token_cross_entropy(logits.reshape([n, vocab]), targets))
 }
 
-/// Mean loss over the evaluation data's target tokens, without gradients.
+/// Metrics over the evaluation data, without gradients: `eval_loss` (per target token for
+/// SFT, per pair for DPO), and for DPO `eval_rewards/*`.
+#[allow(clippy::too_many_arguments)]
 fn evaluate<B: AutodiffBackend>(
     model: &LlamaForCausalLM<B>,
+    reference: Option<&LlamaForCausalLM<B::InnerBackend>>,
+    dpo: &crate::config::DpoSection,
     eval: &temper_data::DataConfig,
     tokenizer: &Arc<Tokenizer>,
     batch_size: usize,
     max_rows: usize,
     device: &B::Device,
-) -> Result<f64> {
+) -> Result<Vec<(&'static str, f64)>> {
     let model = model.valid();
     let options = LoaderOptions {
         batch_size,
@@ -455,19 +493,45 @@ fn evaluate<B: AutodiffBackend>(
         epochs: Some(1),
     };
     let pipeline = Arc::new(Pipeline::new(eval, tokenizer.clone(), options)?);
-    let (mut sum, mut count, mut rows) = (0f64, 0usize, 0usize);
+    let mut sums = StepSums::default();
+    let (mut count, mut rows) = (0usize, 0usize);
     for b in pipeline.spawn(Cursor::default()) {
-        let Batch::Sft(batch) = b?.batch else { continue };
-        rows += batch.batch_size;
-        count += batch.num_target_tokens();
-        if let Some(loss) = sft_loss(&model, &batch, device) {
-            sum += loss.sum.into_scalar().elem_f32() as f64;
+        match b?.batch {
+            Batch::Sft(batch) => {
+                rows += batch.batch_size;
+                count += batch.num_target_tokens();
+                if let Some(loss) = sft_loss(&model, &batch, device) {
+                    sums.add("loss", loss.sum.into_scalar().elem_f32() as f64);
+                }
+            }
+            Batch::Preference(batch) => {
+                rows += batch.pairs;
+                count += batch.pairs;
+                let ref_logps = reference.map(|r| preference_logps(r, &batch, device).0);
+                let loss = dpo_step_loss(&model, ref_logps, &batch, dpo, device, &mut sums);
+                sums.add("loss", loss.into_scalar().elem_f32() as f64);
+            }
         }
         if rows >= max_rows {
             break;
         }
     }
-    Ok(sum / count.max(1) as f64)
+    let mut out = vec![("eval_loss", sums.get("loss") / count.max(1) as f64)];
+    for (name, v) in sums.logged(count) {
+        if name.starts_with("rewards/") {
+            out.push((eval_name(name), v));
+        }
+    }
+    Ok(out)
+}
+
+fn eval_name(name: &str) -> &'static str {
+    match name {
+        "rewards/chosen" => "eval_rewards/chosen",
+        "rewards/rejected" => "eval_rewards/rejected",
+        "rewards/accuracies" => "eval_rewards/accuracies",
+        _ => "eval_rewards/margins",
+    }
 }
 
 trait ElemExt {
@@ -567,9 +631,9 @@ fn preference_logps<B: Backend>(
 
 /// The summed DPO loss of one micro-batch; adds TRL's `rewards/*`, `logps/*` and `logits/*`
 /// (as sums over pairs) to `sums`. No `reference`: reference-free (log π_ref = 0).
-fn dpo_step_loss<B: AutodiffBackend>(
+fn dpo_step_loss<B: Backend>(
     model: &LlamaForCausalLM<B>,
-    reference: Option<&LlamaForCausalLM<B::InnerBackend>>,
+    reference: Option<Tensor<B, 1>>,
     batch: &PreferenceBatch,
     dpo: &crate::config::DpoSection,
     device: &B::Device,
@@ -577,10 +641,7 @@ fn dpo_step_loss<B: AutodiffBackend>(
 ) -> Tensor<B, 1> {
     let p = batch.pairs;
     let (logps, mean_logits) = preference_logps(model, batch, device);
-    let reference = match reference {
-        None => Tensor::<B, 1>::zeros([2 * p], device),
-        Some(r) => Tensor::from_inner(preference_logps(r, batch, device).0),
-    };
+    let reference = reference.unwrap_or_else(|| Tensor::<B, 1>::zeros([2 * p], device));
     let s = batch.seq_len;
     let lengths: Vec<f32> = (0..2 * p)
         .map(|r| {
@@ -619,4 +680,12 @@ fn dpo_step_loss<B: AutodiffBackend>(
     sums.add("_chosen_tokens", sum(half(lengths.clone(), false)));
     sums.add("_rejected_tokens", sum(half(lengths, true)));
     out.losses.sum()
+}
+
+fn show(values: &[(&str, f64)]) -> String {
+    values
+        .iter()
+        .map(|(n, v)| format!("{n} {v:.4}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
