@@ -182,10 +182,9 @@ pub fn train<B: AutodiffBackend>(
     let mut loader = pipeline.clone().spawn(state.cursor);
     let eval_data = job.data.eval_config();
     let max_eval_rows = job.data.eval.as_ref().and_then(|e| e.max_rows).unwrap_or(usize::MAX);
-    if let (Some(_), Some(eval), 0) = (t.eval_steps, &eval_data, state.step) {
-        // The starting point, so the log shows what training changed.
+    let eval_now = |model: &LlamaForCausalLM<B>, eval: &temper_data::DataConfig, step: u64| -> Result<Row> {
         let values = evaluate(
-            &model,
+            model,
             reference.as_ref(),
             &t.dpo,
             eval,
@@ -194,8 +193,12 @@ pub fn train<B: AutodiffBackend>(
             max_eval_rows,
             device,
         )?;
-        progress.note(&format!("step 0: {}", show(&values)));
-        log.write(&Row { step: 0, values })?;
+        progress.note(&format!("step {step}: {}", show(&values)));
+        Ok(Row { step, values })
+    };
+    if let (Some(_), Some(eval), 0) = (t.eval_steps, &eval_data, state.step) {
+        // The starting point, so the log shows what training changed.
+        log.write(&eval_now(&model, eval, 0)?)?;
     }
     let save = |model: &LlamaForCausalLM<B>, optim: &AdamW<B::InnerBackend>, state: &TrainerState| {
         checkpoint::save(
@@ -311,21 +314,7 @@ pub fn train<B: AutodiffBackend>(
         if let (Some(every), Some(eval)) = (t.eval_steps, &eval_data)
             && (state.step.is_multiple_of(every) || state.step == total_steps)
         {
-            let values = evaluate(
-                &model,
-                reference.as_ref(),
-                &t.dpo,
-                eval,
-                &tokenizer,
-                t.micro_batch_size,
-                max_eval_rows,
-                device,
-            )?;
-            progress.note(&format!("step {}: {}", state.step, show(&values)));
-            log.write(&Row {
-                step: state.step,
-                values,
-            })?;
+            log.write(&eval_now(&model, eval, state.step)?)?;
         }
         let stop = opts.stop.load(Ordering::SeqCst) || opts.stop_after_steps.is_some_and(|n| state.step >= n);
         if t.save_steps.is_some_and(|every| state.step.is_multiple_of(every)) || (stop && state.step < total_steps) {
