@@ -390,6 +390,19 @@ fn bad_input_names_file_row_and_column() {
         &tok,
     );
     assert!(e.contains("\"validation\" not found") && e.contains("train"), "{e}");
+    // Preference pairs with nothing to prefer.
+    let p = write(
+        "same.jsonl",
+        "{\"prompt\": \"Q\", \"chosen\": \" A\", \"rejected\": \" A\"}\n",
+    );
+    let e = error_of(serde_json::json!({"path": p}), &tok);
+    assert!(e.contains("same.jsonl, row 0") && e.contains("identical"), "{e}");
+    let p = write(
+        "blank.jsonl",
+        "{\"prompt\": \"Q\", \"chosen\": \" A\", \"rejected\": \"  \"}\n",
+    );
+    let e = error_of(serde_json::json!({"path": p}), &tok);
+    assert!(e.contains("blank.jsonl, row 0") && e.contains("empty"), "{e}");
     // skip_bad_rows: the good rows train, the bad one is counted.
     let p = write(
         "mixed.jsonl",

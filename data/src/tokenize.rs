@@ -249,6 +249,17 @@ impl Encoder {
             ),
             _ => return Err("`prompt`, `chosen` and `rejected` must all be strings or all message lists".into()),
         };
+        let empty = |c: &Content| match c {
+            Content::Text(t) => t.trim().is_empty(),
+            Content::Messages(m) => m.iter().all(|m| m.content.trim().is_empty()),
+        };
+        if empty(&chosen) || empty(&rejected) {
+            return Err("`chosen` or `rejected` is empty".into());
+        }
+        if prompt_chosen == prompt_rejected {
+            // Such a pair has no preference to learn; its DPO loss is a constant.
+            return Err("`chosen` and `rejected` are identical".into());
+        }
         let prompt_len =
             common_prefix_length(&prompt_ids, &prompt_chosen).min(common_prefix_length(&prompt_ids, &prompt_rejected));
         // With keep_start truncation a prompt that fills max_length leaves no completion token.
