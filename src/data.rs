@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use anyhow::Result;
 use temper_data::{Cursor, Encoded, IGNORE_INDEX, LoaderOptions, Pipeline};
@@ -79,7 +78,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             break;
         }
     }
-    let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let g = |c: &std::sync::atomic::AtomicU64| stats.get(c);
     let (tokens, slots) = (g(&stats.tokens), g(&stats.slots));
     println!("rows read           {}", g(&stats.rows));
     println!("bad rows skipped    {}", g(&stats.bad_rows_skipped));

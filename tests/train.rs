@@ -20,7 +20,7 @@ fn dir() -> PathBuf {
 }
 
 /// The job of the fixture run, writing to `out`.
-fn job_yaml(out: &Path, extra: &str) -> String {
+fn job_yaml(out: &Path) -> String {
     format!(
         r#"
 model:
@@ -44,7 +44,7 @@ training:
   max_grad_norm: 1.0
   precision: f32
 output_dir: {out}
-{extra}"#,
+"#,
         tiny = dir().join("tiny").display(),
         init = dir().join("init_adapter").display(),
         data = dir().join("data.jsonl").display(),
@@ -90,7 +90,7 @@ fn adapter(dir: &Path) -> Vec<(String, Vec<f32>)> {
 fn lora_sft_matches_peft_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let full_out = tmp.path().join("full");
-    let job = load_job(tmp.path(), &job_yaml(&full_out, ""), &[]).unwrap();
+    let job = load_job(tmp.path(), &job_yaml(&full_out), &[]).unwrap();
     let summary = run(&job, TrainOptions::default());
     assert_eq!(summary.steps, 10);
 
@@ -137,7 +137,7 @@ fn lora_sft_matches_peft_and_resumes_exactly() {
 
     // Interrupted after 4 steps (as Ctrl-C would), then resumed: the same curve and adapter.
     let out = tmp.path().join("resumed");
-    let job = load_job(tmp.path(), &job_yaml(&out, ""), &[]).unwrap();
+    let job = load_job(tmp.path(), &job_yaml(&out), &[]).unwrap();
     let first = run(
         &job,
         TrainOptions {
@@ -172,10 +172,9 @@ fn lora_sft_matches_peft_and_resumes_exactly() {
 fn checkpoints_rotate_and_the_loss_is_watched() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let extra = "";
     let job = load_job(
         tmp.path(),
-        &job_yaml(&out, extra),
+        &job_yaml(&out),
         &[
             "training.save_steps=2",
             "training.save_total_limit=2",
@@ -202,7 +201,7 @@ fn checkpoints_rotate_and_the_loss_is_watched() {
     let out = tmp.path().join("nan");
     let job = load_job(
         tmp.path(),
-        &job_yaml(&out, ""),
+        &job_yaml(&out),
         &["training.learning_rate=1.0e30", "training.warmup_steps=0"],
     )
     .unwrap();
@@ -216,7 +215,7 @@ fn checkpoints_rotate_and_the_loss_is_watched() {
 fn config_errors_name_file_and_key() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let yaml = job_yaml(&out, "");
+    let yaml = job_yaml(&out);
     let cases: [(&str, Vec<&str>, &str); 7] = [
         (
             "misspelled key",

@@ -127,11 +127,6 @@ pub enum Stopping {
 }
 
 impl DataConfig {
-    /// A config reading one file with every default.
-    pub fn from_path(path: &str) -> Self {
-        serde_json::from_value(serde_json::json!({ "path": path })).expect("defaults deserialize")
-    }
-
     /// The sources, with the shorthand expanded and per-source settings filled in.
     pub fn resolved_sources(&self) -> Vec<SourceConfig> {
         let mut sources = self.sources.clone();

@@ -203,16 +203,15 @@ impl Pipeline {
             rng: StdRng::seed_from_u64(seed),
             done: false,
         };
-        let shuffled = Shuffle {
-            inner: mixed,
-            buffer: Vec::new(),
-            size: if self.config.shuffle {
-                self.config.shuffle_buffer
-            } else {
-                1
-            },
-            rng: StdRng::seed_from_u64(seed.wrapping_add(0xB5)),
-            shuffle: self.config.shuffle,
+        let shuffled: Box<dyn Iterator<Item = Result<(usize, Record)>> + Send> = if self.config.shuffle {
+            Box::new(Shuffle {
+                inner: mixed,
+                buffer: Vec::new(),
+                size: self.config.shuffle_buffer,
+                rng: StdRng::seed_from_u64(seed.wrapping_add(0xB5)),
+            })
+        } else {
+            Box::new(mixed)
         };
         let (rank, world) = (self.options.rank as u64, self.options.world_size as u64);
         // Errors are kept on every rank (they are not rows of one rank).
@@ -586,16 +585,12 @@ struct Shuffle<I> {
     buffer: Vec<(usize, Record)>,
     size: usize,
     rng: StdRng,
-    shuffle: bool,
 }
 
 impl<I: Iterator<Item = Result<(usize, Record)>>> Iterator for Shuffle<I> {
     type Item = Result<(usize, Record)>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if !self.shuffle {
-            return self.inner.next();
-        }
         while self.buffer.len() < self.size {
             match self.inner.next() {
                 Some(Ok(r)) => self.buffer.push(r),

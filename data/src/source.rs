@@ -8,7 +8,7 @@
 //! Parquet row groups) or lines (JSON Lines), never whole.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -260,7 +260,7 @@ impl DataFile {
             FileKind::Arrow => {
                 let reader = self.arrow_reader(None)?;
                 let schema = reader.schema();
-                let projection = project(&schema, columns, &self.at())?;
+                let projection = project(&schema, columns);
                 let names: Vec<String> = projection.iter().map(|&i| schema.field(i).name().clone()).collect();
                 let reader = self.arrow_reader(Some(projection))?;
                 Ok(Box::new(BatchRows::new(self.clone(), reader, names, None)))
@@ -312,7 +312,8 @@ impl DataFile {
         let mut file = self.open()?;
         let mut magic = [0u8; 6];
         let is_file_format = file.read_exact(&mut magic).is_ok() && &magic == b"ARROW1";
-        let file = self.open()?;
+        file.seek(std::io::SeekFrom::Start(0))
+            .map_err(|e| Error::io(self.path.to_path_buf(), e))?;
         if is_file_format {
             arrow_ipc::reader::FileReader::try_new(file, projection)
                 .map(ArrowReader::File)
@@ -329,7 +330,7 @@ impl DataFile {
         let file = self.open()?;
         let meta = ArrowReaderMetadata::load(&file, Default::default()).map_err(|e| self.file_error(e))?;
         let schema = meta.schema().clone();
-        let projection = project(&schema, columns, &self.at())?;
+        let projection = project(&schema, columns);
         let names: Vec<String> = projection.iter().map(|&i| schema.field(i).name().clone()).collect();
         let groups = meta.metadata().num_row_groups();
         let this = self.clone();
@@ -385,13 +386,13 @@ fn json_record(parsed: serde_json::Result<Value>, keep: Option<&[String]>, at: L
 
 /// Column indices to read: the asked-for columns that exist (a missing one is reported later,
 /// with the format that needs it), or all.
-fn project(schema: &Schema, columns: Option<&[String]>, _at: &Location) -> Result<Vec<usize>> {
-    Ok(match columns {
+fn project(schema: &Schema, columns: Option<&[String]>) -> Vec<usize> {
+    match columns {
         None => (0..schema.fields().len()).collect(),
         Some(cols) => (0..schema.fields().len())
             .filter(|&i| cols.contains(schema.field(i).name()))
             .collect(),
-    })
+    }
 }
 
 enum ArrowReader {

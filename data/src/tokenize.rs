@@ -106,10 +106,6 @@ impl Encoder {
         })
     }
 
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
-    }
-
     /// Encodes one sample; errors name the row.
     pub fn encode(&self, sample: &Sample, at: &Location) -> Result<Encoded> {
         let bad = |message: String| Error::BadRow {

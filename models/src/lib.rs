@@ -18,5 +18,5 @@ pub use config::{Family, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use generate::{Sampling, generate};
 pub use llama::{ForwardOptions, KvCache, LlamaForCausalLM};
-pub use load::{Loaded, load_config_and_tokenizer, load_pretrained};
+pub use load::{Loaded, load_config_and_tokenizer, load_pretrained, load_weights};
 pub use tokenizer::{ChatTemplate, Message, RenderedChat, Tokenizer};

@@ -48,58 +48,79 @@ pub fn is_gguf(path: &Path) -> bool {
 /// Loads a model from a Hugging Face directory (`config.json`, safetensors, `tokenizer.json`)
 /// or a GGUF file, storing weights in `dtype`.
 pub fn load_pretrained<B: Backend>(path: &Path, device: &B::Device, dtype: DType) -> Result<Loaded<B>> {
-    if !path.exists() {
-        return Err(Error::io(
-            path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
-        ));
-    }
-    if path.is_dir() {
-        let config = ModelConfig::from_file(path.join("config.json"))?;
-        let source = SafetensorsSource::open_dir(path)?;
-        let model = LlamaForCausalLM::load(&config, &source, device, dtype)?;
-        let tokenizer = Tokenizer::from_hf_dir(path)?;
-        Ok(Loaded {
-            model,
-            config,
-            tokenizer,
-            path: path.to_path_buf(),
-        })
-    } else if is_gguf(path) {
-        let gguf = Gguf::open(path)?;
-        let config = config_from_gguf(&gguf)?;
-        let source = GgufSource::new(&gguf, &config)?;
-        let model = LlamaForCausalLM::load(&config, &source, device, dtype)?;
-        let tokenizer = Tokenizer::from_gguf(&gguf)?;
-        Ok(Loaded {
-            model,
-            config,
-            tokenizer,
-            path: path.to_path_buf(),
-        })
-    } else {
-        Err(Error::format(
-            path,
-            "expected a Hugging Face model directory (config.json + safetensors) or a GGUF file",
-        ))
-    }
+    let opened = Opened::new(path)?;
+    let (config, tokenizer) = opened.config_and_tokenizer(path)?;
+    let model = opened.weights(path, &config, device, dtype)?;
+    Ok(Loaded {
+        model,
+        config,
+        tokenizer,
+        path: path.to_path_buf(),
+    })
 }
 
 /// The config and tokenizer of a model directory or GGUF file, without its weights: what a
 /// job checks before it spends time loading the model.
 pub fn load_config_and_tokenizer(path: &Path) -> Result<(ModelConfig, Tokenizer)> {
-    if path.is_dir() {
-        Ok((
-            ModelConfig::from_file(path.join("config.json"))?,
-            Tokenizer::from_hf_dir(path)?,
-        ))
-    } else if is_gguf(path) {
-        let gguf = Gguf::open(path)?;
-        Ok((config_from_gguf(&gguf)?, Tokenizer::from_gguf(&gguf)?))
-    } else {
-        Err(Error::format(
-            path,
-            "expected a Hugging Face model directory (config.json + safetensors) or a GGUF file",
-        ))
+    Opened::new(path)?.config_and_tokenizer(path)
+}
+
+/// The weights of a model directory or GGUF file, for a `config` already read from it.
+pub fn load_weights<B: Backend>(
+    path: &Path,
+    config: &ModelConfig,
+    device: &B::Device,
+    dtype: DType,
+) -> Result<LlamaForCausalLM<B>> {
+    Opened::new(path)?.weights(path, config, device, dtype)
+}
+
+/// A model path, checked and (for GGUF) parsed once.
+enum Opened {
+    Dir,
+    Gguf(Gguf),
+}
+
+impl Opened {
+    fn new(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ));
+        }
+        if path.is_dir() {
+            Ok(Self::Dir)
+        } else if is_gguf(path) {
+            Ok(Self::Gguf(Gguf::open(path)?))
+        } else {
+            Err(Error::format(
+                path,
+                "expected a Hugging Face model directory (config.json + safetensors) or a GGUF file",
+            ))
+        }
+    }
+
+    fn config_and_tokenizer(&self, path: &Path) -> Result<(ModelConfig, Tokenizer)> {
+        match self {
+            Self::Dir => Ok((
+                ModelConfig::from_file(path.join("config.json"))?,
+                Tokenizer::from_hf_dir(path)?,
+            )),
+            Self::Gguf(gguf) => Ok((config_from_gguf(gguf)?, Tokenizer::from_gguf(gguf)?)),
+        }
+    }
+
+    fn weights<B: Backend>(
+        &self,
+        path: &Path,
+        config: &ModelConfig,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<LlamaForCausalLM<B>> {
+        match self {
+            Self::Dir => LlamaForCausalLM::load(config, &SafetensorsSource::open_dir(path)?, device, dtype),
+            Self::Gguf(gguf) => LlamaForCausalLM::load(config, &GgufSource::new(gguf, config)?, device, dtype),
+        }
     }
 }

@@ -219,33 +219,6 @@ pub fn global_grad_norm<AB: AutodiffBackend, M: Module<AB>>(
     v.sum.sqrt()
 }
 
-/// Names and flattened f32 values of the trainable parameters (for tests and checkpoints).
-pub fn trainable_names<AB: AutodiffBackend, M: Module<AB>>(module: &M) -> Vec<String> {
-    struct Names {
-        path: Vec<String>,
-        out: Vec<String>,
-    }
-    impl<AB: AutodiffBackend> ModuleVisitor<AB> for Names {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
-            if param.is_require_grad() {
-                self.out.push(self.path.join("."));
-            }
-        }
-    }
-    let mut v = Names {
-        path: Vec::new(),
-        out: Vec::new(),
-    };
-    module.visit(&mut v);
-    v.out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

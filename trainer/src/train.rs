@@ -8,7 +8,7 @@ use std::time::Instant;
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use temper_data::{Batch, Cursor, IGNORE_INDEX, LoaderOptions, Pipeline, PreferenceBatch, SftBatch};
 use temper_models::config::CheckpointDtype;
 use temper_models::save::{DEFAULT_SHARD_BYTES, save_pretrained};
@@ -53,7 +53,7 @@ pub struct Summary {
 /// The model with its adapter, and how to save it.
 enum Trainable {
     Lora(LoraConfig),
-    Full(ModelConfig, Box<Tokenizer>),
+    Full(ModelConfig, Arc<Tokenizer>),
 }
 
 /// Runs a job to its end (or its interruption) on backend `B` with weights stored in `dtype`.
@@ -148,7 +148,14 @@ pub fn train<B: AutodiffBackend>(
     };
 
     // The model, its adapter, the optimizer.
-    let (model, trainable) = build_model::<B>(job, device, dtype, resumed.as_ref().map(|r| r.dir.as_path()))?;
+    let (model, trainable) = build_model::<B>(
+        job,
+        &model_config,
+        &tokenizer,
+        device,
+        dtype,
+        resumed.as_ref().map(|r| r.dir.as_path()),
+    )?;
     let mut model = model;
     let mut optim = AdamW::<B::InnerBackend>::new(AdamWConfig::from_training(t, job.adapter.loraplus_lr_ratio));
     let mut state = TrainerState {
@@ -256,7 +263,10 @@ pub fn train<B: AutodiffBackend>(
         for batch in &micro {
             let loss = match batch {
                 Batch::Sft(b) => sft_loss(&model, b, device).map(|l| {
-                    sums.add("mean_token_accuracy", l.correct.clone().into_scalar().elem_i64() as f64);
+                    sums.add(
+                        "mean_token_accuracy",
+                        l.correct.clone().into_scalar().elem::<i64>() as f64,
+                    );
                     l.sum
                 }),
                 Batch::Preference(b) => {
@@ -267,7 +277,7 @@ pub fn train<B: AutodiffBackend>(
                 }
             };
             let Some(loss) = loss else { continue };
-            sums.add("loss", loss.clone().into_scalar().elem_f32() as f64);
+            sums.add("loss", loss.clone().into_scalar().elem::<f32>() as f64);
             let grads = (loss / denominator.max(1) as f32).backward();
             accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
         }
@@ -280,7 +290,7 @@ pub fn train<B: AutodiffBackend>(
             });
         }
         let mut grads = accumulator.grads();
-        let grad_norm: f32 = global_grad_norm(&model, &grads, device).into_scalar().elem_f32();
+        let grad_norm: f32 = global_grad_norm(&model, &grads, device).into_scalar().elem::<f32>();
         let scale = if t.max_grad_norm > 0.0 && grad_norm as f64 > t.max_grad_norm {
             t.max_grad_norm / (grad_norm as f64 + 1e-6)
         } else {
@@ -339,47 +349,40 @@ pub fn train<B: AutodiffBackend>(
     })
 }
 
-/// Loads the base, then adds (or restores) the adapter, or makes every weight trainable.
+/// Loads the weights (the config and tokenizer are read already), then adds (or restores) the
+/// adapter, or makes every weight trainable.
 fn build_model<B: AutodiffBackend>(
     job: &JobConfig,
+    model_config: &ModelConfig,
+    tokenizer: &Arc<Tokenizer>,
     device: &B::Device,
     dtype: DType,
     checkpoint: Option<&Path>,
 ) -> Result<(LlamaForCausalLM<B>, Trainable)> {
     let a = &job.adapter;
-    let load = |path: &Path| -> Result<temper_models::Loaded<B>> {
-        if job.model.random_init && path == job.model.path {
-            let (config, tokenizer) = temper_models::load_config_and_tokenizer(path)?;
-            let source = temper_models::weights::RandomSource::new(&config, job.training.seed);
-            let model = LlamaForCausalLM::load(&config, &source, device, dtype)?;
-            Ok(temper_models::Loaded {
-                model,
-                config,
-                tokenizer,
-                path: path.to_path_buf(),
-            })
-        } else {
-            Ok(temper_models::load_pretrained::<B>(path, device, dtype)?)
-        }
+    // A full fine-tuning checkpoint holds the whole model; a LoRA one only the adapter.
+    let weights_from = match a.kind {
+        AdapterKind::Full => checkpoint.unwrap_or(&job.model.path),
+        AdapterKind::Lora => &job.model.path,
+    };
+    let base = if job.model.random_init && weights_from == job.model.path {
+        let source = temper_models::weights::RandomSource::new(model_config, job.training.seed);
+        LlamaForCausalLM::load(model_config, &source, device, dtype)?
+    } else {
+        temper_models::load_weights::<B>(weights_from, model_config, device, dtype)?
     };
     match a.kind {
         AdapterKind::Full => {
-            let path = checkpoint.unwrap_or(&job.model.path);
-            let loaded = load(path)?;
-            let model = loaded.model.map(&mut TrainAll);
-            Ok((model, Trainable::Full(loaded.config, Box::new(loaded.tokenizer))))
+            let model = base.map(&mut TrainAll);
+            Ok((model, Trainable::Full(model_config.clone(), tokenizer.clone())))
         }
         AdapterKind::Lora => {
-            let loaded = load(&job.model.path)?;
             let from = checkpoint.or(a.path.as_deref());
             let (model, config) = match from {
-                Some(dir) => {
-                    let model = loaded.model.no_grad();
-                    temper_peft::load_adapter(model, dir)?
-                }
+                Some(dir) => temper_peft::load_adapter(base.no_grad(), dir)?,
                 None => {
                     let config = a.lora_config()?;
-                    let (model, _) = temper_peft::inject(loaded.model, &config, job.training.seed)?;
+                    let (model, _) = temper_peft::inject(base, &config, job.training.seed)?;
                     (model, config)
                 }
             };
@@ -443,21 +446,44 @@ fn sft_loss<B: Backend>(model: &LlamaForCausalLM<B>, batch: &SftBatch, device: &
     if positions.is_empty() {
         return None;
     }
-    let n = positions.len();
     let options = ForwardOptions {
         // Right padding needs no mask under causal attention: real tokens never look ahead.
         position_ids: Some(ints(&batch.position_ids, [b, s], device)),
         attention_mask: None,
         segment_ids: batch.is_packed().then(|| ints(&batch.segment_ids, [b, s], device)),
     };
-    let hidden = model.forward_hidden(ints(&batch.input_ids, [b, s], device), options, None); // [b, s, h]
+    let logits = logits_at(
+        model,
+        ints(&batch.input_ids, [b, s], device),
+        options,
+        positions,
+        device,
+    );
+    Some(token_cross_entropy(logits, int_vector(targets, device)))
+}
+
+/// Logits (`[n, vocab]`, f32) at `positions` (flat `row * seq + t` indices) of a forward pass:
+/// only where a target follows, so prompts and padding never reach the output head.
+fn logits_at<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    input_ids: Tensor<B, 2, Int>,
+    options: ForwardOptions<B>,
+    positions: Vec<i64>,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let [rows, s] = input_ids.dims();
+    let n = positions.len();
+    let hidden = model.forward_hidden(input_ids, options, None); // [rows, s, h]
     let h = hidden.dims()[2];
-    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [n]), device);
-    let picked = hidden.reshape([b * s, h]).select(0, index); // [n, h]
+    let picked = hidden.reshape([rows * s, h]).select(0, int_vector(positions, device)); // [n, h]
     let logits = model.head(picked.reshape([1, n, h])); // [1, n, vocab]
     let vocab = logits.dims()[2];
-    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), device);
-    Some(token_cross_entropy(logits.reshape([n, vocab]), targets))
+    logits.reshape([n, vocab])
+}
+
+fn int_vector<B: Backend>(values: Vec<i64>, device: &B::Device) -> Tensor<B, 1, Int> {
+    let n = values.len();
+    Tensor::from_data(TensorData::new(values, [n]), device)
 }
 
 /// Metrics over the evaluation data, without gradients: `eval_loss` (per target token for
@@ -490,7 +516,7 @@ fn evaluate<B: AutodiffBackend>(
                 rows += batch.batch_size;
                 count += batch.num_target_tokens();
                 if let Some(loss) = sft_loss(&model, &batch, device) {
-                    sums.add("loss", loss.sum.into_scalar().elem_f32() as f64);
+                    sums.add("loss", loss.sum.into_scalar().elem::<f32>() as f64);
                 }
             }
             Batch::Preference(batch) => {
@@ -498,7 +524,7 @@ fn evaluate<B: AutodiffBackend>(
                 count += batch.pairs;
                 let ref_logps = reference.map(|r| preference_logps(r, &batch, device).0);
                 let loss = dpo_step_loss(&model, ref_logps, &batch, dpo, device, &mut sums);
-                sums.add("loss", loss.into_scalar().elem_f32() as f64);
+                sums.add("loss", loss.into_scalar().elem::<f32>() as f64);
             }
         }
         if rows >= max_rows {
@@ -520,20 +546,6 @@ fn eval_name(name: &str) -> &'static str {
         "rewards/rejected" => "eval_rewards/rejected",
         "rewards/accuracies" => "eval_rewards/accuracies",
         _ => "eval_rewards/margins",
-    }
-}
-
-trait ElemExt {
-    fn elem_f32(self) -> f32;
-    fn elem_i64(self) -> i64;
-}
-
-impl<E: burn::tensor::ElementConversion> ElemExt for E {
-    fn elem_f32(self) -> f32 {
-        self.elem()
-    }
-    fn elem_i64(self) -> i64 {
-        self.elem()
     }
 }
 
@@ -598,24 +610,16 @@ fn preference_logps<B: Backend>(
 ) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let (rows, s) = (2 * batch.pairs, batch.seq_len);
     let (pos, tgt, row) = completion_positions(batch);
-    let n = pos.len();
     let ids = ints(&batch.input_ids, [rows, s], device);
-    let hidden = model.forward_hidden(ids, ForwardOptions::default(), None); // [rows, s, h]
-    let h = hidden.dims()[2];
-    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(pos, [n]), device);
-    let picked = hidden.reshape([rows * s, h]).select(0, index); // [n, h]
-    let logits = model.head(picked.reshape([1, n, h])); // [1, n, vocab]
-    let vocab = logits.dims()[2];
-    let logits = logits.reshape([n, vocab]);
-    let row = Tensor::<B, 1, Int>::from_data(TensorData::new(row, [n]), device);
+    let logits = logits_at(model, ids, ForwardOptions::default(), pos, device); // [n, vocab]
+    let row = int_vector(row, device);
     let mean_logits = Tensor::<B, 1>::zeros([rows], device).select_assign(
         0,
         row.clone(),
         logits.clone().detach().mean_dim(1).squeeze_dim::<1>(1),
         burn::tensor::IndexingUpdateOp::Add,
     );
-    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(tgt, [n]), device);
-    (sequence_logps(logits, targets, row, rows), mean_logits)
+    (sequence_logps(logits, int_vector(tgt, device), row, rows), mean_logits)
 }
 
 /// The summed DPO loss of one micro-batch; adds TRL's `rewards/*`, `logps/*` and `logits/*`
@@ -655,7 +659,7 @@ fn dpo_step_loss<B: Backend>(
             label_smoothing: dpo.label_smoothing,
         },
     );
-    let sum = |t: Tensor<B, 1>| -> f64 { t.sum().into_scalar().elem_f32() as f64 };
+    let sum = |t: Tensor<B, 1>| -> f64 { t.sum().into_scalar().elem::<f32>() as f64 };
     let (cr, rr) = (out.chosen_rewards.clone(), out.rejected_rewards.clone());
     sums.add("rewards/chosen", sum(cr.clone()));
     sums.add("rewards/rejected", sum(rr.clone()));
