@@ -216,7 +216,7 @@ fn config_errors_name_file_and_key() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let yaml = job_yaml(&out);
-    let cases: [(&str, Vec<&str>, &str); 7] = [
+    let cases: [(&str, Vec<&str>, &str); 11] = [
         (
             "misspelled key",
             vec!["training.learnin_rate=1"],
@@ -248,6 +248,34 @@ fn config_errors_name_file_and_key() {
             vec!["data.packing=true", "data.max_length=null"],
             "data.packing",
         ),
+        (
+            "another objective's section",
+            vec!["training.objective=dpo", "training.orpo.beta=0.2"],
+            "training.orpo: applies to `objective: orpo`, but the objective is `dpo`",
+        ),
+        (
+            "weights for the losses",
+            vec![
+                "training.objective=dpo",
+                "training.dpo.loss_type=[sigmoid, sft]",
+                "training.dpo.loss_weights=[1]",
+            ],
+            "training.dpo.loss_weights: has 1 weights for 2 loss types",
+        ),
+        (
+            "unknown loss",
+            vec!["training.objective=dpo", "training.dpo.loss_type=[sigmoid, kto]"],
+            "training.dpo.loss_type",
+        ),
+        (
+            "robust's flip rate",
+            vec![
+                "training.objective=dpo",
+                "training.dpo.loss_type=robust",
+                "training.dpo.label_smoothing=0.5",
+            ],
+            "training.dpo.label_smoothing: must be in [0, 0.5 for the robust loss)",
+        ),
     ];
     for (what, overrides, want) in cases {
         let err = load_job(tmp.path(), &yaml, &overrides).expect_err(what);
@@ -266,6 +294,15 @@ fn config_errors_name_file_and_key() {
 
 /// DPO from the fixture adapter on `pref.jsonl`, 3 steps of 4 pairs, as make_dpo_fixtures.py.
 fn dpo_yaml(out: &Path, loss_type: &str, label_smoothing: f64) -> String {
+    preference_yaml(
+        out,
+        &format!("objective: dpo\n  dpo: {{beta: 0.1, loss_type: {loss_type}, label_smoothing: {label_smoothing}}}"),
+    )
+}
+
+/// A preference job from the fixture adapter on `pref.jsonl`; `objective` is the lines that
+/// choose and configure the objective under `training:`.
+fn preference_yaml(out: &Path, objective: &str) -> String {
     format!(
         r#"
 model:
@@ -277,8 +314,7 @@ data:
   path: {data}
   max_length: 64
 training:
-  objective: dpo
-  dpo: {{beta: 0.1, loss_type: {loss_type}, label_smoothing: {label_smoothing}}}
+  {objective}
   max_steps: 3
   micro_batch_size: 4
   learning_rate: 1.0e-2
@@ -298,36 +334,72 @@ fn dpo_matches_trl() {
     let tmp = tempfile::tempdir().unwrap();
     let exp: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir().join("dpo_expected.json")).unwrap()).unwrap();
-    for (loss_type, ls) in [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.1)] {
-        let out = tmp.path().join(loss_type);
-        let job = load_job(tmp.path(), &dpo_yaml(&out, loss_type, ls), &[]).unwrap();
+    let dpo = |section: &str| format!("objective: dpo\n  dpo: {{beta: 0.1, {section}}}");
+    let cases = [
+        ("sigmoid", dpo("loss_type: sigmoid")),
+        ("hinge", dpo("loss_type: hinge")),
+        ("ipo", dpo("loss_type: ipo")),
+        ("robust", dpo("loss_type: robust, label_smoothing: 0.1")),
+        ("sigmoid_norm", dpo("loss_type: sigmoid_norm")),
+        ("rpo", dpo("loss_type: [sigmoid, sft], loss_weights: [1.0, 0.5]")),
+        ("precompute", dpo("precompute_ref_log_probs: true")),
+        (
+            "simpo",
+            "objective: simpo\n  simpo: {beta: 2.0, gamma: 0.5, label_smoothing: 0.1, cpo_alpha: 0.3}".into(),
+        ),
+        ("orpo", "objective: orpo\n  orpo: {beta: 0.1}".into()),
+    ];
+    for (case, objective) in cases {
+        let out = tmp.path().join(case);
+        let job = load_job(tmp.path(), &preference_yaml(&out, &objective), &[]).unwrap();
         run(&job, TrainOptions::default());
         let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
         let rows: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        let want = exp[loss_type].as_array().unwrap();
-        assert_eq!(rows.len(), want.len(), "{loss_type}");
+        let want = exp[case].as_array().unwrap();
+        assert_eq!(rows.len(), want.len(), "{case}");
         for (step, (row, want)) in rows.iter().zip(want).enumerate() {
-            for key in [
-                "loss",
-                "rewards/chosen",
-                "rewards/rejected",
-                "rewards/accuracies",
-                "rewards/margins",
-                "logps/chosen",
-                "logps/rejected",
-                "logits/chosen",
-                "logits/rejected",
-            ] {
-                let (a, b) = (row[key].as_f64().unwrap(), want[key].as_f64().unwrap());
+            // Every metric TRL logged for the case (SimPO's and ORPO's `logits/*` are TRL's means
+            // over all positions and the vocabulary; Temper logs DPO's per-token means).
+            for (key, b) in want.as_object().unwrap() {
+                let (a, b) = (row[key].as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap());
                 // Rewards start at exactly 0 (policy == reference): compare absolutely there.
                 let tol = 1e-4 * b.abs().max(1e-2);
-                assert!(
-                    (a - b).abs() <= tol,
-                    "{loss_type} step {}: {key} {a} vs TRL {b}",
-                    step + 1
-                );
+                assert!((a - b).abs() <= tol, "{case} step {}: {key} {a} vs TRL {b}", step + 1);
             }
         }
+    }
+    // The precomputed reference is saved with checkpoints, so a resumed run reads it back.
+    let out = tmp.path().join("precompute-resume");
+    let job = load_job(
+        tmp.path(),
+        &preference_yaml(&out, &dpo("precompute_ref_log_probs: true")),
+        &["training.save_steps=1"],
+    )
+    .unwrap();
+    let first = run(
+        &job,
+        TrainOptions {
+            stop_after_steps: Some(1),
+            ..Default::default()
+        },
+    );
+    assert!(first.interrupted && out.join("checkpoint-1/ref_logps.bin").exists());
+    std::fs::remove_file(out.join("ref_logps.bin")).unwrap();
+    let resumed = run(
+        &job,
+        TrainOptions {
+            resume: Some(Resume::Latest),
+            ..Default::default()
+        },
+    );
+    let want: Vec<f64> = exp["sigmoid"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["loss"].as_f64().unwrap())
+        .collect();
+    for ((_, a), b) in resumed.losses.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-4 * b.abs(), "{:?} vs {want:?}", resumed.losses);
     }
     // A fresh adapter (B = 0) is its own reference at the start: the first loss is ln 2.
     let out = tmp.path().join("fresh");

@@ -184,8 +184,28 @@ impl AdapterSection {
 pub enum Objective {
     #[default]
     Sft,
-    /// Preference training on chosen/rejected pairs (`training.dpo`).
+    /// Preference training on chosen/rejected pairs against a reference (`training.dpo`).
     Dpo,
+    /// Reference-free, length-normalised preference training (`training.simpo`).
+    Simpo,
+    /// Odds-ratio preference optimisation: NLL plus an odds-ratio term, no reference
+    /// (`training.orpo`).
+    Orpo,
+}
+
+impl Objective {
+    pub fn is_preference(self) -> bool {
+        self != Objective::Sft
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Objective::Sft => "sft",
+            Objective::Dpo => "dpo",
+            Objective::Simpo => "simpo",
+            Objective::Orpo => "orpo",
+        }
+    }
 }
 
 /// DPO's options, with TRL's `DPOConfig` names.
@@ -194,20 +214,123 @@ pub enum Objective {
 pub struct DpoSection {
     #[serde(default = "default_beta")]
     pub beta: f64,
-    #[serde(default)]
-    pub loss_type: temper_trl::DpoLossType,
+    /// One loss or a list of them (`[sigmoid, sft]`), combined with `loss_weights`.
+    #[serde(default = "default_loss_type", deserialize_with = "one_or_many")]
+    pub loss_type: Vec<temper_trl::DpoLossType>,
+    /// One weight per `loss_type` (default 1 each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_weights: Option<Vec<f64>>,
+    /// RPO's weight of the chosen completions' NLL (older TRL's `rpo_alpha`): the same as adding
+    /// `sft` to `loss_type` with this weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo_alpha: Option<f64>,
     #[serde(default)]
     pub label_smoothing: f64,
     /// No reference model: its log-probabilities are taken as 0.
     #[serde(default)]
     pub reference_free: bool,
+    /// Compute the reference's log-probabilities in one pass before training (saved with the
+    /// checkpoints), so each step runs only the policy.
+    #[serde(default)]
+    pub precompute_ref_log_probs: bool,
 }
 
 fn default_beta() -> f64 {
     0.1
 }
 
+fn default_loss_type() -> Vec<temper_trl::DpoLossType> {
+    vec![temper_trl::DpoLossType::Sigmoid]
+}
+
+/// `loss_type: sigmoid` or `loss_type: [sigmoid, sft]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<temper_trl::DpoLossType>, D::Error> {
+    use serde::de::Error as _;
+    let value = Value::deserialize(d)?;
+    if value.is_sequence() {
+        serde_yaml::from_value(value).map_err(D::Error::custom)
+    } else {
+        serde_yaml::from_value(value)
+            .map(|one| vec![one])
+            .map_err(D::Error::custom)
+    }
+}
+
 impl Default for DpoSection {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("defaults deserialize")
+    }
+}
+
+impl DpoSection {
+    /// The objective as `trl` takes it: each loss with its weight, RPO's term last.
+    pub fn params(&self) -> temper_trl::DpoParams {
+        let weights = self
+            .loss_weights
+            .clone()
+            .unwrap_or_else(|| vec![1.0; self.loss_type.len()]);
+        let mut losses: Vec<_> = self.loss_type.iter().copied().zip(weights).collect();
+        if let Some(alpha) = self.rpo_alpha {
+            losses.push((temper_trl::DpoLossType::Sft, alpha));
+        }
+        temper_trl::DpoParams {
+            beta: self.beta,
+            losses,
+            label_smoothing: self.label_smoothing,
+        }
+    }
+}
+
+/// SimPO's options (TRL: `CPOConfig` with `loss_type: simpo`). The defaults are the SimPO
+/// paper's (β 2, γ 0.5, no NLL term); TRL's `CPOConfig` defaults to β 0.1 and `cpo_alpha` 1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimpoSection {
+    #[serde(default = "default_simpo_beta")]
+    pub beta: f64,
+    /// The target reward margin γ (TRL's `simpo_gamma`).
+    #[serde(default = "default_simpo_gamma", alias = "simpo_gamma")]
+    pub gamma: f64,
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// Weight of the chosen completions' NLL (CPO-SimPO when > 0).
+    #[serde(default)]
+    pub cpo_alpha: f64,
+}
+
+fn default_simpo_beta() -> f64 {
+    2.0
+}
+fn default_simpo_gamma() -> f64 {
+    0.5
+}
+
+impl Default for SimpoSection {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("defaults deserialize")
+    }
+}
+
+impl SimpoSection {
+    pub fn params(&self) -> temper_trl::SimpoParams {
+        temper_trl::SimpoParams {
+            beta: self.beta,
+            gamma: self.gamma,
+            label_smoothing: self.label_smoothing,
+            cpo_alpha: self.cpo_alpha,
+        }
+    }
+}
+
+/// ORPO's options (TRL: `ORPOConfig`): β weighs the odds-ratio term against the NLL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrpoSection {
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+}
+
+impl Default for OrpoSection {
     fn default() -> Self {
         serde_yaml::from_str("{}").expect("defaults deserialize")
     }
@@ -238,8 +361,14 @@ pub enum Precision {
 pub struct TrainingSection {
     #[serde(default)]
     pub objective: Objective,
-    #[serde(default)]
-    pub dpo: DpoSection,
+    /// The options of the preference objectives; only the chosen objective's section may be
+    /// given (the resolved config shows it with its defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<DpoSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simpo: Option<SimpoSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orpo: Option<OrpoSection>,
     /// Passes over the data; ignored when `max_steps` is set.
     #[serde(default = "default_epochs")]
     pub epochs: u64,
@@ -351,6 +480,7 @@ impl JobConfig {
             message: e.into_inner().to_string(),
         })?;
         config.expand_home();
+        config.resolve_objective();
         config.validate().map_err(|e| match e {
             Error::Config { key, message, .. } => Error::Config {
                 file: path.to_path_buf(),
@@ -360,6 +490,18 @@ impl JobConfig {
             other => other,
         })?;
         Ok(config)
+    }
+
+    /// The chosen objective's section, with its defaults when not given, so the saved config
+    /// shows what ran.
+    fn resolve_objective(&mut self) {
+        let t = &mut self.training;
+        match t.objective {
+            Objective::Dpo => _ = t.dpo.get_or_insert_with(Default::default),
+            Objective::Simpo => _ = t.simpo.get_or_insert_with(Default::default),
+            Objective::Orpo => _ = t.orpo.get_or_insert_with(Default::default),
+            Objective::Sft => {}
+        }
     }
 
     /// `~/` at the start of a path means the home directory, as in a shell.
@@ -477,6 +619,74 @@ impl JobConfig {
         check(t.logging_steps > 0, "training.logging_steps", "must be > 0".into())?;
         check(t.eval_steps != Some(0), "training.eval_steps", "must be > 0".into())?;
         check(t.save_steps != Some(0), "training.save_steps", "must be > 0".into())?;
+        for (key, given, owner) in [
+            ("training.dpo", t.dpo.is_some(), Objective::Dpo),
+            ("training.simpo", t.simpo.is_some(), Objective::Simpo),
+            ("training.orpo", t.orpo.is_some(), Objective::Orpo),
+        ] {
+            check(
+                !given || t.objective == owner,
+                key,
+                format!(
+                    "applies to `objective: {}`, but the objective is `{}`",
+                    owner.name(),
+                    t.objective.name()
+                ),
+            )?;
+        }
+        if let Some(d) = &t.dpo {
+            check(
+                d.beta > 0.0,
+                "training.dpo.beta",
+                format!("must be > 0, got {}", d.beta),
+            )?;
+            check(
+                !d.loss_type.is_empty(),
+                "training.dpo.loss_type",
+                "is an empty list".into(),
+            )?;
+            if let Some(w) = &d.loss_weights {
+                check(
+                    w.len() == d.loss_type.len(),
+                    "training.dpo.loss_weights",
+                    format!("has {} weights for {} loss types", w.len(), d.loss_type.len()),
+                )?;
+            }
+            let robust = d.loss_type.contains(&temper_trl::DpoLossType::Robust);
+            check(
+                (0.0..if robust { 0.5 } else { 1.0 }).contains(&d.label_smoothing),
+                "training.dpo.label_smoothing",
+                format!(
+                    "must be in [0, {}), got {}",
+                    if robust { "0.5 for the robust loss" } else { "1" },
+                    d.label_smoothing
+                ),
+            )?;
+            check(
+                !(d.precompute_ref_log_probs && d.reference_free),
+                "training.dpo.precompute_ref_log_probs",
+                "there is no reference to precompute with `reference_free: true`".into(),
+            )?;
+        }
+        if let Some(s) = &t.simpo {
+            check(
+                s.beta > 0.0,
+                "training.simpo.beta",
+                format!("must be > 0, got {}", s.beta),
+            )?;
+            check(
+                (0.0..0.5).contains(&s.label_smoothing),
+                "training.simpo.label_smoothing",
+                format!("must be in [0, 0.5), got {}", s.label_smoothing),
+            )?;
+        }
+        if let Some(o) = &t.orpo {
+            check(
+                o.beta > 0.0,
+                "training.orpo.beta",
+                format!("must be > 0, got {}", o.beta),
+            )?;
+        }
         check(
             t.save_total_limit != Some(0),
             "training.save_total_limit",

@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod optim;
+mod preference;
 pub mod train;
 
 pub use config::{JobConfig, Precision};

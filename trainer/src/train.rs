@@ -9,18 +9,19 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
-use temper_data::{Batch, Cursor, IGNORE_INDEX, LoaderOptions, Pipeline, PreferenceBatch, SftBatch};
+use temper_data::{Batch, Cursor, IGNORE_INDEX, LoaderOptions, Pipeline, SftBatch};
 use temper_models::config::CheckpointDtype;
 use temper_models::save::{DEFAULT_SHARD_BYTES, save_pretrained};
 use temper_models::{ForwardOptions, LlamaForCausalLM, ModelConfig, Tokenizer};
 use temper_peft::LoraConfig;
-use temper_trl::{DpoParams, TokenLoss, dpo_loss, sequence_logps, token_cross_entropy};
+use temper_trl::{TokenLoss, token_cross_entropy};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::config::{AdapterKind, BaseQuantization, JobConfig, Objective};
 use crate::error::{Error, Result};
 use crate::metrics::{MetricsLog, Progress, Row};
 use crate::optim::{AdamW, AdamWConfig, global_grad_norm, learning_rate};
+use crate::preference::{self as pref, PreferenceObjective, RefCache, Reference};
 
 /// Where to resume from.
 #[derive(Debug, Clone)]
@@ -105,21 +106,22 @@ pub fn train<B: AutodiffBackend>(
         epochs: if t.max_steps.is_some() { None } else { Some(t.epochs) },
     };
     let pipeline = Arc::new(Pipeline::new(&job.data, tokenizer.clone(), loader_options)?);
-    match (t.objective, pipeline.preference) {
-        (Objective::Sft, true) => {
+    match (t.objective.is_preference(), pipeline.preference) {
+        (false, true) => {
             return Err(Error::config(
                 "training.objective",
-                "the data is preference pairs (chosen/rejected): set `objective: dpo`, or give SFT data",
+                "the data is preference pairs (chosen/rejected): set `objective: dpo` (or simpo, orpo), or give SFT data",
             ));
         }
-        (Objective::Dpo, false) => {
+        (true, false) => {
             return Err(Error::config(
                 "training.objective",
-                "DPO needs preference data (`chosen` and `rejected` columns)",
+                "preference training needs preference data (`chosen` and `rejected` columns)",
             ));
         }
         _ => {}
     }
+    let objective = PreferenceObjective::from_config(t);
     let total_steps = match (&resumed, t.max_steps) {
         (Some(r), _) => r.state.total_steps,
         (None, Some(n)) => n,
@@ -175,7 +177,9 @@ pub fn train<B: AutodiffBackend>(
     // DPO's reference, built once: LoRA trains only adapters, so the base never changes. It is
     // the base with adapters off, or, when training starts from an existing adapter, that
     // adapter as it was (TRL's "ref" adapter). Either way it shares the policy's base weights.
-    let reference = match (t.objective, t.dpo.reference_free, &job.adapter.path) {
+    let max_eval_rows = job.data.eval.as_ref().and_then(|e| e.max_rows).unwrap_or(usize::MAX);
+    let dpo = t.dpo.clone().unwrap_or_default();
+    let reference_model = match (t.objective, dpo.reference_free, &job.adapter.path) {
         (Objective::Dpo, false, Some(initial)) => Some(temper_peft::load_adapter(model.valid(), initial)?.0),
         (Objective::Dpo, false, None) => {
             let mut r = model.valid();
@@ -184,16 +188,44 @@ pub fn train<B: AutodiffBackend>(
         }
         _ => None,
     };
+    let reference = match reference_model {
+        None => Reference::None,
+        Some(m) if !dpo.precompute_ref_log_probs => Reference::Model(Box::new(m)),
+        Some(m) => {
+            // A resumed run reads the values its checkpoint saved; a new run computes them.
+            let saved = resume_dir
+                .as_ref()
+                .map(|d| d.join(pref::CACHE_FILE))
+                .filter(|p| p.exists());
+            let cache = match saved {
+                Some(path) => RefCache::load(&path)?,
+                None => {
+                    let started = Instant::now();
+                    let (pipelines, limits) =
+                        pref::precompute_pipelines(job, &tokenizer, loader_options, max_eval_rows)?;
+                    let cache = RefCache::compute(&m, &pipelines, &limits, device)?;
+                    eprintln!(
+                        "reference log-probabilities of {} pairs precomputed in {:.1} s",
+                        cache.len(),
+                        started.elapsed().as_secs_f64()
+                    );
+                    cache
+                }
+            };
+            cache.save(&out.join(pref::CACHE_FILE))?;
+            Reference::Precomputed(cache)
+        }
+    };
+    let precomputed = matches!(reference, Reference::Precomputed(_));
     let mut log = MetricsLog::open(out)?;
     let progress = Progress::new(total_steps, state.step);
     let mut loader = pipeline.clone().spawn(state.cursor);
     let eval_data = job.data.eval_config();
-    let max_eval_rows = job.data.eval.as_ref().and_then(|e| e.max_rows).unwrap_or(usize::MAX);
     let eval_now = |model: &LlamaForCausalLM<B>, eval: &temper_data::DataConfig, step: u64| -> Result<Row> {
         let values = evaluate(
             model,
-            reference.as_ref(),
-            &t.dpo,
+            &reference,
+            objective.as_ref(),
             eval,
             &tokenizer,
             t.micro_batch_size,
@@ -213,7 +245,14 @@ pub fn train<B: AutodiffBackend>(
             state,
             &optim.state_tensors(),
             &config_yaml,
-            |dir| save_model(model, &trainable, dir),
+            |dir| {
+                save_model(model, &trainable, dir)?;
+                if precomputed {
+                    let (from, to) = (out.join(pref::CACHE_FILE), dir.join(pref::CACHE_FILE));
+                    std::fs::copy(&from, &to).map_err(|e| Error::io(&to, e))?;
+                }
+                Ok(())
+            },
             t.save_total_limit,
         )
     };
@@ -270,10 +309,11 @@ pub fn train<B: AutodiffBackend>(
                     l.sum
                 }),
                 Batch::Preference(b) => {
-                    let ref_logps = reference
-                        .as_ref()
-                        .map(|r| Tensor::from_inner(preference_logps(r, b, device).0));
-                    Some(dpo_step_loss(&model, ref_logps, b, &t.dpo, device, &mut sums))
+                    let ref_logps = reference.logps(b, device)?.map(Tensor::from_inner);
+                    let objective = objective.as_ref().expect("checked: preference data has an objective");
+                    Some(pref::preference_step_loss(
+                        &model, ref_logps, b, objective, device, &mut sums,
+                    ))
                 }
             };
             let Some(loss) = loss else { continue };
@@ -423,7 +463,7 @@ fn save_model<B: Backend>(model: &LlamaForCausalLM<B>, trainable: &Trainable, di
     Ok(())
 }
 
-fn ints<B: Backend>(values: &[u32], shape: [usize; 2], device: &B::Device) -> Tensor<B, 2, Int> {
+pub(crate) fn ints<B: Backend>(values: &[u32], shape: [usize; 2], device: &B::Device) -> Tensor<B, 2, Int> {
     let v: Vec<i64> = values.iter().map(|&x| x as i64).collect();
     Tensor::from_data(TensorData::new(v, shape), device)
 }
@@ -464,7 +504,7 @@ fn sft_loss<B: Backend>(model: &LlamaForCausalLM<B>, batch: &SftBatch, device: &
 
 /// Logits (`[n, vocab]`, f32) at `positions` (flat `row * seq + t` indices) of a forward pass:
 /// only where a target follows, so prompts and padding never reach the output head.
-fn logits_at<B: Backend>(
+pub(crate) fn logits_at<B: Backend>(
     model: &LlamaForCausalLM<B>,
     input_ids: Tensor<B, 2, Int>,
     options: ForwardOptions<B>,
@@ -481,7 +521,7 @@ fn logits_at<B: Backend>(
     logits.reshape([n, vocab])
 }
 
-fn int_vector<B: Backend>(values: Vec<i64>, device: &B::Device) -> Tensor<B, 1, Int> {
+pub(crate) fn int_vector<B: Backend>(values: Vec<i64>, device: &B::Device) -> Tensor<B, 1, Int> {
     let n = values.len();
     Tensor::from_data(TensorData::new(values, [n]), device)
 }
@@ -491,8 +531,8 @@ fn int_vector<B: Backend>(values: Vec<i64>, device: &B::Device) -> Tensor<B, 1, 
 #[allow(clippy::too_many_arguments)]
 fn evaluate<B: AutodiffBackend>(
     model: &LlamaForCausalLM<B>,
-    reference: Option<&LlamaForCausalLM<B::InnerBackend>>,
-    dpo: &crate::config::DpoSection,
+    reference: &Reference<B::InnerBackend>,
+    objective: Option<&PreferenceObjective>,
     eval: &temper_data::DataConfig,
     tokenizer: &Arc<Tokenizer>,
     batch_size: usize,
@@ -522,8 +562,9 @@ fn evaluate<B: AutodiffBackend>(
             Batch::Preference(batch) => {
                 rows += batch.pairs;
                 count += batch.pairs;
-                let ref_logps = reference.map(|r| preference_logps(r, &batch, device).0);
-                let loss = dpo_step_loss(&model, ref_logps, &batch, dpo, device, &mut sums);
+                let ref_logps = reference.logps(&batch, device)?;
+                let objective = objective.expect("checked: preference data has an objective");
+                let loss = pref::preference_step_loss(&model, ref_logps, &batch, objective, device, &mut sums);
                 sums.add("loss", loss.into_scalar().elem::<f32>() as f64);
             }
         }
@@ -551,12 +592,12 @@ fn eval_name(name: &str) -> &'static str {
 
 /// Per-step sums of the logged quantities, divided by the step's normaliser when logged.
 #[derive(Default)]
-struct StepSums {
+pub(crate) struct StepSums {
     values: Vec<(&'static str, f64)>,
 }
 
 impl StepSums {
-    fn add(&mut self, name: &'static str, v: f64) {
+    pub(crate) fn add(&mut self, name: &'static str, v: f64) {
         match self.values.iter_mut().find(|(n, _)| *n == name) {
             Some(e) => e.1 += v,
             None => self.values.push((name, v)),
@@ -583,96 +624,6 @@ impl StepSums {
             })
             .collect()
     }
-}
-
-/// Positions predicting a completion token of a preference batch: (flat position, target, row).
-fn completion_positions(batch: &PreferenceBatch) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
-    let s = batch.seq_len;
-    let (mut pos, mut tgt, mut row) = (Vec::new(), Vec::new(), Vec::new());
-    for r in 0..2 * batch.pairs {
-        for t in 0..s.saturating_sub(1) {
-            if batch.completion_mask[r * s + t + 1] == 1 {
-                pos.push((r * s + t) as i64);
-                tgt.push(batch.input_ids[r * s + t + 1] as i64);
-                row.push(r as i64);
-            }
-        }
-    }
-    (pos, tgt, row)
-}
-
-/// Summed completion log-probabilities of every row of a preference batch (chosen rows, then
-/// rejected rows), and the mean logit at completion positions per row (TRL's `logits/*`).
-fn preference_logps<B: Backend>(
-    model: &LlamaForCausalLM<B>,
-    batch: &PreferenceBatch,
-    device: &B::Device,
-) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    let (rows, s) = (2 * batch.pairs, batch.seq_len);
-    let (pos, tgt, row) = completion_positions(batch);
-    let ids = ints(&batch.input_ids, [rows, s], device);
-    let logits = logits_at(model, ids, ForwardOptions::default(), pos, device); // [n, vocab]
-    let row = int_vector(row, device);
-    let mean_logits = Tensor::<B, 1>::zeros([rows], device).select_assign(
-        0,
-        row.clone(),
-        logits.clone().detach().mean_dim(1).squeeze_dim::<1>(1),
-        burn::tensor::IndexingUpdateOp::Add,
-    );
-    (sequence_logps(logits, int_vector(tgt, device), row, rows), mean_logits)
-}
-
-/// The summed DPO loss of one micro-batch; adds TRL's `rewards/*`, `logps/*` and `logits/*`
-/// (as sums over pairs) to `sums`. No `reference`: reference-free (log π_ref = 0).
-fn dpo_step_loss<B: Backend>(
-    model: &LlamaForCausalLM<B>,
-    reference: Option<Tensor<B, 1>>,
-    batch: &PreferenceBatch,
-    dpo: &crate::config::DpoSection,
-    device: &B::Device,
-    sums: &mut StepSums,
-) -> Tensor<B, 1> {
-    let p = batch.pairs;
-    let (logps, mean_logits) = preference_logps(model, batch, device);
-    let reference = reference.unwrap_or_else(|| Tensor::<B, 1>::zeros([2 * p], device));
-    let s = batch.seq_len;
-    let lengths: Vec<f32> = (0..2 * p)
-        .map(|r| {
-            batch.completion_mask[r * s + 1..(r + 1) * s]
-                .iter()
-                .filter(|&&m| m == 1)
-                .count() as f32
-        })
-        .collect();
-    let lengths = Tensor::<B, 1>::from_data(TensorData::new(lengths, [2 * p]), device);
-    let half = |t: Tensor<B, 1>, second: bool| if second { t.slice(p..2 * p) } else { t.slice(0..p) };
-    let out = dpo_loss(
-        half(logps.clone(), false),
-        half(logps.clone(), true),
-        half(reference.clone(), false),
-        half(reference, true),
-        half(lengths.clone(), false),
-        half(lengths.clone(), true),
-        DpoParams {
-            beta: dpo.beta,
-            loss_type: dpo.loss_type,
-            label_smoothing: dpo.label_smoothing,
-        },
-    );
-    let sum = |t: Tensor<B, 1>| -> f64 { t.sum().into_scalar().elem::<f32>() as f64 };
-    let (cr, rr) = (out.chosen_rewards.clone(), out.rejected_rewards.clone());
-    sums.add("rewards/chosen", sum(cr.clone()));
-    sums.add("rewards/rejected", sum(rr.clone()));
-    sums.add("rewards/accuracies", sum(cr.clone().greater(rr.clone()).float()));
-    sums.add("rewards/margins", sum(cr - rr));
-    let logps = logps.detach();
-    sums.add("logps/chosen", sum(half(logps.clone(), false)));
-    sums.add("logps/rejected", sum(half(logps, true)));
-    sums.add("logits/chosen", sum(half(mean_logits.clone(), false)));
-    sums.add("logits/rejected", sum(half(mean_logits, true)));
-    sums.add("_chosen_tokens", sum(half(lengths.clone(), false)));
-    sums.add("_rejected_tokens", sum(half(lengths, true)));
-    out.losses.sum()
 }
 
 fn show(values: &[(&str, f64)]) -> String {

@@ -3,5 +3,7 @@
 pub mod dpo;
 pub mod sft;
 
-pub use dpo::{DpoLossType, DpoOutput, DpoParams, dpo_loss, sequence_logps};
+pub use dpo::{
+    DpoLossType, DpoParams, PairLogps, PreferenceOutput, SimpoParams, dpo_loss, orpo_loss, sequence_logps, simpo_loss,
+};
 pub use sft::{TokenLoss, log_softmax, token_cross_entropy};

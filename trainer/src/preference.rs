@@ -1,0 +1,367 @@
+//! Preference objectives on a model: sequence log-probabilities of chosen and rejected rows in
+//! one forward pass, the reference's (live, or precomputed once and saved), and the step loss
+//! with TRL's metrics.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, IndexingUpdateOp, Tensor, TensorData};
+use temper_data::{Batch, Cursor, LoaderOptions, Pipeline, PreferenceBatch};
+use temper_models::{ForwardOptions, LlamaForCausalLM, Tokenizer};
+use temper_trl::{
+    DpoParams, PairLogps, PreferenceOutput, SimpoParams, dpo_loss, orpo_loss, sequence_logps, simpo_loss,
+};
+
+use crate::config::{Objective, TrainingSection};
+use crate::error::{Error, Result};
+use crate::train::{StepSums, int_vector, ints, logits_at};
+
+/// The preference objective of a job.
+#[derive(Debug, Clone)]
+pub(crate) enum PreferenceObjective {
+    Dpo(DpoParams),
+    Simpo(SimpoParams),
+    Orpo { beta: f64 },
+}
+
+impl PreferenceObjective {
+    pub(crate) fn from_config(t: &TrainingSection) -> Option<Self> {
+        match t.objective {
+            Objective::Sft => None,
+            Objective::Dpo => Some(Self::Dpo(t.dpo.clone().unwrap_or_default().params())),
+            Objective::Simpo => Some(Self::Simpo(t.simpo.clone().unwrap_or_default().params())),
+            Objective::Orpo => Some(Self::Orpo {
+                beta: t.orpo.clone().unwrap_or_default().beta,
+            }),
+        }
+    }
+}
+
+/// Log-probabilities of a preference batch's rows under one model.
+pub(crate) struct RowLogps<B: Backend> {
+    /// `[2 * pairs]`: summed completion log-probabilities, chosen rows then rejected rows.
+    pub logps: Tensor<B, 1>,
+    /// `[2 * pairs]`: the mean logit at each row's completion positions, summed per row
+    /// (TRL's `logits/*` numerator).
+    pub mean_logits: Tensor<B, 1>,
+    /// With `with_prompts`: `[pairs]`, the chosen rows' summed log-probabilities of their prompt
+    /// tokens after the first (ORPO's NLL covers the whole chosen sequence), and how many.
+    pub chosen_prompt: Option<(Tensor<B, 1>, usize)>,
+}
+
+/// Summed completion log-probabilities of every row of a preference batch, from one forward
+/// pass over chosen and rejected rows together; with `with_prompts`, the chosen rows' prompt
+/// tokens too (they go to rows `2p..3p` of the same scatter).
+pub(crate) fn preference_logps<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    batch: &PreferenceBatch,
+    with_prompts: bool,
+    device: &B::Device,
+) -> RowLogps<B> {
+    let (p, s) = (batch.pairs, batch.seq_len);
+    let (mut pos, mut tgt, mut row) = (Vec::new(), Vec::new(), Vec::new());
+    let mut prompt_tokens = 0;
+    for r in 0..2 * p {
+        for t in 0..s.saturating_sub(1) {
+            let next = r * s + t + 1;
+            let target_row = if batch.completion_mask[next] == 1 {
+                r
+            } else if with_prompts && r < p && batch.attention_mask[next] == 1 {
+                prompt_tokens += 1;
+                2 * p + r
+            } else {
+                continue;
+            };
+            pos.push((r * s + t) as i64);
+            tgt.push(batch.input_ids[next] as i64);
+            row.push(target_row as i64);
+        }
+    }
+    let num_rows = if with_prompts { 3 * p } else { 2 * p };
+    let ids = ints(&batch.input_ids, [2 * p, s], device);
+    let logits = logits_at(model, ids, ForwardOptions::default(), pos, device); // [n, vocab]
+    let row = int_vector(row, device);
+    let mean_logits = Tensor::<B, 1>::zeros([num_rows], device).select_assign(
+        0,
+        row.clone(),
+        logits.clone().detach().mean_dim(1).squeeze_dim::<1>(1),
+        IndexingUpdateOp::Add,
+    );
+    let all = sequence_logps(logits, int_vector(tgt, device), row, num_rows);
+    RowLogps {
+        logps: all.clone().slice(0..2 * p),
+        mean_logits: mean_logits.slice(0..2 * p),
+        chosen_prompt: with_prompts.then(|| (all.slice(2 * p..3 * p), prompt_tokens)),
+    }
+}
+
+/// Completion lengths of each row, `[2 * pairs]`.
+fn completion_lengths(batch: &PreferenceBatch) -> Vec<f32> {
+    let s = batch.seq_len;
+    (0..2 * batch.pairs)
+        .map(|r| {
+            batch.completion_mask[r * s + 1..(r + 1) * s]
+                .iter()
+                .filter(|&&m| m == 1)
+                .count() as f32
+        })
+        .collect()
+}
+
+/// The summed loss of one micro-batch over its pairs; adds TRL's `rewards/*`, `logps/*` and
+/// `logits/*` (as sums over pairs) to `sums`. `reference` is `[2 * pairs]` (chosen rows, then
+/// rejected rows); without one (reference-free DPO) its log-probabilities are 0.
+pub(crate) fn preference_step_loss<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    reference: Option<Tensor<B, 1>>,
+    batch: &PreferenceBatch,
+    objective: &PreferenceObjective,
+    device: &B::Device,
+    sums: &mut StepSums,
+) -> Tensor<B, 1> {
+    let p = batch.pairs;
+    let orpo = matches!(objective, PreferenceObjective::Orpo { .. });
+    let rows = preference_logps(model, batch, orpo, device);
+    let lengths = Tensor::<B, 1>::from_data(TensorData::new(completion_lengths(batch), [2 * p]), device);
+    let half = |t: &Tensor<B, 1>, second: bool| {
+        if second {
+            t.clone().slice(p..2 * p)
+        } else {
+            t.clone().slice(0..p)
+        }
+    };
+    let pairs = |logps: &Tensor<B, 1>| PairLogps {
+        chosen: half(logps, false),
+        rejected: half(logps, true),
+        chosen_tokens: half(&lengths, false),
+        rejected_tokens: half(&lengths, true),
+    };
+    let policy = pairs(&rows.logps);
+    let out: PreferenceOutput<B> = match objective {
+        PreferenceObjective::Dpo(params) => {
+            let reference = reference.unwrap_or_else(|| Tensor::zeros([2 * p], device));
+            dpo_loss(&policy, &pairs(&reference), params)
+        }
+        PreferenceObjective::Simpo(params) => simpo_loss(&policy, *params),
+        PreferenceObjective::Orpo { beta } => {
+            let (prompt, prompt_tokens) = rows.chosen_prompt.clone().expect("asked for prompts");
+            let tokens = half(&lengths, false).sum() + prompt_tokens as f32;
+            let nll = (policy.chosen.clone().sum() + prompt.sum()).neg() / tokens.clamp_min(1.0);
+            orpo_loss(&policy, nll.expand([p]), *beta)
+        }
+    };
+    let sum = |t: Tensor<B, 1>| -> f64 { t.sum().into_scalar().elem::<f32>() as f64 };
+    let (cr, rr) = (out.chosen_rewards.clone(), out.rejected_rewards.clone());
+    sums.add("rewards/chosen", sum(cr.clone()));
+    sums.add("rewards/rejected", sum(rr.clone()));
+    sums.add("rewards/accuracies", sum(cr.clone().greater(rr.clone()).float()));
+    sums.add("rewards/margins", sum(cr - rr));
+    // DPO logs summed log-probabilities; TRL's CPO (SimPO) and ORPO log per-token averages.
+    let logps = rows.logps.detach();
+    let logps = match objective {
+        PreferenceObjective::Dpo(_) => logps,
+        _ => logps / lengths.clone().clamp_min(1.0),
+    };
+    sums.add("logps/chosen", sum(half(&logps, false)));
+    sums.add("logps/rejected", sum(half(&logps, true)));
+    sums.add("logits/chosen", sum(half(&rows.mean_logits, false)));
+    sums.add("logits/rejected", sum(half(&rows.mean_logits, true)));
+    sums.add("_chosen_tokens", sum(half(&lengths, false)));
+    sums.add("_rejected_tokens", sum(half(&lengths, true)));
+    for (name, values) in out.extra {
+        sums.add(name, sum(values));
+    }
+    out.losses.sum()
+}
+
+/// DPO's reference log-probabilities: from the reference model at each step, or looked up in
+/// those computed once before training.
+pub(crate) enum Reference<B: Backend> {
+    None,
+    Model(Box<LlamaForCausalLM<B>>),
+    Precomputed(RefCache),
+}
+
+impl<B: Backend> Reference<B> {
+    /// `[2 * pairs]` for `batch`, or `None` without a reference.
+    pub(crate) fn logps(&self, batch: &PreferenceBatch, device: &B::Device) -> Result<Option<Tensor<B, 1>>> {
+        Ok(match self {
+            Reference::None => None,
+            Reference::Model(m) => Some(preference_logps(m, batch, false, device).logps),
+            Reference::Precomputed(cache) => {
+                let values = cache.lookup(batch)?;
+                Some(Tensor::from_data(TensorData::new(values, [2 * batch.pairs]), device))
+            }
+        })
+    }
+}
+
+/// Reference log-probabilities by pair, keyed by a hash of the pair's tokens and completion
+/// masks: the lookup does not depend on the order or batching of the data, so a shuffled or
+/// resumed run finds every pair.
+#[derive(Debug, Default)]
+pub(crate) struct RefCache {
+    map: HashMap<u64, [f32; 2]>,
+}
+
+const CACHE_MAGIC: &[u8; 8] = b"TMPRREF1";
+pub(crate) const CACHE_FILE: &str = "ref_logps.bin";
+
+impl RefCache {
+    /// One pass of `reference` over every pair of each pipeline (one epoch).
+    pub(crate) fn compute<B: Backend>(
+        reference: &LlamaForCausalLM<B>,
+        pipelines: &[Arc<Pipeline>],
+        max_pairs: &[usize],
+        device: &B::Device,
+    ) -> Result<Self> {
+        let mut cache = RefCache::default();
+        for (pipeline, &max) in pipelines.iter().zip(max_pairs) {
+            let mut seen = 0;
+            for b in pipeline.clone().spawn(Cursor::default()) {
+                let Batch::Preference(batch) = b?.batch else {
+                    continue;
+                };
+                let logps: Vec<f32> = preference_logps(reference, &batch, false, device)
+                    .logps
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec()
+                    .expect("f32 values");
+                for (i, key) in pair_keys(&batch).into_iter().enumerate() {
+                    cache.map.insert(key, [logps[i], logps[batch.pairs + i]]);
+                }
+                seen += batch.pairs;
+                if seen >= max {
+                    break;
+                }
+            }
+        }
+        Ok(cache)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn lookup(&self, batch: &PreferenceBatch) -> Result<Vec<f32>> {
+        let p = batch.pairs;
+        let mut out = vec![0.0; 2 * p];
+        for (i, key) in pair_keys(batch).into_iter().enumerate() {
+            let [c, r] = self.map.get(&key).ok_or_else(|| Error::Checkpoint {
+                path: CACHE_FILE.into(),
+                message: "a pair of this batch has no precomputed reference log-probabilities (did the data \
+                          change since they were computed?)"
+                    .into(),
+            })?;
+            out[i] = *c;
+            out[p + i] = *r;
+        }
+        Ok(out)
+    }
+
+    /// `magic, count (u64), then (key u64, chosen f32, rejected f32)` per pair, little-endian,
+    /// written beside and renamed, so a reader never sees half a file.
+    pub(crate) fn save(&self, path: &Path) -> Result<()> {
+        let mut bytes = Vec::with_capacity(16 + 16 * self.map.len());
+        bytes.extend_from_slice(CACHE_MAGIC);
+        bytes.extend_from_slice(&(self.map.len() as u64).to_le_bytes());
+        let mut entries: Vec<_> = self.map.iter().collect();
+        entries.sort_by_key(|(k, _)| **k);
+        for (k, [c, r]) in entries {
+            bytes.extend_from_slice(&k.to_le_bytes());
+            bytes.extend_from_slice(&c.to_le_bytes());
+            bytes.extend_from_slice(&r.to_le_bytes());
+        }
+        let tmp = path.with_extension("bin.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    }
+
+    pub(crate) fn load(path: &Path) -> Result<Self> {
+        let bad = |message: &str| Error::Checkpoint {
+            path: path.to_path_buf(),
+            message: message.into(),
+        };
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(|e| Error::io(path, e))?;
+        if bytes.len() < 16 || &bytes[..8] != CACHE_MAGIC {
+            return Err(bad("not a reference log-probability file"));
+        }
+        let count = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")) as usize;
+        if bytes.len() != 16 + 16 * count {
+            return Err(bad("truncated"));
+        }
+        let map = bytes[16..]
+            .chunks_exact(16)
+            .map(|e| {
+                let f = |r: std::ops::Range<usize>| f32::from_le_bytes(e[r].try_into().expect("4 bytes"));
+                (
+                    u64::from_le_bytes(e[..8].try_into().expect("8 bytes")),
+                    [f(8..12), f(12..16)],
+                )
+            })
+            .collect();
+        Ok(RefCache { map })
+    }
+}
+
+/// FNV-1a of each pair's chosen and rejected rows (real tokens and completion masks). Stable
+/// across builds and platforms, unlike `std`'s hasher, since the keys are saved.
+fn pair_keys(batch: &PreferenceBatch) -> Vec<u64> {
+    let (p, s) = (batch.pairs, batch.seq_len);
+    let mut keys = Vec::with_capacity(p);
+    for i in 0..p {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |x: u64| {
+            for b in x.to_le_bytes() {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        for r in [i, p + i] {
+            for t in 0..s {
+                if batch.attention_mask[r * s + t] == 1 {
+                    eat(batch.input_ids[r * s + t] as u64 * 2 + batch.completion_mask[r * s + t] as u64);
+                }
+            }
+            eat(u64::MAX); // row separator
+        }
+        keys.push(h);
+    }
+    keys
+}
+
+/// The pipelines a precomputed reference must cover: the training data (one epoch, this rank's
+/// shard) and the evaluation data (up to `max_eval_rows`).
+pub(crate) fn precompute_pipelines(
+    job: &crate::config::JobConfig,
+    tokenizer: &Arc<Tokenizer>,
+    options: LoaderOptions,
+    max_eval_rows: usize,
+) -> Result<(Vec<Arc<Pipeline>>, Vec<usize>)> {
+    let one_epoch = LoaderOptions {
+        epochs: Some(1),
+        ..options
+    };
+    let mut pipelines = vec![Arc::new(Pipeline::new(&job.data, tokenizer.clone(), one_epoch)?)];
+    let mut limits = vec![usize::MAX];
+    if let Some(eval) = job.data.eval_config() {
+        let eval_options = LoaderOptions {
+            seed: 0,
+            rank: 0,
+            world_size: 1,
+            ..one_epoch
+        };
+        pipelines.push(Arc::new(Pipeline::new(&eval, tokenizer.clone(), eval_options)?));
+        limits.push(max_eval_rows);
+    }
+    Ok((pipelines, limits))
+}
