@@ -1,6 +1,6 @@
 //! `temper export`: an adapter in another tool's format (llama.cpp's GGUF LoRA for now).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use temper_models::ModelConfig;
@@ -32,11 +32,14 @@ pub fn run(args: ExportArgs) -> Result<()> {
         Some(p) => p.clone(),
         None => {
             let config = temper_peft::LoraConfig::from_file(&args.adapter.join("adapter_config.json"))?;
-            match config.base_model_name_or_path.map(PathBuf::from) {
-                Some(p) if p.exists() => p,
+            match config.base_model_name_or_path {
+                Some(p) if Path::new(&p).exists() => PathBuf::from(p),
+                // A Hub id: found in the Hugging Face cache, or downloaded there.
+                Some(id) if temper_hub::is_repo_id(&id) => temper_hub::resolve(temper_hub::RepoType::Model, &id, None)
+                    .map_err(|e| anyhow::anyhow!("--model is needed, or the adapter's base {id} from the Hub: {e}"))?,
                 other => bail!(
                     "--model is needed: the adapter's base_model_name_or_path ({}) is not a local path",
-                    other.map(|p| p.display().to_string()).unwrap_or_else(|| "unset".into())
+                    other.unwrap_or_else(|| "unset".into())
                 ),
             }
         }

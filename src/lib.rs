@@ -6,4 +6,5 @@ pub mod data;
 pub mod export;
 pub mod generate;
 pub mod merge;
+pub mod push;
 pub mod train;

@@ -5,6 +5,7 @@ use temper::data::DataCommand;
 use temper::export::ExportArgs;
 use temper::generate::GenerateArgs;
 use temper::merge::MergeArgs;
+use temper::push::PushArgs;
 use temper::train::TrainArgs;
 
 /// Fine-tuning and preference training of language models.
@@ -31,6 +32,8 @@ enum Command {
     Merge(MergeArgs),
     /// Write an adapter in another tool's format (llama.cpp GGUF).
     Export(ExportArgs),
+    /// Publish a folder (a training output) to a Hugging Face Hub repository.
+    Push(PushArgs),
 }
 
 fn main() {
@@ -50,6 +53,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => dispatch(device, args).map_err(anyhow::Error::msg)?,
         Command::Merge(args) => dispatch(device, args).map_err(anyhow::Error::msg)?,
         Command::Export(args) => temper::export::run(args),
+        Command::Push(args) => temper::push::run(args),
     }
 }
 

@@ -86,6 +86,7 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
             Resume::Dir(p)
         }
     });
+    let hub = config.hub.clone();
     let job = Job {
         config,
         dtype,
@@ -108,6 +109,16 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
             summary.steps,
             summary.output_dir.display()
         );
+        if hub.push {
+            let options = temper_hub::PushOptions {
+                repo: hub.repo.expect("checked by the config: push needs a repo"),
+                private: hub.private,
+                revision: hub.revision,
+                create_pr: hub.create_pr,
+                message: Some(format!("Temper: {} steps, final loss {last:.4}", summary.steps)),
+            };
+            crate::push::push(&summary.output_dir, &options)?;
+        }
     }
     Ok(())
 }

@@ -429,3 +429,93 @@ fn dpo_matches_trl() {
         "{err}"
     );
 }
+
+/// `temper train` with the model given by Hub id, found offline in a Hugging Face cache, as a
+/// user runs it: the adapter records the id, the model card describes the run, and
+/// `hub.push` without a token fails before training.
+#[test]
+fn hub_ids_and_the_model_card() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sha = "1111111111111111111111111111111111111111";
+    let cache = tmp.path().join("hf/hub");
+    let repo = cache.join("models--temper-test--tiny");
+    let snapshot = repo.join("snapshots").join(sha);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for f in std::fs::read_dir(dir().join("tiny")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, snapshot.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), sha).unwrap();
+
+    let out = tmp.path().join("out");
+    let yaml = job_yaml(&out).replace(&dir().join("tiny").display().to_string(), "temper-test/tiny");
+    std::fs::write(tmp.path().join("job.yaml"), yaml).unwrap();
+    let temper = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
+            .arg("train")
+            .arg(tmp.path().join("job.yaml"))
+            .args(args)
+            .env("HF_HOME", tmp.path().join("hf"))
+            .env("HF_HUB_OFFLINE", "1")
+            .env_remove("HF_TOKEN")
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_TOKEN_PATH")
+            .output()
+            .unwrap()
+    };
+    let run = temper(&[
+        "--set",
+        "training.max_steps=2",
+        "--set",
+        "training.eval_steps=2",
+        "--set",
+        &format!("data.eval.path={}", dir().join("data.jsonl").display()),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+
+    let adapter_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(adapter_config["base_model_name_or_path"], "temper-test/tiny");
+    let config = std::fs::read_to_string(out.join("config.yaml")).unwrap();
+    assert!(config.contains("path: temper-test/tiny"), "{config}");
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last_loss = metrics.iter().rev().find_map(|r| r["loss"].as_f64()).unwrap();
+    let eval_loss = metrics.iter().rev().find_map(|r| r["eval_loss"].as_f64()).unwrap();
+    for want in [
+        "---\nbase_model: \"temper-test/tiny\"\nlibrary_name: peft\npipeline_tag: text-generation\n",
+        "- \"base_model:adapter:temper-test/tiny\"\n- lora\n- sft\n- temper\n---",
+        "| learning rate | 0.01 (linear schedule) |",
+        "| batch | 2 per micro-batch × 2 accumulation steps |",
+        "| steps | 2 of 2 |",
+        // 2 steps × 2 micro-batches × 2 examples, unpacked.
+        "Seen in training: 8 examples",
+        &format!("| loss | {last_loss:.6} |"),
+        &format!("| eval_loss | {eval_loss:.6} |"),
+        "PeftModel.from_pretrained(base, \"out\")",
+        "- burn 0.21.0",
+    ] {
+        assert!(card.contains(want), "missing {want:?} in\n{card}");
+    }
+
+    // Another revision is not in the cache, and the Hub is offline.
+    let run = temper(&["--set", "model.revision=v9"]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success() && err.contains("model.path") && err.contains("v9") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
+    // Pushing needs a token: said before any training.
+    let run = temper(&["--set", "hub.push=true", "--set", "hub.repo=me/tiny-sft"]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success() && err.contains("hub.push") && err.contains("HF_TOKEN"),
+        "{err}"
+    );
+    assert!(!err.contains("step 1/"), "{err}");
+}

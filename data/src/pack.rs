@@ -110,6 +110,14 @@ pub struct SftBatch {
 }
 
 impl SftBatch {
+    /// Examples in the batch: packed rows hold several (one segment each).
+    pub fn num_examples(&self) -> usize {
+        let s = self.seq_len;
+        (0..self.segment_ids.len())
+            .filter(|&i| self.segment_ids[i] != 0 && (i % s == 0 || self.segment_ids[i - 1] != self.segment_ids[i]))
+            .count()
+    }
+
     /// Tokens whose next token is a target: the count that normalises the loss.
     pub fn num_target_tokens(&self) -> usize {
         (0..self.batch_size)

@@ -24,6 +24,9 @@ pub struct TrainerState {
     pub cursor: Cursor,
     /// Non-padding tokens seen so far.
     pub num_tokens: u64,
+    /// Examples (SFT) or pairs (preference) seen so far.
+    #[serde(default)]
+    pub num_examples: u64,
     /// `(step, loss)` of every step so far: the curve a resumed run continues.
     pub losses: Vec<(u64, f64)>,
 }

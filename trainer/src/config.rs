@@ -24,6 +24,29 @@ pub struct JobConfig {
     /// `cpu`, `cuda`, `cuda:N`, `wgpu`.
     #[serde(default = "default_device")]
     pub device: String,
+    #[serde(default)]
+    pub hub: HubSection,
+}
+
+/// Publishing the result: after a completed run, the output directory (adapter, model card,
+/// config, metrics; not the checkpoints) is pushed to a Hub repository.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubSection {
+    #[serde(default)]
+    pub push: bool,
+    /// `OWNER/NAME`; created if missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// Create the repository private.
+    #[serde(default)]
+    pub private: bool,
+    /// The branch to commit to (default `main`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Open a pull request instead of committing to the branch.
+    #[serde(default)]
+    pub create_pr: bool,
 }
 
 fn default_device() -> String {
@@ -33,11 +56,19 @@ fn default_device() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    /// A Hugging Face model directory or a GGUF file.
+    /// A Hugging Face model directory, a GGUF file, or a Hub id (`OWNER/NAME`, found in the
+    /// Hugging Face cache or downloaded into it).
     pub path: PathBuf,
-    /// Hub revision: refused until Temper downloads from the Hub.
+    /// With a Hub id: the branch, tag or commit (default `main`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// The base model's Hub id, for the model card and `adapter_config.json`, when `path` is
+    /// a local directory or file (with a Hub id `path`, that id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<String>,
+    /// The Hub id `path` was resolved from (the local snapshot is then in `path`).
+    #[serde(skip)]
+    pub hub_id: Option<String>,
     /// Random weights of the shape `config.json` describes (for benchmarks: speed does not
     /// depend on the values). The directory needs `config.json` and a tokenizer only.
     #[serde(default)]
@@ -481,6 +512,14 @@ impl JobConfig {
         })?;
         config.expand_home();
         config.resolve_objective();
+        config.resolve_hub_ids().map_err(|e| match e {
+            Error::Config { key, message, .. } => Error::Config {
+                file: path.to_path_buf(),
+                key,
+                message,
+            },
+            other => other,
+        })?;
         config.validate().map_err(|e| match e {
             Error::Config { key, message, .. } => Error::Config {
                 file: path.to_path_buf(),
@@ -502,6 +541,59 @@ impl JobConfig {
             Objective::Orpo => _ = t.orpo.get_or_insert_with(Default::default),
             Objective::Sft => {}
         }
+    }
+
+    /// A model or dataset path that is not on disk but reads `OWNER/NAME` is a Hub id: it
+    /// becomes the snapshot folder in the Hugging Face cache (downloaded there unless it is
+    /// already, or `HF_HUB_OFFLINE` is set).
+    fn resolve_hub_ids(&mut self) -> Result<()> {
+        let is_hub_id = |p: &str| !Path::new(p).exists() && temper_hub::is_repo_id(p);
+        let model = self.model.path.display().to_string();
+        if is_hub_id(&model) {
+            let dir = temper_hub::resolve(temper_hub::RepoType::Model, &model, self.model.revision.as_deref())
+                .map_err(|e| {
+                    Error::config(
+                        "model.path",
+                        format!("{model}: not a local path, and from the Hub: {e}"),
+                    )
+                })?;
+            self.model.path = dir;
+            self.model.hub_id = Some(model);
+        } else if self.model.revision.is_some() {
+            return Err(Error::config(
+                "model.revision",
+                "applies to a Hub id in `model.path`; this path is local",
+            ));
+        }
+        let resolve_data = |key: String, p: &mut String| -> Result<()> {
+            if is_hub_id(p) {
+                let dir = temper_hub::resolve(temper_hub::RepoType::Dataset, p, None)
+                    .map_err(|e| Error::config(&key, format!("{p}: not a local path, and from the Hub: {e}")))?;
+                *p = dir.display().to_string();
+            }
+            Ok(())
+        };
+        let data = &mut self.data;
+        if let Some(p) = &mut data.path {
+            resolve_data("data.path".into(), p)?;
+        }
+        for (i, s) in data.sources.iter_mut().enumerate() {
+            resolve_data(format!("data.sources[{i}].path"), &mut s.path)?;
+        }
+        if let Some(eval) = &mut data.eval {
+            if let Some(p) = &mut eval.path {
+                resolve_data("data.eval.path".into(), p)?;
+            }
+            for (i, s) in eval.sources.iter_mut().enumerate() {
+                resolve_data(format!("data.eval.sources[{i}].path"), &mut s.path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The base model's Hub id, when known.
+    pub fn base_model_id(&self) -> Option<&str> {
+        self.model.base_model.as_deref().or(self.model.hub_id.as_deref())
     }
 
     /// `~/` at the start of a path means the home directory, as in a shell.
@@ -532,11 +624,33 @@ impl JobConfig {
         let t = &self.training;
         let a = &self.adapter;
         let check = |ok: bool, key: &str, message: String| if ok { Ok(()) } else { Err(Error::config(key, message)) };
-        if self.model.revision.is_some() {
-            return Err(Error::config(
-                "model.revision",
-                "downloading from the Hugging Face Hub is not supported; give a local directory or GGUF file",
-            ));
+        if let Some(id) = &self.model.base_model {
+            check(
+                temper_hub::is_repo_id(id),
+                "model.base_model",
+                format!("`{id}` is not a Hub id (OWNER/NAME)"),
+            )?;
+        }
+        if self.hub.push {
+            match &self.hub.repo {
+                None => {
+                    return Err(Error::config(
+                        "hub.repo",
+                        "`hub.push: true` needs the repository, OWNER/NAME",
+                    ));
+                }
+                Some(repo) => check(
+                    temper_hub::is_repo_id(repo),
+                    "hub.repo",
+                    format!("`{repo}` is not a Hub id (OWNER/NAME)"),
+                )?,
+            }
+            // Found before training, not after hours of it.
+            check(
+                temper_hub::token_from_env().is_some(),
+                "hub.push",
+                "no Hugging Face token: set HF_TOKEN or run `huggingface-cli login`".into(),
+            )?;
         }
         check(
             self.model.path.exists(),
@@ -699,9 +813,13 @@ impl JobConfig {
         Ok(())
     }
 
-    /// The config as YAML, as saved beside the outputs.
+    /// The config as YAML, as saved beside the outputs (a model from the Hub by its id).
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(self).expect("a config serializes")
+        let mut shown = self.clone();
+        if let Some(id) = &self.model.hub_id {
+            shown.model.path = PathBuf::from(id);
+        }
+        serde_yaml::to_string(&shown).expect("a config serializes")
     }
 }
 

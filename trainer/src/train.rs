@@ -165,6 +165,7 @@ pub fn train<B: AutodiffBackend>(
         total_steps,
         cursor: Cursor::default(),
         num_tokens: 0,
+        num_examples: 0,
         losses: Vec::new(),
     };
     if let Some(r) = resumed {
@@ -257,6 +258,7 @@ pub fn train<B: AutodiffBackend>(
         )
     };
     let mut interrupted = false;
+    let (mut last_train, mut last_eval) = (None, None);
 
     while state.step < total_steps {
         let started = Instant::now();
@@ -293,6 +295,13 @@ pub fn train<B: AutodiffBackend>(
             .map(|b| match b {
                 Batch::Sft(b) => b.num_tokens(),
                 Batch::Preference(b) => b.num_tokens(),
+            })
+            .sum();
+        let examples: usize = micro
+            .iter()
+            .map(|b| match b {
+                Batch::Sft(b) => b.num_examples(),
+                Batch::Preference(b) => b.pairs,
             })
             .sum();
         // Dropout masks come from a seed per step, so a resumed run draws the same ones.
@@ -341,6 +350,7 @@ pub fn train<B: AutodiffBackend>(
         state.step += 1;
         state.cursor = next_cursor;
         state.num_tokens += tokens as u64;
+        state.num_examples += examples as u64;
         state.losses.push((state.step, loss));
         let seconds = started.elapsed().as_secs_f64();
         let row = Row {
@@ -361,10 +371,13 @@ pub fn train<B: AutodiffBackend>(
             log.write(&row)?;
             progress.update(&row);
         }
+        last_train = Some(row);
         if let (Some(every), Some(eval)) = (t.eval_steps, &eval_data)
             && (state.step.is_multiple_of(every) || state.step == total_steps)
         {
-            log.write(&eval_now(&model, eval, state.step)?)?;
+            let row = eval_now(&model, eval, state.step)?;
+            log.write(&row)?;
+            last_eval = Some(row);
         }
         let stop = opts.stop.load(Ordering::SeqCst) || opts.stop_after_steps.is_some_and(|n| state.step >= n);
         if t.save_steps.is_some_and(|every| state.step.is_multiple_of(every)) || (stop && state.step < total_steps) {
@@ -379,6 +392,13 @@ pub fn train<B: AutodiffBackend>(
     progress.finish();
     if !interrupted {
         save_model(&model, &trainable, out)?;
+        let record = crate::card::RunRecord {
+            state: &state,
+            last_train: last_train.as_ref(),
+            last_eval: last_eval.as_ref(),
+            hardware: format!("{} on {device:?}, {dtype:?}", B::name(device)),
+        };
+        crate::card::write(job, &record, out)?;
     }
     Ok(Summary {
         steps: state.step,
@@ -437,7 +457,11 @@ fn build_model<B: AutodiffBackend>(
                 }
             };
             let mut config = config;
-            config.base_model_name_or_path = Some(job.model.path.display().to_string());
+            config.base_model_name_or_path = Some(
+                job.base_model_id()
+                    .map(String::from)
+                    .unwrap_or_else(|| job.model.path.display().to_string()),
+            );
             Ok((model, Trainable::Lora(config)))
         }
     }
