@@ -368,6 +368,42 @@ fn dpo_matches_trl() {
             }
         }
     }
+    // Evaluation logs the same metrics with TRL's `eval_` names: at step 0 the policy is the
+    // starting adapter, so on the training pairs they are TRL's first-step values.
+    let out = tmp.path().join("eval");
+    let eval_set = [
+        format!("data.eval.path={}", dir().join("pref.jsonl").display()),
+        "training.eval_steps=3".to_string(),
+    ];
+    let eval_set: Vec<&str> = eval_set.iter().map(String::as_str).collect();
+    let job = load_job(
+        tmp.path(),
+        &preference_yaml(&out, &dpo("loss_type: sigmoid")),
+        &eval_set,
+    )
+    .unwrap();
+    run(&job, TrainOptions::default());
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(first["step"], 0, "{first}");
+    let trl = &exp["sigmoid"][0];
+    for key in [
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "rewards/margins",
+    ] {
+        let (a, b) = (
+            first[format!("eval_{key}")].as_f64().unwrap(),
+            trl[key].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() <= 1e-4 * b.abs().max(1e-2), "eval_{key} {a} vs TRL {b}");
+    }
+    assert!(
+        (first["eval_loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6,
+        "{first}"
+    );
     // The precomputed reference is saved with checkpoints, so a resumed run reads it back.
     let out = tmp.path().join("precompute-resume");
     let job = load_job(

@@ -597,21 +597,30 @@ fn evaluate<B: AutodiffBackend>(
         }
     }
     let mut out = vec![("eval_loss", sums.get("loss") / count.max(1) as f64)];
-    for (name, v) in sums.logged(count) {
-        if name.starts_with("rewards/") {
-            out.push((eval_name(name), v));
-        }
-    }
+    out.extend(
+        sums.logged(count)
+            .into_iter()
+            .filter_map(|(name, v)| Some((eval_name(name)?, v))),
+    );
     Ok(out)
 }
 
-fn eval_name(name: &str) -> &'static str {
-    match name {
+/// TRL's names of the evaluation metrics (`eval_` + the training name).
+fn eval_name(name: &str) -> Option<&'static str> {
+    Some(match name {
         "rewards/chosen" => "eval_rewards/chosen",
         "rewards/rejected" => "eval_rewards/rejected",
         "rewards/accuracies" => "eval_rewards/accuracies",
-        _ => "eval_rewards/margins",
-    }
+        "rewards/margins" => "eval_rewards/margins",
+        "logps/chosen" => "eval_logps/chosen",
+        "logps/rejected" => "eval_logps/rejected",
+        "logits/chosen" => "eval_logits/chosen",
+        "logits/rejected" => "eval_logits/rejected",
+        "nll_loss" => "eval_nll_loss",
+        "log_odds_ratio" => "eval_log_odds_ratio",
+        "log_odds_chosen" => "eval_log_odds_chosen",
+        _ => return None,
+    })
 }
 
 /// Per-step sums of the logged quantities, divided by the step's normaliser when logged.
