@@ -5,6 +5,7 @@ pub mod backend;
 pub mod data;
 pub mod export;
 pub mod generate;
+pub mod launch;
 pub mod merge;
 pub mod push;
 pub mod train;

@@ -4,6 +4,7 @@ use temper::backend::{DeviceSpec, dispatch};
 use temper::data::DataCommand;
 use temper::export::ExportArgs;
 use temper::generate::GenerateArgs;
+use temper::launch::LaunchArgs;
 use temper::merge::MergeArgs;
 use temper::push::PushArgs;
 use temper::train::TrainArgs;
@@ -34,6 +35,8 @@ enum Command {
     Export(ExportArgs),
     /// Publish a folder (a training output) to a Hugging Face Hub repository.
     Push(PushArgs),
+    /// Train on several devices or machines: one `temper train` worker per device.
+    Launch(LaunchArgs),
 }
 
 fn main() {
@@ -54,6 +57,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Merge(args) => dispatch(device, args).map_err(anyhow::Error::msg)?,
         Command::Export(args) => temper::export::run(args),
         Command::Push(args) => temper::push::run(args),
+        Command::Launch(args) => temper::launch::run(args, cli.device),
     }
 }
 

@@ -87,6 +87,23 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
         }
     });
     let hub = config.hub.clone();
+    // A worker of a data-parallel job: its rank from `temper launch`, torchrun, Slurm or Open MPI.
+    let topology = temper_launch::Topology::from_env().map_err(anyhow::Error::msg)?;
+    let rank = topology.as_ref().map_or(0, |t| t.rank);
+    let collective = match topology {
+        Some(t) => {
+            let c = temper_launch::BurnCollective::connect(t.clone()).map_err(|e| {
+                anyhow::anyhow!(
+                    "rank {}: joining the collective at {}:{}: {e}",
+                    t.rank,
+                    t.master_addr,
+                    t.master_port
+                )
+            })?;
+            Some(Arc::new(c) as Arc<dyn temper_trainer::Collective>)
+        }
+        None => None,
+    };
     let job = Job {
         config,
         dtype,
@@ -94,9 +111,14 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
             resume,
             stop,
             stop_after_steps: None,
+            collective,
+            heartbeat: std::env::var_os("TEMPER_HEARTBEAT").map(PathBuf::from),
         },
     };
     let summary = dispatch(device, job).map_err(anyhow::Error::msg)??;
+    if rank != 0 {
+        return Ok(()); // rank 0 reports and publishes
+    }
     let last = summary.losses.last().map_or(f64::NAN, |l| l.1);
     if summary.interrupted {
         eprintln!(

@@ -555,3 +555,190 @@ fn hub_ids_and_the_model_card() {
     );
     assert!(!err.contains("step 1/"), "{err}");
 }
+
+/// A free TCP port on the loopback interface, with `span` free ports above it too (the
+/// collective's data ports) as far as a quick bind can tell.
+fn free_port(span: u16) -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        if port < 60000 && (1..=span).all(|i| std::net::TcpListener::bind(("127.0.0.1", port + i)).is_ok()) {
+            return port;
+        }
+    }
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-5 * b.abs().max(1e-3)
+}
+
+fn metrics_losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn assert_same_run(a: &Path, b: &Path, what: &str) {
+    let (la, lb) = (metrics_losses(a), metrics_losses(b));
+    assert_eq!(la.len(), lb.len(), "{what}");
+    for (x, y) in la.iter().zip(&lb) {
+        assert!(close(*x, *y), "{what}: losses {la:?} vs {lb:?}");
+    }
+    for ((na, va), (nb, vb)) in adapter(a).iter().zip(adapter(b)) {
+        assert_eq!(na, &nb);
+        let worst = va.iter().zip(&vb).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "{what}: {na} differs by {worst}");
+    }
+}
+
+/// Data parallelism through `temper launch`, as users run it: 2 workers with micro-batch b
+/// train as 1 worker with 2b (losses and adapter); two nodes on loopback give the same result
+/// over many all-reduces; a worker killed mid-run stops the group, is named, and
+/// `--max-restarts 1` finishes from the last checkpoint with the uninterrupted run's adapter.
+#[test]
+fn data_parallel_launch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = env!("CARGO_BIN_EXE_temper");
+    let job = |out: &Path, steps: u64| {
+        let yaml = job_yaml(out)
+            .replace("  max_steps: 10\n", &format!("  max_steps: {steps}\n  save_steps: 5\n"))
+            .replace("  gradient_accumulation_steps: 2\n", "");
+        let path = out.with_extension("yaml");
+        std::fs::write(&path, yaml).unwrap();
+        path
+    };
+    let launch = |job: &Path, args: &[String]| {
+        std::process::Command::new(exe)
+            .arg("launch")
+            .args(args)
+            .arg(job)
+            .env_remove("RANK")
+            .env_remove("WORLD_SIZE")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let finish = |child: std::process::Child| {
+        let out = child.wait_with_output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let port = |p: u16| vec!["--master-port".to_string(), p.to_string()];
+
+    // One worker, micro-batch 4.
+    let single = tmp.path().join("single");
+    let one = train::<AD>(
+        &JobConfig::load(&job(&single, 12), &["training.micro_batch_size=4".into()]).unwrap(),
+        &Default::default(),
+        DType::F32,
+        TrainOptions::default(),
+    );
+    assert_eq!(one.unwrap().steps, 12);
+
+    // Two workers, micro-batch 2 each.
+    let two = tmp.path().join("two");
+    let mut args = vec!["--nproc-per-node".to_string(), "2".into()];
+    args.extend(port(free_port(3)));
+    let (ok, err) = finish(launch(&job(&two, 12), &args));
+    assert!(ok, "{err}");
+    assert!(err.contains("data parallel: 2 workers"), "{err}");
+    assert_same_run(&single, &two, "2 workers x 2 vs 1 worker x 4");
+
+    // Two nodes of one worker each, on loopback.
+    let nodes = tmp.path().join("nodes");
+    let p = free_port(3);
+    let node = |rank: usize| {
+        let mut a: Vec<String> = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(["--node-rank".into(), rank.to_string()]);
+        a.extend(port(p));
+        launch(&job(&nodes, 12), &a)
+    };
+    let (n0, n1) = (node(0), node(1));
+    let ((ok0, err0), (ok1, err1)) = (finish(n0), finish(n1));
+    assert!(ok0 && ok1, "{err0}\n{err1}");
+    assert_same_run(&single, &nodes, "2 nodes on loopback vs 1 worker x 4");
+
+    // Kill rank 1 mid-run.
+    let killed = tmp.path().join("killed");
+    let run_and_kill = |max_restarts: u32| {
+        let _ = std::fs::remove_dir_all(&killed);
+        let mut args = vec!["--nproc-per-node".to_string(), "2".into(), "--max-restarts".into()];
+        args.push(max_restarts.to_string());
+        args.extend(port(free_port(8)));
+        let child = launch(&job(&killed, 60), &args);
+        let beat = killed.join("logs/rank-1.heartbeat");
+        let started = std::time::Instant::now();
+        loop {
+            let step: u64 = std::fs::read_to_string(&beat)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            if step >= 7 {
+                break;
+            }
+            assert!(started.elapsed().as_secs() < 60, "rank 1 never reached step 7");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        kill_worker(child.id(), 1);
+        let stopped = std::time::Instant::now();
+        let (ok, err) = finish(child);
+        (ok, err, stopped.elapsed())
+    };
+    let (ok, err, took) = run_and_kill(0);
+    assert!(!ok, "{err}");
+    assert!(err.contains("rank 1 was killed by signal 9"), "{err}");
+    assert!(took.as_secs() < 20, "the group took {took:?} to stop");
+    let (ok, err, _) = run_and_kill(1);
+    assert!(ok && err.contains("restart 1/1 from the last checkpoint"), "{err}");
+    let uninterrupted = tmp.path().join("uninterrupted");
+    // The worker count from the job's `launch:` section this time.
+    let mut args = vec!["--set".to_string(), "launch.nproc_per_node=2".into()];
+    args.extend(port(free_port(3)));
+    let (ok, err) = finish(launch(&job(&uninterrupted, 60), &args));
+    assert!(ok, "{err}");
+    let final_loss = |out: &Path| *metrics_losses(out).last().unwrap();
+    assert!(close(final_loss(&killed), final_loss(&uninterrupted)));
+    for ((na, va), (_, vb)) in adapter(&killed).iter().zip(adapter(&uninterrupted)) {
+        let worst = va.iter().zip(&vb).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "restarted run: {na} differs by {worst}");
+    }
+}
+
+/// Sends SIGKILL to the worker of `rank` among `launcher`'s children (found in /proc by the
+/// RANK in its environment).
+fn kill_worker(launcher: u32, rank: usize) {
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|s| s.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid != Some(launcher) {
+            continue;
+        }
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let want = format!("RANK={rank}");
+        if environ.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
+            std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .unwrap();
+            return;
+        }
+    }
+    panic!("no worker of rank {rank} under {launcher}");
+}

@@ -27,6 +27,10 @@ pub struct TrainerState {
     /// Examples (SFT) or pairs (preference) seen so far.
     #[serde(default)]
     pub num_examples: u64,
+    /// With several workers: each rank's next batch in its shard of the data (`cursor` is
+    /// rank 0's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_cursors: Vec<Cursor>,
     /// `(step, loss)` of every step so far: the curve a resumed run continues.
     pub losses: Vec<(u64, f64)>,
 }

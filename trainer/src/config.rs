@@ -26,6 +26,35 @@ pub struct JobConfig {
     pub device: String,
     #[serde(default)]
     pub hub: HubSection,
+    /// `temper launch`'s settings (its command-line flags override them).
+    #[serde(default)]
+    pub launch: LaunchSection,
+}
+
+/// Data-parallel launch: `temper launch` reads these; `temper train` ignores them.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchSection {
+    /// Workers on this machine (one per device); default: one per listed device, or 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nproc_per_node: Option<usize>,
+    /// The local devices to use, e.g. `[0, 1, 2, 3]` (CUDA indices).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<usize>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nnodes: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_rank: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_addr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_port: Option<u16>,
+    /// Restarts of the whole group from the last checkpoint after a failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_restarts: Option<u32>,
+    /// Seconds without a finished step after which a worker counts as hung.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hang_timeout: Option<u64>,
 }
 
 /// Publishing the result: after a completed run, the output directory (adapter, model card,

@@ -18,6 +18,8 @@ pub enum Error {
     Data(#[from] temper_data::Error),
     #[error("checkpoint {}: {message}", path.display())]
     Checkpoint { path: PathBuf, message: String },
+    #[error("rank {rank}: collective: {message}")]
+    Collective { rank: usize, message: String },
     #[error("step {step}: the loss is {value}; training stopped (the last good checkpoint is kept)")]
     NonFiniteLoss { step: u64, value: f32 },
 }

@@ -9,8 +9,10 @@ pub mod error;
 pub mod metrics;
 pub mod optim;
 mod preference;
+pub mod sync;
 pub mod train;
 
 pub use config::{JobConfig, Precision};
 pub use error::{Error, Result};
+pub use sync::Collective;
 pub use train::{Resume, Summary, TrainOptions, train};

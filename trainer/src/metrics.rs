@@ -64,15 +64,18 @@ impl MetricsLog {
 /// A progress line that redraws itself on a terminal and prints plain lines otherwise.
 pub struct Progress {
     tty: bool,
+    /// Only rank 0 of a multi-worker job prints.
+    shown: bool,
     total: u64,
     start: std::time::Instant,
     start_step: u64,
 }
 
 impl Progress {
-    pub fn new(total: u64, start_step: u64) -> Self {
+    pub fn new(total: u64, start_step: u64, shown: bool) -> Self {
         Self {
             tty: std::io::stderr().is_terminal(),
+            shown,
             total,
             start: std::time::Instant::now(),
             start_step,
@@ -80,6 +83,9 @@ impl Progress {
     }
 
     pub fn update(&self, row: &Row) {
+        if !self.shown {
+            return;
+        }
         let done = row.step.saturating_sub(self.start_step);
         let elapsed = self.start.elapsed().as_secs_f64();
         let eta = if done > 0 {
@@ -112,6 +118,9 @@ impl Progress {
 
     /// Prints a line that stays (eval results, checkpoints) without breaking the progress line.
     pub fn note(&self, text: &str) {
+        if !self.shown {
+            return;
+        }
         if self.tty {
             eprint!("\r\x1b[2K");
         }
@@ -119,7 +128,7 @@ impl Progress {
     }
 
     pub fn finish(&self) {
-        if self.tty {
+        if self.tty && self.shown {
             eprintln!();
         }
     }

@@ -347,8 +347,12 @@ pub(crate) fn precompute_pipelines(
     options: LoaderOptions,
     max_eval_rows: usize,
 ) -> Result<(Vec<Arc<Pipeline>>, Vec<usize>)> {
+    // Every worker computes every pair (not only its shard), so the saved values serve any
+    // rank on resume.
     let one_epoch = LoaderOptions {
         epochs: Some(1),
+        rank: 0,
+        world_size: 1,
         ..options
     };
     let mut pipelines = vec![Arc::new(Pipeline::new(&job.data, tokenizer.clone(), one_epoch)?)];

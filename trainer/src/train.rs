@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::metrics::{MetricsLog, Progress, Row};
 use crate::optim::{AdamW, AdamWConfig, global_grad_norm, learning_rate};
 use crate::preference::{self as pref, PreferenceObjective, RefCache, Reference};
+use crate::sync::{Collective, all_gather, sync_gradients};
 
 /// Where to resume from.
 #[derive(Debug, Clone)]
@@ -31,13 +32,19 @@ pub enum Resume {
     Dir(PathBuf),
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct TrainOptions {
     pub resume: Option<Resume>,
     /// Set by Ctrl-C / SIGTERM: save a checkpoint after the current step and return.
     pub stop: Arc<AtomicBool>,
     /// Stop (with a checkpoint) after this many steps, as an interruption would.
     pub stop_after_steps: Option<u64>,
+    /// Data parallelism: this worker's rank among the job's workers and their all-reduce.
+    /// `None`: one worker.
+    pub collective: Option<Arc<dyn Collective>>,
+    /// A file whose content becomes the step number after each step (the launcher watches it
+    /// to find hung workers).
+    pub heartbeat: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +73,10 @@ pub fn train<B: AutodiffBackend>(
 ) -> Result<Summary> {
     let t = &job.training;
     let out = &job.output_dir;
+    let collective = opts.collective.as_deref();
+    let (rank, world) = collective.map_or((0, 1), |c| (c.rank(), c.world_size()));
+    // Rank 0 alone writes: logs, metrics, checkpoints, the final adapter.
+    let main = rank == 0;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
 
     // Everything that can fail on the config or the data fails here, before the weights load.
@@ -101,8 +112,8 @@ pub fn train<B: AutodiffBackend>(
     let loader_options = LoaderOptions {
         batch_size: t.micro_batch_size,
         seed: t.seed,
-        rank: 0,
-        world_size: 1,
+        rank,
+        world_size: world,
         epochs: if t.max_steps.is_some() { None } else { Some(t.epochs) },
     };
     let pipeline = Arc::new(Pipeline::new(&job.data, tokenizer.clone(), loader_options)?);
@@ -138,6 +149,11 @@ pub fn train<B: AutodiffBackend>(
                 b?;
                 batches += 1;
             }
+            if let Some(c) = collective {
+                // Shards can differ by a batch: every worker stops at the shortest one's end.
+                let all = all_gather(c, &[batches as f32])?;
+                batches = all.iter().map(|v| v[0] as u64).min().unwrap_or(0);
+            }
             (batches * t.epochs)
                 .div_ceil(t.gradient_accumulation_steps as u64)
                 .max(1)
@@ -166,14 +182,31 @@ pub fn train<B: AutodiffBackend>(
         cursor: Cursor::default(),
         num_tokens: 0,
         num_examples: 0,
+        rank_cursors: Vec::new(),
         losses: Vec::new(),
     };
     if let Some(r) = resumed {
         optim.load_state(r.optimizer, r.state.step, device);
         state = r.state;
+        if world > 1 {
+            state.cursor = match state.rank_cursors.get(rank) {
+                Some(c) if state.rank_cursors.len() == world => *c,
+                _ => {
+                    return Err(Error::Checkpoint {
+                        path: r.dir.clone(),
+                        message: format!(
+                            "saved by {} workers; resuming needs the same number (this job has {world})",
+                            state.rank_cursors.len().max(1)
+                        ),
+                    });
+                }
+            };
+        }
     }
     let config_yaml = job.to_yaml();
-    std::fs::write(out.join("config.yaml"), &config_yaml).map_err(|e| Error::io(out.join("config.yaml"), e))?;
+    if main {
+        std::fs::write(out.join("config.yaml"), &config_yaml).map_err(|e| Error::io(out.join("config.yaml"), e))?;
+    }
 
     // DPO's reference, built once: LoRA trains only adapters, so the base never changes. It is
     // the base with adapters off, or, when training starts from an existing adapter, that
@@ -213,13 +246,15 @@ pub fn train<B: AutodiffBackend>(
                     cache
                 }
             };
-            cache.save(&out.join(pref::CACHE_FILE))?;
+            if main {
+                cache.save(&out.join(pref::CACHE_FILE))?;
+            }
             Reference::Precomputed(cache)
         }
     };
     let precomputed = matches!(reference, Reference::Precomputed(_));
-    let mut log = MetricsLog::open(out)?;
-    let progress = Progress::new(total_steps, state.step);
+    let mut log = if main { Some(MetricsLog::open(out)?) } else { None };
+    let progress = Progress::new(total_steps, state.step, main);
     let mut loader = pipeline.clone().spawn(state.cursor);
     let eval_data = job.data.eval_config();
     let eval_now = |model: &LlamaForCausalLM<B>, eval: &temper_data::DataConfig, step: u64| -> Result<Row> {
@@ -236,7 +271,7 @@ pub fn train<B: AutodiffBackend>(
         progress.note(&format!("step {step}: {}", show(&values)));
         Ok(Row { step, values })
     };
-    if let (Some(_), Some(eval), 0) = (t.eval_steps, &eval_data, state.step) {
+    if let (Some(_), Some(eval), 0, Some(log)) = (t.eval_steps, &eval_data, state.step, log.as_mut()) {
         // The starting point, so the log shows what training changed.
         log.write(&eval_now(&model, eval, 0)?)?;
     }
@@ -258,6 +293,7 @@ pub fn train<B: AutodiffBackend>(
         )
     };
     let mut interrupted = false;
+    let start_step = state.step;
     let (mut last_train, mut last_eval) = (None, None);
 
     while state.step < total_steps {
@@ -304,10 +340,18 @@ pub fn train<B: AutodiffBackend>(
                 Batch::Preference(b) => b.pairs,
             })
             .sum();
-        // Dropout masks come from a seed per step, so a resumed run draws the same ones.
-        B::seed(device, t.seed.wrapping_add(state.step));
+        // Dropout masks come from a seed per step (and rank), so a resumed run draws the same.
+        B::seed(
+            device,
+            t.seed.wrapping_add(state.step).wrapping_add((rank as u64) << 32),
+        );
         let mut accumulator = GradientsAccumulator::<LlamaForCausalLM<B>>::new();
         let mut sums = StepSums::default();
+        if t.objective == Objective::Sft {
+            // Present on every worker, even one whose micro-batches had no target.
+            sums.add("loss", 0.0);
+            sums.add("mean_token_accuracy", 0.0);
+        }
         for batch in &micro {
             let loss = match batch {
                 Batch::Sft(b) => sft_loss(&model, b, device).map(|l| {
@@ -330,6 +374,47 @@ pub fn train<B: AutodiffBackend>(
             let grads = (loss / denominator.max(1) as f32).backward();
             accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
         }
+        let mut grads = accumulator.grads();
+        let (mut denominator, mut tokens, mut examples) = (denominator, tokens, examples);
+        let mut stop = opts.stop.load(Ordering::SeqCst) || opts.stop_after_steps.is_some_and(|n| state.step + 1 >= n);
+        let mut cursors = vec![next_cursor];
+        if let Some(c) = collective {
+            // One all-reduce: gradients weighted by each worker's share of the normaliser,
+            // the step's counters and metric sums, a stop request from any worker, and every
+            // worker's data cursor (in its own slots).
+            let names: Vec<&'static str> = sums.sorted_names();
+            let mut counters = vec![denominator as f32, tokens as f32, examples as f32, stop as u8 as f32];
+            counters.extend(names.iter().map(|n| sums.get(n) as f32));
+            let mut slots = vec![0.0; 3 * world];
+            slots[3 * rank..3 * rank + 3].copy_from_slice(&[
+                next_cursor.epoch as f32,
+                next_cursor.window as f32,
+                next_cursor.batch as f32,
+            ]);
+            counters.extend(slots);
+            let (totals, bytes) = sync_gradients(c, &model, &mut grads, counters, device)?;
+            if state.step == 0 || state.step == start_step {
+                progress.note(&format!(
+                    "data parallel: {world} workers, {bytes} bytes all-reduced per step"
+                ));
+            }
+            (denominator, tokens, examples) = (totals[0] as usize, totals[1] as usize, totals[2] as usize);
+            stop = totals[3] > 0.0;
+            let mut s = StepSums::default();
+            for (i, n) in names.iter().enumerate() {
+                s.add(n, totals[4 + i] as f64);
+            }
+            sums = s;
+            let at = 4 + names.len();
+            cursors = totals[at..at + 3 * world]
+                .chunks(3)
+                .map(|c| Cursor {
+                    epoch: c[0] as u64,
+                    window: c[1] as u64,
+                    batch: c[2] as u64,
+                })
+                .collect();
+        }
         let loss = sums.get("loss") / denominator.max(1) as f64;
         if !loss.is_finite() {
             progress.finish();
@@ -338,7 +423,6 @@ pub fn train<B: AutodiffBackend>(
                 value: loss as f32,
             });
         }
-        let mut grads = accumulator.grads();
         let grad_norm: f32 = global_grad_norm(&model, &grads, device).into_scalar().elem::<f32>();
         let scale = if t.max_grad_norm > 0.0 && grad_norm as f64 > t.max_grad_norm {
             t.max_grad_norm / (grad_norm as f64 + 1e-6)
@@ -349,6 +433,9 @@ pub fn train<B: AutodiffBackend>(
 
         state.step += 1;
         state.cursor = next_cursor;
+        if world > 1 {
+            state.rank_cursors = cursors;
+        }
         state.num_tokens += tokens as u64;
         state.num_examples += examples as u64;
         state.losses.push((state.step, loss));
@@ -367,20 +454,27 @@ pub fn train<B: AutodiffBackend>(
                 ])
                 .collect(),
         };
-        if state.step.is_multiple_of(t.logging_steps) || state.step == total_steps {
+        if let Some(path) = &opts.heartbeat {
+            std::fs::write(path, state.step.to_string()).map_err(|e| Error::io(path, e))?;
+        }
+        if let Some(log) = log.as_mut()
+            && (state.step.is_multiple_of(t.logging_steps) || state.step == total_steps)
+        {
             log.write(&row)?;
             progress.update(&row);
         }
         last_train = Some(row);
-        if let (Some(every), Some(eval)) = (t.eval_steps, &eval_data)
+        if let (Some(every), Some(eval), Some(log)) = (t.eval_steps, &eval_data, log.as_mut())
             && (state.step.is_multiple_of(every) || state.step == total_steps)
         {
             let row = eval_now(&model, eval, state.step)?;
             log.write(&row)?;
             last_eval = Some(row);
         }
-        let stop = opts.stop.load(Ordering::SeqCst) || opts.stop_after_steps.is_some_and(|n| state.step >= n);
-        if t.save_steps.is_some_and(|every| state.step.is_multiple_of(every)) || (stop && state.step < total_steps) {
+        if main
+            && (t.save_steps.is_some_and(|every| state.step.is_multiple_of(every))
+                || (stop && state.step < total_steps))
+        {
             let dir = save(&model, &optim, &state)?;
             progress.note(&format!("saved {}", dir.display()));
         }
@@ -390,7 +484,7 @@ pub fn train<B: AutodiffBackend>(
         }
     }
     progress.finish();
-    if !interrupted {
+    if !interrupted && main {
         save_model(&model, &trainable, out)?;
         let record = crate::card::RunRecord {
             state: &state,
@@ -639,6 +733,13 @@ impl StepSums {
 
     fn get(&self, name: &str) -> f64 {
         self.values.iter().find(|(n, _)| *n == name).map_or(0.0, |e| e.1)
+    }
+
+    /// The names, sorted: the order workers pack their sums in.
+    fn sorted_names(&self) -> Vec<&'static str> {
+        let mut names: Vec<_> = self.values.iter().map(|(n, _)| *n).collect();
+        names.sort_unstable();
+        names
     }
 
     /// The logged means: per target token or pair, and `logits/*` per completion token as TRL

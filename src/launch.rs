@@ -1,0 +1,120 @@
+//! `temper launch`: data-parallel training, one worker per device (see temper-launch).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use temper_launch::{LaunchPlan, run_workers, topology::DEFAULT_PORT};
+use temper_trainer::JobConfig;
+
+use crate::backend::DeviceSpec;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LaunchArgs {
+    /// Workers on this machine (default: one per `--devices` entry, or the job's `launch`).
+    #[arg(long)]
+    pub nproc_per_node: Option<usize>,
+    /// Local device indices, one worker each: `--devices 0,1,2,3`.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Option<Vec<usize>>,
+    /// Machines in the job.
+    #[arg(long)]
+    pub nnodes: Option<usize>,
+    /// This machine's index among them (0 hosts the rendezvous).
+    #[arg(long)]
+    pub node_rank: Option<usize>,
+    /// Node 0's address, reachable from every machine.
+    #[arg(long)]
+    pub master_addr: Option<String>,
+    #[arg(long)]
+    pub master_port: Option<u16>,
+    /// Restart the group from its last checkpoint this many times after a failure.
+    #[arg(long)]
+    pub max_restarts: Option<u32>,
+    /// Seconds without a finished step before a worker counts as hung (default 1800).
+    #[arg(long)]
+    pub hang_timeout: Option<u64>,
+    /// The job's YAML file.
+    pub config: PathBuf,
+    /// Override a key, as for `temper train`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+pub fn run(args: LaunchArgs, device: Option<DeviceSpec>) -> Result<()> {
+    // The config is checked here, before any worker starts.
+    let job = JobConfig::load(&args.config, &args.set)?;
+    let l = &job.launch;
+    let device = match device {
+        Some(d) => d,
+        None => job
+            .device
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("{}: device: {e}", args.config.display()))?,
+    };
+    let device_kind = match device {
+        DeviceSpec::Cpu => "cpu",
+        DeviceSpec::Cuda(_) => "cuda",
+        DeviceSpec::Wgpu => "wgpu",
+    };
+    let devices = match (
+        args.devices.or(l.devices.clone()),
+        args.nproc_per_node.or(l.nproc_per_node),
+    ) {
+        (Some(d), Some(n)) if d.len() != n => bail!("--devices lists {} devices but --nproc-per-node is {n}", d.len()),
+        (Some(d), _) => d,
+        (None, Some(n)) => (0..n).collect(),
+        (None, None) => vec![0],
+    };
+    if devices.is_empty() {
+        bail!("no worker to start: --nproc-per-node must be at least 1");
+    }
+    let nnodes = args.nnodes.or(l.nnodes).unwrap_or(1);
+    let node_rank = args.node_rank.or(l.node_rank).unwrap_or(0);
+    if nnodes == 0 || node_rank >= nnodes {
+        bail!("--node-rank {node_rank} must be below --nnodes {nnodes}");
+    }
+    let master_addr = match args.master_addr.or(l.master_addr.clone()) {
+        Some(a) => a,
+        None if nnodes == 1 => "127.0.0.1".into(),
+        None => bail!("--master-addr (node 0's address) is needed with --nnodes {nnodes}"),
+    };
+    let mut train_args = vec!["train".to_string(), args.config.display().to_string()];
+    for s in &args.set {
+        train_args.extend(["--set".to_string(), s.clone()]);
+    }
+    let plan = LaunchPlan {
+        exe: std::env::current_exe()?,
+        train_args,
+        device_kind: device_kind.into(),
+        devices,
+        nnodes,
+        node_rank,
+        master_addr,
+        master_port: args.master_port.or(l.master_port).unwrap_or(DEFAULT_PORT),
+        max_restarts: args.max_restarts.or(l.max_restarts).unwrap_or(0),
+        hang_timeout: Duration::from_secs(args.hang_timeout.or(l.hang_timeout).unwrap_or(1800)),
+        output_dir: job.output_dir.clone(),
+    };
+    eprintln!(
+        "launch: {} workers on this node ({} in all), logs in {}",
+        plan.devices.len(),
+        plan.devices.len() * nnodes,
+        plan.output_dir.join("logs").display()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nlaunch: stopping every worker after this step (Ctrl-C again to quit now)");
+        });
+    }
+    run_workers(&plan, stop)?;
+    eprintln!("launch: every worker finished; output in {}", plan.output_dir.display());
+    Ok(())
+}
