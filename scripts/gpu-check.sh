@@ -69,6 +69,27 @@ print(f"parity train {sys.argv[2]}: {len(got)}/10 steps, max rel loss error vs P
 PY
 done
 
+# `temper launch` on the device, end to end: one worker (these machines have one GPU), then two
+# workers sharing it, which takes the multi-GPU path (orchestrator, per-step all-reduce of the
+# gradients) and must give the f32 run's losses (2 workers x micro-batch 1 = 1 x 2).
+sed "s|$W/tiny-bf16|$W/launch1|; s|precision: bf16|precision: f32|" "$W/tiny.yaml" > "$W/launch1.yaml"
+sed "s|$W/launch1|$W/launch2|; s|micro_batch_size: 2|micro_batch_size: 1|" "$W/launch1.yaml" > "$W/launch2.yaml"
+timeout 120 "$TEMPER" --device "$DEV" launch --nproc-per-node 1 "$W/launch1.yaml" >> "$LOG" 2>&1
+echo "launch 1 worker: exit $?" | tee -a "$SUMMARY"
+timeout 120 "$TEMPER" --device "$DEV" launch --devices 0,0 --master-port 29610 "$W/launch2.yaml" >> "$LOG" 2>&1
+echo "launch 2 workers on one device: exit $?" | tee -a "$SUMMARY"
+"$PY" - "$W/tiny-f32/metrics.jsonl" "$W/launch2/metrics.jsonl" <<'PY' | tee -a "$SUMMARY"
+import json, sys
+def losses(p):
+    try:
+        return [json.loads(l)["loss"] for l in open(p)]
+    except OSError:
+        return []
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+err = max((abs(x - y) / abs(x) for x, y in zip(a, b)), default=float("nan"))
+print(f"launch 2 workers vs 1: {len(b)}/10 steps, max rel loss difference {err:.2e}")
+PY
+
 # Random-weight models of the benchmark shapes: config.json + the tiny tokenizer (pre-tokenized
 # data needs only its EOS). Rows of token ids, full length.
 mkmodel() { mkdir -p "$W/$1"; cp "$2" "$W/$1/config.json"; cp tests/fixtures/train/tiny/tokenizer*.json "$W/$1/"; }

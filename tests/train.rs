@@ -668,6 +668,30 @@ fn data_parallel_launch() {
     assert!(ok0 && ok1, "{err0}\n{err1}");
     assert_same_run(&single, &nodes, "2 nodes on loopback vs 1 worker x 4");
 
+    // DPO the same way: 2 workers x 2 pairs = 1 worker x 4 pairs.
+    let dpo_job = |out: &Path| {
+        let path = out.with_extension("yaml");
+        std::fs::write(&path, dpo_yaml(out, "sigmoid", 0.0)).unwrap();
+        path
+    };
+    let dpo_one = tmp.path().join("dpo-one");
+    train::<AD>(
+        &JobConfig::load(&dpo_job(&dpo_one), &[]).unwrap(),
+        &Default::default(),
+        DType::F32,
+        TrainOptions::default(),
+    )
+    .unwrap();
+    let dpo_two = tmp.path().join("dpo-two");
+    let mut args: Vec<String> = ["--nproc-per-node", "2", "--set", "training.micro_batch_size=2"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(port(free_port(3)));
+    let (ok, err) = finish(launch(&dpo_job(&dpo_two), &args));
+    assert!(ok, "{err}");
+    assert_same_run(&dpo_one, &dpo_two, "DPO: 2 workers x 2 pairs vs 1 worker x 4");
+
     // Kill rank 1 mid-run.
     let killed = tmp.path().join("killed");
     let run_and_kill = |max_restarts: u32| {
