@@ -694,10 +694,11 @@ fn data_parallel_launch() {
 
     // Kill rank 1 mid-run.
     let killed = tmp.path().join("killed");
-    let run_and_kill = |max_restarts: u32| {
+    let run_and_signal = |max_restarts: u32, signal: &str| {
         let _ = std::fs::remove_dir_all(&killed);
         let mut args = vec!["--nproc-per-node".to_string(), "2".into(), "--max-restarts".into()];
         args.push(max_restarts.to_string());
+        args.extend(["--hang-timeout".to_string(), "3".into()]);
         args.extend(port(free_port(8)));
         let child = launch(&job(&killed, 60), &args);
         let beat = killed.join("logs/rank-1.heartbeat");
@@ -713,16 +714,23 @@ fn data_parallel_launch() {
             assert!(started.elapsed().as_secs() < 60, "rank 1 never reached step 7");
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        kill_worker(child.id(), 1);
+        signal_worker(child.id(), 1, signal);
         let stopped = std::time::Instant::now();
         let (ok, err) = finish(child);
         (ok, err, stopped.elapsed())
     };
-    let (ok, err, took) = run_and_kill(0);
+    let (ok, err, took) = run_and_signal(0, "-KILL");
     assert!(!ok, "{err}");
     assert!(err.contains("rank 1 was killed by signal 9"), "{err}");
     assert!(took.as_secs() < 20, "the group took {took:?} to stop");
-    let (ok, err, _) = run_and_kill(1);
+    // A hung worker (stopped, alive): found by the hang timeout (3 s here).
+    let (ok, err, took) = run_and_signal(0, "-STOP");
+    assert!(
+        !ok && err.contains("finished no step for") && err.contains("(hung)"),
+        "{err}"
+    );
+    assert!(took.as_secs() < 20, "the group took {took:?} to stop");
+    let (ok, err, _) = run_and_signal(1, "-KILL");
     assert!(ok && err.contains("restart 1/1 from the last checkpoint"), "{err}");
     let uninterrupted = tmp.path().join("uninterrupted");
     // The worker count from the job's `launch:` section this time.
@@ -738,9 +746,9 @@ fn data_parallel_launch() {
     }
 }
 
-/// Sends SIGKILL to the worker of `rank` among `launcher`'s children (found in /proc by the
-/// RANK in its environment).
-fn kill_worker(launcher: u32, rank: usize) {
+/// Sends `signal` (`-KILL`, `-STOP`) to the worker of `rank` among `launcher`'s children (found
+/// in /proc by the RANK in its environment).
+fn signal_worker(launcher: u32, rank: usize, signal: &str) {
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -758,7 +766,7 @@ fn kill_worker(launcher: u32, rank: usize) {
         let want = format!("RANK={rank}");
         if environ.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
             std::process::Command::new("kill")
-                .args(["-9", &pid.to_string()])
+                .args([signal, &pid.to_string()])
                 .status()
                 .unwrap();
             return;
