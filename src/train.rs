@@ -87,6 +87,13 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
         }
     });
     let hub = config.hub.clone();
+    if hub.push && temper_hub::token_from_env().is_none() {
+        // Found before training, not after hours of it.
+        bail!(
+            "{}: hub.push: no Hugging Face token: set HF_TOKEN or run `huggingface-cli login`",
+            args.config.display()
+        );
+    }
     // A worker of a data-parallel job: its rank from `temper launch`, torchrun, Slurm or Open MPI.
     let topology = temper_launch::Topology::from_env().map_err(anyhow::Error::msg)?;
     let rank = topology.as_ref().map_or(0, |t| t.rank);

@@ -674,12 +674,6 @@ impl JobConfig {
                     format!("`{repo}` is not a Hub id (OWNER/NAME)"),
                 )?,
             }
-            // Found before training, not after hours of it.
-            check(
-                temper_hub::token_from_env().is_some(),
-                "hub.push",
-                "no Hugging Face token: set HF_TOKEN or run `huggingface-cli login`".into(),
-            )?;
         }
         check(
             self.model.path.exists(),
