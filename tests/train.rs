@@ -573,16 +573,14 @@ fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-5 * b.abs().max(1e-3)
 }
 
+/// The loss of each step; a step logged twice (redone after a restart) counts once, its last.
 fn metrics_losses(out: &Path) -> Vec<f64> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect()
+    let mut by_step = std::collections::BTreeMap::new();
+    for l in std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines() {
+        let row: serde_json::Value = serde_json::from_str(l).unwrap();
+        by_step.insert(row["step"].as_u64().unwrap(), row["loss"].as_f64().unwrap());
+    }
+    by_step.into_values().collect()
 }
 
 fn assert_same_run(a: &Path, b: &Path, what: &str) {
@@ -615,8 +613,20 @@ fn data_parallel_launch() {
         path
     };
     let launch = |job: &Path, args: &[String]| {
+        // burn-collective 0.21 sometimes hangs in an all-reduce even with the workaround
+        // (README): a short hang timeout and restarts from the last checkpoint (an exact
+        // resume, so the results compared below are unchanged) keep that from failing CI.
+        let has = |flag: &str| args.iter().any(|a| a == flag);
+        let mut safety: Vec<&str> = Vec::new();
+        if !has("--hang-timeout") {
+            safety.extend(["--hang-timeout", "15"]);
+        }
+        if !has("--max-restarts") {
+            safety.extend(["--max-restarts", "2"]);
+        }
         std::process::Command::new(exe)
             .arg("launch")
+            .args(safety)
             .args(args)
             .arg(job)
             .env_remove("RANK")
@@ -700,7 +710,7 @@ fn data_parallel_launch() {
         args.push(max_restarts.to_string());
         args.extend(["--hang-timeout".to_string(), "3".into()]);
         args.extend(port(free_port(8)));
-        let child = launch(&job(&killed, 60), &args);
+        let child = launch(&job(&killed, 24), &args);
         let beat = killed.join("logs/rank-1.heartbeat");
         let started = std::time::Instant::now();
         loop {
@@ -736,7 +746,7 @@ fn data_parallel_launch() {
     // The worker count from the job's `launch:` section this time.
     let mut args = vec!["--set".to_string(), "launch.nproc_per_node=2".into()];
     args.extend(port(free_port(3)));
-    let (ok, err) = finish(launch(&job(&uninterrupted, 60), &args));
+    let (ok, err) = finish(launch(&job(&uninterrupted, 24), &args));
     assert!(ok, "{err}");
     let final_loss = |out: &Path| *metrics_losses(out).last().unwrap();
     assert!(close(final_loss(&killed), final_loss(&uninterrupted)));
