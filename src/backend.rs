@@ -26,6 +26,23 @@ pub enum DeviceSpec {
     Wgpu,
 }
 
+impl DeviceSpec {
+    /// The `--device` given on the command line, else the job's `device` key.
+    pub fn for_job(
+        cli: Option<DeviceSpec>,
+        job: &temper_trainer::JobConfig,
+        file: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        match cli {
+            Some(d) => Ok(d),
+            None => job
+                .device
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("{}: device: {e}", file.display())),
+        }
+    }
+}
+
 impl FromStr for DeviceSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

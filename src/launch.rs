@@ -47,13 +47,7 @@ pub fn run(args: LaunchArgs, device: Option<DeviceSpec>) -> Result<()> {
     // The config is checked here, before any worker starts.
     let job = JobConfig::load(&args.config, &args.set)?;
     let l = &job.launch;
-    let device = match device {
-        Some(d) => d,
-        None => job
-            .device
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("{}: device: {e}", args.config.display()))?,
-    };
+    let device = DeviceSpec::for_job(device, &job, &args.config)?;
     let device_kind = match device {
         DeviceSpec::Cpu => "cpu",
         DeviceSpec::Cuda(_) => "cuda",

@@ -50,13 +50,7 @@ impl BackendJob for Job {
 
 pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
     let config = JobConfig::load(&args.config, &args.set)?;
-    let device = match device {
-        Some(d) => d,
-        None => config
-            .device
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("{}: device: {e}", args.config.display()))?,
-    };
+    let device = DeviceSpec::for_job(device, &config, &args.config)?;
     let dtype = match (config.training.precision, device) {
         (Precision::Auto, DeviceSpec::Cpu) | (Precision::F32, _) => DType::F32,
         (Precision::Auto, _) | (Precision::Bf16, _) => DType::BF16,

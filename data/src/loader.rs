@@ -39,6 +39,32 @@ pub enum Batch {
     Preference(PreferenceBatch),
 }
 
+impl Batch {
+    /// Real (non-padding) tokens.
+    pub fn num_tokens(&self) -> usize {
+        match self {
+            Batch::Sft(b) => b.num_tokens(),
+            Batch::Preference(b) => b.num_tokens(),
+        }
+    }
+
+    /// Examples (SFT; a packed row holds several) or pairs.
+    pub fn num_examples(&self) -> usize {
+        match self {
+            Batch::Sft(b) => b.num_examples(),
+            Batch::Preference(b) => b.pairs,
+        }
+    }
+
+    /// What the loss is averaged over: target tokens (SFT) or pairs (preference).
+    pub fn loss_normaliser(&self) -> usize {
+        match self {
+            Batch::Sft(b) => b.num_target_tokens(),
+            Batch::Preference(b) => b.pairs,
+        }
+    }
+}
+
 /// A batch and the cursor that follows it (what a checkpoint saves).
 #[derive(Debug, Clone)]
 pub struct LoadedBatch {

@@ -82,6 +82,19 @@ pub fn resolve_in(
     download(client, &root, kind, repo, revision)
 }
 
+/// The repository a snapshot folder of the cache belongs to
+/// (`.../datasets--OWNER--NAME/snapshots/<sha>` -> dataset `OWNER/NAME`): what [`resolve`]
+/// returned, read back.
+pub fn repo_of_snapshot(path: &Path) -> Option<(RepoType, String)> {
+    let repo = path.parent().filter(|p| p.ends_with("snapshots"))?.parent()?;
+    let name = repo.file_name()?.to_str()?;
+    let (kind, rest) = [RepoType::Model, RepoType::Dataset]
+        .into_iter()
+        .find_map(|k| Some((k, name.strip_prefix(k.plural())?.strip_prefix("--")?)))?;
+    let (owner, repo) = rest.split_once("--")?;
+    Some((kind, format!("{owner}/{repo}")))
+}
+
 fn is_commit_sha(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }

@@ -130,9 +130,10 @@ impl HubClient {
                 .is_some_and(|rest| rest.starts_with('/') || rest.starts_with('?'))
     }
 
-    /// One request, retried with exponential backoff on network errors, 429 and 5xx. Other
-    /// statuses return to the caller; 401/403 become `Unauthorized`.
-    pub(crate) fn send(&self, req: Request<'_>) -> Result<Reply> {
+    /// Runs `once` until it succeeds, fails for good, or the attempts run out, waiting with
+    /// exponential backoff between tries; `Transient` failures (network errors, 429, 5xx) are
+    /// retried, and the last one's message ends up in the `Network` error.
+    fn retrying<T>(&self, method: &'static str, url: &str, mut once: impl FnMut() -> Attempt<T>) -> Result<T> {
         let mut wait = self.backoff;
         let mut last = String::new();
         for attempt in 1..=self.attempts.max(1) {
@@ -140,37 +141,51 @@ impl HubClient {
                 std::thread::sleep(wait);
                 wait *= 2;
             }
-            match self.send_once(&req) {
-                Ok(reply) if reply.status == 429 || reply.status >= 500 => {
-                    last = format!("{} {}", reply.status, message_of(&reply.body));
-                }
-                Ok(reply) if reply.status == 401 || reply.status == 403 => {
-                    return Err(Error::Unauthorized {
-                        method: req.method,
-                        url: req.url.to_string(),
-                        status: reply.status,
-                        message: message_of(&reply.body),
-                    });
-                }
-                Ok(reply) => return Ok(reply),
-                Err(e) => last = e,
+            match once() {
+                Attempt::Done(t) => return Ok(t),
+                Attempt::Fatal(e) => return Err(e),
+                Attempt::Transient(message) => last = message,
             }
         }
         Err(Error::Network {
-            method: req.method,
-            url: req.url.to_string(),
+            method,
+            url: url.to_string(),
             message: last,
             attempts: self.attempts.max(1),
         })
     }
 
+    /// A request to `url`, with the token when (and only when) `url` is on the endpoint.
+    fn builder(&self, method: &str, url: &str) -> ureq::http::request::Builder {
+        let builder = ureq::http::Request::builder().method(method).uri(url);
+        match (&self.token, self.is_endpoint(url)) {
+            (Some(token), true) => builder.header("authorization", format!("Bearer {token}")),
+            _ => builder,
+        }
+    }
+
+    /// One request, retried on network errors, 429 and 5xx. Other statuses return to the
+    /// caller; 401/403 become `Unauthorized`.
+    pub(crate) fn send(&self, req: Request<'_>) -> Result<Reply> {
+        self.retrying(req.method, req.url, || match self.send_once(&req) {
+            Ok(reply) if is_transient(reply.status) => {
+                Attempt::Transient(format!("{} {}", reply.status, message_of(&reply.body)))
+            }
+            Ok(reply) if is_refusal(reply.status) => Attempt::Fatal(Error::Unauthorized {
+                method: req.method,
+                url: req.url.to_string(),
+                status: reply.status,
+                message: message_of(&reply.body),
+            }),
+            Ok(reply) => Attempt::Done(reply),
+            Err(e) => Attempt::Transient(e),
+        })
+    }
+
     fn send_once(&self, req: &Request<'_>) -> std::result::Result<Reply, String> {
-        let mut builder = ureq::http::Request::builder().method(req.method).uri(req.url);
+        let mut builder = self.builder(req.method, req.url);
         for (k, v) in &req.headers {
             builder = builder.header(k.as_str(), v.as_str());
-        }
-        if let (Some(token), true) = (&self.token, self.is_endpoint(req.url)) {
-            builder = builder.header("authorization", format!("Bearer {token}"));
         }
         let body = req.body.unwrap_or(&[]).to_vec();
         let request = builder.body(body).map_err(|e| e.to_string())?;
@@ -195,48 +210,39 @@ impl HubClient {
     /// GET `url` into the file `dest` (streamed, retried like `send`); returns the reply's
     /// `X-Linked-Etag` (an LFS file's sha256) or else its `ETag`.
     pub(crate) fn download(&self, url: &str, dest: &std::path::Path) -> Result<Option<String>> {
-        let mut wait = self.backoff;
-        let mut last = String::new();
-        for attempt in 1..=self.attempts.max(1) {
-            if attempt > 1 {
-                std::thread::sleep(wait);
-                wait *= 2;
-            }
-            let mut request = ureq::http::Request::builder().method("GET").uri(url);
-            if let (Some(token), true) = (&self.token, self.is_endpoint(url)) {
-                request = request.header("authorization", format!("Bearer {token}"));
-            }
-            let request = request.body(()).map_err(|e| Error::Protocol {
-                url: url.to_string(),
-                message: e.to_string(),
-            })?;
-            let response = match self.agent.run(request) {
+        self.retrying("GET", url, || {
+            let request = match self.builder("GET", url).body(()) {
                 Ok(r) => r,
                 Err(e) => {
-                    last = e.to_string();
-                    continue;
+                    return Attempt::Fatal(Error::Protocol {
+                        url: url.to_string(),
+                        message: e.to_string(),
+                    });
                 }
             };
+            let response = match self.agent.run(request) {
+                Ok(r) => r,
+                Err(e) => return Attempt::Transient(e.to_string()),
+            };
             let status = response.status().as_u16();
-            if status == 429 || status >= 500 {
-                last = status.to_string();
-                continue;
+            if is_transient(status) {
+                return Attempt::Transient(status.to_string());
             }
             if !(200..300).contains(&status) {
                 let mut body = Vec::new();
                 let _ = response.into_body().into_reader().take(4096).read_to_end(&mut body);
-                let message = message_of(&body);
-                return Err(if status == 401 || status == 403 {
+                let (method, url, message) = ("GET", url.to_string(), message_of(&body));
+                return Attempt::Fatal(if is_refusal(status) {
                     Error::Unauthorized {
-                        method: "GET",
-                        url: url.to_string(),
+                        method,
+                        url,
                         status,
                         message,
                     }
                 } else {
                     Error::Http {
-                        method: "GET",
-                        url: url.to_string(),
+                        method,
+                        url,
                         status,
                         message,
                     }
@@ -249,17 +255,14 @@ impl HubClient {
                     .and_then(|v| v.to_str().ok())
                     .map(|v| v.trim_start_matches("W/").trim_matches('"').to_string())
             });
-            let mut file = std::fs::File::create(dest).map_err(|e| Error::io(dest, e))?;
+            let mut file = match std::fs::File::create(dest) {
+                Ok(f) => f,
+                Err(e) => return Attempt::Fatal(Error::io(dest, e)),
+            };
             match std::io::copy(&mut response.into_body().into_reader(), &mut file) {
-                Ok(_) => return Ok(tag),
-                Err(e) => last = e.to_string(),
+                Ok(_) => Attempt::Done(tag),
+                Err(e) => Attempt::Transient(e.to_string()),
             }
-        }
-        Err(Error::Network {
-            method: "GET",
-            url: url.to_string(),
-            message: last,
-            attempts: self.attempts.max(1),
         })
     }
 
@@ -277,6 +280,22 @@ impl HubClient {
         }
         Ok(reply)
     }
+}
+
+/// One try of a retried request.
+enum Attempt<T> {
+    Done(T),
+    /// Worth another try (network error, 429, 5xx): the message.
+    Transient(String),
+    Fatal(Error),
+}
+
+fn is_transient(status: u16) -> bool {
+    status == 429 || status >= 500
+}
+
+fn is_refusal(status: u16) -> bool {
+    status == 401 || status == 403
 }
 
 /// The Hub's error message (`{"error": ...}`) or the start of the body.

@@ -8,7 +8,7 @@ pub mod client;
 pub mod error;
 pub mod push;
 
-pub use cache::{RepoType, cache_dir, resolve};
+pub use cache::{RepoType, cache_dir, repo_of_snapshot, resolve};
 pub use client::{HubClient, is_repo_id, token_from_env};
 pub use error::{Error, Result};
 pub use push::{PushOptions, PushReport, push_folder};

@@ -561,6 +561,12 @@ fn the_cache_python_wrote_is_found_offline() {
     );
     let data = resolve_in(&cache, None, RepoType::Dataset, "temper-test/tiny-data", None).unwrap();
     assert!(data.join("train.jsonl").is_file());
+    // And read back from the folder, as the model card names its datasets.
+    assert_eq!(
+        temper_hub::repo_of_snapshot(&data),
+        Some((RepoType::Dataset, "temper-test/tiny-data".to_string()))
+    );
+    assert_eq!(temper_hub::repo_of_snapshot(&cache.join("temper-test")), None);
     // Offline and not there: the error names the repo, the revision and the cache.
     let err = resolve_in(&cache, None, RepoType::Model, "temper-test/tiny-model", Some("v2")).unwrap_err();
     let text = err.to_string();

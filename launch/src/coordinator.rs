@@ -123,14 +123,9 @@ pub fn run_workers(plan: &LaunchPlan, stop: Arc<AtomicBool>) -> Result<(), Launc
     }
 }
 
+/// Whether the trainer would find a complete checkpoint to resume from.
 fn has_checkpoint(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries.flatten().any(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix("checkpoint-")
-                .is_some_and(|n| n.parse::<u64>().is_ok())
-        })
-    })
+    temper_trainer::checkpoint::list(dir).is_ok_and(|found| !found.is_empty())
 }
 
 fn spawn_all(plan: &LaunchPlan, logs: &Path, resume: bool, attempt: u32) -> Result<Vec<Worker>, LaunchError> {

@@ -26,12 +26,12 @@ pub fn write(job: &JobConfig, run: &RunRecord<'_>, dir: &Path) -> Result<()> {
     std::fs::write(&path, render(job, run)).map_err(|e| Error::io(&path, e))
 }
 
-fn objective_name(o: Objective) -> (&'static str, &'static str) {
+fn objective_description(o: Objective) -> &'static str {
     match o {
-        Objective::Sft => ("sft", "supervised fine-tuning (SFT)"),
-        Objective::Dpo => ("dpo", "direct preference optimization (DPO)"),
-        Objective::Simpo => ("simpo", "SimPO (simple preference optimization)"),
-        Objective::Orpo => ("orpo", "ORPO (odds ratio preference optimization)"),
+        Objective::Sft => "supervised fine-tuning (SFT)",
+        Objective::Dpo => "direct preference optimization (DPO)",
+        Objective::Simpo => "SimPO (simple preference optimization)",
+        Objective::Orpo => "ORPO (odds ratio preference optimization)",
     }
 }
 
@@ -43,7 +43,7 @@ fn quoted(s: &str) -> String {
 pub fn render(job: &JobConfig, run: &RunRecord<'_>) -> String {
     let t = &job.training;
     let lora = job.adapter.kind == AdapterKind::Lora;
-    let (tag, objective) = objective_name(t.objective);
+    let (tag, objective) = (t.objective.name(), objective_description(t.objective));
     let base = job.base_model_id();
     let local_base = job.model.path.display().to_string();
     let hub_datasets: Vec<String> = data_paths(job)
@@ -270,10 +270,10 @@ fn data_paths(job: &JobConfig) -> Vec<(&str, Option<f64>)> {
     out
 }
 
-/// `OWNER/NAME` of a dataset resolved from the Hub cache (`.../datasets--OWNER--NAME/snapshots/<sha>`).
+/// `OWNER/NAME` of a dataset resolved from the Hub cache.
 fn hub_dataset_id(path: &str) -> Option<String> {
-    let dir = Path::new(path).parent()?.parent()?;
-    let name = dir.file_name()?.to_str()?.strip_prefix("datasets--")?;
-    let (owner, repo) = name.split_once("--")?;
-    Some(format!("{owner}/{repo}"))
+    match temper_hub::repo_of_snapshot(Path::new(path))? {
+        (temper_hub::RepoType::Dataset, id) => Some(id),
+        _ => None,
+    }
 }

@@ -258,7 +258,8 @@ impl Objective {
         self != Objective::Sft
     }
 
-    fn name(self) -> &'static str {
+    /// The name in the config (and the model card's tag).
+    pub fn name(self) -> &'static str {
         match self {
             Objective::Sft => "sft",
             Objective::Dpo => "dpo",
@@ -653,6 +654,7 @@ impl JobConfig {
         let t = &self.training;
         let a = &self.adapter;
         let check = |ok: bool, key: &str, message: String| if ok { Ok(()) } else { Err(Error::config(key, message)) };
+        let positive = |v: f64, key: &str| check(v > 0.0, key, format!("must be > 0, got {v}"));
         if let Some(id) = &self.model.base_model {
             check(
                 temper_hub::is_repo_id(id),
@@ -682,22 +684,14 @@ impl JobConfig {
         )?;
         if a.kind == AdapterKind::Lora {
             check(a.r > 0, "adapter.r", format!("must be > 0, got {}", a.r))?;
-            check(
-                a.lora_alpha > 0.0,
-                "adapter.lora_alpha",
-                format!("must be > 0, got {}", a.lora_alpha),
-            )?;
+            positive(a.lora_alpha, "adapter.lora_alpha")?;
             check(
                 (0.0..1.0).contains(&a.lora_dropout),
                 "adapter.lora_dropout",
                 format!("must be in [0, 1), got {}", a.lora_dropout),
             )?;
             if let Some(ratio) = a.loraplus_lr_ratio {
-                check(
-                    ratio > 0.0,
-                    "adapter.loraplus_lr_ratio",
-                    format!("must be > 0, got {ratio}"),
-                )?;
+                positive(ratio, "adapter.loraplus_lr_ratio")?;
             }
             if let Some(p) = &a.path {
                 check(
@@ -714,11 +708,7 @@ impl JobConfig {
                 "a quantized base needs LoRA (full fine-tuning trains the base)".into(),
             )?;
         }
-        check(
-            t.learning_rate > 0.0,
-            "training.learning_rate",
-            format!("must be > 0, got {}", t.learning_rate),
-        )?;
+        positive(t.learning_rate, "training.learning_rate")?;
         check(
             t.micro_batch_size > 0,
             "training.micro_batch_size",
@@ -772,11 +762,7 @@ impl JobConfig {
             )?;
         }
         if let Some(d) = &t.dpo {
-            check(
-                d.beta > 0.0,
-                "training.dpo.beta",
-                format!("must be > 0, got {}", d.beta),
-            )?;
+            positive(d.beta, "training.dpo.beta")?;
             check(
                 !d.loss_type.is_empty(),
                 "training.dpo.loss_type",
@@ -806,11 +792,7 @@ impl JobConfig {
             )?;
         }
         if let Some(s) = &t.simpo {
-            check(
-                s.beta > 0.0,
-                "training.simpo.beta",
-                format!("must be > 0, got {}", s.beta),
-            )?;
+            positive(s.beta, "training.simpo.beta")?;
             check(
                 (0.0..0.5).contains(&s.label_smoothing),
                 "training.simpo.label_smoothing",
@@ -818,11 +800,7 @@ impl JobConfig {
             )?;
         }
         if let Some(o) = &t.orpo {
-            check(
-                o.beta > 0.0,
-                "training.orpo.beta",
-                format!("must be > 0, got {}", o.beta),
-            )?;
+            positive(o.beta, "training.orpo.beta")?;
         }
         check(
             t.save_total_limit != Some(0),

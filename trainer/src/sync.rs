@@ -120,11 +120,17 @@ fn register<AB: AutodiffBackend>(
     }
 }
 
-/// Each worker's value in its own slot, summed: every worker learns every worker's values.
-pub(crate) fn all_gather(c: &dyn Collective, values: &[f32]) -> Result<Vec<Vec<f32>>> {
-    let (k, world) = (values.len(), c.world_size());
-    let mut slots = vec![0.0; k * world];
+/// `values` in this worker's slot of a buffer with one slot per worker, zeros elsewhere: summed
+/// over the workers, it holds every worker's values.
+pub(crate) fn in_own_slot(c: &dyn Collective, values: &[f32]) -> Vec<f32> {
+    let k = values.len();
+    let mut slots = vec![0.0; k * c.world_size()];
     slots[c.rank() * k..(c.rank() + 1) * k].copy_from_slice(values);
-    let summed = all_reduce(c, slots)?;
-    Ok(summed.chunks(k).map(|s| s.to_vec()).collect())
+    slots
+}
+
+/// Every worker's `values` (same length everywhere), by rank.
+pub(crate) fn all_gather(c: &dyn Collective, values: &[f32]) -> Result<Vec<Vec<f32>>> {
+    let summed = all_reduce(c, in_own_slot(c, values))?;
+    Ok(summed.chunks(values.len()).map(|s| s.to_vec()).collect())
 }

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::metrics::{MetricsLog, Progress, Row};
 use crate::optim::{AdamW, AdamWConfig, global_grad_norm, learning_rate};
 use crate::preference::{self as pref, PreferenceObjective, RefCache, Reference};
-use crate::sync::{Collective, all_gather, sync_gradients};
+use crate::sync::{Collective, all_gather, in_own_slot, sync_gradients};
 
 /// Where to resume from.
 #[derive(Debug, Clone)]
@@ -319,27 +319,9 @@ pub fn train<B: AutodiffBackend>(
             break; // the data ran out before max_steps
         }
         // The step's normaliser: target tokens (SFT) or pairs (DPO), over all micro-batches.
-        let denominator: usize = micro
-            .iter()
-            .map(|b| match b {
-                Batch::Sft(b) => b.num_target_tokens(),
-                Batch::Preference(b) => b.pairs,
-            })
-            .sum();
-        let tokens: usize = micro
-            .iter()
-            .map(|b| match b {
-                Batch::Sft(b) => b.num_tokens(),
-                Batch::Preference(b) => b.num_tokens(),
-            })
-            .sum();
-        let examples: usize = micro
-            .iter()
-            .map(|b| match b {
-                Batch::Sft(b) => b.num_examples(),
-                Batch::Preference(b) => b.pairs,
-            })
-            .sum();
+        let denominator: usize = micro.iter().map(Batch::loss_normaliser).sum();
+        let tokens: usize = micro.iter().map(Batch::num_tokens).sum();
+        let examples: usize = micro.iter().map(Batch::num_examples).sum();
         // Dropout masks come from a seed per step (and rank), so a resumed run draws the same.
         B::seed(
             device,
@@ -385,15 +367,16 @@ pub fn train<B: AutodiffBackend>(
             let names: Vec<&'static str> = sums.sorted_names();
             let mut counters = vec![denominator as f32, tokens as f32, examples as f32, stop as u8 as f32];
             counters.extend(names.iter().map(|n| sums.get(n) as f32));
-            let mut slots = vec![0.0; 3 * world];
-            slots[3 * rank..3 * rank + 3].copy_from_slice(&[
-                next_cursor.epoch as f32,
-                next_cursor.window as f32,
-                next_cursor.batch as f32,
-            ]);
-            counters.extend(slots);
+            counters.extend(in_own_slot(
+                c,
+                &[
+                    next_cursor.epoch as f32,
+                    next_cursor.window as f32,
+                    next_cursor.batch as f32,
+                ],
+            ));
             let (totals, bytes) = sync_gradients(c, &model, &mut grads, counters, device)?;
-            if state.step == 0 || state.step == start_step {
+            if state.step == start_step {
                 progress.note(&format!(
                     "data parallel: {world} workers, {bytes} bytes all-reduced per step"
                 ));
