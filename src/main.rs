@@ -40,6 +40,8 @@ enum Command {
 }
 
 fn main() {
+    // Before any thread starts: it sets an environment variable.
+    temper_launch::prepare_process();
     keep_freed_memory();
     // Errors are for users: the whole cause chain on one line, no backtrace.
     if let Err(e) = run(Cli::parse()) {

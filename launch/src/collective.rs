@@ -1,17 +1,45 @@
 //! The all-reduce: burn-collective's multi-node mode, one node per worker process (one device
-//! each), rank 0 hosting the global orchestrator on the master port.
+//! each), rank 0 hosting the global orchestrators on the master port and the two after it.
 //!
-//! Works around a burn-collective 0.21.0 bug: after the first all-reduce of a session, the next
-//! one hangs, whatever the strategy, because `SyncService::sync` (global/node/sync.rs) clears a
-//! copy of its list of synced peers instead of the list itself, so the list never again equals
-//! the set of nodes. Every all-reduce here is therefore the first of its session: after it, each
-//! worker finishes the session, resets its local collective server (which drops the node and
-//! its sync service) and registers again. A step does one all-reduce (all trainable gradients
-//! and counters in one buffer), so this costs one registration per step.
+//! burn-collective 0.21.0 (with burn-communication) has four bugs in this mode; Temper works
+//! around each here (measurements: benches/RESULTS.md, "Data-parallel all-reduce: reliability"):
+//!
+//! - After the first all-reduce of a session, the next one hangs, whatever the strategy:
+//!   `SyncService::sync` (global/node/sync.rs) clears a copy of its list of synced peers instead
+//!   of the list itself, so the list never again equals the set of nodes. Every all-reduce here
+//!   is therefore the first of its session: after it, each worker finishes the session, resets
+//!   its local collective server (which drops the node and its sync service) and registers
+//!   again. A step does one all-reduce (all trainable gradients and counters in one buffer), so
+//!   this costs one registration per step.
+//! - Lost wake-ups: `SyncService::sync` (the barrier that ends every all-reduce) and
+//!   `TensorDataService::get_exposed_tensor_bytes` (burn-communication) check their condition
+//!   and only then create the `Notified` future that the handler of a peer's message wakes with
+//!   `notify_waiters`. burn runs them on a multi-threaded tokio runtime; when the handler runs
+//!   on another worker thread between the check and the wait, the wake-up is lost and the
+//!   all-reduce never returns, or a session overlaps the next and a download fails. See
+//!   [`prepare_process`].
+//! - The orchestrator numbers a registering node by the count of nodes it holds. When a node
+//!   registers for the next session before a slower one has finished the last, two nodes get
+//!   the same number and each is told it is alone: the next "all-reduce" silently returns every
+//!   worker's own gradients (seen with SmolLM2-sized buffers on the second step). Sessions
+//!   therefore rotate over [`ORCHESTRATORS`] orchestrators (one port each): session `k` uses
+//!   orchestrator `k % 3`, and a node registers for `k + 1` only after its all-reduce `k`
+//!   returned, which needs every node registered for `k`, which each did after its finish of
+//!   `k - 1` was acknowledged; so the orchestrator of `k + 1` (that of `k - 2`) is idle.
+//! - The orchestrator never forgets a session: each one keeps a task and a socket (about two
+//!   file descriptors per node and step; a 1 024-descriptor limit is reached in a few hundred
+//!   steps). Rank 0 starts the orchestrator of session `k + 2` afresh after its all-reduce `k`:
+//!   it served `k - 1`, every node has finished that, and none can register for `k + 2` before
+//!   rank 0 has registered for `k + 1`.
+//!
+//! Every all-reduce also sums a 1 per worker and checks that the count is the world size, so a
+//! wrong membership is an error, never a silently wrong sum.
 
 use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::Duration;
+
+use tokio::runtime::Runtime;
 
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
@@ -21,18 +49,39 @@ use burn_collective::{
 };
 use burn_communication::Address;
 
-use crate::topology::Topology;
+use crate::topology::{ORCHESTRATORS, Topology};
 
 type Host = NdArray;
 
+/// Call first thing in `main`, before the process starts any thread (it sets an environment
+/// variable).
+///
+/// Makes burn-collective's runtime single-threaded (the second bug in the module docs): on one
+/// worker thread, tasks switch only at `.await`s, and there is none between the check and the
+/// creation of the `Notified` future, so no wake-up can be lost. burn builds its runtime with
+/// tokio's default worker count, which tokio reads from `TOKIO_WORKER_THREADS`. Nothing else in
+/// Temper uses a default-sized tokio runtime. One thread is enough: burn's local server blocks
+/// it in a channel `recv` between two operations, but every all-reduce ends with the barrier,
+/// after which no peer needs this node until the next operation. Measured with 3 pairs of
+/// processes at once on 2 cores: with burn's default runtime, 1 or 2 pairs of 3 hang or fail
+/// within 2 000 all-reduces; with one thread, none.
+pub fn prepare_process() {
+    // SAFETY: called before any other thread exists, so nothing reads the environment while it
+    // changes. Overrides a user's value on purpose: more threads bring the hang back.
+    unsafe { std::env::set_var("TOKIO_WORKER_THREADS", "1") };
+}
+
 pub struct BurnCollective {
     topology: Topology,
-    /// One collective operation at a time (burn-collective's client is per process).
-    lock: Mutex<()>,
+    /// One collective operation at a time (burn-collective's client is per process), and the
+    /// number of the current session.
+    session: Mutex<usize>,
+    /// Rank 0: the orchestrators, one tokio runtime each (dropping one frees all it holds).
+    orchestrators: Mutex<Vec<Option<Runtime>>>,
 }
 
 impl BurnCollective {
-    /// Joins the job's collective; rank 0 first starts the orchestrator on the master port.
+    /// Joins the job's collective; rank 0 first starts the orchestrators.
     pub fn connect(topology: Topology) -> Result<Self, String> {
         // burn-communication installs a global tracing subscriber that prints INFO lines for
         // every connection (each step, with the workaround above), burying a worker's own log.
@@ -41,33 +90,48 @@ impl BurnCollective {
         let _ = tracing_core::dispatcher::set_global_default(tracing_core::Dispatch::new(
             tracing_core::subscriber::NoSubscriber::default(),
         ));
-        if topology.rank == 0 {
-            let port = topology.master_port;
-            std::thread::Builder::new()
-                .name("collective-orchestrator".into())
-                .spawn(move || {
-                    let runtime = tokio::runtime::Builder::new_multi_thread()
-                        .worker_threads(1)
-                        .enable_all()
-                        .build()
-                        .expect("a tokio runtime");
-                    runtime.block_on(burn_collective::start_global_orchestrator(port));
-                })
-                .map_err(|e| e.to_string())?;
-            // Let it bind before anyone registers (registration retries anyway).
-            std::thread::sleep(Duration::from_millis(200));
-        }
         let c = BurnCollective {
             topology,
-            lock: Mutex::new(()),
+            session: Mutex::new(0),
+            orchestrators: Mutex::new((0..ORCHESTRATORS).map(|_| None).collect()),
         };
-        c.register()?;
+        if c.topology.rank == 0 {
+            for slot in 0..ORCHESTRATORS as usize {
+                c.restart_orchestrator(slot)?;
+            }
+            // Let them bind before anyone registers (registration retries anyway).
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        c.register(0)?;
         Ok(c)
     }
 
-    fn config(&self) -> Result<CollectiveConfig, String> {
+    /// Rank 0: stops the orchestrator in `slot` (if any) and starts a fresh one on its port.
+    fn restart_orchestrator(&self, slot: usize) -> Result<(), String> {
+        let mut orchestrators = self
+            .orchestrators
+            .lock()
+            .map_err(|_| "a previous all-reduce panicked".to_string())?;
+        // Dropping the runtime waits for its worker thread, dropping every task and socket, so
+        // the port is free for the next one.
+        drop(orchestrators[slot].take());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("collective-orchestrator")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("starting the orchestrator: {e}"))?;
+        runtime.spawn(burn_collective::start_global_orchestrator(
+            self.topology.orchestrator_port(slot),
+        ));
+        orchestrators[slot] = Some(runtime);
+        Ok(())
+    }
+
+    fn config(&self, session: usize) -> Result<CollectiveConfig, String> {
         let t = &self.topology;
-        let global = Address::from_str(&format!("ws://{}:{}", t.master_addr, t.master_port))
+        let port = t.orchestrator_port(session % ORCHESTRATORS as usize);
+        let global = Address::from_str(&format!("ws://{}:{port}", t.master_addr))
             .map_err(|e| format!("master address: {e:?}"))?;
         let node = Address::from_str(&format!("ws://{}:{}", t.node_host(), t.data_port()))
             .map_err(|e| format!("node address: {e:?}"))?;
@@ -80,8 +144,8 @@ impl BurnCollective {
             .with_global_all_reduce_strategy(AllReduceStrategy::Centralized))
     }
 
-    fn register(&self) -> Result<(), String> {
-        register::<Host>(self.peer(), Default::default(), self.config()?).map_err(|e| format!("register: {e:?}"))
+    fn register(&self, session: usize) -> Result<(), String> {
+        register::<Host>(self.peer(), Default::default(), self.config(session)?).map_err(|e| format!("register: {e:?}"))
     }
 
     fn peer(&self) -> PeerId {
@@ -98,21 +162,35 @@ impl temper_trainer::Collective for BurnCollective {
         self.topology.world_size
     }
 
-    fn all_reduce_sum(&self, values: Vec<f32>) -> Result<Vec<f32>, String> {
-        let _guard = self
-            .lock
+    fn all_reduce_sum(&self, mut values: Vec<f32>) -> Result<Vec<f32>, String> {
+        let mut session = self
+            .session
             .lock()
             .map_err(|_| "a previous all-reduce panicked".to_string())?;
+        // The membership check of the module docs.
+        values.push(1.0);
         let n = values.len();
         let t = Tensor::<Host, 1>::from_data(TensorData::new(values, [n]), &Default::default());
         let out = all_reduce::<Host>(self.peer(), t.into_primitive().tensor(), ReduceOperation::Sum)
             .map_err(|e| format!("all-reduce: {e:?}"))?;
         let out = Tensor::<Host, 1>::from_primitive(TensorPrimitive::Float(out));
-        let values = out.into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
-        // The workaround above: a fresh session for the next all-reduce.
+        let mut values = out.into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
+        let workers = values.pop().unwrap_or_default();
+        if workers != self.world_size() as f32 {
+            return Err(format!(
+                "the all-reduce summed {workers} workers' values, not {} (burn-collective's \
+                 membership went wrong)",
+                self.world_size()
+            ));
+        }
+        // The workarounds of the module docs: a fresh session on the next orchestrator.
         finish_collective::<Host>(self.peer()).map_err(|e| format!("finish: {e:?}"))?;
         reset_collective::<Host>();
-        self.register()?;
+        if self.topology.rank == 0 {
+            self.restart_orchestrator((*session + 2) % ORCHESTRATORS as usize)?;
+        }
+        *session += 1;
+        self.register(*session)?;
         Ok(values)
     }
 }
@@ -120,5 +198,103 @@ impl temper_trainer::Collective for BurnCollective {
 impl Drop for BurnCollective {
     fn drop(&mut self) {
         let _ = finish_collective::<Host>(self.peer());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use temper_trainer::Collective;
+
+    const ROUNDS: usize = 300;
+    const VALUES: usize = 8000;
+    /// The first rounds carry SmolLM2's LoRA gradients' size (19.5 MB).
+    const BIG_ROUNDS: usize = 3;
+    const BIG_VALUES: usize = 4_884_492;
+
+    /// Two processes (this test binary again, as the worker below) do many all-reduces in a row,
+    /// as a training run's steps do, and check every sum, and rank 0 checks that it does not
+    /// accumulate file descriptors: the workarounds in the module docs must hold. Without them,
+    /// big buffers summed wrong from the second round, about one pair of processes in two hung
+    /// or failed within 1 000 small rounds, and rank 0 gained two descriptors a round.
+    #[test]
+    fn many_all_reduces_between_two_processes() {
+        let port = loop {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let p = l.local_addr().unwrap().port();
+            drop(l);
+            if p < 60000
+                && (1..Topology::port_span(2)).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok())
+            {
+                break p;
+            }
+        };
+        let exe = std::env::current_exe().unwrap();
+        let mut workers: Vec<_> = (0..2)
+            .map(|rank| {
+                std::process::Command::new(&exe)
+                    .args([
+                        "--exact",
+                        "collective::tests::all_reduce_worker",
+                        "--ignored",
+                        "--nocapture",
+                    ])
+                    .env("RANK", rank.to_string())
+                    .env("WORLD_SIZE", "2")
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", port.to_string())
+                    // What `prepare_process` does in `temper` (the test harness has threads).
+                    .env("TOKIO_WORKER_THREADS", "1")
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        while workers.iter_mut().any(|w| w.try_wait().unwrap().is_none()) {
+            if started.elapsed() > Duration::from_secs(180) {
+                for w in &mut workers {
+                    let _ = w.kill();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for (rank, w) in workers.into_iter().enumerate() {
+            let out = w.wait_with_output().unwrap();
+            let log = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+            let done = format!("rank {rank}: {ROUNDS} all-reduces right");
+            assert!(
+                out.status.success() && log.contains(&done),
+                "rank {rank} ({:?}):\n{log}",
+                out.status
+            );
+        }
+    }
+
+    #[test]
+    #[ignore = "a worker process of many_all_reduces_between_two_processes"]
+    fn all_reduce_worker() {
+        let topology = Topology::from_env().unwrap().expect("RANK and WORLD_SIZE");
+        let rank = topology.rank;
+        // More rounds for a stress run by hand (benches/RESULTS.md).
+        let rounds = std::env::var("TEMPER_TEST_ROUNDS").map_or(ROUNDS, |r| r.parse().unwrap());
+        let c = BurnCollective::connect(topology).unwrap();
+        let open_files = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let mut files_before = 0;
+        for round in 0..rounds {
+            let n = if round < BIG_ROUNDS { BIG_VALUES } else { VALUES };
+            // Exact in f32: sums stay below 2^24.
+            let value = |i: usize, r: usize| ((r + 1) * ((i + round) % 4096)) as f32;
+            let sum = c.all_reduce_sum((0..n).map(|i| value(i, rank)).collect()).unwrap();
+            let wrong = (0..n).find(|&i| sum[i] != value(i, 0) + value(i, 1));
+            assert_eq!(wrong, None, "rank {rank}, round {round}");
+            if round == 10 {
+                files_before = open_files();
+            }
+        }
+        let gained = open_files() as i64 - files_before as i64;
+        assert!(gained < 20, "rank {rank} gained {gained} open files");
+        println!("rank {rank}: {rounds} all-reduces right");
     }
 }

@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::topology::Topology;
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct LaunchPlan {
@@ -133,7 +135,7 @@ fn spawn_all(plan: &LaunchPlan, logs: &Path, resume: bool, attempt: u32) -> Resu
     let world = plan.nnodes * local_world;
     // A restarted group on one machine takes fresh ports: the last group's may linger.
     let port = if plan.nnodes == 1 {
-        plan.master_port + attempt as u16 * (world as u16 + 1)
+        plan.master_port + attempt as u16 * Topology::port_span(world)
     } else {
         plan.master_port
     };

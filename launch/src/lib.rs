@@ -10,6 +10,6 @@ pub mod collective;
 pub mod coordinator;
 pub mod topology;
 
-pub use collective::BurnCollective;
+pub use collective::{BurnCollective, prepare_process};
 pub use coordinator::{LaunchError, LaunchPlan, WorkerFailure, run_workers};
 pub use topology::Topology;

@@ -5,6 +5,10 @@
 /// The default rendezvous port (torchrun's).
 pub const DEFAULT_PORT: u16 = 29500;
 
+/// How many burn-collective orchestrators rank 0 runs, on the master port and the ones after
+/// it (collective.rs says why).
+pub const ORCHESTRATORS: u16 = 3;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     pub rank: usize,
@@ -101,10 +105,21 @@ impl Topology {
             .unwrap_or_else(|_| "127.0.0.1".into())
     }
 
-    /// The port this worker serves tensors on: above the master port, one per rank (so two
+    /// The port of rank 0's orchestrator number `slot` (collective.rs): the master port and
+    /// the ones after it.
+    pub fn orchestrator_port(&self, slot: usize) -> u16 {
+        self.master_port + slot as u16
+    }
+
+    /// The port this worker serves tensors on: above the orchestrators', one per rank (so two
     /// nodes on one host, as in tests, do not collide).
     pub fn data_port(&self) -> u16 {
-        self.master_port + 1 + self.rank as u16
+        self.master_port + ORCHESTRATORS + self.rank as u16
+    }
+
+    /// How many ports from the master port a job of `world_size` workers uses.
+    pub fn port_span(world_size: usize) -> u16 {
+        ORCHESTRATORS + world_size as u16
     }
 }
 
@@ -133,7 +148,7 @@ mod tests {
         assert_eq!((t.rank, t.world_size, t.local_rank, t.local_world_size), (3, 4, 1, 2));
         assert_eq!(
             (t.master_addr.as_str(), t.master_port, t.data_port()),
-            ("node0", 1234, 1238)
+            ("node0", 1234, 1240)
         );
 
         let t = topo(&[
