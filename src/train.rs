@@ -6,7 +6,6 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Result, bail};
 use burn::backend::Autodiff;
-use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
 use temper_trainer::{JobConfig, Precision, Resume, TrainOptions};
@@ -39,12 +38,7 @@ impl BackendJob for Job {
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let (config, dtype, options) = (&self.config, self.dtype, self.options);
-        // The autodiff backend's checkpointing strategy is a type parameter in burn.
-        Ok(if config.training.gradient_checkpointing {
-            temper_trainer::train::<Autodiff<B, BalancedCheckpointing>>(config, &device, dtype, options)?
-        } else {
-            temper_trainer::train::<Autodiff<B>>(config, &device, dtype, options)?
-        })
+        Ok(temper_trainer::train::<Autodiff<B>>(config, &device, dtype, options)?)
     }
 }
 
@@ -114,6 +108,7 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
             stop_after_steps: None,
             collective,
             heartbeat: std::env::var_os("TEMPER_HEARTBEAT").map(PathBuf::from),
+            loss_scale: None,
         },
     };
     let summary = dispatch(device, job).map_err(anyhow::Error::msg)??;

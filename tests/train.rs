@@ -136,8 +136,9 @@ fn lora_sft_matches_peft_and_resumes_exactly() {
     }
 
     // Interrupted after 4 steps (as Ctrl-C would), then resumed: the same curve and adapter.
+    // With activation checkpointing per block, which must not change a step.
     let out = tmp.path().join("resumed");
-    let job = load_job(tmp.path(), &job_yaml(&out), &[]).unwrap();
+    let job = load_job(tmp.path(), &job_yaml(&out), &["training.gradient_checkpointing=true"]).unwrap();
     let first = run(
         &job,
         TrainOptions {
@@ -165,6 +166,124 @@ fn lora_sft_matches_peft_and_resumes_exactly() {
     assert!(err < 1e-6, "resumed curve differs by {err}: {resumed:?} vs {got:?}");
     for ((name, a), (_, b)) in adapter(&out).iter().zip(&ours) {
         assert!(rel_err(a, b, |_| true) < 1e-6, "{name} after resume");
+    }
+}
+
+/// f16's dynamic loss scaling, driven on f32 (the CPU backend has no f16): a power-of-two scale
+/// changes no step; a scale that overflows skips steps (no update), halving each time until
+/// the gradients are finite, and a run interrupted among those resumes exactly.
+#[test]
+fn loss_scaling_skips_overflowing_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scaled = |name: &str, scale: f64, steps: u64, opts: TrainOptions| {
+        let out = tmp.path().join(name);
+        let yaml = job_yaml(&out).replace("  max_steps: 10\n", &format!("  max_steps: {steps}\n"));
+        let job = load_job(tmp.path(), &yaml, &[]).unwrap();
+        let summary = run(
+            &job,
+            TrainOptions {
+                loss_scale: Some(scale),
+                ..opts
+            },
+        );
+        (summary, out)
+    };
+    // 1024: every product stays exact, so the run is PEFT's.
+    let (summary, out) = scaled("x1024", 1024.0, 10, TrainOptions::default());
+    let want: Vec<f32> = expected()["loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let got: Vec<f32> = summary.losses.iter().map(|l| l.1 as f32).collect();
+    assert!(rel_err(&got, &want, |_| true) < 1e-4, "{got:?} vs {want:?}");
+    for ((name, a), (_, b)) in adapter(&out).iter().zip(adapter(&dir().join("final_adapter"))) {
+        assert!(rel_err(a, &b, |_| true) < 1e-4, "{name}");
+    }
+    // 2^140 is infinite in f32: steps are skipped until the scale is small enough.
+    let (_, out) = scaled("overflow", 2f64.powi(140), 24, TrainOptions::default());
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let skipped = rows.iter().take_while(|r| r["grad_norm"].is_null()).count();
+    assert!((13..20).contains(&skipped), "{skipped} skipped: {rows:?}");
+    assert!(
+        rows[skipped..]
+            .iter()
+            .all(|r| r["grad_norm"].as_f64().is_some_and(f64::is_finite))
+    );
+    let scales: Vec<f64> = rows.iter().map(|r| r["loss_scale"].as_f64().unwrap()).collect();
+    assert_eq!(scales[0], 2f64.powi(139));
+    assert_eq!(scales[skipped - 1], 2f64.powi(140 - skipped as i32));
+    let init = adapter(&dir().join("init_adapter"));
+    let trained = adapter(&out);
+    assert!(trained.iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
+    assert_ne!(init, trained);
+    // Interrupted among the skipped steps, then resumed: the same run.
+    let (first, resumed) = scaled(
+        "overflow-resumed",
+        2f64.powi(140),
+        24,
+        TrainOptions {
+            stop_after_steps: Some(8),
+            ..Default::default()
+        },
+    );
+    assert!(first.interrupted);
+    let job = load_job(
+        tmp.path(),
+        &job_yaml(&resumed).replace("  max_steps: 10\n", "  max_steps: 24\n"),
+        &[],
+    )
+    .unwrap();
+    run(
+        &job,
+        TrainOptions {
+            resume: Some(Resume::Latest),
+            ..Default::default()
+        },
+    );
+    for ((name, a), (_, b)) in adapter(&resumed).iter().zip(&trained) {
+        assert!(rel_err(a, b, |_| true) < 1e-6, "{name} after resume");
+    }
+}
+
+/// Full fine-tuning (every weight, the embedding included) with activation checkpointing per
+/// decoder block takes the same steps as without.
+#[test]
+fn full_fine_tuning_with_activation_checkpointing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let steps = |name: &str, checkpointing: bool| {
+        let out = tmp.path().join(name);
+        let yaml = job_yaml(&out)
+            .replace(
+                &format!(
+                    "  type: lora\n  path: {}\n  loraplus_lr_ratio: 2.0\n",
+                    dir().join("init_adapter").display()
+                ),
+                "  type: full\n",
+            )
+            .replace("  max_steps: 10\n", "  max_steps: 3\n")
+            .replace("1.0e-2", "1.0e-3");
+        assert!(yaml.contains("type: full"), "{yaml}");
+        let set = format!("training.gradient_checkpointing={checkpointing}");
+        run(&load_job(tmp.path(), &yaml, &[&set]).unwrap(), TrainOptions::default());
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        metrics
+            .lines()
+            .map(|l| {
+                let row: serde_json::Value = serde_json::from_str(l).unwrap();
+                (row["loss"].as_f64().unwrap(), row["grad_norm"].as_f64().unwrap())
+            })
+            .collect::<Vec<_>>()
+    };
+    let (plain, checkpointed) = (steps("plain", false), steps("checkpointed", true));
+    assert_eq!(plain.len(), 3);
+    for ((l, g), (lc, gc)) in plain.iter().zip(&checkpointed) {
+        assert!(close(*l, *lc) && close(*g, *gc), "{plain:?} vs {checkpointed:?}");
     }
 }
 
@@ -335,23 +454,28 @@ fn dpo_matches_trl() {
     let exp: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir().join("dpo_expected.json")).unwrap()).unwrap();
     let dpo = |section: &str| format!("objective: dpo\n  dpo: {{beta: 0.1, {section}}}");
-    let cases = [
-        ("sigmoid", dpo("loss_type: sigmoid")),
-        ("hinge", dpo("loss_type: hinge")),
-        ("ipo", dpo("loss_type: ipo")),
-        ("robust", dpo("loss_type: robust, label_smoothing: 0.1")),
-        ("sigmoid_norm", dpo("loss_type: sigmoid_norm")),
-        ("rpo", dpo("loss_type: [sigmoid, sft], loss_weights: [1.0, 0.5]")),
-        ("precompute", dpo("precompute_ref_log_probs: true")),
+    let checkpointed = ["training.gradient_checkpointing=true"];
+    let cases: [(&str, String, &[&str]); 11] = [
+        ("sigmoid", dpo("loss_type: sigmoid"), &[]),
+        ("hinge", dpo("loss_type: hinge"), &[]),
+        ("ipo", dpo("loss_type: ipo"), &[]),
+        ("robust", dpo("loss_type: robust, label_smoothing: 0.1"), &[]),
+        ("sigmoid_norm", dpo("loss_type: sigmoid_norm"), &[]),
+        ("rpo", dpo("loss_type: [sigmoid, sft], loss_weights: [1.0, 0.5]"), &[]),
+        ("precompute", dpo("precompute_ref_log_probs: true"), &[]),
         (
             "simpo",
             "objective: simpo\n  simpo: {beta: 2.0, gamma: 0.5, label_smoothing: 0.1, cpo_alpha: 0.3}".into(),
+            &[],
         ),
-        ("orpo", "objective: orpo\n  orpo: {beta: 0.1}".into()),
+        ("orpo", "objective: orpo\n  orpo: {beta: 0.1}".into(), &[]),
+        // Activation checkpointing per block changes no step (ORPO also reads prompt tokens).
+        ("sigmoid", dpo("loss_type: sigmoid"), &checkpointed),
+        ("orpo", "objective: orpo\n  orpo: {beta: 0.1}".into(), &checkpointed),
     ];
-    for (case, objective) in cases {
-        let out = tmp.path().join(case);
-        let job = load_job(tmp.path(), &preference_yaml(&out, &objective), &[]).unwrap();
+    for (i, (case, objective, set)) in cases.into_iter().enumerate() {
+        let out = tmp.path().join(format!("{i}-{case}"));
+        let job = load_job(tmp.path(), &preference_yaml(&out, &objective), set).unwrap();
         run(&job, TrainOptions::default());
         let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
         let rows: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();

@@ -372,6 +372,18 @@ pub struct ForwardOptions<B: Backend> {
     pub segment_ids: Option<Tensor<B, 2, Int>>,
 }
 
+/// What every decoder layer of one forward needs besides its input ([`LlamaForCausalLM::embed`]).
+pub struct LayerInputs<B: Backend> {
+    rope: Rope<B>,
+    /// For full-attention layers; `None`: causal only.
+    full_mask: Option<Tensor<B, 4, Bool>>,
+    /// `[batch, past + seq]`, true at padding keys (sliding-window layers build their own mask).
+    padding: Option<Tensor<B, 2, Bool>>,
+    batch: usize,
+    seq: usize,
+    past: usize,
+}
+
 /// A causal language model: the decoder plus the output head (`lm_head`, or the embedding
 /// matrix when `tie_word_embeddings`).
 #[derive(Module, Debug)]
@@ -542,9 +554,25 @@ impl<B: Backend> LlamaForCausalLM<B> {
         options: ForwardOptions<B>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let (mut x, inputs) = self.embed(input_ids, options, past);
+        for i in 0..self.model.layers.len() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = self.layer(i, x, &inputs, slot);
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// The embeddings of `input_ids` (`[batch, seq, hidden]`), and what every decoder layer
+    /// of this forward needs besides its input; `past` tokens are in a KV cache.
+    pub fn embed(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        options: ForwardOptions<B>,
+        past: usize,
+    ) -> (Tensor<B, 3>, LayerInputs<B>) {
         let device = input_ids.device();
         let [batch, seq] = input_ids.dims();
-        let past = cache.as_ref().map_or(0, |c| c.len());
         let position_ids = options.position_ids.unwrap_or_else(|| {
             Tensor::<B, 1, Int>::arange(past as i64..(past + seq) as i64, &device)
                 .unsqueeze::<2>()
@@ -553,7 +581,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let weight = self.model.embed_tokens.val();
         let dtype = weight.dtype();
         let rope = Rope::new(&self.inv_freq, position_ids, dtype);
-        let mut x = embedding(weight, input_ids); // [batch, seq, hidden]
+        let x = embedding(weight, input_ids); // [batch, seq, hidden]
         let padding = options.attention_mask.map(|m| m.equal_elem(0)); // [batch, past + seq]
         // Without padding or segments, full layers need no explicit mask (`is_causal`).
         let mut full_mask = padding
@@ -570,15 +598,39 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 None => causal.bool_or(across),
             });
         }
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            let mask = match layer.sliding_window {
-                Some(w) if w < past + seq => Some(build_mask::<B>(batch, seq, past, padding.clone(), Some(w), &device)),
-                _ => full_mask.clone(),
-            };
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &rope, mask, slot);
-        }
-        self.model.norm.forward(x)
+        let inputs = LayerInputs {
+            rope,
+            full_mask,
+            padding,
+            batch,
+            seq,
+            past,
+        };
+        (x, inputs)
+    }
+
+    /// Decoder layer `i` on `x` (`[batch, seq, hidden]`).
+    pub fn layer(
+        &self,
+        i: usize,
+        x: Tensor<B, 3>,
+        inputs: &LayerInputs<B>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let layer = &self.model.layers[i];
+        let LayerInputs { batch, seq, past, .. } = *inputs;
+        let mask = match layer.sliding_window {
+            Some(w) if w < past + seq => Some(build_mask::<B>(
+                batch,
+                seq,
+                past,
+                inputs.padding.clone(),
+                Some(w),
+                &x.device(),
+            )),
+            _ => inputs.full_mask.clone(),
+        };
+        layer.forward(x, &inputs.rope, mask, cache)
     }
 
     /// Projects hidden states to vocabulary logits, in f32.

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use temper_data::Cursor;
 
 use crate::error::{Error, Result};
+use crate::optim::LossScaler;
 
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -33,6 +34,9 @@ pub struct TrainerState {
     pub rank_cursors: Vec<Cursor>,
     /// `(step, loss)` of every step so far: the curve a resumed run continues.
     pub losses: Vec<(u64, f64)>,
+    /// f16 training's loss scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 fn checkpoint_name(step: u64) -> String {

@@ -2,6 +2,7 @@
 //! backward, accumulation, global-norm clipping, AdamW, schedule, metrics, evaluation,
 //! checkpoints and exact resume.
 
+mod blocks;
 pub mod card;
 pub mod checkpoint;
 pub mod config;

@@ -193,30 +193,83 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for StepMapper<'_, AB> {
     }
 }
 
-/// The L2 norm of all gradients of trainable parameters together (`[1]`, f32).
+/// The L2 norm of all gradients of trainable parameters together (`[1]`, f32), for gradients
+/// that come multiplied by `loss_scale`: the norm of the true gradients, infinite or NaN only
+/// when a gradient is (the squares of scaled gradients could overflow f32 on their own).
 pub fn global_grad_norm<AB: AutodiffBackend, M: Module<AB>>(
     module: &M,
     grads: &GradientsParams,
+    loss_scale: f64,
     device: &AB::Device,
 ) -> Tensor<AB::InnerBackend, 1> {
     struct Norm<'a, AB: AutodiffBackend> {
         grads: &'a GradientsParams,
+        loss_scale: f64,
         sum: Tensor<AB::InnerBackend, 1>,
     }
     impl<AB: AutodiffBackend> ModuleVisitor<AB> for Norm<'_, AB> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
             if let Some(g) = self.grads.get::<AB::InnerBackend, D>(param.id) {
-                let s = g.cast(DType::F32).powi_scalar(2).sum();
+                let mut g = g.cast(DType::F32);
+                if self.loss_scale != 1.0 {
+                    g = g / self.loss_scale;
+                }
+                let s = g.powi_scalar(2).sum();
                 self.sum = self.sum.clone() + s;
             }
         }
     }
     let mut v = Norm::<AB> {
         grads,
+        loss_scale,
         sum: Tensor::zeros([1], device),
     };
     module.visit(&mut v);
     v.sum.sqrt()
+}
+
+/// Dynamic loss scaling for f16 training, with PyTorch's `GradScaler` defaults: the loss is
+/// multiplied by `scale` before the backward, so that small gradients survive f16's range,
+/// and the gradients divided by it before clipping and the update. A step whose gradients
+/// overflowed is skipped (no update) and the scale halved; after 2 000 steps in a row without
+/// overflow, the scale doubles.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossScaler {
+    pub scale: f64,
+    /// Steps in a row since the last overflow or growth.
+    pub good_steps: u64,
+    /// Steps skipped so far (the optimizer's own step count is the trainer's minus these).
+    pub skipped: u64,
+}
+
+impl LossScaler {
+    pub const INITIAL_SCALE: f64 = 65536.0;
+    pub const GROWTH_INTERVAL: u64 = 2000;
+
+    pub fn new(scale: f64) -> Self {
+        Self {
+            scale,
+            good_steps: 0,
+            skipped: 0,
+        }
+    }
+
+    /// Records a step whose (scaled) gradients were `finite` or not; returns whether to apply
+    /// it.
+    pub fn update(&mut self, finite: bool) -> bool {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps == Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale /= 2.0;
+            self.good_steps = 0;
+            self.skipped += 1;
+        }
+        finite
+    }
 }
 
 #[cfg(test)]
@@ -235,5 +288,18 @@ mod tests {
         // get_cosine_schedule_with_warmup(opt, 2, 10) at step 6: 0.5 * (1 + cos(pi * 0.5)) = 0.5
         assert!((learning_rate(Schedule::Cosine, 1.0, 6, 2, 10) - 0.5).abs() < 1e-12);
         assert_eq!(learning_rate(Schedule::Constant, 3.0, 7, 2, 10), 3.0);
+    }
+
+    #[test]
+    fn loss_scale_halves_on_overflow_and_grows_after_a_clean_run() {
+        let mut s = LossScaler::new(LossScaler::INITIAL_SCALE);
+        assert!(!s.update(false));
+        assert_eq!((s.scale, s.skipped), (32768.0, 1));
+        for _ in 0..LossScaler::GROWTH_INTERVAL - 1 {
+            assert!(s.update(true));
+        }
+        assert_eq!(s.scale, 32768.0);
+        assert!(s.update(true));
+        assert_eq!((s.scale, s.good_steps, s.skipped), (65536.0, 0, 1));
     }
 }

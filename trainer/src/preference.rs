@@ -15,6 +15,7 @@ use temper_trl::{
     DpoParams, PairLogps, PreferenceOutput, SimpoParams, dpo_loss, orpo_loss, sequence_logps, simpo_loss,
 };
 
+use crate::blocks::{Hidden, plain};
 use crate::config::{Objective, TrainingSection};
 use crate::error::{Error, Result};
 use crate::train::{StepSums, int_vector, ints, logits_at};
@@ -57,6 +58,7 @@ pub(crate) struct RowLogps<B: Backend> {
 /// tokens too (they go to rows `2p..3p` of the same scatter).
 pub(crate) fn preference_logps<B: Backend>(
     model: &LlamaForCausalLM<B>,
+    hidden: Hidden<B>,
     batch: &PreferenceBatch,
     with_prompts: bool,
     device: &B::Device,
@@ -82,7 +84,7 @@ pub(crate) fn preference_logps<B: Backend>(
     }
     let num_rows = if with_prompts { 3 * p } else { 2 * p };
     let ids = ints(&batch.input_ids, [2 * p, s], device);
-    let logits = logits_at(model, ids, ForwardOptions::default(), pos, device); // [n, vocab]
+    let logits = logits_at(model, hidden, ids, ForwardOptions::default(), pos, device); // [n, vocab]
     let row = int_vector(row, device);
     let mean_logits = Tensor::<B, 1>::zeros([num_rows], device).select_assign(
         0,
@@ -116,6 +118,7 @@ fn completion_lengths(batch: &PreferenceBatch) -> Vec<f32> {
 /// rejected rows); without one (reference-free DPO) its log-probabilities are 0.
 pub(crate) fn preference_step_loss<B: Backend>(
     model: &LlamaForCausalLM<B>,
+    hidden: Hidden<B>,
     reference: Option<Tensor<B, 1>>,
     batch: &PreferenceBatch,
     objective: &PreferenceObjective,
@@ -124,7 +127,7 @@ pub(crate) fn preference_step_loss<B: Backend>(
 ) -> Tensor<B, 1> {
     let p = batch.pairs;
     let orpo = matches!(objective, PreferenceObjective::Orpo { .. });
-    let rows = preference_logps(model, batch, orpo, device);
+    let rows = preference_logps(model, hidden, batch, orpo, device);
     let lengths = Tensor::<B, 1>::from_data(TensorData::new(completion_lengths(batch), [2 * p]), device);
     let half = |t: &Tensor<B, 1>, second: bool| {
         if second {
@@ -190,7 +193,7 @@ impl<B: Backend> Reference<B> {
     pub(crate) fn logps(&self, batch: &PreferenceBatch, device: &B::Device) -> Result<Option<Tensor<B, 1>>> {
         Ok(match self {
             Reference::None => None,
-            Reference::Model(m) => Some(preference_logps(m, batch, false, device).logps),
+            Reference::Model(m) => Some(preference_logps(m, &plain, batch, false, device).logps),
             Reference::Precomputed(cache) => {
                 let values = cache.lookup(batch)?;
                 Some(Tensor::from_data(TensorData::new(values, [2 * batch.pairs]), device))
@@ -225,7 +228,7 @@ impl RefCache {
                 let Batch::Preference(batch) = b?.batch else {
                     continue;
                 };
-                let logps: Vec<f32> = preference_logps(reference, &batch, false, device)
+                let logps: Vec<f32> = preference_logps(reference, &plain, &batch, false, device)
                     .logps
                     .into_data()
                     .convert::<f32>()

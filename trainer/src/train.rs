@@ -16,11 +16,12 @@ use temper_models::{ForwardOptions, LlamaForCausalLM, ModelConfig, Tokenizer};
 use temper_peft::LoraConfig;
 use temper_trl::{TokenLoss, token_cross_entropy};
 
+use crate::blocks::{Checkpointed, Hidden, plain};
 use crate::checkpoint::{self, TrainerState};
 use crate::config::{AdapterKind, BaseQuantization, JobConfig, Objective};
 use crate::error::{Error, Result};
 use crate::metrics::{MetricsLog, Progress, Row};
-use crate::optim::{AdamW, AdamWConfig, global_grad_norm, learning_rate};
+use crate::optim::{AdamW, AdamWConfig, LossScaler, global_grad_norm, learning_rate};
 use crate::preference::{self as pref, PreferenceObjective, RefCache, Reference};
 use crate::sync::{Collective, all_gather, in_own_slot, sync_gradients};
 
@@ -45,6 +46,9 @@ pub struct TrainOptions {
     /// A file whose content becomes the step number after each step (the launcher watches it
     /// to find hung workers).
     pub heartbeat: Option<PathBuf>,
+    /// Dynamic loss scaling from this scale, whatever the precision (f16 always has it, from
+    /// [`LossScaler::INITIAL_SCALE`]).
+    pub loss_scale: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -184,9 +188,14 @@ pub fn train<B: AutodiffBackend>(
         num_examples: 0,
         rank_cursors: Vec::new(),
         losses: Vec::new(),
+        loss_scaler: opts
+            .loss_scale
+            .or((dtype == DType::F16).then_some(LossScaler::INITIAL_SCALE))
+            .map(LossScaler::new),
     };
     if let Some(r) = resumed {
-        optim.load_state(r.optimizer, r.state.step, device);
+        let skipped = r.state.loss_scaler.map_or(0, |s| s.skipped);
+        optim.load_state(r.optimizer, r.state.step - skipped, device);
         state = r.state;
         if world > 1 {
             state.cursor = match state.rank_cursors.get(rank) {
@@ -335,8 +344,13 @@ pub fn train<B: AutodiffBackend>(
             sums.add("mean_token_accuracy", 0.0);
         }
         for batch in &micro {
+            let blocks = t.gradient_checkpointing.then(Checkpointed::<B>::new);
+            let checkpointed = |m: &LlamaForCausalLM<B>, ids, options| match &blocks {
+                Some(blocks) => blocks.forward_hidden(m, ids, options),
+                None => plain(m, ids, options),
+            };
             let loss = match batch {
-                Batch::Sft(b) => sft_loss(&model, b, device).map(|l| {
+                Batch::Sft(b) => sft_loss(&model, &checkpointed, b, device).map(|l| {
                     sums.add(
                         "mean_token_accuracy",
                         l.correct.clone().into_scalar().elem::<i64>() as f64,
@@ -347,14 +361,25 @@ pub fn train<B: AutodiffBackend>(
                     let ref_logps = reference.logps(b, device)?.map(Tensor::from_inner);
                     let objective = objective.as_ref().expect("checked: preference data has an objective");
                     Some(pref::preference_step_loss(
-                        &model, ref_logps, b, objective, device, &mut sums,
+                        &model,
+                        &checkpointed,
+                        ref_logps,
+                        b,
+                        objective,
+                        device,
+                        &mut sums,
                     ))
                 }
             };
             let Some(loss) = loss else { continue };
             sums.add("loss", loss.clone().into_scalar().elem::<f32>() as f64);
-            let grads = (loss / denominator.max(1) as f32).backward();
-            accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
+            let loss_scale = state.loss_scaler.map_or(1.0, |s| s.scale);
+            let grads = (loss * loss_scale as f32 / denominator.max(1) as f32).backward();
+            let grads = match &blocks {
+                Some(blocks) => blocks.gradients(&model, grads),
+                None => GradientsParams::from_grads(grads, &model),
+            };
+            accumulator.accumulate(&model, grads);
         }
         let mut grads = accumulator.grads();
         let (mut denominator, mut tokens, mut examples) = (denominator, tokens, examples);
@@ -406,13 +431,29 @@ pub fn train<B: AutodiffBackend>(
                 value: loss as f32,
             });
         }
-        let grad_norm: f32 = global_grad_norm(&model, &grads, device).into_scalar().elem::<f32>();
-        let scale = if t.max_grad_norm > 0.0 && grad_norm as f64 > t.max_grad_norm {
-            t.max_grad_norm / (grad_norm as f64 + 1e-6)
-        } else {
-            1.0
+        // Gradients come multiplied by the loss scale (1 without one).
+        let loss_scale = state.loss_scaler.map_or(1.0, |s| s.scale);
+        let grad_norm = global_grad_norm(&model, &grads, loss_scale, device)
+            .into_scalar()
+            .elem::<f32>() as f64;
+        let apply = match state.loss_scaler.as_mut() {
+            Some(scaler) => scaler.update(grad_norm.is_finite()),
+            None => true,
         };
-        model = optim.step(model, &mut grads, lr, scale);
+        if apply {
+            let clip = if t.max_grad_norm > 0.0 && grad_norm > t.max_grad_norm {
+                t.max_grad_norm / (grad_norm + 1e-6)
+            } else {
+                1.0
+            };
+            model = optim.step(model, &mut grads, lr, clip / loss_scale);
+        } else {
+            progress.note(&format!(
+                "step {}: the gradients overflowed at loss scale {loss_scale}; step skipped, scale now {}",
+                state.step + 1,
+                loss_scale / 2.0
+            ));
+        }
 
         state.step += 1;
         state.cursor = next_cursor;
@@ -430,11 +471,12 @@ pub fn train<B: AutodiffBackend>(
                 .chain(sums.logged(denominator))
                 .chain([
                     ("learning_rate", lr),
-                    ("grad_norm", grad_norm as f64),
+                    ("grad_norm", grad_norm),
                     ("num_tokens", state.num_tokens as f64),
                     ("tokens_per_second", tokens as f64 / seconds),
                     ("epoch", epoch as f64),
                 ])
+                .chain(state.loss_scaler.map(|s| ("loss_scale", s.scale)))
                 .collect(),
         };
         if let Some(path) = &opts.heartbeat {
@@ -571,7 +613,12 @@ pub(crate) fn ints<B: Backend>(values: &[u32], shape: [usize; 2], device: &B::De
 
 /// The SFT loss of one batch: logits only at positions whose next token is a target, so
 /// prompts and padding never reach the output head.
-fn sft_loss<B: Backend>(model: &LlamaForCausalLM<B>, batch: &SftBatch, device: &B::Device) -> Option<TokenLoss<B>> {
+fn sft_loss<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    hidden: Hidden<B>,
+    batch: &SftBatch,
+    device: &B::Device,
+) -> Option<TokenLoss<B>> {
     let (b, s) = (batch.batch_size, batch.seq_len);
     let mut positions = Vec::new();
     let mut targets = Vec::new();
@@ -595,6 +642,7 @@ fn sft_loss<B: Backend>(model: &LlamaForCausalLM<B>, batch: &SftBatch, device: &
     };
     let logits = logits_at(
         model,
+        hidden,
         ints(&batch.input_ids, [b, s], device),
         options,
         positions,
@@ -607,6 +655,7 @@ fn sft_loss<B: Backend>(model: &LlamaForCausalLM<B>, batch: &SftBatch, device: &
 /// only where a target follows, so prompts and padding never reach the output head.
 pub(crate) fn logits_at<B: Backend>(
     model: &LlamaForCausalLM<B>,
+    hidden: Hidden<B>,
     input_ids: Tensor<B, 2, Int>,
     options: ForwardOptions<B>,
     positions: Vec<i64>,
@@ -614,7 +663,7 @@ pub(crate) fn logits_at<B: Backend>(
 ) -> Tensor<B, 2> {
     let [rows, s] = input_ids.dims();
     let n = positions.len();
-    let hidden = model.forward_hidden(input_ids, options, None); // [rows, s, h]
+    let hidden = hidden(model, input_ids, options); // [rows, s, h]
     let h = hidden.dims()[2];
     let picked = hidden.reshape([rows * s, h]).select(0, int_vector(positions, device)); // [n, h]
     let logits = model.head(picked.reshape([1, n, h])); // [1, n, vocab]
@@ -656,7 +705,7 @@ fn evaluate<B: AutodiffBackend>(
             Batch::Sft(batch) => {
                 rows += batch.batch_size;
                 count += batch.num_target_tokens();
-                if let Some(loss) = sft_loss(&model, &batch, device) {
+                if let Some(loss) = sft_loss(&model, &plain, &batch, device) {
                     sums.add("loss", loss.sum.into_scalar().elem::<f32>() as f64);
                 }
             }
@@ -665,7 +714,7 @@ fn evaluate<B: AutodiffBackend>(
                 count += batch.pairs;
                 let ref_logps = reference.logps(&batch, device)?;
                 let objective = objective.expect("checked: preference data has an objective");
-                let loss = pref::preference_step_loss(&model, ref_logps, &batch, objective, device, &mut sums);
+                let loss = pref::preference_step_loss(&model, &plain, ref_logps, &batch, objective, device, &mut sums);
                 sums.add("loss", loss.into_scalar().elem::<f32>() as f64);
             }
         }
