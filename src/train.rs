@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::backend::Autodiff;
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
@@ -67,6 +67,8 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
             eprintln!("\nstopping: saving a checkpoint after this step (Ctrl-C again to quit now)");
         });
     }
+    // `temper launch`'s request (and Slurm's `--signal=USR1`): the same, quietly.
+    temper_launch::stop_on_signal(stop.clone()).context("installing the stop signal's handler")?;
     let resume = args.resume.map(|p| {
         if p.as_os_str() == LATEST && !p.is_dir() {
             Resume::Latest

@@ -814,6 +814,23 @@ fn data_parallel_launch() {
     assert!(ok, "{err}");
     assert_same_run(&dpo_one, &dpo_two, "DPO: 2 workers x 2 pairs vs 1 worker x 4");
 
+    // Waits until rank 1 of the run in `dir` has done `step` steps.
+    let reach = |dir: &Path, step: u64| {
+        let beat = dir.join("logs/rank-1.heartbeat");
+        let started = std::time::Instant::now();
+        loop {
+            let done: u64 = std::fs::read_to_string(&beat)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            if done >= step {
+                break;
+            }
+            assert!(started.elapsed().as_secs() < 60, "rank 1 never reached step {step}");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    };
+
     // Kill rank 1 mid-run.
     let killed = tmp.path().join("killed");
     let run_and_signal = |max_restarts: u32, signal: &str| {
@@ -823,19 +840,7 @@ fn data_parallel_launch() {
         args.extend(["--hang-timeout".to_string(), "3".into()]);
         args.extend(port(free_port(10)));
         let child = launch(&job(&killed, 24), &args);
-        let beat = killed.join("logs/rank-1.heartbeat");
-        let started = std::time::Instant::now();
-        loop {
-            let step: u64 = std::fs::read_to_string(&beat)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            if step >= 7 {
-                break;
-            }
-            assert!(started.elapsed().as_secs() < 60, "rank 1 never reached step 7");
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
+        reach(&killed, 7);
         signal_worker(child.id(), 1, signal);
         let stopped = std::time::Instant::now();
         let (ok, err) = finish(child);
@@ -865,6 +870,40 @@ fn data_parallel_launch() {
     for ((na, va), (_, vb)) in adapter(&killed).iter().zip(adapter(&uninterrupted)) {
         let worst = va.iter().zip(&vb).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
         assert!(worst < 1e-5, "restarted run: {na} differs by {worst}");
+    }
+
+    // Ctrl-C (SIGINT to the launcher): the group stops after one agreed step within seconds,
+    // rank 0 saves it, and the same command again resumes to the uninterrupted run's adapter.
+    let interrupted = tmp.path().join("interrupted");
+    let again = || {
+        let mut args = vec!["--nproc-per-node".to_string(), "2".into()];
+        args.extend(port(free_port(5)));
+        launch(&job(&interrupted, 24), &args)
+    };
+    let child = again();
+    reach(&interrupted, 7);
+    std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let stopped = std::time::Instant::now();
+    let (ok, err) = finish(child);
+    assert!(!ok && err.contains("interrupted"), "{err}");
+    assert!(
+        stopped.elapsed().as_secs() < 20,
+        "the group took {:?} to stop",
+        stopped.elapsed()
+    );
+    let saved = temper_trainer::checkpoint::list(&interrupted).unwrap();
+    assert!(
+        !saved.is_empty() && err.contains("saved"),
+        "no checkpoint at Ctrl-C:\n{err}"
+    );
+    let (ok, err) = finish(again());
+    assert!(ok, "{err}");
+    for ((na, va), (_, vb)) in adapter(&interrupted).iter().zip(adapter(&uninterrupted)) {
+        let worst = va.iter().zip(&vb).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "run resumed after Ctrl-C: {na} differs by {worst}");
     }
 }
 

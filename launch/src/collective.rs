@@ -121,9 +121,17 @@ impl BurnCollective {
             .enable_all()
             .build()
             .map_err(|e| format!("starting the orchestrator: {e}"))?;
-        runtime.spawn(burn_collective::start_global_orchestrator(
-            self.topology.orchestrator_port(slot),
-        ));
+        let port = self.topology.orchestrator_port(slot);
+        runtime.spawn(async move {
+            // burn's orchestrator stops serving at SIGINT or SIGTERM (`os_shutdown_signal`;
+            // hence `temper launch` asks workers to stop with SIGUSR1). When such a signal
+            // reaches rank 0 anyway, serve again: registrations then find an orchestrator
+            // instead of retrying to connect forever.
+            loop {
+                burn_collective::start_global_orchestrator(port).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
         orchestrators[slot] = Some(runtime);
         Ok(())
     }

@@ -273,7 +273,7 @@ fn watch(plan: &LaunchPlan, workers: &mut [Worker], stop: &AtomicBool) -> Outcom
     loop {
         if stop.load(Ordering::SeqCst) {
             // Each worker saves (rank 0) and stops at the same step, agreed in the all-reduce.
-            signal_all(workers, libc::SIGTERM);
+            signal_all(workers, STOP_SIGNAL);
             wait_or_kill(workers, Duration::from_secs(120));
             return Outcome::Interrupted;
         }
@@ -314,6 +314,18 @@ fn watch(plan: &LaunchPlan, workers: &mut [Worker], stop: &AtomicBool) -> Outcom
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// How `temper launch` asks a worker to save a checkpoint after its step and stop. Not SIGTERM:
+/// burn-collective's orchestrator (in rank 0) shuts down at SIGINT or SIGTERM, closing the
+/// session the workers need to agree on the step to stop at (its connections break and rank
+/// 0 cannot save). Slurm users can send it too (`#SBATCH --signal=USR1@120`).
+pub const STOP_SIGNAL: i32 = libc::SIGUSR1;
+
+/// Sets `stop` when [`STOP_SIGNAL`] arrives (a worker's side of the launcher's request).
+pub fn stop_on_signal(stop: Arc<AtomicBool>) -> std::io::Result<()> {
+    // SAFETY: the action only stores to an atomic, which is async-signal-safe.
+    unsafe { signal_hook_registry::register(STOP_SIGNAL, move || stop.store(true, Ordering::SeqCst)) }.map(|_| ())
 }
 
 fn signal_all(workers: &[Worker], sig: i32) {

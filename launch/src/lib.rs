@@ -11,5 +11,5 @@ pub mod coordinator;
 pub mod topology;
 
 pub use collective::{BurnCollective, prepare_process};
-pub use coordinator::{LaunchError, LaunchPlan, WorkerFailure, run_workers};
+pub use coordinator::{LaunchError, LaunchPlan, STOP_SIGNAL, WorkerFailure, run_workers, stop_on_signal};
 pub use topology::Topology;
