@@ -1,8 +1,6 @@
 //! `temper launch`: data-parallel training, one worker per device (see temper-launch).
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -98,16 +96,7 @@ pub fn run(args: LaunchArgs, device: Option<DeviceSpec>) -> Result<()> {
         plan.devices.len() * nnodes,
         plan.output_dir.join("logs").display()
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\nlaunch: stopping every worker after this step (Ctrl-C again to quit now)");
-        });
-    }
+    let stop = crate::stop::on_ctrl_c("launch: stopping every worker after this step (Ctrl-C again to quit now)");
     run_workers(&plan, stop)?;
     eprintln!("launch: every worker finished; output in {}", plan.output_dir.display());
     Ok(())

@@ -8,4 +8,5 @@ pub mod generate;
 pub mod launch;
 pub mod merge;
 pub mod push;
+pub mod stop;
 pub mod train;

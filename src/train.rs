@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result, bail};
 use burn::backend::Autodiff;
@@ -56,17 +55,7 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
             args.config.display()
         );
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // A second Ctrl-C while the checkpoint is written falls through to the default: exit.
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\nstopping: saving a checkpoint after this step (Ctrl-C again to quit now)");
-        });
-    }
+    let stop = crate::stop::on_ctrl_c("stopping: saving a checkpoint after this step (Ctrl-C again to quit now)");
     // `temper launch`'s request (and Slurm's `--signal=USR1`): the same, quietly.
     temper_launch::stop_on_signal(stop.clone()).context("installing the stop signal's handler")?;
     let resume = args.resume.map(|p| {

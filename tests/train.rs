@@ -67,6 +67,25 @@ fn expected() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir().join("expected.json")).unwrap()).unwrap()
 }
 
+/// PyTorch + PEFT's per-step losses of the fixture run.
+fn peft_losses() -> Vec<f32> {
+    expected()["loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// The rows of a run's `metrics.jsonl`.
+fn metrics_rows(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn adapter(dir: &Path) -> Vec<(String, Vec<f32>)> {
     let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -96,19 +115,12 @@ fn lora_sft_matches_peft_and_resumes_exactly() {
 
     // Per-step losses equal PyTorch + PEFT's.
     let exp = expected();
-    let want: Vec<f32> = exp["loss"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
+    let want = peft_losses();
     let got: Vec<f32> = summary.losses.iter().map(|l| l.1 as f32).collect();
     let err = rel_err(&got, &want, |_| true);
     assert!(err < 1e-4, "losses differ by {err}: {got:?} vs {want:?}");
     // ... and so do the logged grad norms and learning rates.
-    let metrics = std::fs::read_to_string(full_out.join("metrics.jsonl")).unwrap();
-    let rows: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    for (i, row) in rows.iter().enumerate() {
+    for (i, row) in metrics_rows(&full_out).iter().enumerate() {
         let gn = row["grad_norm"].as_f64().unwrap();
         let want_gn = exp["grad_norm"][i].as_f64().unwrap();
         assert!(
@@ -190,12 +202,7 @@ fn loss_scaling_skips_overflowing_steps() {
     };
     // 1024: every product stays exact, so the run is PEFT's.
     let (summary, out) = scaled("x1024", 1024.0, 10, TrainOptions::default());
-    let want: Vec<f32> = expected()["loss"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
+    let want = peft_losses();
     let got: Vec<f32> = summary.losses.iter().map(|l| l.1 as f32).collect();
     assert!(rel_err(&got, &want, |_| true) < 1e-4, "{got:?} vs {want:?}");
     for ((name, a), (_, b)) in adapter(&out).iter().zip(adapter(&dir().join("final_adapter"))) {
@@ -203,11 +210,7 @@ fn loss_scaling_skips_overflowing_steps() {
     }
     // 2^140 is infinite in f32: steps are skipped until the scale is small enough.
     let (_, out) = scaled("overflow", 2f64.powi(140), 24, TrainOptions::default());
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = metrics_rows(&out);
     let skipped = rows.iter().take_while(|r| r["grad_norm"].is_null()).count();
     assert!((13..20).contains(&skipped), "{skipped} skipped: {rows:?}");
     assert!(
@@ -271,13 +274,9 @@ fn full_fine_tuning_with_activation_checkpointing() {
         assert!(yaml.contains("type: full"), "{yaml}");
         let set = format!("training.gradient_checkpointing={checkpointing}");
         run(&load_job(tmp.path(), &yaml, &[&set]).unwrap(), TrainOptions::default());
-        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-        metrics
-            .lines()
-            .map(|l| {
-                let row: serde_json::Value = serde_json::from_str(l).unwrap();
-                (row["loss"].as_f64().unwrap(), row["grad_norm"].as_f64().unwrap())
-            })
+        metrics_rows(&out)
+            .iter()
+            .map(|row| (row["loss"].as_f64().unwrap(), row["grad_norm"].as_f64().unwrap()))
             .collect::<Vec<_>>()
     };
     let (plain, checkpointed) = (steps("plain", false), steps("checkpointed", true));
@@ -477,8 +476,7 @@ fn dpo_matches_trl() {
         let out = tmp.path().join(format!("{i}-{case}"));
         let job = load_job(tmp.path(), &preference_yaml(&out, &objective), set).unwrap();
         run(&job, TrainOptions::default());
-        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-        let rows: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let rows = metrics_rows(&out);
         let want = exp[case].as_array().unwrap();
         assert_eq!(rows.len(), want.len(), "{case}");
         for (step, (row, want)) in rows.iter().zip(want).enumerate() {
@@ -507,8 +505,7 @@ fn dpo_matches_trl() {
     )
     .unwrap();
     run(&job, TrainOptions::default());
-    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    let first = metrics_rows(&out).swap_remove(0);
     assert_eq!(first["step"], 0, "{first}");
     let trl = &exp["sigmoid"][0];
     for key in [
@@ -640,11 +637,7 @@ fn hub_ids_and_the_model_card() {
     let config = std::fs::read_to_string(out.join("config.yaml")).unwrap();
     assert!(config.contains("path: temper-test/tiny"), "{config}");
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
-    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let metrics = metrics_rows(&out);
     let last_loss = metrics.iter().rev().find_map(|r| r["loss"].as_f64()).unwrap();
     let eval_loss = metrics.iter().rev().find_map(|r| r["eval_loss"].as_f64()).unwrap();
     for want in [
@@ -700,8 +693,7 @@ fn close(a: f64, b: f64) -> bool {
 /// The loss of each step; a step logged twice (redone after a restart) counts once, its last.
 fn metrics_losses(out: &Path) -> Vec<f64> {
     let mut by_step = std::collections::BTreeMap::new();
-    for l in std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines() {
-        let row: serde_json::Value = serde_json::from_str(l).unwrap();
+    for row in metrics_rows(out) {
         by_step.insert(row["step"].as_u64().unwrap(), row["loss"].as_f64().unwrap());
     }
     by_step.into_values().collect()
@@ -713,6 +705,11 @@ fn assert_same_run(a: &Path, b: &Path, what: &str) {
     for (x, y) in la.iter().zip(&lb) {
         assert!(close(*x, *y), "{what}: losses {la:?} vs {lb:?}");
     }
+    assert_same_adapter(a, b, what);
+}
+
+/// The adapters in `a` and `b` have the same tensors, equal within 1e-5.
+fn assert_same_adapter(a: &Path, b: &Path, what: &str) {
     for ((na, va), (nb, vb)) in adapter(a).iter().zip(adapter(b)) {
         assert_eq!(na, &nb);
         let worst = va.iter().zip(&vb).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
@@ -867,10 +864,7 @@ fn data_parallel_launch() {
     assert!(ok, "{err}");
     let final_loss = |out: &Path| *metrics_losses(out).last().unwrap();
     assert!(close(final_loss(&killed), final_loss(&uninterrupted)));
-    for ((na, va), (_, vb)) in adapter(&killed).iter().zip(adapter(&uninterrupted)) {
-        let worst = va.iter().zip(&vb).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-        assert!(worst < 1e-5, "restarted run: {na} differs by {worst}");
-    }
+    assert_same_adapter(&killed, &uninterrupted, "restarted run");
 
     // Ctrl-C (SIGINT to the launcher): the group stops after one agreed step within seconds,
     // rank 0 saves it, and the same command again resumes to the uninterrupted run's adapter.
@@ -901,10 +895,7 @@ fn data_parallel_launch() {
     );
     let (ok, err) = finish(again());
     assert!(ok, "{err}");
-    for ((na, va), (_, vb)) in adapter(&interrupted).iter().zip(adapter(&uninterrupted)) {
-        let worst = va.iter().zip(&vb).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-        assert!(worst < 1e-5, "run resumed after Ctrl-C: {na} differs by {worst}");
-    }
+    assert_same_adapter(&interrupted, &uninterrupted, "run resumed after Ctrl-C");
 }
 
 /// Sends `signal` (`-KILL`, `-STOP`) to the worker of `rank` among `launcher`'s children (found

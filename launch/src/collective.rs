@@ -73,11 +73,15 @@ pub fn prepare_process() {
 
 pub struct BurnCollective {
     topology: Topology,
-    /// One collective operation at a time (burn-collective's client is per process), and the
-    /// number of the current session.
-    session: Mutex<usize>,
+    /// One collective operation at a time (burn-collective's client is per process).
+    sessions: Mutex<Sessions>,
+}
+
+struct Sessions {
+    /// The number of the current session.
+    current: usize,
     /// Rank 0: the orchestrators, one tokio runtime each (dropping one frees all it holds).
-    orchestrators: Mutex<Vec<Option<Runtime>>>,
+    orchestrators: Vec<Option<Runtime>>,
 }
 
 impl BurnCollective {
@@ -90,50 +94,23 @@ impl BurnCollective {
         let _ = tracing_core::dispatcher::set_global_default(tracing_core::Dispatch::new(
             tracing_core::subscriber::NoSubscriber::default(),
         ));
-        let c = BurnCollective {
-            topology,
-            session: Mutex::new(0),
-            orchestrators: Mutex::new((0..ORCHESTRATORS).map(|_| None).collect()),
+        let mut sessions = Sessions {
+            current: 0,
+            orchestrators: (0..ORCHESTRATORS).map(|_| None).collect(),
         };
-        if c.topology.rank == 0 {
+        if topology.rank == 0 {
             for slot in 0..ORCHESTRATORS as usize {
-                c.restart_orchestrator(slot)?;
+                sessions.restart_orchestrator(slot, topology.orchestrator_port(slot))?;
             }
             // Let them bind before anyone registers (registration retries anyway).
             std::thread::sleep(Duration::from_millis(200));
         }
+        let c = BurnCollective {
+            topology,
+            sessions: Mutex::new(sessions),
+        };
         c.register(0)?;
         Ok(c)
-    }
-
-    /// Rank 0: stops the orchestrator in `slot` (if any) and starts a fresh one on its port.
-    fn restart_orchestrator(&self, slot: usize) -> Result<(), String> {
-        let mut orchestrators = self
-            .orchestrators
-            .lock()
-            .map_err(|_| "a previous all-reduce panicked".to_string())?;
-        // Dropping the runtime waits for its worker thread, dropping every task and socket, so
-        // the port is free for the next one.
-        drop(orchestrators[slot].take());
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("collective-orchestrator")
-            .enable_all()
-            .build()
-            .map_err(|e| format!("starting the orchestrator: {e}"))?;
-        let port = self.topology.orchestrator_port(slot);
-        runtime.spawn(async move {
-            // burn's orchestrator stops serving at SIGINT or SIGTERM (`os_shutdown_signal`;
-            // hence `temper launch` asks workers to stop with SIGUSR1). When such a signal
-            // reaches rank 0 anyway, serve again: registrations then find an orchestrator
-            // instead of retrying to connect forever.
-            loop {
-                burn_collective::start_global_orchestrator(port).await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        });
-        orchestrators[slot] = Some(runtime);
-        Ok(())
     }
 
     fn config(&self, session: usize) -> Result<CollectiveConfig, String> {
@@ -161,6 +138,33 @@ impl BurnCollective {
     }
 }
 
+impl Sessions {
+    /// Rank 0: stops the orchestrator in `slot` (if any) and starts a fresh one on `port`.
+    fn restart_orchestrator(&mut self, slot: usize, port: u16) -> Result<(), String> {
+        // Dropping the runtime waits for its worker thread, dropping every task and socket, so
+        // the port is free for the next one.
+        drop(self.orchestrators[slot].take());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("collective-orchestrator")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("starting the orchestrator: {e}"))?;
+        runtime.spawn(async move {
+            // burn's orchestrator stops serving at SIGINT or SIGTERM (`os_shutdown_signal`;
+            // hence `temper launch` asks workers to stop with SIGUSR1). When such a signal
+            // reaches rank 0 anyway, serve again: registrations then find an orchestrator
+            // instead of retrying to connect forever.
+            loop {
+                burn_collective::start_global_orchestrator(port).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        self.orchestrators[slot] = Some(runtime);
+        Ok(())
+    }
+}
+
 impl temper_trainer::Collective for BurnCollective {
     fn rank(&self) -> usize {
         self.topology.rank
@@ -171,8 +175,8 @@ impl temper_trainer::Collective for BurnCollective {
     }
 
     fn all_reduce_sum(&self, mut values: Vec<f32>) -> Result<Vec<f32>, String> {
-        let mut session = self
-            .session
+        let mut sessions = self
+            .sessions
             .lock()
             .map_err(|_| "a previous all-reduce panicked".to_string())?;
         // The membership check of the module docs.
@@ -195,10 +199,11 @@ impl temper_trainer::Collective for BurnCollective {
         finish_collective::<Host>(self.peer()).map_err(|e| format!("finish: {e:?}"))?;
         reset_collective::<Host>();
         if self.topology.rank == 0 {
-            self.restart_orchestrator((*session + 2) % ORCHESTRATORS as usize)?;
+            let slot = (sessions.current + 2) % ORCHESTRATORS as usize;
+            sessions.restart_orchestrator(slot, self.topology.orchestrator_port(slot))?;
         }
-        *session += 1;
-        self.register(*session)?;
+        sessions.current += 1;
+        self.register(sessions.current)?;
         Ok(values)
     }
 }

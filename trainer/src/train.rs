@@ -336,6 +336,8 @@ pub fn train<B: AutodiffBackend>(
             device,
             t.seed.wrapping_add(state.step).wrapping_add((rank as u64) << 32),
         );
+        // f16's loss scale for this step (1 without one): the gradients come multiplied by it.
+        let loss_scale = state.loss_scaler.map_or(1.0, |s| s.scale);
         let mut accumulator = GradientsAccumulator::<LlamaForCausalLM<B>>::new();
         let mut sums = StepSums::default();
         if t.objective == Objective::Sft {
@@ -373,7 +375,6 @@ pub fn train<B: AutodiffBackend>(
             };
             let Some(loss) = loss else { continue };
             sums.add("loss", loss.clone().into_scalar().elem::<f32>() as f64);
-            let loss_scale = state.loss_scaler.map_or(1.0, |s| s.scale);
             let grads = (loss * loss_scale as f32 / denominator.max(1) as f32).backward();
             let grads = match &blocks {
                 Some(blocks) => blocks.gradients(&model, grads),
@@ -431,8 +432,6 @@ pub fn train<B: AutodiffBackend>(
                 value: loss as f32,
             });
         }
-        // Gradients come multiplied by the loss scale (1 without one).
-        let loss_scale = state.loss_scaler.map_or(1.0, |s| s.scale);
         let grad_norm = global_grad_norm(&model, &grads, loss_scale, device)
             .into_scalar()
             .elem::<f32>() as f64;
