@@ -41,9 +41,18 @@ impl BackendJob for Job {
     }
 }
 
+/// `data.pad_to_multiple_of` on GPU devices when the config sets none.
+const GPU_PAD_MULTIPLE: usize = 64;
+
 pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
-    let config = JobConfig::load(&args.config, &args.set)?;
+    let mut config = JobConfig::load(&args.config, &args.set)?;
     let device = DeviceSpec::for_job(device, &config, &args.config)?;
+    if device != DeviceSpec::Cpu {
+        // A GPU backend compiles kernels for each new shape (a minute or more for a step's
+        // matmuls): rows padded to a multiple of 64 keep the shapes few. The resolved config
+        // saved in output_dir shows it.
+        config.data.pad_to_multiple_of.get_or_insert(GPU_PAD_MULTIPLE);
+    }
     let dtype = match (config.training.precision, device) {
         (Precision::Auto, DeviceSpec::Cpu) | (Precision::F32, _) => DType::F32,
         (Precision::Auto, _) | (Precision::Bf16, _) => DType::BF16,

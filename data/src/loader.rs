@@ -56,6 +56,14 @@ impl Batch {
         }
     }
 
+    /// The largest token id (padding included), to check against the model's vocabulary.
+    pub fn max_token_id(&self) -> Option<u32> {
+        match self {
+            Batch::Sft(b) => b.input_ids.iter().max().copied(),
+            Batch::Preference(b) => b.input_ids.iter().max().copied(),
+        }
+    }
+
     /// What the loss is averaged over: target tokens (SFT) or pairs (preference).
     pub fn loss_normaliser(&self) -> usize {
         match self {

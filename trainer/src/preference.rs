@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, IndexingUpdateOp, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
 use temper_data::{Batch, Cursor, LoaderOptions, Pipeline, PreferenceBatch};
 use temper_models::{ForwardOptions, LlamaForCausalLM, Tokenizer};
 use temper_trl::{
@@ -18,7 +18,7 @@ use temper_trl::{
 use crate::blocks::{Hidden, plain};
 use crate::config::{Objective, TrainingSection};
 use crate::error::{Error, Result};
-use crate::train::{StepSums, int_vector, ints, logits_at};
+use crate::train::{StepSums, int_vector, ints, token_logps_at};
 
 /// The preference objective of a job.
 #[derive(Debug, Clone)]
@@ -84,15 +84,10 @@ pub(crate) fn preference_logps<B: Backend>(
     }
     let num_rows = if with_prompts { 3 * p } else { 2 * p };
     let ids = ints(&batch.input_ids, [2 * p, s], device);
-    let logits = logits_at(model, hidden, ids, ForwardOptions::default(), pos, device); // [n, vocab]
+    let tokens = token_logps_at(model, hidden, ids, ForwardOptions::default(), pos, tgt, device);
     let row = int_vector(row, device);
-    let mean_logits = Tensor::<B, 1>::zeros([num_rows], device).select_assign(
-        0,
-        row.clone(),
-        logits.clone().detach().mean_dim(1).squeeze_dim::<1>(1),
-        IndexingUpdateOp::Add,
-    );
-    let all = sequence_logps(logits, int_vector(tgt, device), row, num_rows);
+    let mean_logits = sequence_logps(tokens.mean_logits, row.clone(), num_rows);
+    let all = sequence_logps(tokens.logps, row, num_rows);
     RowLogps {
         logps: all.clone().slice(0..2 * p),
         mean_logits: mean_logits.slice(0..2 * p),

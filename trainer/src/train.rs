@@ -14,7 +14,7 @@ use temper_models::config::CheckpointDtype;
 use temper_models::save::{DEFAULT_SHARD_BYTES, save_pretrained};
 use temper_models::{ForwardOptions, LlamaForCausalLM, ModelConfig, Tokenizer};
 use temper_peft::LoraConfig;
-use temper_trl::{TokenLoss, token_cross_entropy};
+use temper_trl::{TokenLogps, TokenLoss, head_token_logps, token_logps};
 
 use crate::blocks::{Checkpointed, Hidden, plain};
 use crate::checkpoint::{self, TrainerState};
@@ -179,6 +179,7 @@ pub fn train<B: AutodiffBackend>(
         resumed.as_ref().map(|r| r.dir.as_path()),
     )?;
     let mut model = model;
+    let vocab = model.model.embed_tokens.val().dims()[0];
     let mut optim = AdamW::<B::InnerBackend>::new(AdamWConfig::from_training(t, job.adapter.loraplus_lr_ratio));
     let mut state = TrainerState {
         step: 0,
@@ -317,6 +318,14 @@ pub fn train<B: AutodiffBackend>(
             match loader.next() {
                 Some(b) => {
                     let b = b?;
+                    // An id past the embedding would index out of bounds inside the backend.
+                    if let Some(id) = b.batch.max_token_id().filter(|&id| id as usize >= vocab) {
+                        return Err(Error::TokenOutOfVocab {
+                            step: state.step + 1,
+                            id,
+                            vocab,
+                        });
+                    }
                     next_cursor = b.next;
                     epoch = b.epoch;
                     micro.push(b.batch);
@@ -639,35 +648,85 @@ fn sft_loss<B: Backend>(
         attention_mask: None,
         segment_ids: batch.is_packed().then(|| ints(&batch.segment_ids, [b, s], device)),
     };
-    let logits = logits_at(
+    let logps = token_logps_at(
         model,
         hidden,
         ints(&batch.input_ids, [b, s], device),
         options,
         positions,
+        targets,
         device,
     );
-    Some(token_cross_entropy(logits, int_vector(targets, device)))
+    Some(TokenLoss::from_logps(logps))
 }
 
-/// Logits (`[n, vocab]`, f32) at `positions` (flat `row * seq + t` indices) of a forward pass:
-/// only where a target follows, so prompts and padding never reach the output head.
-pub(crate) fn logits_at<B: Backend>(
+/// Log-probabilities of `targets` at `positions` (flat `row * seq + t` indices) of a forward
+/// pass: the output head runs only where a target follows, so prompts and padding never reach
+/// it. A frozen head goes through [`head_token_logps`] (no `[n, vocab]` tensor kept for the
+/// backward pass); a trained one (full fine-tuning, a LoRA on `lm_head`) through its logits.
+pub(crate) fn token_logps_at<B: Backend>(
     model: &LlamaForCausalLM<B>,
     hidden: Hidden<B>,
     input_ids: Tensor<B, 2, Int>,
     options: ForwardOptions<B>,
-    positions: Vec<i64>,
+    mut positions: Vec<i64>,
+    mut targets: Vec<i64>,
     device: &B::Device,
-) -> Tensor<B, 2> {
+) -> TokenLogps<B> {
     let [rows, s] = input_ids.dims();
     let n = positions.len();
+    // The head's rows, rounded up by repeating the last position (sliced off below).
+    let multiple = head_rows_multiple::<B>(device);
+    let padded = n.div_ceil(multiple) * multiple;
+    positions.resize(padded, positions.last().copied().unwrap_or(0));
+    targets.resize(padded, targets.last().copied().unwrap_or(0));
     let hidden = hidden(model, input_ids, options); // [rows, s, h]
     let h = hidden.dims()[2];
-    let picked = hidden.reshape([rows * s, h]).select(0, int_vector(positions, device)); // [n, h]
-    let logits = model.head(picked.reshape([1, n, h])); // [1, n, vocab]
-    let vocab = logits.dims()[2];
-    logits.reshape([n, vocab])
+    let picked = hidden.reshape([rows * s, h]).select(0, int_vector(positions, device)); // [padded, h]
+    let targets = int_vector(targets, device);
+    let out = match frozen_head_weight(model) {
+        Some(weight) => {
+            let rows_per_chunk = (HEAD_CHUNK_ELEMENTS / weight.dims()[0]).max(64) / 64 * 64;
+            head_token_logps(picked, weight, targets, rows_per_chunk)
+        }
+        None => {
+            let logits = model.head(picked.reshape([1, padded, h])); // [1, padded, vocab]
+            let vocab = logits.dims()[2];
+            token_logps(logits.reshape([padded, vocab]), targets)
+        }
+    };
+    if padded == n {
+        return out;
+    }
+    TokenLogps {
+        logps: out.logps.slice(0..n),
+        hits: out.hits.slice(0..n),
+        mean_logits: out.mean_logits.slice(0..n),
+    }
+}
+
+/// Logits the chunked head holds at a time (64 MiB in f32).
+const HEAD_CHUNK_ELEMENTS: usize = 1 << 24;
+
+/// The output head's weight (`[vocab, hidden]`) when nothing in the head is trained: no
+/// gradient on it, no adapter, not quantized.
+fn frozen_head_weight<B: Backend>(model: &LlamaForCausalLM<B>) -> Option<Tensor<B, 2>> {
+    let weight = match &model.lm_head {
+        // Linear keeps `[in, out]`.
+        Some(head) if head.adapter.is_none() && head.quantized.is_none() && head.bias.is_none() => {
+            head.weight.val().transpose()
+        }
+        Some(_) => return None,
+        None => model.model.embed_tokens.val(),
+    };
+    (!weight.is_require_grad()).then_some(weight)
+}
+
+/// What the output head's row count is rounded up to. The number of target positions changes
+/// with every batch, and backends that compile a kernel per matmul shape (cubecl's: CUDA,
+/// wgpu) would compile new ones for each; on the CPU padded rows are only extra work.
+fn head_rows_multiple<B: Backend>(device: &B::Device) -> usize {
+    if B::name(device).contains("cubecl<") { 64 } else { 1 }
 }
 
 pub(crate) fn int_vector<B: Backend>(values: Vec<i64>, device: &B::Device) -> Tensor<B, 1, Int> {

@@ -8,8 +8,6 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::sft::log_softmax;
-
 /// One DPO loss term.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -188,22 +186,14 @@ fn log1mexp<B: Backend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
     near.mask_where(is_far, far)
 }
 
-/// Summed log-probabilities of the target tokens of each row: `logits` at the positions that
-/// predict a completion token (`rows[i]` says which row position `i` belongs to).
+/// Summed log-probabilities of the target tokens of each row (`rows[i]` says which row
+/// position `i` belongs to), from per-token log-probabilities ([`crate::logps`]).
 ///
 /// # Shapes
-/// `logits: [n, vocab]`, `targets: [n]`, `rows: [n]` -> `[num_rows]`
-pub fn sequence_logps<B: Backend>(
-    logits: Tensor<B, 2>,
-    targets: Tensor<B, 1, Int>,
-    rows: Tensor<B, 1, Int>,
-    num_rows: usize,
-) -> Tensor<B, 1> {
-    let picked = log_softmax(logits)
-        .gather(1, targets.unsqueeze_dim::<2>(1))
-        .squeeze_dim::<1>(1); // [n]
-    let device = picked.device();
-    Tensor::<B, 1>::zeros([num_rows], &device).select_assign(0, rows, picked, IndexingUpdateOp::Add)
+/// `token_logps: [n]`, `rows: [n]` -> `[num_rows]`
+pub fn sequence_logps<B: Backend>(token_logps: Tensor<B, 1>, rows: Tensor<B, 1, Int>, num_rows: usize) -> Tensor<B, 1> {
+    let device = token_logps.device();
+    Tensor::<B, 1>::zeros([num_rows], &device).select_assign(0, rows, token_logps, IndexingUpdateOp::Add)
 }
 
 #[cfg(test)]

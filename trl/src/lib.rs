@@ -1,9 +1,11 @@
 //! Training objectives as pure functions over tensors: no model, no loop, no state.
 
 pub mod dpo;
+pub mod logps;
 pub mod sft;
 
 pub use dpo::{
     DpoLossType, DpoParams, PairLogps, PreferenceOutput, SimpoParams, dpo_loss, orpo_loss, sequence_logps, simpo_loss,
 };
+pub use logps::{TokenLogps, head_token_logps, token_logps};
 pub use sft::{TokenLoss, log_softmax, token_cross_entropy};

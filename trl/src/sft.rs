@@ -3,6 +3,8 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
 
+use crate::logps::{TokenLogps, token_logps};
+
 /// `log(softmax(x))` along the last dimension, in f32, computed as `x - max - log Σ exp(x - max)`
 /// so large logits do not overflow.
 ///
@@ -26,25 +28,21 @@ pub struct TokenLoss<B: Backend> {
     pub correct: Tensor<B, 1, Int>,
 }
 
+impl<B: Backend> TokenLoss<B> {
+    pub fn from_logps(t: TokenLogps<B>) -> Self {
+        Self {
+            sum: t.logps.sum().neg(),
+            correct: t.hits.sum(),
+        }
+    }
+}
+
 /// Cross-entropy of `logits` (one row per position that has a target) against `targets`.
 ///
 /// # Shapes
 /// `logits: [n, vocab]`, `targets: [n]`
 pub fn token_cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> TokenLoss<B> {
-    let correct = logits
-        .clone()
-        .detach()
-        .argmax(1) // [n, 1]
-        .squeeze_dim::<1>(1)
-        .equal(targets.clone())
-        .int()
-        .sum();
-    let logp = log_softmax(logits); // [n, vocab]
-    let picked = logp.gather(1, targets.unsqueeze_dim::<2>(1)); // [n, 1]
-    TokenLoss {
-        sum: picked.sum().neg(),
-        correct,
-    }
+    TokenLoss::from_logps(token_logps(logits, targets))
 }
 
 #[cfg(test)]

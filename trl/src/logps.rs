@@ -1,0 +1,160 @@
+//! Per-token log-probabilities of target tokens: what every objective here starts from.
+//!
+//! Two ways to the same numbers. [`token_logps`] takes logits and lets autodiff differentiate
+//! the log-softmax. [`head_token_logps`] takes the hidden states and a frozen output head and
+//! never keeps a `[tokens, vocab]` tensor alive: it works through the vocabulary a few hundred
+//! rows at a time and writes the gradient with respect to the hidden states itself.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor};
+
+use crate::sft::log_softmax;
+
+/// Log-probabilities of the targets, one per position.
+pub struct TokenLogps<B: Backend> {
+    /// `[n]`, f32: log p(target) at each position, differentiable.
+    pub logps: Tensor<B, 1>,
+    /// `[n]`: 1 where the argmax is the target (TRL's `mean_token_accuracy`), else 0.
+    pub hits: Tensor<B, 1, Int>,
+    /// `[n]`, f32, without gradient: the mean logit over the vocabulary at each position
+    /// (TRL's `logits/*` metrics).
+    pub mean_logits: Tensor<B, 1>,
+}
+
+/// From logits (`[n, vocab]`) and targets (`[n]`), differentiable through the logits.
+pub fn token_logps<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> TokenLogps<B> {
+    let detached = logits.clone().detach().cast(DType::F32);
+    let hits = argmax_hits(detached.clone(), targets.clone());
+    let mean_logits = detached.mean_dim(1).squeeze_dim::<1>(1);
+    let logps = log_softmax(logits)
+        .gather(1, targets.unsqueeze_dim::<2>(1))
+        .squeeze_dim::<1>(1);
+    TokenLogps {
+        logps,
+        hits,
+        mean_logits,
+    }
+}
+
+/// From hidden states (`[n, hidden]`) through a frozen output head (`weight: [vocab, hidden]`,
+/// logits = hidden · weightᵀ, computed in the weight's dtype and read in f32) and targets
+/// (`[n]`). The same values as [`token_logps`] on those logits, and the same gradient with
+/// respect to `hidden`; none flows to `weight`, so it must not be trained.
+///
+/// Rows go through the head `rows_per_chunk` at a time. For each chunk the gradient of
+/// log p(target) with respect to the hidden state, `(onehot − softmax) · weight`, is computed
+/// right away (the product backpropagation would do later), so the chunk's logits are freed
+/// before the next one: the step holds `[n, hidden]` instead of several `[n, vocab]` tensors,
+/// and makes about a third of the passes over them. The returned log-probabilities are
+/// `value + Σ(hidden ⊙ g) − Σ(hidden ⊙ g)` with the value and the second sum held constant:
+/// equal to the value, with gradient `g` times whatever flows back into each row.
+pub fn head_token_logps<B: Backend>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    rows_per_chunk: usize,
+) -> TokenLogps<B> {
+    let [n, _] = hidden.dims();
+    let [vocab, width] = weight.dims();
+    // Both layouts, each materialised once (a reshape to the same shape makes a strided view
+    // contiguous): a matmul with a transposed operand copies it first on the CPU backend, a
+    // copy of the whole head per chunk otherwise.
+    let weight = weight.detach().reshape([vocab, width]);
+    let weight_t = weight.clone().transpose().reshape([width, vocab]);
+    let inputs = hidden.clone().detach();
+    let (mut logps, mut grads, mut means, mut hits) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let step = rows_per_chunk.max(1);
+    for start in (0..n).step_by(step) {
+        let rows = start..(start + step).min(n);
+        let t = targets.clone().slice(rows.clone());
+        let logits = inputs.clone().slice(rows).matmul(weight_t.clone()).cast(DType::F32); // [c, vocab]
+        let max = logits.clone().max_dim(1); // [c, 1]
+        let exp = (logits.clone() - max.clone()).exp();
+        let sum = exp.clone().sum_dim(1); // [c, 1]
+        let target_logit = logits.clone().gather(1, t.clone().unsqueeze_dim::<2>(1)); // [c, 1]
+        logps.push((target_logit - max - sum.clone().log()).squeeze_dim::<1>(1));
+        means.push(logits.clone().sum_dim(1).squeeze_dim::<1>(1) / vocab as f64);
+        hits.push(argmax_hits(logits, t.clone()));
+        // (onehot − p) · W = W[target] − p · W
+        let probs = (exp / sum).cast(weight.dtype());
+        grads.push(weight.clone().select(0, t) - probs.matmul(weight.clone())); // [c, hidden]
+    }
+    let value = Tensor::cat(logps, 0);
+    let grad = Tensor::cat(grads, 0).cast(hidden.dtype());
+    let linear = (hidden * grad.clone()).sum_dim(1).squeeze_dim::<1>(1).cast(DType::F32);
+    let constant = (inputs * grad).sum_dim(1).squeeze_dim::<1>(1).cast(DType::F32);
+    TokenLogps {
+        logps: linear - constant + value,
+        hits: Tensor::cat(hits, 0),
+        mean_logits: Tensor::cat(means, 0),
+    }
+}
+
+/// `[c]`: 1 where a row of `logits` (`[c, vocab]`) has its argmax at the target.
+fn argmax_hits<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1, Int> {
+    logits.argmax(1).squeeze_dim::<1>(1).equal(targets).int()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::{Distribution, TensorData};
+
+    type B = Autodiff<NdArray>;
+
+    fn vec<BB: Backend, const D: usize>(x: Tensor<BB, D>) -> Vec<f32> {
+        x.into_data().convert::<f32>().to_vec().unwrap()
+    }
+
+    fn close(got: &[f32], want: &[f32], tol: f32) {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= tol * (1.0 + w.abs()), "[{i}]: {g} vs {w}");
+        }
+    }
+
+    /// The chunked head gives the logits path's values, metrics and gradient with respect to
+    /// the hidden states, for any chunking, with a per-row upstream gradient (as DPO's).
+    #[test]
+    fn head_token_logps_matches_logits_path() {
+        let device = Default::default();
+        let (n, h, vocab) = (7, 5, 11);
+        let weight = Tensor::<B, 2>::random([vocab, h], Distribution::Normal(0.0, 1.0), &device);
+        let hidden0 = Tensor::<B, 2>::random([n, h], Distribution::Normal(0.0, 1.0), &device);
+        // Every other target is the argmax, so the hit counts are not all zero.
+        let argmax: Vec<i64> = hidden0
+            .clone()
+            .matmul(weight.clone().transpose())
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .unwrap();
+        let targets: Vec<i64> = [0i64, 3, 10, 3, 7, 1, 5]
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| if i % 2 == 0 { argmax[i] } else { t })
+            .collect();
+        let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), &device);
+        let upstream = Tensor::<B, 1>::from_data(
+            TensorData::new(vec![1.0f32, -2.0, 0.5, 3.0, 1.0, 0.0, -1.0], [n]),
+            &device,
+        );
+
+        let hidden = hidden0.clone().require_grad();
+        let want = token_logps(hidden.clone().matmul(weight.clone().transpose()), targets.clone());
+        let grads = (want.logps.clone() * upstream.clone()).sum().backward();
+        let want_grad = vec(hidden.grad(&grads).unwrap());
+        for chunk in [1, 3, 7, 100] {
+            let hidden = hidden0.clone().require_grad();
+            let got = head_token_logps(hidden.clone(), weight.clone(), targets.clone(), chunk);
+            close(&vec(got.logps.clone()), &vec(want.logps.clone()), 1e-5);
+            close(&vec(got.mean_logits), &vec(want.mean_logits.clone()), 1e-5);
+            assert_eq!(vec(got.hits.float()), vec(want.hits.clone().float()));
+            assert!(vec(want.hits.clone().float()).iter().sum::<f32>() >= 4.0);
+            let grads = (got.logps * upstream.clone()).sum().backward();
+            close(&vec(hidden.grad(&grads).unwrap()), &want_grad, 1e-5);
+        }
+    }
+}
