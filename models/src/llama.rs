@@ -3,10 +3,8 @@
 //! checkpoint keys (`model.layers.{i}.self_attn.q_proj.weight`), so loading is a straight walk.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::{attention, embedding};
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::module::embedding;
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 
 use crate::config::{ModelConfig, RopeScaling};
@@ -63,8 +61,8 @@ pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
 
 /// Precomputed `cos`/`sin` for the positions of one forward pass.
 pub struct Rope<B: Backend> {
-    cos: Tensor<B, 4>, // [batch, 1, seq, head_dim]
-    sin: Tensor<B, 4>, // [batch, 1, seq, head_dim]
+    cos: Tensor<B, 3>, // [batch, seq, head_dim]
+    sin: Tensor<B, 3>, // [batch, seq, head_dim]
 }
 
 impl<B: Backend> Rope<B> {
@@ -75,20 +73,16 @@ impl<B: Backend> Rope<B> {
         let half = inv_freq.dims()[0];
         let pos = position_ids.float().cast(DType::F32).reshape([batch, seq, 1]);
         let freqs = pos * inv_freq.clone().reshape([1, 1, half]); // [batch, seq, half]
-        let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).unsqueeze_dim::<4>(1); // [batch, 1, seq, head_dim]
+        let emb = Tensor::cat(vec![freqs.clone(), freqs], 2); // [batch, seq, head_dim]
         Self {
             cos: emb.clone().cos().cast(dtype),
             sin: emb.sin().cast(dtype),
         }
     }
 
-    /// `x`: `[batch, heads, seq, head_dim]`.
+    /// `x`: `[batch, seq, heads, head_dim]`.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, h, s, d] = x.dims();
-        let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
-        let x2 = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        temper_kernels::rope(x, self.cos.clone(), self.sin.clone())
     }
 }
 
@@ -155,7 +149,7 @@ impl<B: Backend> Linear<B> {
         let rows = dims[..D - 1].iter().product::<usize>();
         let x = x.reshape([rows, in_f]);
         let bias = self.bias.as_ref().map(|b| b.val());
-        let y = burn::tensor::module::linear(x.clone(), self.weight(), bias.clone());
+        let y = temper_kernels::linear(x.clone(), self.weight(), bias.clone());
         let y = match &self.adapter {
             Some(lora) if lora.enabled => lora.apply(x, y, || self.weight(), bias),
             _ => y,
@@ -207,11 +201,7 @@ pub struct RmsNorm<B: Backend> {
 
 impl<B: Backend> RmsNorm<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let dtype = x.dtype();
-        let x = x.cast(DType::F32);
-        let var = x.clone().powi_scalar(2).mean_dim(2);
-        let normed = x * (var + self.eps).sqrt().recip();
-        normed.cast(dtype) * self.weight.val().unsqueeze::<3>()
+        temper_kernels::rms_norm(x, self.weight.val(), self.eps)
     }
 
     fn load(w: &mut WeightLoader<'_, B>, name: &str, size: usize, eps: f64) -> Result<Self> {
@@ -232,15 +222,15 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gated = temper_kernels::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        self.down_proj.forward(gated)
     }
 }
 
 /// Keys and values of earlier positions, per layer, for incremental decoding.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>, // [batch, kv_heads, past, head_dim]
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>, // [batch, past, kv_heads, head_dim]
 }
 
 impl<B: Backend> KvCache<B> {
@@ -255,7 +245,7 @@ impl<B: Backend> KvCache<B> {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2])
+            .map_or(0, |(k, _)| k.dims()[1])
     }
 
     pub fn is_empty(&self) -> bool {
@@ -286,15 +276,15 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]).swap_dims(1, 2); // [b, h, s, d]
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, d]).swap_dims(1, 2); // [b, kvh, s, d]
-        let v = self.v_proj.forward(x).reshape([b, s, kvh, d]).swap_dims(1, 2); // [b, kvh, s, d]
+        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
+        let k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, d]);
+        let v = self.v_proj.forward(x).reshape([b, s, kvh, d]);
         let q = rope.apply(q);
         let k = rope.apply(k);
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+                    Some((pk, pv)) => (Tensor::cat(vec![pk, k], 1), Tensor::cat(vec![pv, v], 1)),
                     None => (k, v),
                 };
                 *slot = Some((k.clone(), v.clone()));
@@ -302,28 +292,9 @@ impl<B: Backend> Attention<B> {
             }
             None => (k, v),
         };
-        let k = repeat_kv(k, h / kvh); // [b, h, total, d]
-        let v = repeat_kv(v, h / kvh); // [b, h, total, d]
-        let total = k.dims()[2];
-        let options = AttentionModuleOptions {
-            is_causal: mask.is_none(),
-            ..AttentionModuleOptions::default()
-        };
-        let mask = mask.map(|m| m.expand([b, h, s, total]));
-        let out = attention(q, k, v, mask, None, options); // [b, h, s, d]
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+        let out = temper_kernels::attention(q, k, v, mask); // [b, s, h, d]
+        self.o_proj.forward(out.reshape([b, s, h * d]))
     }
-}
-
-/// Grouped-query attention: each key/value head serves `groups` query heads.
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
-    if groups == 1 {
-        return x;
-    }
-    let [b, kvh, s, d] = x.dims();
-    x.unsqueeze_dim::<5>(2) // [b, kvh, 1, s, d]
-        .expand([b, kvh, groups, s, d])
-        .reshape([b, kvh * groups, s, d])
 }
 
 #[derive(Module, Debug)]

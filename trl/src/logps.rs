@@ -55,19 +55,16 @@ pub fn head_token_logps<B: Backend>(
     rows_per_chunk: usize,
 ) -> TokenLogps<B> {
     let [n, _] = hidden.dims();
-    let [vocab, width] = weight.dims();
-    // Both layouts, each materialised once (a reshape to the same shape makes a strided view
-    // contiguous): a matmul with a transposed operand copies it first on the CPU backend, a
-    // copy of the whole head per chunk otherwise.
-    let weight = weight.detach().reshape([vocab, width]);
-    let weight_t = weight.clone().transpose().reshape([width, vocab]);
+    let vocab = weight.dims()[0];
+    let weight = weight.detach();
     let inputs = hidden.clone().detach();
     let (mut logps, mut grads, mut means, mut hits) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let step = rows_per_chunk.max(1);
     for start in (0..n).step_by(step) {
         let rows = start..(start + step).min(n);
         let t = targets.clone().slice(rows.clone());
-        let logits = inputs.clone().slice(rows).matmul(weight_t.clone()).cast(DType::F32); // [c, vocab]
+        let chunk = inputs.clone().slice(rows);
+        let logits = temper_kernels::matmul(chunk, weight.clone().transpose()).cast(DType::F32); // [c, vocab]
         let max = logits.clone().max_dim(1); // [c, 1]
         let exp = (logits.clone() - max.clone()).exp();
         let sum = exp.clone().sum_dim(1); // [c, 1]
@@ -77,7 +74,7 @@ pub fn head_token_logps<B: Backend>(
         hits.push(argmax_hits(logits, t.clone()));
         // (onehot − p) · W = W[target] − p · W
         let probs = (exp / sum).cast(weight.dtype());
-        grads.push(weight.clone().select(0, t) - probs.matmul(weight.clone())); // [c, hidden]
+        grads.push(weight.clone().select(0, t) - temper_kernels::matmul(probs, weight.clone())); // [c, hidden]
     }
     let value = Tensor::cat(logps, 0);
     let grad = Tensor::cat(grads, 0).cast(hidden.dtype());

@@ -1,0 +1,977 @@
+//! The kernels for burn's ndarray backend, and their place in burn's autodiff graph.
+//!
+//! burn has no way to add an operation to a backend from outside (no specialization), and the
+//! model code is generic over `B: Backend`. So each entry point checks whether `B` is exactly
+//! `NdArray<f32>` or `Autodiff<NdArray<f32>>` and, if so, moves the tensors over to that type
+//! (a `TypeId`-checked downcast, no copy); any other backend, or any dtype but f32, returns
+//! `None` and the caller composes the operation from burn's tensor operations.
+//!
+//! The kernels work on contiguous row-major f32 slices; rayon spreads rows or heads over the
+//! cores; the small matrix products inside attention use `matrixmultiply` (one thread each, since
+//! rayon already occupies every core).
+
+use std::any::{Any, TypeId};
+use std::sync::Arc;
+
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Bool, DType, Tensor, TensorPrimitive, backend::Backend};
+use burn_autodiff::Autodiff;
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_ndarray::{NdArray, NdArrayTensor};
+use ndarray::{ArcArray, IxDyn};
+use rayon::prelude::*;
+
+type Nd = NdArray<f32>;
+type Ad = Autodiff<Nd>;
+
+/// Which of the two backends with kernels `B` is.
+#[derive(Clone, Copy)]
+enum Kind {
+    Plain,
+    Autodiff,
+}
+
+fn kind<B: Backend>() -> Option<Kind> {
+    let id = TypeId::of::<B>();
+    if id == TypeId::of::<Nd>() {
+        Some(Kind::Plain)
+    } else if id == TypeId::of::<Ad>() {
+        Some(Kind::Autodiff)
+    } else {
+        None
+    }
+}
+
+/// `T` as `U`, for types whose `TypeId`s the caller compared.
+fn same<T: 'static, U: 'static>(x: T) -> U {
+    *(Box::new(x) as Box<dyn Any>)
+        .downcast::<U>()
+        .unwrap_or_else(|_| unreachable!("the backend's type was checked"))
+}
+
+/// The backend's float primitive of `t`, if `B` has kernels and `t` is f32.
+fn float_prim<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<Prim> {
+    let kind = kind::<B>()?;
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    let prim = t.clone().into_primitive().tensor();
+    Some(match kind {
+        Kind::Plain => Prim::Plain(same::<FloatTensor<B>, NdArrayTensor>(prim)),
+        Kind::Autodiff => Prim::Autodiff(same::<FloatTensor<B>, FloatTensor<Ad>>(prim)),
+    })
+}
+
+enum Prim {
+    Plain(NdArrayTensor),
+    Autodiff(FloatTensor<Ad>),
+}
+
+impl Prim {
+    /// The values, without the autodiff node.
+    fn inner(&self) -> &NdArrayTensor {
+        match self {
+            Prim::Plain(t) => t,
+            Prim::Autodiff(t) => &t.primitive,
+        }
+    }
+}
+
+fn tensor<B: Backend, const D: usize>(out: Prim) -> Tensor<B, D> {
+    let prim: FloatTensor<B> = match out {
+        Prim::Plain(t) => same(t),
+        Prim::Autodiff(t) => same(t),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(prim))
+}
+
+/// Contiguous row-major values (borrowed when the tensor already is).
+fn values(t: &NdArrayTensor) -> std::borrow::Cow<'_, [f32]> {
+    match t {
+        NdArrayTensor::F32(storage) => {
+            let view = storage.view();
+            match view.to_slice() {
+                Some(slice) => slice.into(),
+                None => view.iter().copied().collect::<Vec<_>>().into(),
+            }
+        }
+        other => unreachable!("checked f32, got {:?}", burn::tensor::TensorMetadata::dtype(other)),
+    }
+}
+
+fn dims(t: &NdArrayTensor) -> Vec<usize> {
+    burn::tensor::TensorMetadata::shape(t).to_vec()
+}
+
+fn from_vec(values: Vec<f32>, shape: &[usize]) -> NdArrayTensor {
+    let array = ArcArray::from_shape_vec(IxDyn(shape), values).expect("values match the shape");
+    NdArrayTensor::from(array)
+}
+
+/// Registers the gradient for each parent that wants one (`(parent, || gradient)` pairs; burn's
+/// node type has no public name).
+macro_rules! register {
+    ($grads:expr, $(($parent:expr, $grad:expr)),+) => {
+        $(if let Some(node) = $parent {
+            $grads.register::<Nd>(node.id, $grad());
+        })+
+    };
+}
+
+/// Rows per rayon task for element-wise kernels: large enough to amortize the task, small
+/// enough to balance two or more cores.
+const CHUNK: usize = 1 << 14;
+
+// ---------------------------------------------------------------------------------------------
+// Matmul. burn-ndarray 0.21's matmul reshapes both operands and its output to 3-D, and its
+// reshape copies even a contiguous array (ndarray's `to_shape` borrows, `into_shared` then
+// copies), so every product paid three copies, and the backward's transposed operands a fourth.
+// Here both operands go to BLAS as views, transposes as a layout flag; the backward computes
+// only the gradients that parents want (a frozen base weight gets none).
+
+pub(crate) fn matmul<B: Backend>(a: &Tensor<B, 2>, b: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    let a = float_prim(a)?;
+    let b = float_prim(b)?;
+    let out = gemm_views(a.inner(), false, b.inner(), false);
+    Some(tensor(match (a, b) {
+        (Prim::Autodiff(a), Prim::Autodiff(b)) => {
+            let nodes = [a.node.clone(), b.node.clone()];
+            Prim::Autodiff(
+                match MatmulBackward
+                    .prepare::<NoCheckpointing>(nodes)
+                    .compute_bound()
+                    .stateful()
+                {
+                    OpsKind::Tracked(prep) => prep.finish((a.primitive, b.primitive), out),
+                    OpsKind::UnTracked(prep) => prep.finish(out),
+                },
+            )
+        }
+        _ => Prim::Plain(out),
+    }))
+}
+
+/// `op(a)·op(b)` for 2-D f32 tensors, `op` transposing when asked.
+fn gemm_views(a: &NdArrayTensor, transpose_a: bool, b: &NdArrayTensor, transpose_b: bool) -> NdArrayTensor {
+    with_view2(a, |a| {
+        with_view2(b, |b| {
+            let a = if transpose_a { a.t() } else { a };
+            let b = if transpose_b { b.t() } else { b };
+            let mut out = ndarray::Array2::<f32>::zeros((a.nrows(), b.ncols()));
+            ndarray::linalg::general_mat_mul(1.0, &a, &b, 0.0, &mut out);
+            NdArrayTensor::from(out.into_dyn().into_shared())
+        })
+    })
+}
+
+/// Runs `f` on a 2-D view of `t`.
+fn with_view2<R>(t: &NdArrayTensor, f: impl FnOnce(ndarray::ArrayView2<'_, f32>) -> R) -> R {
+    match t {
+        NdArrayTensor::F32(storage) => f(storage.view().into_dimensionality().expect("a matrix")),
+        other => unreachable!("checked f32, got {:?}", burn::tensor::TensorMetadata::dtype(other)),
+    }
+}
+
+#[derive(Debug)]
+struct MatmulBackward;
+
+impl Backward<Nd, 2> for MatmulBackward {
+    type State = (NdArrayTensor, NdArrayTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Nd>(&ops.node);
+        let (a, b) = ops.state;
+        let [pa, pb] = ops.parents;
+        register!(
+            grads,
+            (pa, || gemm_views(&grad, false, &b, true)),
+            (pb, || gemm_views(&a, true, &grad, false))
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+
+pub(crate) fn swiglu<B: Backend, const D: usize>(gate: &Tensor<B, D>, up: &Tensor<B, D>) -> Option<Tensor<B, D>> {
+    let gate = float_prim(gate)?;
+    let up = float_prim(up)?;
+    let shape = dims(gate.inner());
+    let out = {
+        let (g, u) = (values(gate.inner()), values(up.inner()));
+        let mut out = vec![0.0f32; g.len()];
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+            let at = c * CHUNK;
+            for (i, o) in out.iter_mut().enumerate() {
+                let g = g[at + i];
+                *o = g / (1.0 + (-g).exp()) * u[at + i];
+            }
+        });
+        from_vec(out, &shape)
+    };
+    Some(tensor(match (gate, up) {
+        (Prim::Autodiff(gate), Prim::Autodiff(up)) => {
+            let nodes = [gate.node.clone(), up.node.clone()];
+            Prim::Autodiff(
+                match SwigluBackward
+                    .prepare::<NoCheckpointing>(nodes)
+                    .compute_bound()
+                    .stateful()
+                {
+                    OpsKind::Tracked(prep) => prep.finish((gate.primitive, up.primitive), out),
+                    OpsKind::UnTracked(prep) => prep.finish(out),
+                },
+            )
+        }
+        _ => Prim::Plain(out),
+    }))
+}
+
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl Backward<Nd, 2> for SwigluBackward {
+    type State = (NdArrayTensor, NdArrayTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Nd>(&ops.node);
+        let (gate, up) = ops.state;
+        let shape = dims(&gate);
+        let (dy, g, u) = (values(&grad), values(&gate), values(&up));
+        let mut dg = vec![0.0f32; g.len()];
+        let mut du = vec![0.0f32; g.len()];
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(c, (dg, du))| {
+                let at = c * CHUNK;
+                for i in 0..dg.len() {
+                    let (g, u, dy) = (g[at + i], u[at + i], dy[at + i]);
+                    let sig = 1.0 / (1.0 + (-g).exp());
+                    let silu = g * sig;
+                    dg[i] = dy * u * sig * (1.0 + g * (1.0 - sig));
+                    du[i] = dy * silu;
+                }
+            });
+        let [pg, pu] = ops.parents;
+        register!(grads, (pg, || from_vec(dg, &shape)), (pu, || from_vec(du, &shape)));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm: y = n ⊙ w with n = x·r, r = 1/sqrt(mean(x²) + eps) per row. Backward:
+// dx = r·(dn − n·mean(dn ⊙ n)) with dn = dy ⊙ w; dw = Σ_rows dy ⊙ n.
+
+pub(crate) fn rms_norm<B: Backend>(x: &Tensor<B, 3>, weight: &Tensor<B, 1>, eps: f64) -> Option<Tensor<B, 3>> {
+    let x = float_prim(x)?;
+    let weight = float_prim(weight)?;
+    let shape = dims(x.inner());
+    let out = {
+        let (xs, w) = (values(x.inner()), values(weight.inner()));
+        let h = w.len();
+        let mut out = vec![0.0f32; xs.len()];
+        let rows_per_task = (CHUNK / h).max(1);
+        out.par_chunks_mut(rows_per_task * h).enumerate().for_each(|(c, out)| {
+            for (r, y) in out.chunks_mut(h).enumerate() {
+                let x = &xs[(c * rows_per_task + r) * h..][..h];
+                let inv = inv_rms(x, eps);
+                for ((y, x), w) in y.iter_mut().zip(x).zip(w.iter()) {
+                    *y = x * inv * w;
+                }
+            }
+        });
+        from_vec(out, &shape)
+    };
+    Some(tensor(match (x, weight) {
+        (Prim::Autodiff(x), Prim::Autodiff(w)) => {
+            let nodes = [x.node.clone(), w.node.clone()];
+            Prim::Autodiff(
+                match RmsNormBackward
+                    .prepare::<NoCheckpointing>(nodes)
+                    .compute_bound()
+                    .stateful()
+                {
+                    OpsKind::Tracked(prep) => prep.finish((x.primitive, w.primitive, eps), out),
+                    OpsKind::UnTracked(prep) => prep.finish(out),
+                },
+            )
+        }
+        _ => Prim::Plain(out),
+    }))
+}
+
+/// `1 / sqrt(mean(x²) + eps)`, summed in f64 (rows are hidden-size long).
+fn inv_rms(x: &[f32], eps: f64) -> f32 {
+    let sum: f64 = x.iter().map(|v| (*v as f64) * (*v as f64)).sum();
+    (1.0 / (sum / x.len() as f64 + eps).sqrt()) as f32
+}
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl Backward<Nd, 2> for RmsNormBackward {
+    type State = (NdArrayTensor, NdArrayTensor, f64);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Nd>(&ops.node);
+        let (x, weight, eps) = ops.state;
+        let shape = dims(&x);
+        let (dy, xs, w) = (values(&grad), values(&x), values(&weight));
+        let h = w.len();
+        let rows_per_task = (CHUNK / h).max(1);
+        let mut dx = vec![0.0f32; xs.len()];
+        // Each task's share of dw, summed after.
+        let dw_parts: Vec<Vec<f32>> = dx
+            .par_chunks_mut(rows_per_task * h)
+            .enumerate()
+            .map(|(c, dx)| {
+                let mut dw = vec![0.0f32; h];
+                for (r, dx) in dx.chunks_mut(h).enumerate() {
+                    let at = (c * rows_per_task + r) * h;
+                    let (x, dy) = (&xs[at..][..h], &dy[at..][..h]);
+                    let inv = inv_rms(x, eps);
+                    // mean(dn ⊙ n) = inv · mean(dy ⊙ w ⊙ x)
+                    let dot: f32 = (0..h).map(|j| dy[j] * w[j] * x[j]).sum::<f32>() * inv / h as f32;
+                    for j in 0..h {
+                        let n = x[j] * inv;
+                        dx[j] = inv * (dy[j] * w[j] - n * dot);
+                        dw[j] += dy[j] * n;
+                    }
+                }
+                dw
+            })
+            .collect();
+        let [px, pw] = ops.parents;
+        register!(
+            grads,
+            (px, || from_vec(dx, &shape)),
+            (pw, || {
+                let mut dw = vec![0.0f32; h];
+                for part in &dw_parts {
+                    dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+                }
+                from_vec(dw, &[h])
+            })
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE: y_lo = x_lo·cos_lo − x_hi·sin_lo, y_hi = x_hi·cos_hi + x_lo·sin_hi (halves of each
+// head). Its transpose, the backward: dx_lo = dy_lo·cos_lo + dy_hi·sin_hi,
+// dx_hi = dy_hi·cos_hi − dy_lo·sin_lo.
+
+pub(crate) fn rope<B: Backend>(x: &Tensor<B, 4>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Option<Tensor<B, 4>> {
+    let x = float_prim(x)?;
+    let cos = float_prim(cos)?;
+    let sin = float_prim(sin)?;
+    let shape = dims(x.inner());
+    let (cos, sin) = (cos.inner().clone(), sin.inner().clone());
+    let out = from_vec(
+        rotate(&values(x.inner()), &values(&cos), &values(&sin), &shape, false),
+        &shape,
+    );
+    Some(tensor(match x {
+        Prim::Autodiff(x) => Prim::Autodiff(
+            match RopeBackward
+                .prepare::<NoCheckpointing>([x.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish((cos, sin), out),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            },
+        ),
+        _ => Prim::Plain(out),
+    }))
+}
+
+/// RoPE (`inverse`: its transpose) of `x` `[b, s, h, d]` with `cos`/`sin` `[b, s, d]`.
+fn rotate(x: &[f32], cos: &[f32], sin: &[f32], shape: &[usize], inverse: bool) -> Vec<f32> {
+    let (h, d) = (shape[2], shape[3]);
+    let half = d / 2;
+    let mut out = vec![0.0f32; x.len()];
+    let rows_per_task = (CHUNK / (h * d)).max(1);
+    out.par_chunks_mut(rows_per_task * h * d)
+        .enumerate()
+        .for_each(|(c, out)| {
+            for (r, out) in out.chunks_mut(h * d).enumerate() {
+                let row = c * rows_per_task + r; // b·s + s
+                let (cos, sin) = (&cos[row * d..][..d], &sin[row * d..][..d]);
+                for (head, y) in out.chunks_mut(d).enumerate() {
+                    let x = &x[(row * h + head) * d..][..d];
+                    for j in 0..half {
+                        let (lo, hi) = (x[j], x[j + half]);
+                        if inverse {
+                            y[j] = lo * cos[j] + hi * sin[j + half];
+                            y[j + half] = hi * cos[j + half] - lo * sin[j];
+                        } else {
+                            y[j] = lo * cos[j] - hi * sin[j];
+                            y[j + half] = hi * cos[j + half] + lo * sin[j + half];
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+#[derive(Debug)]
+struct RopeBackward;
+
+impl Backward<Nd, 1> for RopeBackward {
+    type State = (NdArrayTensor, NdArrayTensor);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Nd>(&ops.node);
+        let (cos, sin) = ops.state;
+        let shape = dims(&grad);
+        let [parent] = ops.parents;
+        register!(
+            grads,
+            (parent, || {
+                from_vec(
+                    rotate(&values(&grad), &values(&cos), &values(&sin), &shape, true),
+                    &shape,
+                )
+            })
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention. Forward, per (batch, head): S = scale·Q·Kᵀ, P = softmax(S) over the keys the query
+// may see, O = P·V, in blocks of query rows so that a causal block multiplies only the keys up
+// to its last row. P is kept for the backward pass, per (batch, kv head), so that the heads
+// sharing a key/value head accumulate its gradient without races:
+//   dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O)), dQ = scale·dS·K, dK += scale·dSᵀ·Q, dV += Pᵀ·dO.
+
+/// Query rows per block.
+const ROWS: usize = 64;
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    batch: usize,
+    seq: usize,
+    keys: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Dims {
+    /// Keys row block `rows` of batch row `b` needs: up to the last one any of its rows sees.
+    fn key_end(&self, b: usize, rows: std::ops::Range<usize>, mask: Option<&[bool]>) -> usize {
+        match mask {
+            None => (rows.end + self.keys - self.seq).min(self.keys),
+            Some(mask) => rows
+                .map(|i| {
+                    let row = &mask[(b * self.seq + i) * self.keys..][..self.keys];
+                    row.iter().rposition(|blocked| !blocked).map_or(0, |j| j + 1)
+                })
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    fn sees(&self, b: usize, i: usize, j: usize, mask: Option<&[bool]>) -> bool {
+        match mask {
+            None => j <= i + self.keys - self.seq,
+            Some(mask) => !mask[(b * self.seq + i) * self.keys + j],
+        }
+    }
+}
+
+/// A raw pointer that rayon tasks may share: each writes its own rows of the buffer.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The element at `offset`. (A method, so that closures capture the whole `Shared`.)
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the buffer.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// `c[m×n] = alpha·a[m×k]·b[k×n] + beta·c`, each matrix given by its row and column strides.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    (m, k, n): (usize, usize, usize),
+    alpha: f32,
+    a: (*const f32, usize, usize),
+    b: (*const f32, usize, usize),
+    beta: f32,
+    c: (*mut f32, usize, usize),
+) {
+    // SAFETY: every caller passes pointers into live buffers whose strides cover m×k, k×n and
+    // m×n elements, and no other task writes the rows of `c` at the same time.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.0,
+            a.1 as isize,
+            a.2 as isize,
+            b.0,
+            b.1 as isize,
+            b.2 as isize,
+            beta,
+            c.0,
+            c.1 as isize,
+            c.2 as isize,
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+struct AttentionState {
+    q: NdArrayTensor,
+    k: NdArrayTensor,
+    v: NdArrayTensor,
+    out: NdArrayTensor,
+    /// `[batch, heads, seq, keys]`, zero where a query may not see a key.
+    probs: Arc<Vec<f32>>,
+    mask: Option<Arc<Vec<bool>>>,
+    dims: Dims,
+}
+
+pub(crate) fn attention<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4, Bool>>,
+) -> Option<Tensor<B, 4>> {
+    let q = float_prim(q)?;
+    let k = float_prim(k)?;
+    let v = float_prim(v)?;
+    let [batch, seq, heads, head_dim] = q.inner_dims();
+    let [_, keys, kv_heads, _] = k.inner_dims();
+    if heads % kv_heads != 0 || keys < seq {
+        return None;
+    }
+    let dims = Dims {
+        batch,
+        seq,
+        keys,
+        heads,
+        kv_heads,
+        head_dim,
+    };
+    let mask = mask.map(|m| Arc::new(bools(m)));
+    let (out, probs) = attention_forward(
+        &values(q.inner()),
+        &values(k.inner()),
+        &values(v.inner()),
+        mask.as_deref().map(|m| m.as_slice()),
+        dims,
+    );
+    let out = from_vec(out, &[batch, seq, heads, head_dim]);
+    Some(tensor(match (q, k, v) {
+        (Prim::Autodiff(q), Prim::Autodiff(k), Prim::Autodiff(v)) => {
+            let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
+            Prim::Autodiff(
+                match AttentionBackward
+                    .prepare::<NoCheckpointing>(nodes)
+                    .compute_bound()
+                    .stateful()
+                {
+                    OpsKind::Tracked(prep) => {
+                        let state = AttentionState {
+                            q: q.primitive,
+                            k: k.primitive,
+                            v: v.primitive,
+                            out: out.clone(),
+                            probs: Arc::new(probs),
+                            mask,
+                            dims,
+                        };
+                        prep.finish(state, out)
+                    }
+                    OpsKind::UnTracked(prep) => prep.finish(out),
+                },
+            )
+        }
+        _ => Prim::Plain(out),
+    }))
+}
+
+impl Prim {
+    fn inner_dims(&self) -> [usize; 4] {
+        let d = dims(self.inner());
+        [d[0], d[1], d[2], d[3]]
+    }
+}
+
+/// The mask `[batch, 1, seq, keys]` as a contiguous `[batch, seq, keys]`.
+fn bools<B: Backend>(mask: &Tensor<B, 4, Bool>) -> Vec<bool> {
+    // Bool tensors are the same type with or without autodiff: the ndarray backend's.
+    let prim: NdArrayTensor = same(mask.clone().into_primitive());
+    match prim {
+        NdArrayTensor::Bool(storage) => storage.view().iter().copied().collect(),
+        other => unreachable!("a bool tensor holds {:?}", burn::tensor::TensorMetadata::dtype(&other)),
+    }
+}
+
+fn attention_forward(q: &[f32], k: &[f32], v: &[f32], mask: Option<&[bool]>, dims: Dims) -> (Vec<f32>, Vec<f32>) {
+    let Dims {
+        seq,
+        keys,
+        heads: h,
+        kv_heads: kvh,
+        head_dim: d,
+        ..
+    } = dims;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut out = vec![0.0f32; dims.batch * seq * h * d];
+    let mut probs = vec![0.0f32; dims.batch * h * seq * keys];
+    let out_ptr = Shared(out.as_mut_ptr());
+    probs.par_chunks_mut(seq * keys).enumerate().for_each(|(unit, p)| {
+        let (b, head) = (unit / h, unit % h);
+        let g = head / (h / kvh);
+        let q_at = |i: usize| q[((b * seq + i) * h + head) * d..].as_ptr();
+        let k0 = k[(b * keys * kvh + g) * d..].as_ptr();
+        let v0 = v[(b * keys * kvh + g) * d..].as_ptr();
+        for r0 in (0..seq).step_by(ROWS) {
+            let r1 = (r0 + ROWS).min(seq);
+            let end = dims.key_end(b, r0..r1, mask);
+            if end == 0 {
+                continue; // every row of the block sees nothing: zeros
+            }
+            let block = &mut p[r0 * keys..r1 * keys];
+            gemm(
+                (r1 - r0, d, end),
+                scale,
+                (q_at(r0), h * d, 1),
+                (k0, 1, kvh * d),
+                0.0,
+                (block.as_mut_ptr(), keys, 1),
+            );
+            for (i, row) in (r0..r1).zip(block.chunks_mut(keys)) {
+                let row = &mut row[..end];
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in row.iter().enumerate() {
+                    if dims.sees(b, i, j, mask) {
+                        max = max.max(*s);
+                    }
+                }
+                if max == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                    continue;
+                }
+                let mut sum = 0.0f32;
+                for (j, s) in row.iter_mut().enumerate() {
+                    *s = if dims.sees(b, i, j, mask) {
+                        (*s - max).exp()
+                    } else {
+                        0.0
+                    };
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|s| *s *= inv);
+            }
+            let o = out_ptr.at(((b * seq + r0) * h + head) * d);
+            gemm(
+                (r1 - r0, end, d),
+                1.0,
+                (block.as_ptr(), keys, 1),
+                (v0, kvh * d, 1),
+                0.0,
+                (o, h * d, 1),
+            );
+        }
+    });
+    (out, probs)
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl Backward<Nd, 3> for AttentionBackward {
+    type State = AttentionState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Nd>(&ops.node);
+        let s = ops.state;
+        let (dq, dk, dv) = attention_backward(
+            &values(&grad),
+            &values(&s.q),
+            &values(&s.k),
+            &values(&s.v),
+            &values(&s.out),
+            &s.probs,
+            s.mask.as_deref().map(|m| m.as_slice()),
+            s.dims,
+        );
+        let Dims {
+            batch,
+            seq,
+            keys,
+            heads,
+            kv_heads,
+            head_dim,
+        } = s.dims;
+        let [pq, pk, pv] = ops.parents;
+        register!(
+            grads,
+            (pq, || from_vec(dq, &[batch, seq, heads, head_dim])),
+            (pk, || from_vec(dk, &[batch, keys, kv_heads, head_dim])),
+            (pv, || from_vec(dv, &[batch, keys, kv_heads, head_dim]))
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_backward(
+    d_out: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    probs: &[f32],
+    mask: Option<&[bool]>,
+    dims: Dims,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Dims {
+        batch,
+        seq,
+        keys,
+        heads: h,
+        kv_heads: kvh,
+        head_dim: d,
+    } = dims;
+    let scale = 1.0 / (d as f32).sqrt();
+    let groups = h / kvh;
+    let mut dq = vec![0.0f32; q.len()];
+    let mut dk = vec![0.0f32; k.len()];
+    let mut dv = vec![0.0f32; v.len()];
+    let (dq_ptr, dk_ptr, dv_ptr) = (
+        Shared(dq.as_mut_ptr()),
+        Shared(dk.as_mut_ptr()),
+        Shared(dv.as_mut_ptr()),
+    );
+    (0..batch * kvh).into_par_iter().for_each(|unit| {
+        let (b, g) = (unit / kvh, unit % kvh);
+        let kv_at = (b * keys * kvh + g) * d;
+        let (k0, v0) = (k[kv_at..].as_ptr(), v[kv_at..].as_ptr());
+        // SAFETY: unit (b, g) alone writes key/value head g of batch row b, and the query heads
+        // of group g.
+        let (dk0, dv0) = (dk_ptr.at(kv_at), dv_ptr.at(kv_at));
+        let mut ds = vec![0.0f32; ROWS * keys];
+        for head in g * groups..(g + 1) * groups {
+            let p = &probs[(b * h + head) * seq * keys..][..seq * keys];
+            let row_at = |i: usize| ((b * seq + i) * h + head) * d;
+            for r0 in (0..seq).step_by(ROWS) {
+                let r1 = (r0 + ROWS).min(seq);
+                let rows = r1 - r0;
+                let end = dims.key_end(b, r0..r1, mask);
+                if end == 0 {
+                    continue;
+                }
+                let ds = &mut ds[..rows * end];
+                let dy = d_out[row_at(r0)..].as_ptr();
+                gemm(
+                    (rows, d, end),
+                    1.0,
+                    (dy, h * d, 1),
+                    (v0, 1, kvh * d),
+                    0.0,
+                    (ds.as_mut_ptr(), end, 1),
+                );
+                for (i, ds) in (r0..r1).zip(ds.chunks_mut(end)) {
+                    let (dy, o) = (&d_out[row_at(i)..][..d], &out[row_at(i)..][..d]);
+                    let delta: f32 = dy.iter().zip(o).map(|(a, b)| a * b).sum();
+                    let p = &p[i * keys..][..end];
+                    for (x, p) in ds.iter_mut().zip(p) {
+                        *x = p * (*x - delta);
+                    }
+                }
+                let dq_rows = dq_ptr.at(row_at(r0));
+                gemm(
+                    (rows, end, d),
+                    scale,
+                    (ds.as_ptr(), end, 1),
+                    (k0, kvh * d, 1),
+                    0.0,
+                    (dq_rows, h * d, 1),
+                );
+                let q_rows = q[row_at(r0)..].as_ptr();
+                gemm(
+                    (end, rows, d),
+                    scale,
+                    (ds.as_ptr(), 1, end),
+                    (q_rows, h * d, 1),
+                    1.0,
+                    (dk0, kvh * d, 1),
+                );
+                let p_rows = p[r0 * keys..].as_ptr();
+                gemm(
+                    (end, rows, d),
+                    1.0,
+                    (p_rows, 1, keys),
+                    (dy, h * d, 1),
+                    1.0,
+                    (dv0, kvh * d, 1),
+                );
+            }
+        }
+    });
+    (dq, dk, dv)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Distribution, Tensor, TensorData, Tolerance};
+
+    use super::{Ad, Nd};
+    use crate::composed;
+
+    fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<Ad, D> {
+        <Ad as burn::tensor::backend::Backend>::seed(&Default::default(), seed);
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+    }
+
+    fn close<const D: usize>(got: Tensor<Ad, D>, want: Tensor<Ad, D>) {
+        got.into_data()
+            .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(2e-5).set_relative(1e-4));
+    }
+
+    /// Values and gradients of `op` (kernel) against `reference` (composed) for the same inputs,
+    /// through a random linear loss so that every output element has its own upstream gradient.
+    fn check<const D: usize, const O: usize>(
+        inputs: Vec<Tensor<Ad, D>>,
+        op: impl Fn(Vec<Tensor<Ad, D>>) -> Tensor<Ad, O>,
+        reference: impl Fn(Vec<Tensor<Ad, D>>) -> Tensor<Ad, O>,
+    ) {
+        let run = |f: &dyn Fn(Vec<Tensor<Ad, D>>) -> Tensor<Ad, O>| {
+            let inputs: Vec<_> = inputs.iter().map(|t| t.clone().detach().require_grad()).collect();
+            let out = f(inputs.clone());
+            let weights = random(out.dims(), 99);
+            let grads = (out.clone() * weights).sum().backward();
+            let grads: Vec<_> = inputs.iter().map(|t| t.grad(&grads).expect("a gradient")).collect();
+            (out, grads)
+        };
+        let (out, grads) = run(&op);
+        let (want, want_grads) = run(&reference);
+        close(out, want);
+        for (got, want) in grads.into_iter().zip(want_grads) {
+            got.into_data()
+                .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(2e-5).set_relative(1e-4));
+        }
+    }
+
+    #[test]
+    fn matmul_matches_burns() {
+        // Contiguous, and a transposed (column-major) operand.
+        let a = random([70, 33], 12);
+        let b = random([21, 33], 13);
+        check(
+            vec![a.clone(), b.clone()],
+            |t| super::matmul(&t[0], &t[1].clone().transpose()).expect("the kernel runs"),
+            |t| t[0].clone().matmul(t[1].clone().transpose()),
+        );
+    }
+
+    #[test]
+    fn swiglu_matches_the_composed_form() {
+        let inputs = vec![random([3, 5, 40_000], 1), random([3, 5, 40_000], 2)];
+        check(
+            inputs,
+            |t| super::swiglu(&t[0], &t[1]).expect("the kernel runs"),
+            |t| composed::swiglu(t[0].clone(), t[1].clone()),
+        );
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composed_form() {
+        let x = random([2, 70, 576], 10);
+        let w = random([576], 11);
+        let op =
+            |w: Tensor<Ad, 1>| move |t: Vec<Tensor<Ad, 3>>| super::rms_norm(&t[0], &w, 1e-5).expect("the kernel runs");
+        let reference =
+            |w: Tensor<Ad, 1>| move |t: Vec<Tensor<Ad, 3>>| composed::rms_norm(t[0].clone(), w.clone(), 1e-5);
+        // The input's gradient, then the weight's (full fine-tuning trains norms).
+        check(vec![x.clone()], op(w.clone()), reference(w.clone()));
+        let xs = x.detach();
+        check(
+            vec![w.unsqueeze::<3>()],
+            |t| super::rms_norm(&xs, &t[0].clone().reshape([576]), 1e-5).expect("the kernel runs"),
+            |t| composed::rms_norm(xs.clone(), t[0].clone().reshape([576]), 1e-5),
+        );
+    }
+
+    #[test]
+    fn rope_matches_the_composed_form() {
+        let (b, s, h, d) = (2, 300, 3, 8);
+        let angles = random([b, s, d / 2], 3);
+        let angles = Tensor::cat(vec![angles.clone(), angles], 2);
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        check(
+            vec![random([b, s, h, d], 4)],
+            |t| super::rope(&t[0], &cos, &sin).expect("the kernel runs"),
+            |t| composed::rope(t[0].clone(), cos.clone(), sin.clone()),
+        );
+    }
+
+    fn attention_case(batch: usize, seq: usize, keys: usize, heads: usize, kv_heads: usize, mask: Option<Vec<bool>>) {
+        let d = 16;
+        let mask = mask.map(|m| {
+            Tensor::<Ad, 4, burn::tensor::Bool>::from_data(
+                TensorData::new(m, [batch, 1, seq, keys]),
+                &Default::default(),
+            )
+        });
+        let inputs = vec![
+            random([batch, seq, heads, d], 5),
+            random([batch, keys, kv_heads, d], 6),
+            random([batch, keys, kv_heads, d], 7),
+        ];
+        check(
+            inputs,
+            |t| super::attention(&t[0], &t[1], &t[2], mask.as_ref()).expect("the kernel runs"),
+            |t| composed::attention(t[0].clone(), t[1].clone(), t[2].clone(), mask.clone()),
+        );
+    }
+
+    #[test]
+    fn causal_attention_matches_the_composed_form() {
+        // Several row blocks, grouped-query heads, and fewer queries than keys (a KV cache).
+        attention_case(2, 150, 150, 6, 2, None);
+        attention_case(1, 70, 100, 4, 4, None);
+        attention_case(1, 1, 9, 3, 1, None);
+    }
+
+    #[test]
+    fn masked_attention_matches_the_composed_form() {
+        // Causal, plus left padding in row 0 (its first three queries see nothing: zeros) and two
+        // packed segments in row 1.
+        let (batch, seq) = (2, 90);
+        let mut mask = Vec::new();
+        for b in 0..batch {
+            for i in 0..seq {
+                for j in 0..seq {
+                    let blocked = j > i || if b == 0 { j < 3 } else { (i < 40) != (j < 40) };
+                    mask.push(blocked);
+                }
+            }
+        }
+        attention_case(batch, seq, seq, 4, 2, Some(mask));
+    }
+
+    #[test]
+    fn plain_ndarray_runs_the_kernels_too() {
+        let x = random([2, 4, 6], 8).inner();
+        let y = random([2, 4, 6], 9).inner();
+        let got = super::swiglu::<Nd, 3>(&x, &y).expect("the kernel runs");
+        got.into_data()
+            .assert_approx_eq::<f32>(&composed::swiglu(x, y).into_data(), Tolerance::absolute(1e-6));
+    }
+}

@@ -1,0 +1,163 @@
+//! Fused tensor operations for the decoder: causal attention, SwiGLU, RoPE and RMSNorm, and a
+//! matmul that does not copy its operands.
+//!
+//! Each is a plain function over burn tensors. On burn's ndarray backend (`NdArray<f32>`, with
+//! or without `Autodiff`) and with the `ndarray` feature, it runs one hand-written kernel on all
+//! cores, with its own backward pass; on every other backend it is composed from burn's tensor
+//! operations (GPU backends get their own fused attention that way).
+//!
+//! Why: composed from burn's operations, these three are ~20 element-wise passes per layer on
+//! the CPU, each allocating its output, single-threaded (burn-ndarray threads only its matmul),
+//! while OpenBLAS's second thread waits. A SmolLM2 LoRA step spent about two thirds of its main
+//! thread there (benches/RESULTS.md).
+
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention as burn_attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, DType, Tensor};
+
+#[cfg(feature = "ndarray")]
+mod cpu;
+
+/// `a·b` for matrices.
+///
+/// # Shapes
+/// `a: [m, k]`, `b: [k, n]` -> `[m, n]`
+pub fn matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    #[cfg(feature = "ndarray")]
+    if let Some(out) = cpu::matmul(&a, &b) {
+        return out;
+    }
+    a.matmul(b)
+}
+
+/// `x·weight + bias`, with the weight stored `[in, out]`.
+///
+/// # Shapes
+/// `x: [rows, in]`, `weight: [in, out]`, `bias: [out]` -> `[rows, out]`
+pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+    #[cfg(feature = "ndarray")]
+    if let Some(out) = cpu::matmul(&x, &weight) {
+        return match bias {
+            Some(bias) => out + bias.unsqueeze::<2>(),
+            None => out,
+        };
+    }
+    burn::tensor::module::linear(x, weight, bias)
+}
+
+/// `silu(gate) * up`, the gated activation of a SwiGLU MLP.
+pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    if let Some(out) = cpu::swiglu(&gate, &up) {
+        return out;
+    }
+    composed::swiglu(gate, up)
+}
+
+/// RMSNorm, `x / sqrt(mean(x²) + eps) * weight` over the last dimension, computed in f32 whatever
+/// the storage dtype (as transformers' `LlamaRMSNorm`), returned in `x`'s dtype.
+///
+/// # Shapes
+/// `x: [batch, seq, hidden]`, `weight: [hidden]` -> like `x`
+pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
+    #[cfg(feature = "ndarray")]
+    if let Some(out) = cpu::rms_norm(&x, &weight, eps) {
+        return out;
+    }
+    composed::rms_norm(x, weight, eps)
+}
+
+/// Rotary position embedding in Hugging Face's `rotate_half` layout (the two halves of each head
+/// are the pairs): `x * cos + rotate_half(x) * sin`.
+///
+/// # Shapes
+/// `x: [batch, seq, heads, head_dim]`, `cos`, `sin`: `[batch, seq, head_dim]` -> like `x`
+pub fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 3>, sin: Tensor<B, 3>) -> Tensor<B, 4> {
+    #[cfg(feature = "ndarray")]
+    if let Some(out) = cpu::rope(&x, &cos, &sin) {
+        return out;
+    }
+    composed::rope(x, cos, sin)
+}
+
+/// Scaled dot-product attention, `softmax(q·kᵀ / sqrt(head_dim)) · v`, with grouped-query heads
+/// (each key/value head serves `heads / kv_heads` query heads, without copying it).
+///
+/// `mask`: `true` where a query may not see a key. `None` means causal: query `i` sees keys up to
+/// `i + keys - seq` (the last `seq` keys are the queries' own positions, as with a KV cache).
+/// A given mask must block the future itself. A query that may see no key gets zeros.
+///
+/// # Shapes
+/// `q: [batch, seq, heads, head_dim]`, `k`, `v`: `[batch, keys, kv_heads, head_dim]`,
+/// `mask: [batch, 1, seq, keys]` -> `[batch, seq, heads, head_dim]`
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+) -> Tensor<B, 4> {
+    #[cfg(feature = "ndarray")]
+    if let Some(out) = cpu::attention(&q, &k, &v, mask.as_ref()) {
+        return out;
+    }
+    composed::attention(q, k, v, mask)
+}
+
+/// The same operations composed from burn's tensor operations, whatever the backend: what other
+/// backends run, and what the CPU kernels are tested against.
+pub mod composed {
+    use super::*;
+
+    pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+        silu(gate) * up
+    }
+
+    pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32);
+        let var = x.clone().powi_scalar(2).mean_dim(2);
+        let normed = x * (var + eps).sqrt().recip();
+        normed.cast(dtype) * weight.unsqueeze::<3>()
+    }
+
+    pub fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 3>, sin: Tensor<B, 3>) -> Tensor<B, 4> {
+        let [b, s, h, d] = x.dims();
+        let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
+        let x2 = x.clone().slice([0..b, 0..s, 0..h, d / 2..d]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos.unsqueeze_dim::<4>(2) + rotated * sin.unsqueeze_dim::<4>(2)
+    }
+
+    pub fn attention<B: Backend>(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        mask: Option<Tensor<B, 4, Bool>>,
+    ) -> Tensor<B, 4> {
+        let [b, s, h, _] = q.dims();
+        let [_, keys, kvh, _] = k.dims();
+        let q = q.swap_dims(1, 2); // [b, h, s, d]
+        let k = repeat_kv(k.swap_dims(1, 2), h / kvh); // [b, h, keys, d]
+        let v = repeat_kv(v.swap_dims(1, 2), h / kvh); // [b, h, keys, d]
+        let options = AttentionModuleOptions {
+            is_causal: mask.is_none(),
+            ..AttentionModuleOptions::default()
+        };
+        let mask = mask.map(|m| m.expand([b, h, s, keys]));
+        burn_attention(q, k, v, mask, None, options).swap_dims(1, 2) // [b, s, h, d]
+    }
+
+    /// Grouped-query attention for backends without it: each key/value head repeated `groups`
+    /// times.
+    fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
+        if groups == 1 {
+            return x;
+        }
+        let [b, kvh, s, d] = x.dims();
+        x.unsqueeze_dim::<5>(2) // [b, kvh, 1, s, d]
+            .expand([b, kvh, groups, s, d])
+            .reshape([b, kvh * groups, s, d])
+    }
+}
