@@ -327,6 +327,20 @@ fn checkpoints_rotate_and_the_loss_is_watched() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("step ") && err.contains("the loss is"), "{err}");
+
+    // Pre-tokenized ids past the tiny model's 128-token vocabulary, in the training data and in
+    // the evaluation data: an error naming where, not a panic inside the backend.
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"input_ids\": [5, 6, 7, 500], \"labels\": [5, 6, 7, 500]}\n").unwrap();
+    for (key, during) in [("data.path", "step 1"), ("data.eval.path", "evaluation data")] {
+        let out = tmp.path().join("vocab");
+        let set = format!("{key}={}", bad.display());
+        let job = load_job(tmp.path(), &job_yaml(&out), &[&set, "training.eval_steps=1"]).unwrap();
+        let err = train::<AD>(&job, &Default::default(), DType::F32, TrainOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with(during) && err.contains("token id 500"), "{key}: {err}");
+    }
 }
 
 #[test]

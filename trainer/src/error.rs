@@ -21,10 +21,10 @@ pub enum Error {
     #[error("rank {rank}: collective: {message}")]
     Collective { rank: usize, message: String },
     #[error(
-        "step {step}: token id {id} is outside the model's vocabulary ({vocab} tokens); \
+        "{during}: token id {id} is outside the model's vocabulary ({vocab} tokens); \
          pre-tokenized `input_ids` must come from this model's tokenizer"
     )]
-    TokenOutOfVocab { step: u64, id: u32, vocab: usize },
+    TokenOutOfVocab { during: String, id: u32, vocab: usize },
     #[error("step {step}: the loss is {value}; training stopped (the last good checkpoint is kept)")]
     NonFiniteLoss { step: u64, value: f32 },
 }

@@ -318,14 +318,7 @@ pub fn train<B: AutodiffBackend>(
             match loader.next() {
                 Some(b) => {
                     let b = b?;
-                    // An id past the embedding would index out of bounds inside the backend.
-                    if let Some(id) = b.batch.max_token_id().filter(|&id| id as usize >= vocab) {
-                        return Err(Error::TokenOutOfVocab {
-                            step: state.step + 1,
-                            id,
-                            vocab,
-                        });
-                    }
+                    check_vocab(&b.batch, vocab, || format!("step {}", state.step + 1))?;
                     next_cursor = b.next;
                     epoch = b.epoch;
                     micro.push(b.batch);
@@ -734,6 +727,19 @@ pub(crate) fn int_vector<B: Backend>(values: Vec<i64>, device: &B::Device) -> Te
     Tensor::from_data(TensorData::new(values, [n]), device)
 }
 
+/// Stops at an id past the embedding, which would index out of bounds inside the backend (a
+/// panic there); `during` names the step or the evaluation.
+fn check_vocab(batch: &Batch, vocab: usize, during: impl FnOnce() -> String) -> Result<()> {
+    match batch.max_token_id().filter(|&id| id as usize >= vocab) {
+        Some(id) => Err(Error::TokenOutOfVocab {
+            during: during(),
+            id,
+            vocab,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Metrics over the evaluation data, without gradients: `eval_loss` (per target token for
 /// SFT, per pair for DPO), and for DPO `eval_rewards/*`.
 #[allow(clippy::too_many_arguments)]
@@ -758,8 +764,11 @@ fn evaluate<B: AutodiffBackend>(
     let pipeline = Arc::new(Pipeline::new(eval, tokenizer.clone(), options)?);
     let mut sums = StepSums::default();
     let (mut count, mut rows) = (0usize, 0usize);
+    let vocab = model.model.embed_tokens.val().dims()[0];
     for b in pipeline.spawn(Cursor::default()) {
-        match b?.batch {
+        let b = b?;
+        check_vocab(&b.batch, vocab, || "evaluation data".to_string())?;
+        match b.batch {
             Batch::Sft(batch) => {
                 rows += batch.batch_size;
                 count += batch.num_target_tokens();
