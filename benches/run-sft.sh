@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # LoRA SFT throughput and peak memory on the CPU: `temper train` beside PyTorch + PEFT doing the
 # same work (SmolLM2-135M, r=16 all-linear, micro-batch BATCH x 256 tokens, AdamW) in one command.
-#   benches/run-sft.sh [BATCH STEPS]     (PyTorch from $PYTHON, default python3)
+#   benches/run-sft.sh [BATCH STEPS]     (PyTorch from $PYTHON, default python3; another temper
+#   binary, e.g. an older build for an A/B comparison, from $TEMPER; TORCH=0 skips PyTorch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BATCH=${1:-4}; STEPS=${2:-6}
 PYTHON=${PYTHON:-python3}
 scripts/fetch-model.sh >/dev/null
-cargo build --release >&2
+TEMPER=${TEMPER:-target/release/temper}
+[ "$TEMPER" = target/release/temper ] && cargo build --release >&2
 WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
 # Full-length rows of varied token ids, so every micro-batch is exactly BATCH x 256 tokens.
 "$PYTHON" -c "
@@ -16,7 +18,7 @@ r = random.Random(0)
 with open('$WORK/rows.jsonl', 'w') as f:
     for _ in range($BATCH * $STEPS):
         f.write(json.dumps({'input_ids': [r.randrange(100, 49000) for _ in range(256)]}) + '\n')"
-/usr/bin/time -f "%M" -o "$WORK/rss" target/release/temper train benches/configs/sft-bench.yaml \
+/usr/bin/time -f "%M" -o "$WORK/rss" "$TEMPER" train benches/configs/sft-bench.yaml \
   --set "data.path=$WORK/rows.jsonl" --set "output_dir=$WORK/out" \
   --set "training.micro_batch_size=$BATCH" --set "training.max_steps=$STEPS" 2>/dev/null
 "$PYTHON" - "$WORK" "$BATCH" <<'PY'
@@ -26,4 +28,4 @@ rate = statistics.median(r["tokens_per_second"] for r in rows)
 rss = int(open(sys.argv[1] + "/rss").read().split()[-1]) / 1024
 print(f"temper (ndarray): {rate:.0f} tokens/s (median step, first excluded), peak RSS {rss:.0f} MiB")
 PY
-"$PYTHON" benches/sft_torch.py "$WORK/rows.jsonl" "$BATCH" "$STEPS" 2>/dev/null
+[ "${TORCH:-1}" = 0 ] || "$PYTHON" benches/sft_torch.py "$WORK/rows.jsonl" "$BATCH" "$STEPS" 2>/dev/null

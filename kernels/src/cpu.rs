@@ -126,6 +126,59 @@ macro_rules! register {
 const CHUNK: usize = 1 << 14;
 
 // ---------------------------------------------------------------------------------------------
+// Reshape. burn-ndarray 0.21 copies on every reshape (see matmul below), forward and backward;
+// a contiguous array only needs new dimensions.
+
+pub(crate) fn reshape<B: Backend, const D: usize, const D2: usize>(
+    x: &Tensor<B, D>,
+    shape: [usize; D2],
+) -> Option<Tensor<B, D2>> {
+    let x = float_prim(x)?;
+    let from = dims(x.inner());
+    let out = reshaped(x.inner().clone(), &shape);
+    Some(tensor(match x {
+        Prim::Autodiff(x) => Prim::Autodiff(
+            match ReshapeBackward
+                .prepare::<NoCheckpointing>([x.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(from, out),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            },
+        ),
+        Prim::Plain(_) => Prim::Plain(out),
+    }))
+}
+
+/// `t` with new dimensions: free when it is contiguous, a copy otherwise.
+fn reshaped(t: NdArrayTensor, shape: &[usize]) -> NdArrayTensor {
+    let array = match t {
+        NdArrayTensor::F32(storage) => storage.into_shared(),
+        other => unreachable!("checked f32, got {:?}", burn::tensor::TensorMetadata::dtype(&other)),
+    };
+    let array = if array.is_standard_layout() {
+        array.into_shape_with_order(IxDyn(shape)).expect("as many elements")
+    } else {
+        ArcArray::from_shape_vec(IxDyn(shape), array.iter().copied().collect()).expect("as many elements")
+    };
+    NdArrayTensor::from(array)
+}
+
+#[derive(Debug)]
+struct ReshapeBackward;
+
+impl Backward<Nd, 1> for ReshapeBackward {
+    type State = Vec<usize>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Nd>(&ops.node);
+        let [parent] = ops.parents;
+        register!(grads, (parent, || reshaped(grad, &ops.state)));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Matmul. burn-ndarray 0.21's matmul reshapes both operands and its output to 3-D, and its
 // reshape copies even a contiguous array (ndarray's `to_shape` borrows, `into_shared` then
 // copies), so every product paid three copies, and the backward's transposed operands a fourth.
@@ -866,6 +919,20 @@ mod tests {
             got.into_data()
                 .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(2e-5).set_relative(1e-4));
         }
+    }
+
+    #[test]
+    fn reshape_matches_burns() {
+        // Contiguous (no copy), and a transposed view (copied).
+        check(
+            vec![random([6, 35], 14)],
+            |t| {
+                let r = super::reshape(&t[0], [3, 2, 35]).expect("the kernel runs");
+                let r = super::reshape(&r.swap_dims(0, 2), [35, 6]).expect("the kernel runs");
+                r * 2.0
+            },
+            |t| t[0].clone().reshape([3, 2, 35]).swap_dims(0, 2).reshape([35, 6]) * 2.0,
+        );
     }
 
     #[test]

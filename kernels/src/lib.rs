@@ -1,5 +1,5 @@
 //! Fused tensor operations for the decoder: causal attention, SwiGLU, RoPE and RMSNorm, and a
-//! matmul that does not copy its operands.
+//! matmul and a reshape that do not copy.
 //!
 //! Each is a plain function over burn tensors. On burn's ndarray backend (`NdArray<f32>`, with
 //! or without `Autodiff`) and with the `ndarray` feature, it runs one hand-written kernel on all
@@ -19,6 +19,15 @@ use burn::tensor::{Bool, DType, Tensor};
 
 #[cfg(feature = "ndarray")]
 mod cpu;
+
+/// `x` with the dimensions `shape` (as many elements), in row-major order.
+pub fn reshape<B: Backend, const D: usize, const D2: usize>(x: Tensor<B, D>, shape: [usize; D2]) -> Tensor<B, D2> {
+    #[cfg(feature = "ndarray")]
+    if let Some(out) = cpu::reshape(&x, shape) {
+        return out;
+    }
+    x.reshape(shape)
+}
 
 /// `a·b` for matrices.
 ///

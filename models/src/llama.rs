@@ -147,7 +147,7 @@ impl<B: Backend> Linear<B> {
         let dims = x.dims();
         let in_f = dims[D - 1];
         let rows = dims[..D - 1].iter().product::<usize>();
-        let x = x.reshape([rows, in_f]);
+        let x = temper_kernels::reshape(x, [rows, in_f]);
         let bias = self.bias.as_ref().map(|b| b.val());
         let y = temper_kernels::linear(x.clone(), self.weight(), bias.clone());
         let y = match &self.adapter {
@@ -156,7 +156,7 @@ impl<B: Backend> Linear<B> {
         };
         let mut out = dims;
         out[D - 1] = y.dims()[1];
-        y.reshape(out)
+        temper_kernels::reshape(y, out)
     }
 
     /// The `[in, out]` weight (dequantized when the base is kept quantized).
@@ -276,9 +276,9 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, kvh, d]);
-        let v = self.v_proj.forward(x).reshape([b, s, kvh, d]);
+        let q = temper_kernels::reshape(self.q_proj.forward(x.clone()), [b, s, h, d]);
+        let k = temper_kernels::reshape(self.k_proj.forward(x.clone()), [b, s, kvh, d]);
+        let v = temper_kernels::reshape(self.v_proj.forward(x), [b, s, kvh, d]);
         let q = rope.apply(q);
         let k = rope.apply(k);
         let (k, v) = match cache {
@@ -293,7 +293,7 @@ impl<B: Backend> Attention<B> {
             None => (k, v),
         };
         let out = temper_kernels::attention(q, k, v, mask); // [b, s, h, d]
-        self.o_proj.forward(out.reshape([b, s, h * d]))
+        self.o_proj.forward(temper_kernels::reshape(out, [b, s, h * d]))
     }
 }
 
