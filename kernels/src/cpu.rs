@@ -247,6 +247,66 @@ impl Backward<Nd, 2> for MatmulBackward {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Softmax statistics of the output head's logits, per row: max, argmax, mean and the target's
+// logit in one pass; the probabilities in a second.
+
+pub(crate) fn softmax_rows<B: Backend>(
+    logits: &Tensor<B, 2>,
+    targets: &Tensor<B, 1, burn::tensor::Int>,
+) -> Option<crate::SoftmaxRows<B>> {
+    let logits = float_prim(logits)?;
+    let [rows, vocab] = {
+        let d = dims(logits.inner());
+        [d[0], d[1]]
+    };
+    let targets: Vec<i64> = targets.to_data().convert::<i64>().into_vec().expect("i64 targets");
+    let x = values(logits.inner());
+    let mut probs = vec![0.0f32; rows * vocab];
+    let stats: Vec<[f32; 3]> = probs
+        .par_chunks_mut(vocab)
+        .enumerate()
+        .map(|(r, p)| {
+            let x = &x[r * vocab..][..vocab];
+            let (mut max, mut argmax, mut total) = (f32::NEG_INFINITY, 0, 0.0f64);
+            for (j, &v) in x.iter().enumerate() {
+                if v > max {
+                    (max, argmax) = (v, j);
+                }
+                total += v as f64;
+            }
+            // Sums over a vocabulary in f64: a running f32 sum of 50 000 terms drifts.
+            let mut sum = 0.0f64;
+            for (p, &v) in p.iter_mut().zip(x) {
+                *p = (v - max).exp();
+                sum += *p as f64;
+            }
+            let inv = (1.0 / sum) as f32;
+            p.iter_mut().for_each(|p| *p *= inv);
+            let target = targets[r] as usize;
+            let hit = if argmax == target { 1.0 } else { 0.0 };
+            [x[target] - max - sum.ln() as f32, (total / vocab as f64) as f32, hit]
+        })
+        .collect();
+    let column = |i: usize| untracked::<B, 1>(from_vec(stats.iter().map(|s| s[i]).collect(), &[rows]));
+    Some(crate::SoftmaxRows {
+        logps: column(0),
+        mean_logits: column(1),
+        hits: column(2),
+        probs: untracked(from_vec(probs, &[rows, vocab])),
+    })
+}
+
+/// A tensor of `B` outside the autodiff graph.
+fn untracked<B: Backend, const D: usize>(t: NdArrayTensor) -> Tensor<B, D> {
+    match kind::<B>().expect("checked by the caller") {
+        Kind::Plain => tensor(Prim::Plain(t)),
+        Kind::Autodiff => tensor(Prim::Autodiff(
+            <Ad as burn::tensor::backend::AutodiffBackend>::from_inner(t),
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // SwiGLU
 
 pub(crate) fn swiglu<B: Backend, const D: usize>(gate: &Tensor<B, D>, up: &Tensor<B, D>) -> Option<Tensor<B, D>> {
@@ -945,6 +1005,30 @@ mod tests {
             |t| super::matmul(&t[0], &t[1].clone().transpose()).expect("the kernel runs"),
             |t| t[0].clone().matmul(t[1].clone().transpose()),
         );
+    }
+
+    #[test]
+    fn softmax_rows_match_the_composed_form() {
+        let logits = random([7, 3000], 15) * 4.0;
+        // Targets at the argmax of rows 0 and 1, elsewhere in the others.
+        let argmax: Vec<i64> = logits
+            .clone()
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .into_vec()
+            .unwrap();
+        let targets: Vec<i64> = (0..7)
+            .map(|r| if r < 2 { argmax[r] } else { (r as i64) * 400 })
+            .collect();
+        let targets = Tensor::<Ad, 1, burn::tensor::Int>::from_data(TensorData::new(targets, [7]), &Default::default());
+        let got = super::softmax_rows(&logits, &targets).expect("the kernel runs");
+        let want = composed::softmax_rows(logits, targets);
+        assert_eq!(got.hits.to_data().to_vec::<f32>().unwrap()[..3], [1.0, 1.0, 0.0]);
+        close(got.logps, want.logps);
+        close(got.mean_logits, want.mean_logits);
+        close(got.hits, want.hits);
+        close(got.probs, want.probs);
     }
 
     #[test]

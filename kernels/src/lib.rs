@@ -15,7 +15,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, DType, Tensor};
+use burn::tensor::{Bool, DType, Int, Tensor};
 
 #[cfg(feature = "ndarray")]
 mod cpu;
@@ -54,6 +54,29 @@ pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Te
         };
     }
     burn::tensor::module::linear(x, weight, bias)
+}
+
+/// What the loss needs from each row of logits, without gradient (see
+/// `temper_trl::head_token_logps`, which writes the gradient itself).
+pub struct SoftmaxRows<B: Backend> {
+    /// `[rows]`: log p(target).
+    pub logps: Tensor<B, 1>,
+    /// `[rows]`: the mean logit.
+    pub mean_logits: Tensor<B, 1>,
+    /// `[rows]`: 1 where the argmax is the target (the first maximum, as burn's `argmax`), else 0.
+    pub hits: Tensor<B, 1>,
+    /// `[rows, vocab]`: the softmax.
+    pub probs: Tensor<B, 2>,
+}
+
+/// Softmax statistics of `logits` (`[rows, vocab]`, f32) at `targets` (`[rows]`), in one pass
+/// over the logits on the CPU instead of ten.
+pub fn softmax_rows<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> SoftmaxRows<B> {
+    #[cfg(feature = "ndarray")]
+    if let Some(out) = cpu::softmax_rows(&logits, &targets) {
+        return out;
+    }
+    composed::softmax_rows(logits, targets)
 }
 
 /// `silu(gate) * up`, the gated activation of a SwiGLU MLP.
@@ -121,6 +144,23 @@ pub mod composed {
 
     pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
         silu(gate) * up
+    }
+
+    pub fn softmax_rows<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> SoftmaxRows<B> {
+        let logits = logits.detach();
+        let vocab = logits.dims()[1];
+        let max = logits.clone().max_dim(1); // [rows, 1]
+        let exp = (logits.clone() - max.clone()).exp();
+        let sum = exp.clone().sum_dim(1); // [rows, 1]
+        let targets = targets.unsqueeze_dim::<2>(1); // [rows, 1]
+        let target_logit = logits.clone().gather(1, targets.clone());
+        let hits = logits.clone().argmax(1).equal(targets).float().squeeze_dim::<1>(1);
+        SoftmaxRows {
+            logps: (target_logit - max - sum.clone().log()).squeeze_dim::<1>(1),
+            mean_logits: logits.sum_dim(1).squeeze_dim::<1>(1) / vocab as f64,
+            hits,
+            probs: exp / sum,
+        }
     }
 
     pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {

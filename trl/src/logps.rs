@@ -55,7 +55,6 @@ pub fn head_token_logps<B: Backend>(
     rows_per_chunk: usize,
 ) -> TokenLogps<B> {
     let [n, _] = hidden.dims();
-    let vocab = weight.dims()[0];
     let weight = weight.detach();
     let inputs = hidden.clone().detach();
     let (mut logps, mut grads, mut means, mut hits) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -65,15 +64,12 @@ pub fn head_token_logps<B: Backend>(
         let t = targets.clone().slice(rows.clone());
         let chunk = inputs.clone().slice(rows);
         let logits = temper_kernels::matmul(chunk, weight.clone().transpose()).cast(DType::F32); // [c, vocab]
-        let max = logits.clone().max_dim(1); // [c, 1]
-        let exp = (logits.clone() - max.clone()).exp();
-        let sum = exp.clone().sum_dim(1); // [c, 1]
-        let target_logit = logits.clone().gather(1, t.clone().unsqueeze_dim::<2>(1)); // [c, 1]
-        logps.push((target_logit - max - sum.clone().log()).squeeze_dim::<1>(1));
-        means.push(logits.clone().sum_dim(1).squeeze_dim::<1>(1) / vocab as f64);
-        hits.push(argmax_hits(logits, t.clone()));
+        let rows = temper_kernels::softmax_rows(logits, t.clone());
+        logps.push(rows.logps);
+        means.push(rows.mean_logits);
+        hits.push(rows.hits.int());
         // (onehot − p) · W = W[target] − p · W
-        let probs = (exp / sum).cast(weight.dtype());
+        let probs = rows.probs.cast(weight.dtype());
         grads.push(weight.clone().select(0, t) - temper_kernels::matmul(probs, weight.clone())); // [c, hidden]
     }
     let value = Tensor::cat(logps, 0);
