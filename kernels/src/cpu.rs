@@ -121,7 +121,7 @@ macro_rules! register {
     };
 }
 
-/// Rows per rayon task for element-wise kernels: large enough to amortize the task, small
+/// Elements per rayon task for element-wise kernels: large enough to amortize the task, small
 /// enough to balance two or more cores.
 const CHUNK: usize = 1 << 14;
 
