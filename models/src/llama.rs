@@ -615,10 +615,8 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 let [b, s, h] = hidden.dims();
                 let embed = self.model.embed_tokens.val(); // [vocab, hidden]
                 let vocab = embed.dims()[0];
-                hidden
-                    .reshape([b * s, h])
-                    .matmul(embed.transpose())
-                    .reshape([b, s, vocab])
+                let logits = temper_kernels::matmul(temper_kernels::reshape(hidden, [b * s, h]), embed.transpose());
+                temper_kernels::reshape(logits, [b, s, vocab])
             }
         };
         logits.cast(DType::F32)
