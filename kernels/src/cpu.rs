@@ -78,6 +78,33 @@ impl Prim {
             Prim::Autodiff(t) => &t.primitive,
         }
     }
+
+    fn inner_dims(&self) -> [usize; 4] {
+        let d = dims(self.inner());
+        [d[0], d[1], d[2], d[3]]
+    }
+}
+
+/// `out`, computed by `op` from `inputs`: on the autodiff backend, a node of the graph whose
+/// backward gets `state()` (built only when some input wants a gradient); otherwise plain.
+fn record<O: Backward<Nd, N>, const N: usize>(
+    op: O,
+    inputs: [&Prim; N],
+    out: NdArrayTensor,
+    state: impl FnOnce() -> O::State,
+) -> Prim {
+    let nodes = inputs.map(|input| match input {
+        Prim::Autodiff(t) => Some(t.node.clone()),
+        Prim::Plain(_) => None,
+    });
+    if nodes.iter().any(Option::is_none) {
+        return Prim::Plain(out);
+    }
+    let nodes = nodes.map(|node| node.expect("checked above"));
+    Prim::Autodiff(match op.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(state(), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    })
 }
 
 fn tensor<B: Backend, const D: usize>(out: Prim) -> Tensor<B, D> {
@@ -136,19 +163,7 @@ pub(crate) fn reshape<B: Backend, const D: usize, const D2: usize>(
     let x = float_prim(x)?;
     let from = dims(x.inner());
     let out = reshaped(x.inner().clone(), &shape);
-    Some(tensor(match x {
-        Prim::Autodiff(x) => Prim::Autodiff(
-            match ReshapeBackward
-                .prepare::<NoCheckpointing>([x.node.clone()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(from, out),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            },
-        ),
-        Prim::Plain(_) => Prim::Plain(out),
-    }))
+    Some(tensor(record(ReshapeBackward, [&x], out, || from)))
 }
 
 /// `t` with new dimensions: free when it is contiguous, a copy otherwise.
@@ -189,22 +204,9 @@ pub(crate) fn matmul<B: Backend>(a: &Tensor<B, 2>, b: &Tensor<B, 2>) -> Option<T
     let a = float_prim(a)?;
     let b = float_prim(b)?;
     let out = gemm_views(a.inner(), false, b.inner(), false);
-    Some(tensor(match (a, b) {
-        (Prim::Autodiff(a), Prim::Autodiff(b)) => {
-            let nodes = [a.node.clone(), b.node.clone()];
-            Prim::Autodiff(
-                match MatmulBackward
-                    .prepare::<NoCheckpointing>(nodes)
-                    .compute_bound()
-                    .stateful()
-                {
-                    OpsKind::Tracked(prep) => prep.finish((a.primitive, b.primitive), out),
-                    OpsKind::UnTracked(prep) => prep.finish(out),
-                },
-            )
-        }
-        _ => Prim::Plain(out),
-    }))
+    Some(tensor(record(MatmulBackward, [&a, &b], out, || {
+        (a.inner().clone(), b.inner().clone())
+    })))
 }
 
 /// `op(a)·op(b)` for 2-D f32 tensors, `op` transposing when asked.
@@ -325,22 +327,9 @@ pub(crate) fn swiglu<B: Backend, const D: usize>(gate: &Tensor<B, D>, up: &Tenso
         });
         from_vec(out, &shape)
     };
-    Some(tensor(match (gate, up) {
-        (Prim::Autodiff(gate), Prim::Autodiff(up)) => {
-            let nodes = [gate.node.clone(), up.node.clone()];
-            Prim::Autodiff(
-                match SwigluBackward
-                    .prepare::<NoCheckpointing>(nodes)
-                    .compute_bound()
-                    .stateful()
-                {
-                    OpsKind::Tracked(prep) => prep.finish((gate.primitive, up.primitive), out),
-                    OpsKind::UnTracked(prep) => prep.finish(out),
-                },
-            )
-        }
-        _ => Prim::Plain(out),
-    }))
+    Some(tensor(record(SwigluBackward, [&gate, &up], out, || {
+        (gate.inner().clone(), up.inner().clone())
+    })))
 }
 
 #[derive(Debug)]
@@ -398,22 +387,9 @@ pub(crate) fn rms_norm<B: Backend>(x: &Tensor<B, 3>, weight: &Tensor<B, 1>, eps:
         });
         from_vec(out, &shape)
     };
-    Some(tensor(match (x, weight) {
-        (Prim::Autodiff(x), Prim::Autodiff(w)) => {
-            let nodes = [x.node.clone(), w.node.clone()];
-            Prim::Autodiff(
-                match RmsNormBackward
-                    .prepare::<NoCheckpointing>(nodes)
-                    .compute_bound()
-                    .stateful()
-                {
-                    OpsKind::Tracked(prep) => prep.finish((x.primitive, w.primitive, eps), out),
-                    OpsKind::UnTracked(prep) => prep.finish(out),
-                },
-            )
-        }
-        _ => Prim::Plain(out),
-    }))
+    Some(tensor(record(RmsNormBackward, [&x, &weight], out, || {
+        (x.inner().clone(), weight.inner().clone(), eps)
+    })))
 }
 
 /// `1 / sqrt(mean(x²) + eps)`, summed in f64 (rows are hidden-size long).
@@ -487,19 +463,7 @@ pub(crate) fn rope<B: Backend>(x: &Tensor<B, 4>, cos: &Tensor<B, 3>, sin: &Tenso
         rotate(&values(x.inner()), &values(&cos), &values(&sin), &shape, false),
         &shape,
     );
-    Some(tensor(match x {
-        Prim::Autodiff(x) => Prim::Autodiff(
-            match RopeBackward
-                .prepare::<NoCheckpointing>([x.node.clone()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish((cos, sin), out),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            },
-        ),
-        _ => Prim::Plain(out),
-    }))
+    Some(tensor(record(RopeBackward, [&x], out, || (cos, sin))))
 }
 
 /// RoPE (`inverse`: its transpose) of `x` `[b, s, h, d]` with `cos`/`sin` `[b, s, d]`.
@@ -687,40 +651,16 @@ pub(crate) fn attention<B: Backend>(
         dims,
     );
     let out = from_vec(out, &[batch, seq, heads, head_dim]);
-    Some(tensor(match (q, k, v) {
-        (Prim::Autodiff(q), Prim::Autodiff(k), Prim::Autodiff(v)) => {
-            let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
-            Prim::Autodiff(
-                match AttentionBackward
-                    .prepare::<NoCheckpointing>(nodes)
-                    .compute_bound()
-                    .stateful()
-                {
-                    OpsKind::Tracked(prep) => {
-                        let state = AttentionState {
-                            q: q.primitive,
-                            k: k.primitive,
-                            v: v.primitive,
-                            out: out.clone(),
-                            probs: Arc::new(probs),
-                            mask,
-                            dims,
-                        };
-                        prep.finish(state, out)
-                    }
-                    OpsKind::UnTracked(prep) => prep.finish(out),
-                },
-            )
-        }
-        _ => Prim::Plain(out),
-    }))
-}
-
-impl Prim {
-    fn inner_dims(&self) -> [usize; 4] {
-        let d = dims(self.inner());
-        [d[0], d[1], d[2], d[3]]
-    }
+    let state = || AttentionState {
+        q: q.inner().clone(),
+        k: k.inner().clone(),
+        v: v.inner().clone(),
+        out: out.clone(),
+        probs: Arc::new(probs),
+        mask,
+        dims,
+    };
+    Some(tensor(record(AttentionBackward, [&q, &k, &v], out.clone(), state)))
 }
 
 /// The mask `[batch, 1, seq, keys]` as a contiguous `[batch, seq, keys]`.

@@ -440,6 +440,11 @@ impl<B: Backend> LlamaForCausalLM<B> {
         self.model.layers.len()
     }
 
+    /// Rows of the embedding: token ids must be below this.
+    pub fn vocab_size(&self) -> usize {
+        self.model.embed_tokens.val().dims()[0]
+    }
+
     /// Every linear layer with its Hugging Face module name (`model.layers.0.self_attn.q_proj`,
     /// ..., `lm_head` when untied), in checkpoint order.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {

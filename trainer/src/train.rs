@@ -179,7 +179,7 @@ pub fn train<B: AutodiffBackend>(
         resumed.as_ref().map(|r| r.dir.as_path()),
     )?;
     let mut model = model;
-    let vocab = model.model.embed_tokens.val().dims()[0];
+    let vocab = model.vocab_size();
     let mut optim = AdamW::<B::InnerBackend>::new(AdamWConfig::from_training(t, job.adapter.loraplus_lr_ratio));
     let mut state = TrainerState {
         step: 0,
@@ -764,7 +764,7 @@ fn evaluate<B: AutodiffBackend>(
     let pipeline = Arc::new(Pipeline::new(eval, tokenizer.clone(), options)?);
     let mut sums = StepSums::default();
     let (mut count, mut rows) = (0usize, 0usize);
-    let vocab = model.model.embed_tokens.val().dims()[0];
+    let vocab = model.vocab_size();
     for b in pipeline.spawn(Cursor::default()) {
         let b = b?;
         check_vocab(&b.batch, vocab, || "evaluation data".to_string())?;

@@ -64,12 +64,12 @@ pub fn head_token_logps<B: Backend>(
         let t = targets.clone().slice(rows.clone());
         let chunk = inputs.clone().slice(rows);
         let logits = temper_kernels::matmul(chunk, weight.clone().transpose()).cast(DType::F32); // [c, vocab]
-        let rows = temper_kernels::softmax_rows(logits, t.clone());
-        logps.push(rows.logps);
-        means.push(rows.mean_logits);
-        hits.push(rows.hits.int());
+        let stats = temper_kernels::softmax_rows(logits, t.clone());
+        logps.push(stats.logps);
+        means.push(stats.mean_logits);
+        hits.push(stats.hits.int());
         // (onehot − p) · W = W[target] − p · W
-        let probs = rows.probs.cast(weight.dtype());
+        let probs = stats.probs.cast(weight.dtype());
         grads.push(weight.clone().select(0, t) - temper_kernels::matmul(probs, weight.clone())); // [c, hidden]
     }
     let value = Tensor::cat(logps, 0);
