@@ -43,9 +43,15 @@ impl BackendJob for GenerateArgs {
     type Output = Result<()>;
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            anyhow::bail!("--top-p must be in (0, 1], got {}", self.top_p);
-        }
+        let sampling = Sampling {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            max_length: None,
+        };
+        // Before the model loads: a bad flag is found in a moment.
+        sampling.validate().map_err(|e| anyhow::anyhow!("--{}", e.to_string().trim_start_matches("generate: ").replace('_', "-")))?;
         let mut loaded = load_pretrained::<B>(&self.model, &device, DType::F32)?;
         if let Some(dir) = &self.adapter {
             let (model, _) = temper_peft::load_adapter(loaded.model, dir)?;
@@ -66,13 +72,21 @@ impl BackendJob for GenerateArgs {
         if prompt_ids.is_empty() {
             anyhow::bail!("the prompt encodes to no tokens");
         }
+        let context = loaded.config.max_position_embeddings;
+        if prompt_ids.len() + self.max_new_tokens > context {
+            eprintln!(
+                "note: the model's context is {context} tokens; with a {}-token prompt, generation stops \
+                 after at most {} new tokens (--max-new-tokens {})",
+                prompt_ids.len(),
+                context.saturating_sub(prompt_ids.len()),
+                self.max_new_tokens
+            );
+        }
         let sampling = Sampling {
-            max_new_tokens: self.max_new_tokens,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            seed: self.seed,
+            max_length: Some(context),
+            ..sampling
         };
-        let ids = generate(&loaded.model, &prompt_ids, &loaded.eos_token_ids(), &sampling, &device);
+        let ids = generate(&loaded.model, &prompt_ids, &loaded.eos_token_ids(), &sampling, &device)?;
         let text = tok.decode(&ids, true)?;
         if self.json {
             let out = serde_json::json!({

@@ -274,7 +274,7 @@ fn smollm2_gguf_matches_transformers() {
         max_new_tokens: greedy.len(),
         ..Sampling::default()
     };
-    let out = temper_models::generate(&loaded.model, &ids, &loaded.eos_token_ids(), &sampling, &device);
+    let out = temper_models::generate(&loaded.model, &ids, &loaded.eos_token_ids(), &sampling, &device).unwrap();
     assert_eq!(out, greedy[..out.len()]);
     let text = tok.decode(&out, true).unwrap();
     assert!(text.contains("Paris"), "{text}");

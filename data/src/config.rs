@@ -198,6 +198,17 @@ impl DataConfig {
         if self.shuffle_buffer == 0 {
             return Err(Error::config(format!("{key}.shuffle_buffer"), "must be > 0"));
         }
+        // Upper bounds: each sizes a buffer allocated up front, so a typo would abort in the
+        // allocator instead of naming the key.
+        for (name, value, max) in [
+            ("packing_window", self.packing_window, 1usize << 20),
+            ("prefetch", self.prefetch, 1 << 12),
+            ("max_length", self.max_length.unwrap_or(1), 1 << 24),
+        ] {
+            if value > max {
+                return Err(Error::config(format!("{key}.{name}"), format!("must be at most {max}, got {value}")));
+            }
+        }
         if self.prefetch == 0 {
             return Err(Error::config(format!("{key}.prefetch"), "must be > 0"));
         }

@@ -246,7 +246,16 @@ impl RowFormat {
                 };
                 let labels = match get("labels") {
                     Some(v) => {
-                        let l: Vec<i32> = ints("labels", v)?.into_iter().map(|x| x as i32).collect();
+                        let l: Vec<i32> = ints("labels", v)?
+                            .into_iter()
+                            .map(|x| match i32::try_from(x) {
+                                Ok(l) if l >= 0 || l == crate::IGNORE_INDEX => Ok(l),
+                                _ => Err(bad(
+                                    "labels",
+                                    format!("{x} is neither a token id nor {} (ignored)", crate::IGNORE_INDEX),
+                                )),
+                            })
+                            .collect::<Result<_>>()?;
                         aligned("labels", l.len())?;
                         Some(l)
                     }

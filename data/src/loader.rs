@@ -56,10 +56,14 @@ impl Batch {
         }
     }
 
-    /// The largest token id (padding included), to check against the model's vocabulary.
+    /// The largest token id in the inputs and the labels (padding included), to check against
+    /// the model's vocabulary: a label past it would index out of the logits.
     pub fn max_token_id(&self) -> Option<u32> {
         match self {
-            Batch::Sft(b) => b.input_ids.iter().max().copied(),
+            Batch::Sft(b) => {
+                let labels = b.labels.iter().filter_map(|&l| u32::try_from(l).ok());
+                b.input_ids.iter().copied().chain(labels).max()
+            }
             Batch::Preference(b) => b.input_ids.iter().max().copied(),
         }
     }
@@ -204,7 +208,7 @@ impl Pipeline {
         if self.config.packing && !self.preference {
             self.config.packing_window
         } else {
-            self.options.batch_size * 16
+            self.options.batch_size.saturating_mul(16)
         }
     }
 
@@ -377,6 +381,40 @@ impl Pipeline {
         batches
     }
 
+    /// Every row of an epoch was read and none made it into a batch: says where they went.
+    fn no_batch_error(&self, epoch: u64) -> Error {
+        let st = &self.stats;
+        let (rows, dropped, skipped) = (
+            st.get(&st.rows),
+            st.get(&st.dropped_no_target),
+            st.get(&st.bad_rows_skipped),
+        );
+        let mut why = Vec::new();
+        if dropped > 0 {
+            why.push(format!(
+                "{dropped} had no token left to train on after truncation (is `max_length` ({}) shorter than the prompts?)",
+                self.config.max_length.map_or("none".to_string(), |m| m.to_string())
+            ));
+        }
+        if skipped > 0 {
+            why.push(format!("{skipped} were skipped as bad rows (`skip_bad_rows`)"));
+        }
+        let examples = st.skipped_examples.lock().expect("not poisoned");
+        if let Some(first) = examples.first() {
+            why.push(format!("the first skipped: {first}"));
+        }
+        Error::config(
+            "data",
+            format!(
+                "epoch {epoch} gave no batch for rank {} of {}: every row was dropped ({rows} rows read{}{})",
+                self.options.rank,
+                self.options.world_size,
+                if why.is_empty() { "" } else { "; " },
+                why.join("; ")
+            ),
+        )
+    }
+
     /// Produces batches from `start` on, sending each with the cursor after it; returns when the
     /// epochs are done, on an error (sent), or when the receiver is gone.
     fn produce(&self, start: Cursor, tx: &SyncSender<Result<LoadedBatch>>) {
@@ -389,9 +427,16 @@ impl Pipeline {
             let mut rows = self.rows(epoch);
             let mut w = 0u64;
             let mut produced_any = false;
+            // Batches sent this epoch. An epoch entered part-way by a resume may rightly have
+            // none left; any other epoch without one would repeat forever (every row dropped:
+            // prompts longer than `max_length`, or all rows skipped as bad), so it is an error.
+            let mut batches_sent = 0u64;
+            let entered_part_way = epoch == start.epoch && start != Cursor { epoch, ..Cursor::default() };
             loop {
                 let resuming = epoch == start.epoch && w < start.window;
-                let mut chunk: Vec<(usize, Record)> = Vec::with_capacity(if resuming { 0 } else { window });
+                // Capped: the window is a row count from the config, not a size to trust.
+                let capacity = if resuming { 0 } else { window.min(1 << 16) };
+                let mut chunk: Vec<(usize, Record)> = Vec::with_capacity(capacity);
                 let mut taken = 0;
                 while taken < window {
                     match rows.next() {
@@ -451,8 +496,13 @@ impl Pipeline {
                     if tx.send(Ok(LoadedBatch { batch, epoch, next })).is_err() {
                         return;
                     }
+                    batches_sent += 1;
                 }
                 w += 1;
+            }
+            if !produced_any && self.stats.get(&self.stats.bad_rows_skipped) > 0 {
+                let _ = tx.send(Err(self.no_batch_error(epoch)));
+                return;
             }
             if !produced_any {
                 let _ = tx.send(Err(Error::config(
@@ -462,6 +512,10 @@ impl Pipeline {
                         self.options.rank, self.options.world_size
                     ),
                 )));
+                return;
+            }
+            if batches_sent == 0 && !entered_part_way {
+                let _ = tx.send(Err(self.no_batch_error(epoch)));
                 return;
             }
             epoch += 1;

@@ -94,6 +94,9 @@ impl HubClient {
             .user_agent(concat!("temper/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
+        if let Some(token) = &token {
+            crate::error::register_secret(token);
+        }
         HubClient {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             token,

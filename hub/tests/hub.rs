@@ -45,6 +45,8 @@ struct State {
     preupload_500s: u32,
     dropped_puts: u32,
     forbid_create: bool,
+    /// Answer every API request with a 401 whose body echoes the request's headers back.
+    echo_headers: bool,
 }
 
 struct MockHub {
@@ -203,6 +205,13 @@ fn handle(state: &Mutex<State>, api: &str, storage: &str, is_api: bool, req: Htt
             }
             _ => respond(stream, 404, &[], b"no such storage route"),
         }
+        return;
+    }
+    if s.echo_headers {
+        let mut seen: Vec<String> = req.headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        seen.sort();
+        let text = format!("bad credentials; you sent {} for {}", seen.join(", "), req.path);
+        respond(stream, 401, &[], text.as_bytes());
         return;
     }
     let (path, query) = req.path.split_once('?').unwrap_or((&req.path, ""));
@@ -539,6 +548,49 @@ fn push_failures_are_clear_and_leave_nothing_committed() {
         push_folder(&hub.client(Some(TOKEN)), dir.path(), &options("../etc")),
         Err(Error::BadRepoId(_))
     ));
+}
+
+/// A server that echoes the request back, and an `HF_ENDPOINT` with credentials in it: the
+/// token and the password never reach the error text.
+#[test]
+fn errors_never_show_the_token_or_url_credentials() {
+    let hub = MockHub::start();
+    hub.with(|s| s.echo_headers = true);
+    let dir = tempfile::tempdir().unwrap();
+    output_folder(dir.path());
+    let secret = "hf_echoedSecret0123456789";
+    let err = push_folder(&hub.client(Some(secret)), dir.path(), &options("me/a")).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Unauthorized { status: 401, .. }), "{text}");
+    assert!(text.contains("bad credentials") && text.contains("authorization: Bearer ***"), "{text}");
+    assert!(!text.contains(secret) && !text.contains("echoedSecret"), "{text}");
+
+    // Credentials in the endpoint's URL, and a token that does not look like one.
+    let with_password = hub.api.replace("http://", "http://alice:pa55word@");
+    let client = HubClient::new(&with_password, Some("plainsecretvalue".into()));
+    let err = push_folder(&client, dir.path(), &options("me/b")).unwrap_err();
+    let text = err.to_string();
+    assert!(!text.contains("pa55word") && !text.contains("plainsecretvalue"), "{text}");
+    assert!(text.contains("http://***@127.0.0.1"), "{text}");
+}
+
+#[test]
+fn redaction_covers_the_shapes_a_secret_is_echoed_in() {
+    use temper_hub::error::redact;
+    for (given, hidden) in [
+        ("Authorization: Bearer abc.def-ghi", "abc.def"),
+        (r#"{"authorization":"Basic dXNlcjpwYXNz"}"#, "dXNlcjpwYXNz"),
+        ("token=hf_AbCdEf123456 rest", "AbCdEf123456"),
+        ("see https://bob:hunter2@hub.example/api", "hunter2"),
+        ("password: hunter3", "hunter3"),
+    ] {
+        let shown = redact(given);
+        assert!(!shown.contains(hidden), "{given} -> {shown}");
+        assert!(shown.contains("***"), "{given} -> {shown}");
+    }
+    // Ordinary messages pass unchanged.
+    let plain = "the Hub refused the token (401): Invalid credentials in Authorization header";
+    assert_eq!(redact(plain), plain);
 }
 
 fn fixture_cache() -> PathBuf {

@@ -49,6 +49,8 @@ pub enum Error {
     Template { origin: String, message: String },
     #[error("{0}")]
     Unsupported(String),
+    #[error("generate: {0}")]
+    Generate(String),
 }
 
 impl Error {

@@ -5,6 +5,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::error::{Error, Result};
 use crate::llama::{ForwardOptions, KvCache, LlamaForCausalLM};
 
 #[derive(Debug, Clone)]
@@ -14,6 +15,9 @@ pub struct Sampling {
     pub temperature: f32,
     pub top_p: f32,
     pub seed: u64,
+    /// The longest sequence, prompt included (transformers' `max_length`): the model's context
+    /// (`max_position_embeddings`), past which its positions mean nothing. `None`: no limit.
+    pub max_length: Option<usize>,
 }
 
 impl Default for Sampling {
@@ -23,24 +27,60 @@ impl Default for Sampling {
             temperature: 0.0,
             top_p: 1.0,
             seed: 0,
+            max_length: None,
         }
     }
 }
 
+impl Sampling {
+    /// NaN passes every comparison but this one, so each range is written as what is allowed.
+    pub fn validate(&self) -> Result<()> {
+        let fail = |m: String| Err(Error::Generate(m));
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return fail(format!("temperature must be a number >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return fail(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        Ok(())
+    }
+}
+
 /// Generates up to `max_new_tokens` after `prompt`, stopping after the first token in `eos`
-/// (which is included, as transformers' `generate` includes it).
+/// (which is included, as transformers' `generate` includes it), or when the sequence reaches
+/// `max_length`. A prompt id outside the vocabulary, a prompt that fills the context, or
+/// logits that are not numbers (NaN weights or adapter) are errors, not tokens.
 pub fn generate<B: Backend>(
     model: &LlamaForCausalLM<B>,
     prompt: &[u32],
     eos: &[u32],
     sampling: &Sampling,
     device: &B::Device,
-) -> Vec<u32> {
+) -> Result<Vec<u32>> {
+    sampling.validate()?;
+    let vocab = model.vocab_size();
+    if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
+        return Err(Error::Generate(format!(
+            "prompt token id {id} is outside the model's vocabulary ({vocab} tokens): \
+             the tokenizer does not belong to this model"
+        )));
+    }
+    let room = match sampling.max_length {
+        Some(max) if prompt.len() >= max => {
+            return Err(Error::Generate(format!(
+                "the prompt is {} tokens, which fills the model's context ({max})",
+                prompt.len()
+            )));
+        }
+        Some(max) => max - prompt.len(),
+        None => usize::MAX,
+    };
+    let max_new = sampling.max_new_tokens.min(room);
     let mut rng = StdRng::seed_from_u64(sampling.seed);
     let mut cache = KvCache::new(model.num_layers());
     let mut out = Vec::new();
     let mut input = prompt.to_vec();
-    while out.len() < sampling.max_new_tokens && !input.is_empty() {
+    while out.len() < max_new && !input.is_empty() {
         let ids: Vec<i64> = input.iter().map(|&t| t as i64).collect();
         let n = ids.len();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), device);
@@ -49,6 +89,13 @@ pub fn generate<B: Backend>(
         // Only the last position's logits are needed: skip the head for the rest of the prompt.
         let last = hidden.slice([0..1, s - 1..s, 0..h]);
         let logits: Vec<f32> = model.head(last).into_data().to_vec().expect("head returns f32 logits");
+        if logits.iter().any(|l| l.is_nan()) || !logits.iter().any(|l| l.is_finite()) {
+            return Err(Error::Generate(format!(
+                "the model's logits for generated token {} are not numbers (NaN or infinite weights \
+                 in the model or the adapter?)",
+                out.len() + 1
+            )));
+        }
         let next = sample(&logits, sampling, &mut rng);
         out.push(next);
         if eos.contains(&next) {
@@ -56,7 +103,7 @@ pub fn generate<B: Backend>(
         }
         input = vec![next];
     }
-    out
+    Ok(out)
 }
 
 /// Picks the next token from one row of logits.

@@ -212,6 +212,14 @@ impl<'a> Cursor<'a> {
             8 => Value::String(self.string()?),
             9 => {
                 let elem = self.u32()?;
+                if elem == 9 {
+                    // Arrays of arrays: no converter writes them, and each level recursing on
+                    // a crafted file would overflow the stack.
+                    return Err(Error::format(
+                        self.path,
+                        format!("corrupt GGUF header: an array of arrays at offset {}", self.pos),
+                    ));
+                }
                 let n = self.len()?;
                 let mut items = Vec::with_capacity(n.min(1 << 20));
                 for _ in 0..n {
@@ -262,7 +270,8 @@ impl Gguf {
             let value = c.value(ty)?;
             metadata.insert(key, value);
         }
-        let mut infos = Vec::with_capacity(n_tensors);
+        // The count is bounded by the file's size, not by memory: reserve modestly.
+        let mut infos = Vec::with_capacity(n_tensors.min(1 << 16));
         for _ in 0..n_tensors {
             let name = c.string()?;
             let n_dims = c.u32()? as usize;
@@ -283,6 +292,12 @@ impl Gguf {
             infos.push((name, dims, type_id, offset));
         }
         let alignment = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32) as usize;
+        if alignment == 0 || alignment > 1 << 20 {
+            return Err(Error::format(
+                &path,
+                format!("corrupt GGUF header: general.alignment {alignment}"),
+            ));
+        }
         let data_start = c.pos.div_ceil(alignment) * alignment;
         let mut tensors = HashMap::new();
         for (name, shape, type_id, offset) in infos {
@@ -290,11 +305,20 @@ impl Gguf {
                 shape,
                 type_id,
                 ty: GgmlType::from_id(type_id),
-                offset: data_start + offset,
+                offset: data_start.saturating_add(offset),
             };
             if let Some(ty) = info.ty {
-                let n: usize = info.shape.iter().product();
                 let (block, bytes) = ty.block();
+                // Checked: dimensions and offsets are read from the file and may be anything.
+                let n = info.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+                let end = n.and_then(|n| (n / block).checked_mul(bytes)?.checked_add(info.offset));
+                let (Some(n), Some(end)) = (n, end) else {
+                    return Err(Error::tensor(
+                        &path,
+                        name,
+                        format!("shape {:?} at offset {offset} is larger than any file", info.shape),
+                    ));
+                };
                 if !n.is_multiple_of(block) {
                     return Err(Error::tensor(
                         &path,
@@ -302,7 +326,6 @@ impl Gguf {
                         format!("{n} elements is not a whole number of {block}-element blocks"),
                     ));
                 }
-                let end = info.offset + n / block * bytes;
                 if end > mmap.len() {
                     return Err(Error::tensor(
                         &path,
@@ -802,7 +825,7 @@ impl GgufWriter {
             }
             out.resize(start + (out.len() - start).div_ceil(ALIGNMENT) * ALIGNMENT, 0);
         }
-        std::fs::write(path, out).map_err(|e| Error::io(path, e))
+        crate::save::write_file_atomic(path, &out).map_err(|e| Error::io(path, e))
     }
 }
 

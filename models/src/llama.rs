@@ -471,8 +471,9 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// weights), in `dtype`: what `save_pretrained` writes. Adapters are not included (merge
     /// them first).
     pub fn checkpoint_tensors(&self, dtype: DType) -> Vec<(String, TensorData)> {
-        let data = |t: Tensor<B, 2>| t.cast(dtype).into_data();
-        let vec = |t: Tensor<B, 1>| t.cast(dtype).into_data();
+        // Converted on the host: the ndarray backend has no bf16/f16 tensors to cast to.
+        let data = |t: Tensor<B, 2>| t.into_data().convert_dtype(dtype);
+        let vec = |t: Tensor<B, 1>| t.into_data().convert_dtype(dtype);
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
             data(self.model.embed_tokens.val()),

@@ -24,9 +24,27 @@ fn st_dtype(d: CheckpointDtype) -> (DType, safetensors::Dtype) {
     }
 }
 
+/// Writes `path` through a temporary file beside it (`.NAME.tmp`), renamed into place once
+/// `write` has finished, so a crash or a full disk never leaves a truncated file under the
+/// final name (a reader sees the old file or the new one). The temporary is removed on error.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> std::io::Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let result = write(&tmp).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// [`write_atomic`] of bytes already in memory.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic(path, |tmp| std::fs::write(tmp, bytes))
+}
+
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).expect("JSON values serialize") + "\n";
-    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+    write_file_atomic(path, text.as_bytes()).map_err(|e| Error::io(path, e))
 }
 
 /// Writes `config.json` and the weights. Adapters must have been merged (they are not saved).
@@ -78,7 +96,10 @@ pub fn save_pretrained<B: Backend>(
             .collect();
         let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
         let path = dir.join(&file);
-        safetensors::serialize_to_file(views, metadata, &path).map_err(|e| Error::format(&path, e.to_string()))?;
+        write_atomic(&path, |tmp| {
+            safetensors::serialize_to_file(views, metadata, tmp).map_err(std::io::Error::other)
+        })
+        .map_err(|e| Error::format(&path, e.to_string()))?;
     }
     if n > 1 {
         write_json(
@@ -94,12 +115,13 @@ impl Tokenizer {
     /// the chat template, which `AutoTokenizer.from_pretrained` reads.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
         let path = dir.join("tokenizer.json");
-        self.inner_tokenizer()
-            .save(&path, false)
-            .map_err(|e| Error::Tokenizer {
-                origin: path.display().to_string(),
-                message: e.to_string(),
-            })?;
+        write_atomic(&path, |tmp| {
+            self.inner_tokenizer().save(tmp, false).map_err(std::io::Error::other)
+        })
+        .map_err(|e| Error::Tokenizer {
+            origin: path.display().to_string(),
+            message: e.to_string(),
+        })?;
         write_json(
             &dir.join("tokenizer_config.json"),
             &json!({
@@ -112,5 +134,31 @@ impl Tokenizer {
                 "clean_up_tokenization_spaces": false,
             }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write that fails half-way (a full disk) leaves the old file whole and no temporary.
+    #[test]
+    fn a_failed_write_keeps_the_old_file() {
+        let dir = std::env::temp_dir().join(format!("temper-atomic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("adapter_model.safetensors");
+        write_file_atomic(&path, b"old, complete").unwrap();
+        let err = write_atomic(&path, |tmp| {
+            std::fs::write(tmp, b"new, trunc")?;
+            Err(std::io::Error::other("No space left on device"))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("No space left"));
+        assert_eq!(std::fs::read(&path).unwrap(), b"old, complete");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, [std::ffi::OsString::from("adapter_model.safetensors")]);
+        write_file_atomic(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -12,6 +12,7 @@ use rand_distr_free::normal;
 use safetensors::{Dtype as StDtype, SafeTensors};
 use temper_models::LlamaForCausalLM;
 use temper_models::lora::{Lora, adapted_weight};
+use temper_models::save::{write_atomic, write_file_atomic};
 use temper_models::weights::transpose_2d;
 
 use crate::config::{InitLoraWeights, LoraConfig, TargetModules};
@@ -97,6 +98,13 @@ pub fn inject<B: Backend>(
     seed: u64,
 ) -> Result<(LlamaForCausalLM<B>, Injected)> {
     let mut model = model.no_grad();
+    let layers = model.num_layers();
+    if let Some(&bad) = config.layers_to_transform.iter().flatten().find(|&&l| l >= layers) {
+        return Err(Error::Invalid {
+            key: "layers_to_transform".into(),
+            message: format!("layer {bad} does not exist: the model has {layers} layers (0 to {})", layers - 1),
+        });
+    }
     let mut rng = StdRng::seed_from_u64(seed);
     let mut targets = Vec::new();
     let mut example = String::new();
@@ -110,6 +118,19 @@ pub fn inject<B: Backend>(
         let device = linear.weight.device();
         let [in_f, out_f] = linear.dims();
         let r = config.rank_for(&name);
+        if r > in_f.min(out_f) {
+            // B·A cannot have a rank above the smaller side: the extra rows are memory (an
+            // absurd rank would abort in the allocator) and nothing else.
+            let key = if config.rank_for(&name) == config.r { "r" } else { "rank_pattern" };
+            return Err(Error::Invalid {
+                key: key.into(),
+                message: format!(
+                    "rank {r} is larger than {name}'s smaller dimension ({}, of [{out_f}, {in_f}]): \
+                     a LoRA product cannot have a rank above it",
+                    in_f.min(out_f)
+                ),
+            });
+        }
         let bound = 1.0 / (in_f as f32).sqrt(); // kaiming_uniform_(a=sqrt(5)) on [r, in]
         let scaling = config.scaling_for(&name);
         let (a, b): (Vec<f32>, Vec<f32>) = match config.init_lora_weights {
@@ -290,12 +311,6 @@ pub fn save_adapter<B: Backend>(model: &LlamaForCausalLM<B>, config: &LoraConfig
         .filter(|(_, l)| l.adapter.is_some())
         .map(|(n, _)| n)
         .collect();
-    let config_path = dir.join(CONFIG_FILE);
-    let text = serde_json::to_string_pretty(&config.to_json(&targets)).expect("JSON values serialize");
-    std::fs::write(&config_path, text + "\n").map_err(|source| Error::Io {
-        path: config_path,
-        error: source,
-    })?;
     let tensors = adapter_tensors(model, config);
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
@@ -306,10 +321,22 @@ pub fn save_adapter<B: Backend>(model: &LlamaForCausalLM<B>, config: &LoraConfig
         })
         .collect();
     let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
+    // Final outputs are written as checkpoints are: a temporary name, then a rename, so a full
+    // disk never leaves a truncated adapter that looks complete. The config goes last: weights
+    // that failed to write leave no config claiming them.
     let path = dir.join(WEIGHTS_FILE);
-    safetensors::serialize_to_file(views, metadata, &path).map_err(|e| Error::Format {
+    write_atomic(&path, |tmp| {
+        safetensors::serialize_to_file(views, metadata, tmp).map_err(std::io::Error::other)
+    })
+    .map_err(|e| Error::Format {
         path: path.clone(),
         message: e.to_string(),
+    })?;
+    let config_path = dir.join(CONFIG_FILE);
+    let text = serde_json::to_string_pretty(&config.to_json(&targets)).expect("JSON values serialize");
+    write_file_atomic(&config_path, (text + "\n").as_bytes()).map_err(|source| Error::Io {
+        path: config_path,
+        error: source,
     })
 }
 
@@ -353,7 +380,14 @@ pub(crate) fn float_data(view: &safetensors::tensor::TensorView<'_>, key: &str, 
 pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Result<(LlamaForCausalLM<B>, LoraConfig)> {
     let config_path = dir.join(CONFIG_FILE);
     let config = LoraConfig::from_file(&config_path)?;
-    let (mut model, _) = inject(model, &config, 0)?;
+    let (mut model, _) = inject(model, &config, 0).map_err(|e| match e {
+        Error::Invalid { key, message } => Error::Config {
+            path: config_path.clone(),
+            key,
+            message,
+        },
+        other => other,
+    })?;
     let path = dir.join(WEIGHTS_FILE);
     let bytes = read_bytes(&path)?;
     let st = parse_weights(&bytes, &path)?;

@@ -25,6 +25,10 @@ pub enum Error {
     Format { path: PathBuf, message: String },
     #[error("{0}")]
     Unsupported(String),
+    /// A setting that does not fit the model it is applied to (a layer it does not have, a
+    /// rank larger than a layer); `key` is the `LoraConfig` key.
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -97,11 +97,16 @@ pub fn export_gguf(adapter_dir: &Path, base: &ModelConfig, out: &Path) -> Result
         let base_shape = shapes
             .get(&format!("{module}.weight"))
             .ok_or_else(|| err(&key_a, format!("the base model has no linear layer {module}")))?;
-        let (out_f, in_f, r) = (base_shape[0], base_shape[1], a_shape[0]);
+        // The rank comes from the config, as `load_adapter` takes it: tensors of another rank
+        // would be scaled by the wrong alpha / r in llama.cpp.
+        let (out_f, in_f, r) = (base_shape[0], base_shape[1], config.rank_for(module));
         if a_shape != [r, in_f] || b_shape != [out_f, r] {
             return Err(err(
                 &key_a,
-                format!("shapes {a_shape:?} / {b_shape:?} do not fit {module} ([{out_f}, {in_f}]) of the base model"),
+                format!(
+                    "shapes {a_shape:?} / {b_shape:?} do not fit {module} ([{out_f}, {in_f}]) of the base model \
+                     with the rank {r} that adapter_config.json gives it ([{r}, {in_f}] / [{out_f}, {r}])"
+                ),
             ));
         }
         let gguf = gguf_module_name(module).ok_or_else(|| err(&key_a, format!("{module} has no llama.cpp name")))?;

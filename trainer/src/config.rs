@@ -29,6 +29,9 @@ pub struct JobConfig {
     /// `temper launch`'s settings (its command-line flags override them).
     #[serde(default)]
     pub launch: LaunchSection,
+    /// The YAML file this job was read from, named by errors found later (training, data).
+    #[serde(skip)]
+    pub file: PathBuf,
 }
 
 /// Data-parallel launch: `temper launch` reads these; `temper train` ignores them.
@@ -480,6 +483,9 @@ pub struct TrainingSection {
     pub save_total_limit: Option<usize>,
 }
 
+/// The largest micro-batch, accumulation count and LoRA rank a job may ask for.
+const MAX_SIZE: usize = 1 << 16;
+
 fn default_epochs() -> u64 {
     1
 }
@@ -542,6 +548,7 @@ impl JobConfig {
             key: e.path().to_string(),
             message: e.into_inner().to_string(),
         })?;
+        config.file = path.to_path_buf();
         config.expand_home();
         config.resolve_objective();
         config.resolve_hub_ids().map_err(|e| match e {
@@ -579,7 +586,7 @@ impl JobConfig {
     /// becomes the snapshot folder in the Hugging Face cache (downloaded there unless it is
     /// already, or `HF_HUB_OFFLINE` is set).
     fn resolve_hub_ids(&mut self) -> Result<()> {
-        let is_hub_id = |p: &str| !Path::new(p).exists() && temper_hub::is_repo_id(p);
+        let is_hub_id = |p: &str| !Path::new(p).exists() && temper_hub::is_repo_id(p) && !looks_local(p);
         let model = self.model.path.display().to_string();
         if is_hub_id(&model) {
             let dir = temper_hub::resolve(temper_hub::RepoType::Model, &model, self.model.revision.as_deref())
@@ -702,7 +709,18 @@ impl JobConfig {
                     format!("{} holds no adapter_config.json", p.display()),
                 )?;
             }
-            a.lora_config()?;
+            for (pattern, &r) in &a.rank_pattern {
+                check(r > 0, "adapter.rank_pattern", format!("{pattern:?}: rank must be > 0, got 0"))?;
+            }
+            check(
+                a.r <= MAX_SIZE && a.rank_pattern.values().all(|&r| r <= MAX_SIZE),
+                "adapter.r",
+                format!("a LoRA rank must be at most {MAX_SIZE} (and at most a layer's smaller dimension)"),
+            )?;
+            a.lora_config()?.validate(Path::new("")).map_err(|e| match e {
+                temper_peft::Error::Config { key, message, .. } => Error::config(&format!("adapter.{key}"), message),
+                other => Error::Peft(other),
+            })?;
         } else {
             check(
                 a.quantize_base.is_none(),
@@ -712,14 +730,20 @@ impl JobConfig {
         }
         positive(t.learning_rate, "training.learning_rate")?;
         check(
-            t.micro_batch_size > 0,
+            !self.output_dir.as_os_str().is_empty(),
+            "output_dir",
+            "is empty (a directory for the adapter, checkpoints and logs)".into(),
+        )?;
+        // Sizes past these are typos, not jobs: caught here rather than by the allocator.
+        check(
+            (1..=MAX_SIZE).contains(&t.micro_batch_size),
             "training.micro_batch_size",
-            "must be > 0".into(),
+            format!("must be in 1..={MAX_SIZE}, got {}", t.micro_batch_size),
         )?;
         check(
-            t.gradient_accumulation_steps > 0,
+            (1..=MAX_SIZE).contains(&t.gradient_accumulation_steps),
             "training.gradient_accumulation_steps",
-            "must be > 0".into(),
+            format!("must be in 1..={MAX_SIZE}, got {}", t.gradient_accumulation_steps),
         )?;
         check(t.max_steps != Some(0), "training.max_steps", "must be > 0".into())?;
         check(t.epochs > 0, "training.epochs", "must be > 0".into())?;
@@ -824,6 +848,17 @@ impl JobConfig {
         }
         serde_yaml::to_string(&shown).expect("a config serializes")
     }
+}
+
+/// A missing path that reads `OWNER/NAME` but is surely a mistyped local path: a file name
+/// extension of the files Temper reads, or a first folder that exists here (`data/trian.jsonl`,
+/// `runs/x`). Asking the Hub for it would only add a wait and a confusing error.
+fn looks_local(p: &str) -> bool {
+    const EXTENSIONS: [&str; 9] = ["jsonl", "json", "parquet", "arrow", "csv", "txt", "gguf", "safetensors", "yaml"];
+    let path = Path::new(p);
+    let extension = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    let first = p.split('/').next().unwrap_or_default();
+    extension.is_some_and(|e| EXTENSIONS.contains(&e.as_str())) || Path::new(first).is_dir()
 }
 
 /// `a.b.c=value`: sets a key (creating maps on the way); the value is parsed as YAML, so

@@ -22,7 +22,7 @@ pub enum Error {
     Collective { rank: usize, message: String },
     #[error(
         "{during}: token id {id} is outside the model's vocabulary ({vocab} tokens); \
-         pre-tokenized `input_ids` must come from this model's tokenizer"
+         pre-tokenized `input_ids` and `labels` must come from this model's tokenizer"
     )]
     TokenOutOfVocab { during: String, id: u32, vocab: usize },
     #[error("step {step}: the loss is {value}; training stopped (the last good checkpoint is kept)")]
@@ -36,6 +36,23 @@ impl Error {
             file: PathBuf::new(),
             key: key.to_string(),
             message: message.into(),
+        }
+    }
+
+    /// Names `file` in a config error that was found without it (against the model or data).
+    pub(crate) fn in_file(self, file: &std::path::Path) -> Self {
+        match self {
+            Self::Config { file: f, key, message } if f.as_os_str().is_empty() => Self::Config {
+                file: file.to_path_buf(),
+                key,
+                message,
+            },
+            Self::Data(temper_data::Error::Config { key, message }) => Self::Config {
+                file: file.to_path_buf(),
+                key,
+                message,
+            },
+            other => other,
         }
     }
 

@@ -28,12 +28,28 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Appends to `dir/metrics.jsonl` (a resumed run continues the file) and starts a new
-    /// TensorBoard event file under `dir/runs/`.
-    pub fn open(dir: &Path) -> Result<Self> {
+    /// Opens `dir/metrics.jsonl` and starts a new TensorBoard event file under `dir/runs/`.
+    /// A run resumed at step `n` (`resumed_at: Some(n)`) keeps the rows up to step `n` and
+    /// drops later ones, which its interrupted predecessor logged after the checkpoint and
+    /// which are about to be logged again; a new run starts the file afresh.
+    pub fn open(dir: &Path, resumed_at: Option<u64>) -> Result<Self> {
         let path = dir.join("metrics.jsonl");
+        let kept = match (resumed_at, std::fs::read_to_string(&path)) {
+            (Some(step), Ok(text)) => text
+                .lines()
+                .filter(|line| {
+                    serde_json::from_str::<Value>(line)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(Value::as_u64))
+                        .is_some_and(|s| s <= step)
+                })
+                .map(|line| format!("{line}\n"))
+                .collect::<String>(),
+            (Some(_), Err(e)) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&path, e)),
+            _ => String::new(),
+        };
+        temper_models::save::write_file_atomic(&path, kept.as_bytes()).map_err(|e| Error::io(&path, e))?;
         let jsonl = OpenOptions::new()
-            .create(true)
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;

@@ -69,12 +69,17 @@ enum Trainable {
 }
 
 /// Runs a job to its end (or its interruption) on backend `B` with weights stored in `dtype`.
+/// A config error found on the way (against the model or the data) names the job's file.
 pub fn train<B: AutodiffBackend>(
     job: &JobConfig,
     device: &B::Device,
     dtype: DType,
     opts: TrainOptions,
 ) -> Result<Summary> {
+    run::<B>(job, device, dtype, opts).map_err(|e| e.in_file(&job.file))
+}
+
+fn run<B: AutodiffBackend>(job: &JobConfig, device: &B::Device, dtype: DType, opts: TrainOptions) -> Result<Summary> {
     let t = &job.training;
     let out = &job.output_dir;
     let collective = opts.collective.as_deref();
@@ -112,6 +117,9 @@ pub fn train<B: AutodiffBackend>(
         }
     };
     let resumed = resume_dir.as_deref().map(checkpoint::load).transpose()?;
+    if let Some(dir) = &resume_dir {
+        check_same_adapter(job, dir)?;
+    }
     let tokenizer = Arc::new(tokenizer);
     let loader_options = LoaderOptions {
         batch_size: t.micro_batch_size,
@@ -138,7 +146,19 @@ pub fn train<B: AutodiffBackend>(
     }
     let objective = PreferenceObjective::from_config(t);
     let total_steps = match (&resumed, t.max_steps) {
-        (Some(r), _) => r.state.total_steps,
+        // A resumed run goes to the `max_steps` it is given now (a longer run continues).
+        (Some(r), Some(n)) if n < r.state.step => {
+            return Err(Error::config(
+                "training.max_steps",
+                format!(
+                    "{n}, but the checkpoint {} is at step {} already",
+                    r.dir.display(),
+                    r.state.step
+                ),
+            ));
+        }
+        (Some(_), Some(n)) => n,
+        (Some(r), None) => r.state.total_steps,
         (None, Some(n)) => n,
         (None, None) => {
             // A stream has no length: one pass over the data counts the batches (and finds bad
@@ -198,6 +218,7 @@ pub fn train<B: AutodiffBackend>(
         let skipped = r.state.loss_scaler.map_or(0, |s| s.skipped);
         optim.load_state(r.optimizer, r.state.step - skipped, device);
         state = r.state;
+        state.total_steps = total_steps;
         if world > 1 {
             state.cursor = match state.rank_cursors.get(rank) {
                 Some(c) if state.rank_cursors.len() == world => *c,
@@ -215,7 +236,8 @@ pub fn train<B: AutodiffBackend>(
     }
     let config_yaml = job.to_yaml();
     if main {
-        std::fs::write(out.join("config.yaml"), &config_yaml).map_err(|e| Error::io(out.join("config.yaml"), e))?;
+        let path = out.join("config.yaml");
+        temper_models::save::write_file_atomic(&path, config_yaml.as_bytes()).map_err(|e| Error::io(&path, e))?;
     }
 
     // DPO's reference, built once: LoRA trains only adapters, so the base never changes. It is
@@ -263,7 +285,13 @@ pub fn train<B: AutodiffBackend>(
         }
     };
     let precomputed = matches!(reference, Reference::Precomputed(_));
-    let mut log = if main { Some(MetricsLog::open(out)?) } else { None };
+    // A resumed run drops the rows its interrupted predecessor logged after the checkpoint:
+    // they are logged again as the steps are redone.
+    let mut log = if main {
+        Some(MetricsLog::open(out, resume_dir.is_some().then_some(state.step))?)
+    } else {
+        None
+    };
     let progress = Progress::new(total_steps, state.step, main);
     let mut loader = pipeline.clone().spawn(state.cursor);
     let eval_data = job.data.eval_config();
@@ -510,6 +538,14 @@ pub fn train<B: AutodiffBackend>(
         }
     }
     progress.finish();
+    if state.step == start_step && !interrupted && start_step < total_steps {
+        // Nothing trained: the data ran out before the first step. Saving an unchanged
+        // adapter with a model card would look like a finished run.
+        return Err(Error::config(
+            "data",
+            format!("no training step ran: the data gave no batch (step {start_step} of {total_steps})"),
+        ));
+    }
     if !interrupted && main {
         save_model(&model, &trainable, out)?;
         let record = crate::card::RunRecord {
@@ -562,7 +598,10 @@ fn build_model<B: AutodiffBackend>(
                 Some(dir) => temper_peft::load_adapter(base.no_grad(), dir)?,
                 None => {
                     let config = a.lora_config()?;
-                    let (model, _) = temper_peft::inject(base, &config, job.training.seed)?;
+                    let (model, _) = temper_peft::inject(base, &config, job.training.seed).map_err(|e| match e {
+                        temper_peft::Error::Invalid { key, message } => Error::config(&format!("adapter.{key}"), message),
+                        other => other.into(),
+                    })?;
                     (model, config)
                 }
             };
@@ -585,6 +624,51 @@ fn build_model<B: AutodiffBackend>(
             Ok((model, Trainable::Lora(config)))
         }
     }
+}
+
+/// A resumed run continues the adapter its checkpoint holds, so a changed `adapter` section
+/// would be silently ignored (the checkpoint's shapes win) while `config.yaml` and the model
+/// card recorded the new values: an error naming what changed instead.
+fn check_same_adapter(job: &JobConfig, checkpoint: &Path) -> Result<()> {
+    // A checkpoint without a readable config (written by an older version) is not checked.
+    let Ok(text) = std::fs::read_to_string(checkpoint.join("config.yaml")) else {
+        return Ok(());
+    };
+    let Ok(saved) = serde_yaml::from_str::<JobConfig>(&text) else {
+        return Ok(());
+    };
+    let fields = |a: &crate::config::AdapterSection| {
+        serde_yaml::to_value(a)
+            .ok()
+            .and_then(|v| v.as_mapping().cloned())
+            .unwrap_or_default()
+    };
+    let (before, now) = (fields(&saved.adapter), fields(&job.adapter));
+    let show = |v: Option<&serde_yaml::Value>| {
+        v.map_or("unset".to_string(), |v| {
+            serde_yaml::to_string(v).unwrap_or_default().trim().replace('\n', " ")
+        })
+    };
+    let mut keys: Vec<&str> = before.keys().chain(now.keys()).filter_map(|k| k.as_str()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let changed: Vec<(&str, String)> = keys
+        .into_iter()
+        .filter(|k| before.get(*k) != now.get(*k))
+        .map(|k| (k, format!("adapter.{k} is {} there, {} now", show(before.get(k)), show(now.get(k)))))
+        .collect();
+    let Some((first, _)) = changed.first() else {
+        return Ok(());
+    };
+    Err(Error::config(
+        &format!("adapter.{first}"),
+        format!(
+            "resuming from {}: the adapter differs from the one the run started with ({}); \
+             resume with the original settings, or start a new output_dir",
+            checkpoint.display(),
+            changed.iter().map(|(_, c)| c.as_str()).collect::<Vec<_>>().join("; ")
+        ),
+    ))
 }
 
 /// Marks every float parameter trainable (full fine-tuning).
@@ -761,12 +845,17 @@ fn evaluate<B: AutodiffBackend>(
         world_size: 1,
         epochs: Some(1),
     };
-    let pipeline = Arc::new(Pipeline::new(eval, tokenizer.clone(), options)?);
+    // The pipeline names its settings `data.*`; these are the evaluation data's.
+    let in_eval = |e: temper_data::Error| match e {
+        temper_data::Error::Config { key, message } => Error::config(&key.replacen("data", "data.eval", 1), message),
+        other => Error::Data(other),
+    };
+    let pipeline = Arc::new(Pipeline::new(eval, tokenizer.clone(), options).map_err(in_eval)?);
     let mut sums = StepSums::default();
     let (mut count, mut rows) = (0usize, 0usize);
     let vocab = model.vocab_size();
     for b in pipeline.spawn(Cursor::default()) {
-        let b = b?;
+        let b = b.map_err(in_eval)?;
         check_vocab(&b.batch, vocab, || "evaluation data".to_string())?;
         match b.batch {
             Batch::Sft(batch) => {
@@ -789,7 +878,14 @@ fn evaluate<B: AutodiffBackend>(
             break;
         }
     }
-    let mut out = vec![("eval_loss", sums.get("loss") / count.max(1) as f64)];
+    if count == 0 {
+        // An `eval_loss` of 0 would read as a perfect model.
+        return Err(Error::config(
+            "data.eval",
+            format!("the evaluation data gave nothing to score ({rows} rows in batches, no target token or pair)"),
+        ));
+    }
+    let mut out = vec![("eval_loss", sums.get("loss") / count as f64)];
     out.extend(
         sums.logged(count)
             .into_iter()
