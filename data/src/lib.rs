@@ -5,6 +5,7 @@
 pub mod config;
 pub mod error;
 pub mod format;
+mod guard;
 pub mod loader;
 pub mod pack;
 pub mod source;

@@ -21,6 +21,7 @@ use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReader
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Location, Result};
+use crate::guard::guarded;
 
 /// One row: the columns that were asked for, as JSON values.
 #[derive(Debug, Clone)]
@@ -237,6 +238,25 @@ impl DataFile {
 
     /// The file's column names, read from its schema (Arrow, Parquet) or first row (JSON).
     pub fn columns(&self) -> Result<Vec<String>> {
+        guarded(|| self.columns_unguarded()).unwrap_or_else(|panic| Err(self.corrupt(&panic)))
+    }
+
+    /// The rows of this file, with only `columns` (all when `None`).
+    pub fn rows(&self, columns: Option<&[String]>) -> Result<Box<dyn Iterator<Item = Result<Record>> + Send>> {
+        let rows = guarded(|| self.rows_unguarded(columns)).unwrap_or_else(|panic| Err(self.corrupt(&panic)))?;
+        Ok(Box::new(GuardedRows {
+            rows,
+            file: self.clone(),
+            failed: false,
+        }))
+    }
+
+    /// A reader that panicked: the file is corrupt (a whole-file error, never a skippable row).
+    fn corrupt(&self, panic: &str) -> Error {
+        self.file_error(format!("corrupt or truncated file: the reader failed ({panic})"))
+    }
+
+    fn columns_unguarded(&self) -> Result<Vec<String>> {
         match self.kind {
             FileKind::Arrow => {
                 let schema = self.arrow_reader(None)?.schema();
@@ -254,8 +274,7 @@ impl DataFile {
         }
     }
 
-    /// The rows of this file, with only `columns` (all when `None`).
-    pub fn rows(&self, columns: Option<&[String]>) -> Result<Box<dyn Iterator<Item = Result<Record>> + Send>> {
+    fn rows_unguarded(&self, columns: Option<&[String]>) -> Result<Box<dyn Iterator<Item = Result<Record>> + Send>> {
         match self.kind {
             FileKind::Arrow => {
                 let reader = self.arrow_reader(None)?;
@@ -572,5 +591,26 @@ mod tests {
         assert!(names_split("test/part0.parquet", "test"));
         assert!(!names_split("data/training_notes.jsonl", "train"));
         assert!(!names_split("data/train-00000.parquet", "test"));
+    }
+}
+
+/// A file's rows read through [`guarded`]: a reader that panics ends them with an error.
+struct GuardedRows {
+    rows: Box<dyn Iterator<Item = Result<Record>> + Send>,
+    file: DataFile,
+    failed: bool,
+}
+
+impl Iterator for GuardedRows {
+    type Item = Result<Record>;
+
+    fn next(&mut self) -> Option<Result<Record>> {
+        if self.failed {
+            return None;
+        }
+        guarded(|| self.rows.next()).unwrap_or_else(|panic| {
+            self.failed = true;
+            Some(Err(self.file.corrupt(&panic)))
+        })
     }
 }
