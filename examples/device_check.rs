@@ -127,7 +127,7 @@ impl BackendJob for Bench {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) {
         let config = ModelConfig::from_file(&self.config).unwrap();
-        let source = RandomSource::new(&config, 0);
+        let source = RandomSource::new(temper_models::llama::checkpoint_shapes(&config), 0);
         let (b, s) = (self.batch, self.seq);
         let mut times = Vec::new();
         let t0 = Instant::now();

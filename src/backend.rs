@@ -3,10 +3,8 @@
 //! `ndarray` (with OpenBLAS) is the default CPU backend: see `benches/RESULTS.md` for the
 //! measurements against `flex`.
 
-use std::fmt;
-use std::str::FromStr;
-
 use burn::tensor::backend::Backend;
+pub use temper_trainer::config::DeviceSpec;
 
 #[cfg(feature = "ndarray")]
 pub type CpuBackend = burn::backend::NdArray<f32>;
@@ -21,56 +19,6 @@ pub type CudaBackend = burn::backend::Cuda<f32, i32>;
 pub type CudaUnfusedBackend = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
 #[cfg(feature = "wgpu")]
 pub type WgpuBackend = burn::backend::Wgpu<f32, i32>;
-
-/// A device named on the command line or in a config: `cpu`, `cuda`, `cuda:N`, `wgpu`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceSpec {
-    Cpu,
-    Cuda(usize),
-    Wgpu,
-}
-
-impl DeviceSpec {
-    /// The `--device` given on the command line, else the job's `device` key.
-    pub fn for_job(
-        cli: Option<DeviceSpec>,
-        job: &temper_trainer::JobConfig,
-        file: &std::path::Path,
-    ) -> anyhow::Result<Self> {
-        match cli {
-            Some(d) => Ok(d),
-            None => job
-                .device
-                .parse()
-                .map_err(|e: String| anyhow::anyhow!("{}: device: {e}", file.display())),
-        }
-    }
-}
-
-impl FromStr for DeviceSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "cpu" => Ok(Self::Cpu),
-            "wgpu" => Ok(Self::Wgpu),
-            "cuda" => Ok(Self::Cuda(0)),
-            _ => match s.strip_prefix("cuda:").map(str::parse) {
-                Some(Ok(i)) => Ok(Self::Cuda(i)),
-                _ => Err(format!("unknown device {s:?} (expected cpu, cuda, cuda:N or wgpu)")),
-            },
-        }
-    }
-}
-
-impl fmt::Display for DeviceSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Cpu => write!(f, "cpu"),
-            Self::Cuda(i) => write!(f, "cuda:{i}"),
-            Self::Wgpu => write!(f, "wgpu"),
-        }
-    }
-}
 
 /// Work generic over the backend, run on whichever backend the device selects.
 pub trait BackendJob {

@@ -29,7 +29,8 @@ pub enum DataCommand {
 
 pub fn run(cmd: DataCommand) -> Result<()> {
     let DataCommand::Inspect(args) = cmd;
-    let job = JobConfig::load(&args.config, &args.set)?;
+    let mut job = JobConfig::load(&args.config, &args.set)?;
+    job.resolve_hub_ids()?;
     let (_, tokenizer) = temper_models::load_config_and_tokenizer(&job.model.path)?;
     let tokenizer = Arc::new(tokenizer);
     let options = LoaderOptions {

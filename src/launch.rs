@@ -45,7 +45,7 @@ pub fn run(args: LaunchArgs, device: Option<DeviceSpec>) -> Result<()> {
     // The config is checked here, before any worker starts.
     let job = JobConfig::load(&args.config, &args.set)?;
     let l = &job.launch;
-    let device = DeviceSpec::for_job(device, &job, &args.config)?;
+    let device = device.unwrap_or(job.device);
     let device_kind = match device {
         DeviceSpec::Cpu => "cpu",
         DeviceSpec::Cuda(_) => "cuda",

@@ -46,7 +46,8 @@ const GPU_PAD_MULTIPLE: usize = 64;
 
 pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
     let mut config = JobConfig::load(&args.config, &args.set)?;
-    let device = DeviceSpec::for_job(device, &config, &args.config)?;
+    config.resolve_hub_ids()?;
+    let device = device.unwrap_or(config.device);
     if device != DeviceSpec::Cpu {
         // A GPU backend compiles kernels for each new shape (a minute or more for a step's
         // matmuls): rows padded to a multiple of 64 keep the shapes few. The resolved config

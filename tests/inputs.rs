@@ -13,7 +13,7 @@ use std::time::Duration;
 use burn::backend::Autodiff;
 use burn::module::Param;
 use burn::tensor::{DType, Tensor};
-use common::fixtures;
+use common::{fixtures, job_yaml, load_job, train_dir};
 use proptest::prelude::*;
 use temper::backend::CpuBackend;
 use temper_models::{ChatTemplate, Message, Sampling};
@@ -21,46 +21,14 @@ use temper_trainer::{JobConfig, Resume, Summary, TrainOptions, train};
 
 type AD = Autodiff<CpuBackend>;
 
-fn train_dir() -> PathBuf {
-    fixtures().join("train")
-}
-
 fn bad_dir() -> PathBuf {
     fixtures().join("bad")
 }
 
-/// The tiny fixture job (as tests/train.rs runs it), writing to `out`.
-fn job_yaml(out: &Path) -> String {
-    format!(
-        r#"
-model:
-  path: {tiny}
-adapter:
-  type: lora
-  path: {init}
-data:
-  path: {data}
-  shuffle: false
-  max_length: 64
-training:
-  max_steps: 10
-  micro_batch_size: 2
-  gradient_accumulation_steps: 2
-  learning_rate: 1.0e-2
-  precision: f32
-output_dir: {out}
-"#,
-        tiny = train_dir().join("tiny").display(),
-        init = train_dir().join("init_adapter").display(),
-        data = train_dir().join("data.jsonl").display(),
-        out = out.display(),
-    )
-}
-
-fn load_job(tmp: &Path, overrides: &[String]) -> Result<JobConfig, String> {
-    let path = tmp.join("job.yaml");
-    std::fs::write(&path, job_yaml(&tmp.join("out"))).unwrap();
-    JobConfig::load(&path, overrides).map_err(|e| e.to_string())
+/// The tiny fixture job of tests/train.rs, writing to `tmp/out`, with `--set` overrides.
+fn load_fixture_job(tmp: &Path, overrides: &[String]) -> Result<JobConfig, String> {
+    let overrides: Vec<&str> = overrides.iter().map(String::as_str).collect();
+    load_job(tmp, &job_yaml(&tmp.join("out")), &overrides)
 }
 
 /// Trains on another thread: a run that has not ended after `limit` is a hang, and fails the
@@ -95,7 +63,7 @@ fn the_corpus_of_bad_jobs_gives_its_errors() {
             .iter()
             .map(|s| s.replace("{bad}", &bad_dir().display().to_string()))
             .collect();
-        let err = match (load_job(tmp.path(), &set), case.fails_at.as_str()) {
+        let err = match (load_fixture_job(tmp.path(), &set), case.fails_at.as_str()) {
             (Err(e), "load") => e,
             (Ok(job), "train") => match train_within(&job, TrainOptions::default(), Duration::from_secs(120)) {
                 Err(e) => e,
@@ -130,7 +98,7 @@ fn resuming_follows_the_new_config_or_refuses_it() {
             .collect()
     };
     let limit = Duration::from_secs(120);
-    let job = load_job(tmp.path(), &set(&[])).unwrap();
+    let job = load_fixture_job(tmp.path(), &set(&[])).unwrap();
     assert_eq!(train_within(&job, TrainOptions::default(), limit).unwrap().steps, 4);
 
     // Steps 3 and 4 again from checkpoint-2, as after a kill: each step is logged once.
@@ -147,12 +115,12 @@ fn resuming_follows_the_new_config_or_refuses_it() {
     assert_eq!(steps, [1, 2, 3, 4], "metrics.jsonl after a resume");
 
     // A larger max_steps goes on to it.
-    let longer = load_job(tmp.path(), &set(&["training.max_steps=6"])).unwrap();
+    let longer = load_fixture_job(tmp.path(), &set(&["training.max_steps=6"])).unwrap();
     let summary = train_within(&longer, from_2(), limit).unwrap();
     assert_eq!((summary.steps, summary.total_steps), (6, 6));
 
     // Fewer steps than the checkpoint has done: refused, naming both.
-    let shorter = load_job(tmp.path(), &set(&["training.max_steps=1"])).unwrap();
+    let shorter = load_fixture_job(tmp.path(), &set(&["training.max_steps=1"])).unwrap();
     let err = train_within(&shorter, from_2(), limit).unwrap_err();
     assert!(
         err.contains("job.yaml: training.max_steps: 1, but the checkpoint") && err.contains("at step 2"),
@@ -160,7 +128,7 @@ fn resuming_follows_the_new_config_or_refuses_it() {
     );
 
     // Another rank: refused, naming the key and both values.
-    let other_rank = load_job(tmp.path(), &set(&["adapter.r=8"])).unwrap();
+    let other_rank = load_fixture_job(tmp.path(), &set(&["adapter.r=8"])).unwrap();
     let err = train_within(&other_rank, from_2(), limit).unwrap_err();
     assert!(
         err.contains("job.yaml: adapter.r: resuming from") && err.contains("adapter.r is 16 there, 8 now"),
@@ -422,7 +390,7 @@ proptest! {
     ) {
         let tmp = tempfile::tempdir().unwrap();
         let set: Vec<String> = overrides.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let _ = load_job(tmp.path(), &set);
+        let _ = load_fixture_job(tmp.path(), &set);
     }
 
     /// Data rows: JSONL lines of any shape through the whole pipeline (format detection,

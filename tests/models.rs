@@ -301,7 +301,7 @@ fn random_weights_from_config_alone() {
             .collect();
         expected.sort();
         assert_eq!(written, expected, "{name}");
-        let random = temper_models::weights::RandomSource::new(&config, 1);
+        let random = temper_models::weights::RandomSource::new(temper_models::llama::checkpoint_shapes(&config), 1);
         let model =
             temper_models::LlamaForCausalLM::<B>::load(&config, &random, &Default::default(), DType::F32).unwrap();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 2, 3], [1, 3]), &Default::default());

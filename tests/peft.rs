@@ -13,7 +13,7 @@ use common::{Expected, fixtures, load_hf_dir, rel_err, smollm2_path};
 use safetensors::SafeTensors;
 use temper::backend::CpuBackend;
 use temper_models::{ForwardOptions, LlamaForCausalLM};
-use temper_peft::{LoraConfig, TargetModules, inject, load_adapter, save_adapter};
+use temper_peft::{BaseQuantization, LoraConfig, TargetModules, inject, load_adapter, save_adapter};
 
 type B = CpuBackend;
 type AD = Autodiff<CpuBackend>;
@@ -607,8 +607,8 @@ fn quantized_base_matches_llama_cpp_blocks_and_trains_adapters() {
         .into_data()
         .to_vec()
         .unwrap();
-    for (bits, tol) in [(8, 2e-2), (4, 2e-1)] {
-        let (model, report) = temper_peft::quantize_base(base.clone(), bits).unwrap();
+    for (quantization, bits, tol) in [(BaseQuantization::Q8_0, 8, 2e-2), (BaseQuantization::Q4_0, 4, 2e-1)] {
+        let (model, report) = temper_peft::quantize_base(base.clone(), quantization).unwrap();
         // q/k/v/o/gate/up (in = 64) of both layers; down_proj (in = 112) and lm_head stay dense.
         assert_eq!(report.quantized_layers, 12, "{report:?}");
         assert!(report.dense_layers.contains(&"lm_head".to_string()));
@@ -643,7 +643,7 @@ fn quantized_base_matches_llama_cpp_blocks_and_trains_adapters() {
         let base = load_hf_dir::<AD>(&fixtures().join("models/llama_gqa_llama3")).unwrap();
         let (model, _) = inject(base, &config, 5).unwrap();
         let mut model = if quantize {
-            temper_peft::quantize_base(model, 8).unwrap().0
+            temper_peft::quantize_base(model, BaseQuantization::Q8_0).unwrap().0
         } else {
             model
         };

@@ -4,67 +4,23 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::backend::Autodiff;
 use burn::tensor::DType;
-use common::{fixtures, rel_err};
+use common::{job_yaml, load_job, rel_err, train_dir};
 use safetensors::SafeTensors;
 use temper::backend::CpuBackend;
 use temper_trainer::{JobConfig, Resume, TrainOptions, train};
 
 type AD = Autodiff<CpuBackend>;
 
-fn dir() -> PathBuf {
-    fixtures().join("train")
-}
-
-/// The job of the fixture run, writing to `out`.
-fn job_yaml(out: &Path) -> String {
-    format!(
-        r#"
-model:
-  path: {tiny}
-adapter:
-  type: lora
-  path: {init}
-  loraplus_lr_ratio: 2.0
-data:
-  path: {data}
-  shuffle: false
-  max_length: 64
-training:
-  max_steps: 10
-  micro_batch_size: 2
-  gradient_accumulation_steps: 2
-  learning_rate: 1.0e-2
-  lr_scheduler: linear
-  warmup_steps: 2
-  weight_decay: 0.01
-  max_grad_norm: 1.0
-  precision: f32
-output_dir: {out}
-"#,
-        tiny = dir().join("tiny").display(),
-        init = dir().join("init_adapter").display(),
-        data = dir().join("data.jsonl").display(),
-        out = out.display(),
-    )
-}
-
-fn load_job(tmp: &Path, yaml: &str, overrides: &[&str]) -> Result<JobConfig, String> {
-    let path = tmp.join("job.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-    JobConfig::load(&path, &overrides).map_err(|e| e.to_string())
-}
-
 fn run(job: &JobConfig, options: TrainOptions) -> temper_trainer::Summary {
     train::<AD>(job, &Default::default(), DType::F32, options).unwrap()
 }
 
 fn expected() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir().join("expected.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(train_dir().join("expected.json")).unwrap()).unwrap()
 }
 
 /// PyTorch + PEFT's per-step losses of the fixture run.
@@ -137,7 +93,7 @@ fn lora_sft_matches_peft_and_resumes_exactly() {
     }
     // The final adapter equals PEFT's, tensor by tensor.
     let ours = adapter(&full_out);
-    let theirs = adapter(&dir().join("final_adapter"));
+    let theirs = adapter(&train_dir().join("final_adapter"));
     assert_eq!(
         ours.iter().map(|t| &t.0).collect::<Vec<_>>(),
         theirs.iter().map(|t| &t.0).collect::<Vec<_>>()
@@ -205,7 +161,7 @@ fn loss_scaling_skips_overflowing_steps() {
     let want = peft_losses();
     let got: Vec<f32> = summary.losses.iter().map(|l| l.1 as f32).collect();
     assert!(rel_err(&got, &want, |_| true) < 1e-4, "{got:?} vs {want:?}");
-    for ((name, a), (_, b)) in adapter(&out).iter().zip(adapter(&dir().join("final_adapter"))) {
+    for ((name, a), (_, b)) in adapter(&out).iter().zip(adapter(&train_dir().join("final_adapter"))) {
         assert!(rel_err(a, &b, |_| true) < 1e-4, "{name}");
     }
     // 2^140 is infinite in f32: steps are skipped until the scale is small enough.
@@ -221,7 +177,7 @@ fn loss_scaling_skips_overflowing_steps() {
     let scales: Vec<f64> = rows.iter().map(|r| r["loss_scale"].as_f64().unwrap()).collect();
     assert_eq!(scales[0], 2f64.powi(139));
     assert_eq!(scales[skipped - 1], 2f64.powi(140 - skipped as i32));
-    let init = adapter(&dir().join("init_adapter"));
+    let init = adapter(&train_dir().join("init_adapter"));
     let trained = adapter(&out);
     assert!(trained.iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
     assert_ne!(init, trained);
@@ -265,7 +221,7 @@ fn full_fine_tuning_with_activation_checkpointing() {
             .replace(
                 &format!(
                     "  type: lora\n  path: {}\n  loraplus_lr_ratio: 2.0\n",
-                    dir().join("init_adapter").display()
+                    train_dir().join("init_adapter").display()
                 ),
                 "  type: full\n",
             )
@@ -454,9 +410,9 @@ training:
   precision: f32
 output_dir: {out}
 "#,
-        tiny = dir().join("tiny").display(),
-        init = dir().join("init_adapter").display(),
-        data = dir().join("pref.jsonl").display(),
+        tiny = train_dir().join("tiny").display(),
+        init = train_dir().join("init_adapter").display(),
+        data = train_dir().join("pref.jsonl").display(),
         out = out.display(),
     )
 }
@@ -465,7 +421,7 @@ output_dir: {out}
 fn dpo_matches_trl() {
     let tmp = tempfile::tempdir().unwrap();
     let exp: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir().join("dpo_expected.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(train_dir().join("dpo_expected.json")).unwrap()).unwrap();
     let dpo = |section: &str| format!("objective: dpo\n  dpo: {{beta: 0.1, {section}}}");
     let checkpointed = ["training.gradient_checkpointing=true"];
     let cases: [(&str, String, &[&str]); 11] = [
@@ -508,7 +464,7 @@ fn dpo_matches_trl() {
     // starting adapter, so on the training pairs they are TRL's first-step values.
     let out = tmp.path().join("eval");
     let eval_set = [
-        format!("data.eval.path={}", dir().join("pref.jsonl").display()),
+        format!("data.eval.path={}", train_dir().join("pref.jsonl").display()),
         "training.eval_steps=3".to_string(),
     ];
     let eval_set: Vec<&str> = eval_set.iter().map(String::as_str).collect();
@@ -575,7 +531,7 @@ fn dpo_matches_trl() {
     // A fresh adapter (B = 0) is its own reference at the start: the first loss is ln 2.
     let out = tmp.path().join("fresh");
     let yaml = dpo_yaml(&out, "sigmoid", 0.0).replace(
-        &format!("  path: {}\n", dir().join("init_adapter").display()),
+        &format!("  path: {}\n", train_dir().join("init_adapter").display()),
         "  r: 4\n",
     );
     let job = load_job(tmp.path(), &yaml, &["training.max_steps=1"]).unwrap();
@@ -589,7 +545,7 @@ fn dpo_matches_trl() {
     let job = load_job(
         tmp.path(),
         &dpo_yaml(&out, "sigmoid", 0.0),
-        &[&format!("data.path={}", dir().join("data.jsonl").display())],
+        &[&format!("data.path={}", train_dir().join("data.jsonl").display())],
     )
     .unwrap();
     let err = train::<AD>(&job, &Default::default(), DType::F32, TrainOptions::default())
@@ -612,7 +568,7 @@ fn hub_ids_and_the_model_card() {
     let repo = cache.join("models--temper-test--tiny");
     let snapshot = repo.join("snapshots").join(sha);
     std::fs::create_dir_all(&snapshot).unwrap();
-    for f in std::fs::read_dir(dir().join("tiny")).unwrap() {
+    for f in std::fs::read_dir(train_dir().join("tiny")).unwrap() {
         let f = f.unwrap().path();
         std::fs::copy(&f, snapshot.join(f.file_name().unwrap())).unwrap();
     }
@@ -620,7 +576,7 @@ fn hub_ids_and_the_model_card() {
     std::fs::write(repo.join("refs/main"), sha).unwrap();
 
     let out = tmp.path().join("out");
-    let yaml = job_yaml(&out).replace(&dir().join("tiny").display().to_string(), "temper-test/tiny");
+    let yaml = job_yaml(&out).replace(&train_dir().join("tiny").display().to_string(), "temper-test/tiny");
     std::fs::write(tmp.path().join("job.yaml"), yaml).unwrap();
     let temper = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
@@ -641,7 +597,7 @@ fn hub_ids_and_the_model_card() {
         "--set",
         "training.eval_steps=2",
         "--set",
-        &format!("data.eval.path={}", dir().join("data.jsonl").display()),
+        &format!("data.eval.path={}", train_dir().join("data.jsonl").display()),
     ]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
 

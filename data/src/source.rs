@@ -331,8 +331,11 @@ impl DataFile {
         let mut file = self.open()?;
         let mut magic = [0u8; 6];
         let is_file_format = file.read_exact(&mut magic).is_ok() && &magic == b"ARROW1";
-        file.seek(std::io::SeekFrom::Start(0))
-            .map_err(|e| Error::io(self.path.to_path_buf(), e))?;
+        let io = |e| Error::io(self.path.to_path_buf(), e);
+        if let Some(why) = check_ipc_lengths(&mut file, is_file_format).map_err(io)? {
+            return Err(self.file_error(format!("corrupt Arrow file: {why}")));
+        }
+        file.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
         if is_file_format {
             arrow_ipc::reader::FileReader::try_new(file, projection)
                 .map(ArrowReader::File)
@@ -613,4 +616,73 @@ impl Iterator for GuardedRows {
             Some(Err(self.file.corrupt(&panic)))
         })
     }
+}
+
+/// arrow-ipc 57 allocates each record batch (file format) or message body (stream format) at
+/// the size the file declares, before reading it: a corrupt length aborts the process in the
+/// allocator (tests/inputs.rs found 100 GB ones), which no `catch_unwind` can stop. So the
+/// declared lengths are checked against the file's size first, reading only the metadata.
+/// `Ok(Some(why))` for a length past the end; a file arrow cannot parse is left to arrow's
+/// own error.
+fn check_ipc_lengths(file: &mut File, is_file_format: bool) -> std::io::Result<Option<String>> {
+    use std::io::SeekFrom;
+    let len = file.seek(SeekFrom::End(0))?;
+    let mut read_at = |at: u64, n: usize| -> std::io::Result<Option<Vec<u8>>> {
+        if at.checked_add(n as u64).is_none_or(|end| end > len) {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; n];
+        file.seek(SeekFrom::Start(at))?;
+        file.read_exact(&mut buf)?;
+        Ok(Some(buf))
+    };
+    let past_end = |what: &str, end: i128| (end > len as i128).then(|| format!("{what} ends at byte {end}, past the file's {len}"));
+    if is_file_format {
+        // ... footer, footer length (i32), "ARROW1".
+        let Some(tail) = len.checked_sub(10).map(|at| read_at(at, 10)).transpose()?.flatten() else {
+            return Ok(None);
+        };
+        let footer_len = i32::from_le_bytes(tail[..4].try_into().expect("4 bytes")).max(0) as u64;
+        let Some(footer) = (len - 10).checked_sub(footer_len).map(|at| read_at(at, footer_len as usize)).transpose()?.flatten() else {
+            return Ok(Some(format!("a footer of {footer_len} bytes does not fit in {len}")));
+        };
+        let Ok(footer) = arrow_ipc::root_as_footer(&footer) else {
+            return Ok(None);
+        };
+        let blocks = footer.recordBatches().into_iter().chain(footer.dictionaries()).flatten();
+        for b in blocks {
+            let end = b.offset() as i128 + b.metaDataLength() as i128 + b.bodyLength() as i128;
+            if let Some(why) = past_end("a record batch", end) {
+                return Ok(Some(why));
+            }
+        }
+        return Ok(None);
+    }
+    let mut at = 0u64;
+    while let Some(prefix) = read_at(at, 4)? {
+        // A continuation marker (0xFFFFFFFF) then the length, or the length alone (old files).
+        let (meta_len, header) = match u32::from_le_bytes(prefix.try_into().expect("4 bytes")) {
+            0xFFFF_FFFF => match read_at(at + 4, 4)? {
+                Some(l) => (u32::from_le_bytes(l.try_into().expect("4 bytes")), 8),
+                None => return Ok(None),
+            },
+            l => (l, 4),
+        };
+        if meta_len == 0 {
+            return Ok(None); // end of stream
+        }
+        let meta_at = at + header;
+        let Some(meta) = read_at(meta_at, meta_len as usize)? else {
+            return Ok(past_end("a message's metadata", meta_at as i128 + meta_len as i128));
+        };
+        let Ok(message) = arrow_ipc::root_as_message(&meta) else {
+            return Ok(None);
+        };
+        let end = meta_at as i128 + meta_len as i128 + message.bodyLength() as i128;
+        if let Some(why) = past_end("a message", end) {
+            return Ok(Some(why));
+        }
+        at = end as u64;
+    }
+    Ok(None)
 }

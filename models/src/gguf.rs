@@ -633,17 +633,31 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
         key: k.to_string(),
         message: "missing".into(),
     };
+    // Sizes: at least 1, and far below what would abort in the allocator (as config.json's).
     let uint = |k: &str| -> Result<usize> {
+        let max = if k == "block_count" { 1 << 12 } else { 1 << 24 };
         let k = key(k);
-        gguf.get(&k)
-            .and_then(Value::as_u64)
-            .map(|v| v as usize)
-            .ok_or_else(|| missing(&k))
+        match gguf.get(&k).and_then(Value::as_u64) {
+            None => Err(missing(&k)),
+            Some(v) if v == 0 || v > max => Err(Error::Config {
+                path: path.to_path_buf(),
+                key: k,
+                message: format!("{v} is not a size any model has (1 to {max})"),
+            }),
+            Some(v) => Ok(v as usize),
+        }
     };
     let float = |k: &str| gguf.get(&key(k)).and_then(Value::as_f64);
     let hidden = uint("embedding_length")?;
     let heads = uint("attention.head_count")?;
     let kv_heads = uint("attention.head_count_kv").unwrap_or(heads);
+    if !heads.is_multiple_of(kv_heads) {
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            key: key("attention.head_count_kv"),
+            message: format!("{kv_heads} does not divide attention.head_count = {heads}"),
+        });
+    }
     let head_dim = uint("attention.key_length").unwrap_or(hidden / heads);
     let vocab = match uint("vocab_size") {
         Ok(v) => v,
@@ -825,7 +839,7 @@ impl GgufWriter {
             }
             out.resize(start + (out.len() - start).div_ceil(ALIGNMENT) * ALIGNMENT, 0);
         }
-        crate::save::write_file_atomic(path, &out).map_err(|e| Error::io(path, e))
+        crate::atomic::write_file_atomic(path, &out).map_err(|e| Error::io(path, e))
     }
 }
 

@@ -2,6 +2,7 @@
 //! directories (config.json + safetensors, sharded or not) and llama.cpp GGUF files; their
 //! tokenizers and chat templates; and text generation.
 
+pub mod atomic;
 pub mod config;
 pub mod error;
 pub mod generate;

@@ -371,8 +371,8 @@ impl<B: Backend> LlamaForCausalLM<B> {
     pub fn load(config: &ModelConfig, source: &dyn WeightSource, device: &B::Device, dtype: DType) -> Result<Self> {
         if !B::supports_dtype(device, dtype) {
             return Err(crate::error::Error::Unsupported(format!(
-                "this backend cannot hold {dtype:?} tensors on {device:?} (the CPU backends compute in f32; \
-                 use --dtype f32, or a GPU backend for bf16/f16)"
+                "this backend cannot hold {dtype:?} tensors on {device:?} (the CPU backends compute in f32: \
+                 train with `precision: f32` or `auto`, or use a GPU backend for bf16/f16)"
             )));
         }
         let mut w = WeightLoader::new(source, device, dtype);

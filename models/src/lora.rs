@@ -83,7 +83,7 @@ impl<B: Backend> Lora<B> {
 
     /// The merged weight (`[in, out]`): `W + scaling·A·B`, and for DoRA each output column
     /// rescaled to its magnitude. What merging folds into the base.
-    pub fn delta(&self, weight: Tensor<B, 2>) -> Tensor<B, 2> {
+    pub fn merged_weight(&self, weight: Tensor<B, 2>) -> Tensor<B, 2> {
         let (adapted, norm) = adapted_weight(weight, self.lora_a.val(), self.lora_b.val(), self.scaling);
         match &self.lora_magnitude_vector {
             None => adapted,

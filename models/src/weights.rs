@@ -116,9 +116,10 @@ pub struct RandomSource {
 }
 
 impl RandomSource {
-    pub fn new(config: &crate::config::ModelConfig, seed: u64) -> Self {
+    /// Random tensors of these names and shapes (a config's are `llama::checkpoint_shapes`).
+    pub fn new(shapes: Vec<(String, Vec<usize>)>, seed: u64) -> Self {
         Self {
-            shapes: crate::llama::checkpoint_shapes(config).into_iter().collect(),
+            shapes: shapes.into_iter().collect(),
             seed,
         }
     }

@@ -12,7 +12,7 @@ use rand_distr_free::normal;
 use safetensors::{Dtype as StDtype, SafeTensors};
 use temper_models::LlamaForCausalLM;
 use temper_models::lora::{Lora, adapted_weight};
-use temper_models::save::{write_atomic, write_file_atomic};
+use temper_models::atomic::{write_atomic, write_file_atomic};
 use temper_models::weights::transpose_2d;
 
 use crate::config::{InitLoraWeights, LoraConfig, TargetModules};
@@ -479,7 +479,7 @@ pub fn merge_adapters<B: Backend>(mut model: LlamaForCausalLM<B>) -> LlamaForCau
         let Some(lora) = linear.adapter.take() else { continue };
         let w = linear.weight();
         let dtype = w.dtype();
-        let merged = lora.delta(w.cast(lora.lora_a.val().dtype())).cast(dtype);
+        let merged = lora.merged_weight(w.cast(lora.lora_a.val().dtype())).cast(dtype);
         // A quantized base comes out dense: the merged weight is a new matrix.
         linear.quantized = None;
         linear.weight = Param::from_tensor(merged.detach()).set_require_grad(false);
@@ -498,16 +498,33 @@ pub struct QuantReport {
     pub bytes_after: usize,
 }
 
-/// Keeps the frozen linear weights block-quantized (8 or 4 bits, llama.cpp's Q8_0/Q4_0), to be
-/// dequantized per matmul: QLoRA's memory saving with adapters trained in their own dtype.
-/// The output head stays dense, as bitsandbytes leaves it.
+/// How a frozen base is kept block-quantized (`adapter.quantize_base`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseQuantization {
+    /// 8-bit blocks (llama.cpp Q8_0).
+    Q8_0,
+    /// 4-bit blocks (llama.cpp Q4_0): QLoRA-style.
+    Q4_0,
+}
+
+impl BaseQuantization {
+    fn bits(self) -> usize {
+        match self {
+            BaseQuantization::Q8_0 => 8,
+            BaseQuantization::Q4_0 => 4,
+        }
+    }
+}
+
+/// Keeps the frozen linear weights block-quantized (llama.cpp's Q8_0/Q4_0), to be dequantized
+/// per matmul: QLoRA's memory saving with adapters trained in their own dtype. The output
+/// head stays dense, as bitsandbytes leaves it.
 pub fn quantize_base<B: Backend>(
     mut model: LlamaForCausalLM<B>,
-    bits: usize,
+    quantization: BaseQuantization,
 ) -> Result<(LlamaForCausalLM<B>, QuantReport)> {
-    if bits != 8 && bits != 4 {
-        return Err(Error::Unsupported(format!("a {bits}-bit base (supported: 8, 4)")));
-    }
+    let bits = quantization.bits();
     let mut report = QuantReport {
         quantized_layers: 0,
         dense_layers: vec![],

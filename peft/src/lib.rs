@@ -12,7 +12,8 @@ pub mod error;
 pub mod export;
 
 pub use adapter::{
-    Injected, QuantReport, count_parameters, inject, load_adapter, merge_adapters, quantize_base, save_adapter,
+    BaseQuantization, Injected, QuantReport, count_parameters, inject, load_adapter, merge_adapters, quantize_base,
+    save_adapter,
 };
 pub use config::{InitLoraWeights, LoraConfig, TargetModules};
 pub use error::{Error, Result};

@@ -8,6 +8,7 @@ use burn::tensor::{DType, TensorData};
 use safetensors::SafeTensors;
 use temper_models::weights::SafetensorsSource;
 use temper_models::{Error, LlamaForCausalLM, ModelConfig};
+use temper_trainer::JobConfig;
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -92,4 +93,50 @@ pub fn smollm2_path() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The trainer's fixtures: a tiny Llama, its initial adapter, pre-tokenized rows.
+pub fn train_dir() -> PathBuf {
+    fixtures().join("train")
+}
+
+/// The job of the fixture run (`tests/fixtures/train/make_train_fixtures.py`), writing to `out`.
+pub fn job_yaml(out: &Path) -> String {
+    format!(
+        r#"
+model:
+  path: {tiny}
+adapter:
+  type: lora
+  path: {init}
+  loraplus_lr_ratio: 2.0
+data:
+  path: {data}
+  shuffle: false
+  max_length: 64
+training:
+  max_steps: 10
+  micro_batch_size: 2
+  gradient_accumulation_steps: 2
+  learning_rate: 1.0e-2
+  lr_scheduler: linear
+  warmup_steps: 2
+  weight_decay: 0.01
+  max_grad_norm: 1.0
+  precision: f32
+output_dir: {out}
+"#,
+        tiny = train_dir().join("tiny").display(),
+        init = train_dir().join("init_adapter").display(),
+        data = train_dir().join("data.jsonl").display(),
+        out = out.display(),
+    )
+}
+
+/// `yaml` written to `tmp/job.yaml` and loaded with `--set` overrides; the error as text.
+pub fn load_job(tmp: &Path, yaml: &str, overrides: &[&str]) -> Result<JobConfig, String> {
+    let path = tmp.join("job.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    JobConfig::load(&path, &overrides).map_err(|e| e.to_string())
 }

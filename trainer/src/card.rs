@@ -23,7 +23,7 @@ pub struct RunRecord<'a> {
 
 pub fn write(job: &JobConfig, run: &RunRecord<'_>, dir: &Path) -> Result<()> {
     let path = dir.join("README.md");
-    temper_models::save::write_file_atomic(&path, render(job, run).as_bytes()).map_err(|e| Error::io(&path, e))
+    temper_models::atomic::write_file_atomic(&path, render(job, run).as_bytes()).map_err(|e| Error::io(&path, e))
 }
 
 fn objective_description(o: Objective) -> &'static str {

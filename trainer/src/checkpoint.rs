@@ -39,6 +39,22 @@ pub struct TrainerState {
     pub loss_scaler: Option<LossScaler>,
 }
 
+impl TrainerState {
+    /// A run's state before its first step.
+    pub fn new(total_steps: u64, loss_scaler: Option<LossScaler>) -> Self {
+        Self {
+            step: 0,
+            total_steps,
+            cursor: Cursor::default(),
+            num_tokens: 0,
+            num_examples: 0,
+            rank_cursors: Vec::new(),
+            losses: Vec::new(),
+            loss_scaler,
+        }
+    }
+}
+
 fn checkpoint_name(step: u64) -> String {
     format!("checkpoint-{step}")
 }

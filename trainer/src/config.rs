@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_yaml::Value;
 use temper_data::DataConfig;
-use temper_peft::{InitLoraWeights, LoraConfig, TargetModules};
+use temper_peft::{BaseQuantization, InitLoraWeights, LoraConfig, TargetModules};
 
 use crate::error::{Error, Result};
 
@@ -21,9 +21,9 @@ pub struct JobConfig {
     #[serde(default)]
     pub training: TrainingSection,
     pub output_dir: PathBuf,
-    /// `cpu`, `cuda`, `cuda:N`, `wgpu`.
-    #[serde(default = "default_device")]
-    pub device: String,
+    /// `cpu`, `cuda`, `cuda:N`, `wgpu` (the command line's `--device` wins).
+    #[serde(default)]
+    pub device: DeviceSpec,
     #[serde(default)]
     pub hub: HubSection,
     /// `temper launch`'s settings (its command-line flags override them).
@@ -81,8 +81,52 @@ pub struct HubSection {
     pub create_pr: bool,
 }
 
-fn default_device() -> String {
-    "cpu".into()
+/// A device named on the command line or in a config: `cpu`, `cuda`, `cuda:N`, `wgpu`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+    Wgpu,
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "wgpu" => Ok(Self::Wgpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(i)) => Ok(Self::Cuda(i)),
+                _ => Err(format!("unknown device {s:?} (expected cpu, cuda, cuda:N or wgpu)")),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        d.to_string()
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(i) => write!(f, "cuda:{i}"),
+            Self::Wgpu => write!(f, "wgpu"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,14 +160,6 @@ pub enum AdapterKind {
     Full,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BaseQuantization {
-    /// 8-bit blocks (llama.cpp Q8_0).
-    Q8_0,
-    /// 4-bit blocks (llama.cpp Q4_0): QLoRA-style.
-    Q4_0,
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -551,22 +587,7 @@ impl JobConfig {
         config.file = path.to_path_buf();
         config.expand_home();
         config.resolve_objective();
-        config.resolve_hub_ids().map_err(|e| match e {
-            Error::Config { key, message, .. } => Error::Config {
-                file: path.to_path_buf(),
-                key,
-                message,
-            },
-            other => other,
-        })?;
-        config.validate().map_err(|e| match e {
-            Error::Config { key, message, .. } => Error::Config {
-                file: path.to_path_buf(),
-                key,
-                message,
-            },
-            other => other,
-        })?;
+        config.validate().map_err(|e| e.in_file(path))?;
         Ok(config)
     }
 
@@ -582,11 +603,16 @@ impl JobConfig {
         }
     }
 
-    /// A model or dataset path that is not on disk but reads `OWNER/NAME` is a Hub id: it
+    /// The second stage of loading, which the caller runs explicitly because it may download:
+    /// a model or dataset path that is not on disk but reads `OWNER/NAME` is a Hub id, and
     /// becomes the snapshot folder in the Hugging Face cache (downloaded there unless it is
-    /// already, or `HF_HUB_OFFLINE` is set).
-    fn resolve_hub_ids(&mut self) -> Result<()> {
-        let is_hub_id = |p: &str| !Path::new(p).exists() && temper_hub::is_repo_id(p) && !looks_local(p);
+    /// already, or `HF_HUB_OFFLINE` is set). Errors name the job's file and key.
+    pub fn resolve_hub_ids(&mut self) -> Result<()> {
+        let file = self.file.clone();
+        self.resolve_hub_ids_in_place().map_err(|e| e.in_file(&file))
+    }
+
+    fn resolve_hub_ids_in_place(&mut self) -> Result<()> {
         let model = self.model.path.display().to_string();
         if is_hub_id(&model) {
             let dir = temper_hub::resolve(temper_hub::RepoType::Model, &model, self.model.revision.as_deref())
@@ -598,11 +624,6 @@ impl JobConfig {
                 })?;
             self.model.path = dir;
             self.model.hub_id = Some(model);
-        } else if self.model.revision.is_some() {
-            return Err(Error::config(
-                "model.revision",
-                "applies to a Hub id in `model.path`; this path is local",
-            ));
         }
         let resolve_data = |key: String, p: &mut String| -> Result<()> {
             if is_hub_id(p) {
@@ -686,10 +707,17 @@ impl JobConfig {
                 )?,
             }
         }
+        // A Hub id is checked when `resolve_hub_ids` fetches it.
+        let model_path = self.model.path.display().to_string();
         check(
-            self.model.path.exists(),
+            self.model.path.exists() || is_hub_id(&model_path),
             "model.path",
-            format!("{} does not exist", self.model.path.display()),
+            format!("{model_path} does not exist"),
+        )?;
+        check(
+            self.model.revision.is_none() || is_hub_id(&model_path),
+            "model.revision",
+            "applies to a Hub id in `model.path`; this path is local".into(),
         )?;
         if a.kind == AdapterKind::Lora {
             check(a.r > 0, "adapter.r", format!("must be > 0, got {}", a.r))?;
@@ -848,6 +876,11 @@ impl JobConfig {
         }
         serde_yaml::to_string(&shown).expect("a config serializes")
     }
+}
+
+/// A path that is not on disk but reads `OWNER/NAME` (and not as a mistyped local path).
+fn is_hub_id(p: &str) -> bool {
+    !Path::new(p).exists() && temper_hub::is_repo_id(p) && !looks_local(p)
 }
 
 /// A missing path that reads `OWNER/NAME` but is surely a mistyped local path: a file name

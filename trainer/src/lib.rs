@@ -7,9 +7,12 @@ pub mod card;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+mod forward;
 pub mod metrics;
+mod objective;
 pub mod optim;
 mod preference;
+mod step;
 pub mod sync;
 pub mod train;
 

@@ -48,7 +48,7 @@ impl MetricsLog {
             (Some(_), Err(e)) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&path, e)),
             _ => String::new(),
         };
-        temper_models::save::write_file_atomic(&path, kept.as_bytes()).map_err(|e| Error::io(&path, e))?;
+        temper_models::atomic::write_file_atomic(&path, kept.as_bytes()).map_err(|e| Error::io(&path, e))?;
         let jsonl = OpenOptions::new()
             .append(true)
             .open(&path)

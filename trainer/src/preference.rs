@@ -15,10 +15,11 @@ use temper_trl::{
     DpoParams, PairLogps, PreferenceOutput, SimpoParams, dpo_loss, orpo_loss, sequence_logps, simpo_loss,
 };
 
-use crate::blocks::{Hidden, plain};
+use crate::blocks::{HiddenFn, plain};
 use crate::config::{Objective, TrainingSection};
 use crate::error::{Error, Result};
-use crate::train::{StepSums, int_vector, ints, token_logps_at};
+use crate::forward::{int_matrix, int_vector, token_logps_at};
+use crate::step::{Metric, StepSums};
 
 /// The preference objective of a job.
 #[derive(Debug, Clone)]
@@ -58,7 +59,7 @@ pub(crate) struct RowLogps<B: Backend> {
 /// tokens too (they go to rows `2p..3p` of the same scatter).
 pub(crate) fn preference_logps<B: Backend>(
     model: &LlamaForCausalLM<B>,
-    hidden: Hidden<B>,
+    hidden: HiddenFn<B>,
     batch: &PreferenceBatch,
     with_prompts: bool,
     device: &B::Device,
@@ -83,7 +84,7 @@ pub(crate) fn preference_logps<B: Backend>(
         }
     }
     let num_rows = if with_prompts { 3 * p } else { 2 * p };
-    let ids = ints(&batch.input_ids, [2 * p, s], device);
+    let ids = int_matrix(&batch.input_ids, [2 * p, s], device);
     let tokens = token_logps_at(model, hidden, ids, ForwardOptions::default(), pos, tgt, device);
     let row = int_vector(row, device);
     let mean_logits = sequence_logps(tokens.mean_logits, row.clone(), num_rows);
@@ -113,7 +114,7 @@ fn completion_lengths(batch: &PreferenceBatch) -> Vec<f32> {
 /// rejected rows); without one (reference-free DPO) its log-probabilities are 0.
 pub(crate) fn preference_step_loss<B: Backend>(
     model: &LlamaForCausalLM<B>,
-    hidden: Hidden<B>,
+    hidden: HiddenFn<B>,
     reference: Option<Tensor<B, 1>>,
     batch: &PreferenceBatch,
     objective: &PreferenceObjective,
@@ -153,24 +154,24 @@ pub(crate) fn preference_step_loss<B: Backend>(
     };
     let sum = |t: Tensor<B, 1>| -> f64 { t.sum().into_scalar().elem::<f32>() as f64 };
     let (cr, rr) = (out.chosen_rewards.clone(), out.rejected_rewards.clone());
-    sums.add("rewards/chosen", sum(cr.clone()));
-    sums.add("rewards/rejected", sum(rr.clone()));
-    sums.add("rewards/accuracies", sum(cr.clone().greater(rr.clone()).float()));
-    sums.add("rewards/margins", sum(cr - rr));
+    sums.add(Metric::RewardsChosen, sum(cr.clone()));
+    sums.add(Metric::RewardsRejected, sum(rr.clone()));
+    sums.add(Metric::RewardsAccuracies, sum(cr.clone().greater(rr.clone()).float()));
+    sums.add(Metric::RewardsMargins, sum(cr - rr));
     // DPO logs summed log-probabilities; TRL's CPO (SimPO) and ORPO log per-token averages.
     let logps = rows.logps.detach();
     let logps = match objective {
         PreferenceObjective::Dpo(_) => logps,
         _ => logps / lengths.clone().clamp_min(1.0),
     };
-    sums.add("logps/chosen", sum(half(&logps, false)));
-    sums.add("logps/rejected", sum(half(&logps, true)));
-    sums.add("logits/chosen", sum(half(&rows.mean_logits, false)));
-    sums.add("logits/rejected", sum(half(&rows.mean_logits, true)));
-    sums.add("_chosen_tokens", sum(half(&lengths, false)));
-    sums.add("_rejected_tokens", sum(half(&lengths, true)));
+    sums.add(Metric::LogpsChosen, sum(half(&logps, false)));
+    sums.add(Metric::LogpsRejected, sum(half(&logps, true)));
+    sums.add(Metric::LogitsChosen, sum(half(&rows.mean_logits, false)));
+    sums.add(Metric::LogitsRejected, sum(half(&rows.mean_logits, true)));
+    sums.add(Metric::ChosenTokens, sum(half(&lengths, false)));
+    sums.add(Metric::RejectedTokens, sum(half(&lengths, true)));
     for (name, values) in out.extra {
-        sums.add(name, sum(values));
+        sums.add(Metric::of_trl_term(name), sum(values));
     }
     out.losses.sum()
 }
@@ -337,8 +338,8 @@ fn pair_keys(batch: &PreferenceBatch) -> Vec<u64> {
     keys
 }
 
-/// The pipelines a precomputed reference must cover: the training data (one epoch, this rank's
-/// shard) and the evaluation data (up to `max_eval_rows`).
+/// The pipelines a precomputed reference must cover: the training data (one epoch, all of it
+/// whatever this worker's rank) and the evaluation data (up to `max_eval_rows`).
 pub(crate) fn precompute_pipelines(
     job: &crate::config::JobConfig,
     tokenizer: &Arc<Tokenizer>,

@@ -7,5 +7,5 @@ pub mod sft;
 pub use dpo::{
     DpoLossType, DpoParams, PairLogps, PreferenceOutput, SimpoParams, dpo_loss, orpo_loss, sequence_logps, simpo_loss,
 };
-pub use logps::{TokenLogps, head_token_logps, token_logps};
-pub use sft::{TokenLoss, log_softmax, token_cross_entropy};
+pub use logps::{TokenLogps, head_token_logps, log_softmax, token_logps};
+pub use sft::{TokenLoss, token_cross_entropy};

@@ -8,7 +8,19 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
 
-use crate::sft::log_softmax;
+/// `log(softmax(x))` along the last dimension, in f32, computed as `x - max - log Σ exp(x - max)`
+/// so large logits do not overflow.
+///
+/// # Shapes
+/// `[rows, vocab] -> [rows, vocab]`
+pub fn log_softmax<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 2> {
+    let logits = logits.cast(DType::F32);
+    let max = logits.clone().max_dim(1).detach(); // [rows, 1]
+    let shifted = logits - max;
+    let lse = shifted.clone().exp().sum_dim(1).log(); // [rows, 1]
+    shifted - lse
+}
+
 
 /// Log-probabilities of the targets, one per position.
 pub struct TokenLogps<B: Backend> {

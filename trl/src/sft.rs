@@ -1,22 +1,9 @@
 //! Supervised fine-tuning: next-token cross-entropy over the target tokens.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Int, Tensor};
+use burn::tensor::{Int, Tensor};
 
 use crate::logps::{TokenLogps, token_logps};
-
-/// `log(softmax(x))` along the last dimension, in f32, computed as `x - max - log Σ exp(x - max)`
-/// so large logits do not overflow.
-///
-/// # Shapes
-/// `[rows, vocab] -> [rows, vocab]`
-pub fn log_softmax<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 2> {
-    let logits = logits.cast(DType::F32);
-    let max = logits.clone().max_dim(1).detach(); // [rows, 1]
-    let shifted = logits - max;
-    let lse = shifted.clone().exp().sum_dim(1).log(); // [rows, 1]
-    shifted - lse
-}
 
 /// The summed loss of a set of target tokens and how many of them the model's argmax got right
 /// (TRL's `mean_token_accuracy` numerator).
