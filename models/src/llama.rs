@@ -357,6 +357,29 @@ pub struct LayerInputs<B: Backend> {
 
 /// A causal language model: the decoder plus the output head (`lm_head`, or the embedding
 /// matrix when `tie_word_embeddings`).
+/// The walk over a model's linear layers and their Hugging Face names, written once for `&`
+/// (`named_linears!(model, iter, as_ref)`) and `&mut` (`..., iter_mut, as_mut, mut`).
+macro_rules! named_linears {
+    ($model:expr, $iter:ident, $as:ident $(, $mut:tt)?) => {{
+        let mut out = Vec::new();
+        for (i, layer) in $model.model.layers.$iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let (a, m) = (&$($mut)? layer.self_attn, &$($mut)? layer.mlp);
+            out.push((format!("{p}.self_attn.q_proj"), &$($mut)? a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &$($mut)? a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &$($mut)? a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &$($mut)? a.o_proj));
+            out.push((format!("{p}.mlp.gate_proj"), &$($mut)? m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &$($mut)? m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &$($mut)? m.down_proj));
+        }
+        if let Some(head) = $model.lm_head.$as() {
+            out.push(("lm_head".to_string(), head));
+        }
+        out
+    }};
+}
+
 #[derive(Module, Debug)]
 pub struct LlamaForCausalLM<B: Backend> {
     pub model: LlamaModel<B>,
@@ -447,24 +470,13 @@ impl<B: Backend> LlamaForCausalLM<B> {
 
     /// Every linear layer with its Hugging Face module name (`model.layers.0.self_attn.q_proj`,
     /// ..., `lm_head` when untied), in checkpoint order.
+    pub fn linears(&self) -> Vec<(String, &Linear<B>)> {
+        named_linears!(self, iter, as_ref)
+    }
+
+    /// [`LlamaForCausalLM::linears`], to change them (adapters, quantization, merging).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
-        let mut out = Vec::new();
-        for (i, layer) in self.model.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &mut layer.self_attn;
-            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
-            let m = &mut layer.mlp;
-            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
-        }
-        if let Some(head) = self.lm_head.as_mut() {
-            out.push(("lm_head".to_string(), head));
-        }
-        out
+        named_linears!(self, iter_mut, as_mut, mut)
     }
 
     /// Every checkpoint tensor under its Hugging Face name and layout (`[out, in]` for linear
@@ -478,8 +490,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             "model.embed_tokens.weight".to_string(),
             data(self.model.embed_tokens.val()),
         )];
-        let mut model = self.clone();
-        let norms: Vec<(String, TensorData)> = model
+        let norms: Vec<(String, TensorData)> = self
             .model
             .layers
             .iter()
@@ -498,7 +509,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             })
             .collect();
         out.extend(norms);
-        for (name, linear) in model.linears_mut() {
+        for (name, linear) in self.linears() {
             // Stored [in, out]; checkpoints hold [out, in].
             out.push((
                 format!("{name}.weight"),

@@ -238,8 +238,7 @@ pub fn count_parameters<B: Backend>(model: &LlamaForCausalLM<B>) -> (usize, usiz
         model.model.norm.weight.shape().num_elements(),
         model.model.norm.weight.is_require_grad(),
     );
-    let mut model = model.clone();
-    for (_, l) in model.linears_mut() {
+    for (_, l) in model.linears() {
         let [i, o] = l.dims();
         add(i * o, l.quantized.is_none() && l.weight.is_require_grad());
         if let Some(b) = &l.bias {
@@ -267,8 +266,7 @@ pub fn adapter_tensors<B: Backend>(
     config: &LoraConfig,
 ) -> BTreeMap<String, (Vec<usize>, Vec<u8>)> {
     let mut out = BTreeMap::new();
-    let mut model = model.clone();
-    for (name, linear) in model.linears_mut() {
+    for (name, linear) in model.linears() {
         if config.modules_to_save.iter().any(|m| m == &name) {
             out.insert(format!("{PREFIX}{name}.weight"), to_bytes(linear.weight().transpose()));
         }
@@ -304,9 +302,8 @@ pub fn save_adapter<B: Backend>(model: &LlamaForCausalLM<B>, config: &LoraConfig
         path: dir.to_path_buf(),
         error: source,
     })?;
-    let mut m = model.clone();
-    let targets: Vec<String> = m
-        .linears_mut()
+    let targets: Vec<String> = model
+        .linears()
         .into_iter()
         .filter(|(_, l)| l.adapter.is_some())
         .map(|(n, _)| n)
