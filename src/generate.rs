@@ -51,7 +51,9 @@ impl BackendJob for GenerateArgs {
             max_length: None,
         };
         // Before the model loads: a bad flag is found in a moment.
-        sampling.validate().map_err(|e| anyhow::anyhow!("--{}", e.to_string().trim_start_matches("generate: ").replace('_', "-")))?;
+        sampling
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--{}", e.to_string().trim_start_matches("generate: ").replace('_', "-")))?;
         let mut loaded = load_pretrained::<B>(&self.model, &device, DType::F32)?;
         if let Some(dir) = &self.adapter {
             let (model, _) = temper_peft::load_adapter(loaded.model, dir)?;

@@ -110,7 +110,11 @@ fn resuming_follows_the_new_config_or_refuses_it() {
     let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(steps, [1, 2, 3, 4], "metrics.jsonl after a resume");
 
@@ -156,7 +160,13 @@ fn generation_refuses_what_it_cannot_do_well() {
     assert_eq!(run(&loaded.model, &[5, 6, 7], bounded.clone()).unwrap().len(), 4);
 
     // NaN passes `temperature <= 0.0` and used to sample.
-    for (temperature, top_p) in [(f32::NAN, 1.0), (-1.0, 1.0), (f32::INFINITY, 1.0), (1.0, f32::NAN), (1.0, 0.0)] {
+    for (temperature, top_p) in [
+        (f32::NAN, 1.0),
+        (-1.0, 1.0),
+        (f32::INFINITY, 1.0),
+        (1.0, f32::NAN),
+        (1.0, 0.0),
+    ] {
         let err = run(
             &loaded.model,
             &[5],
@@ -167,11 +177,17 @@ fn generation_refuses_what_it_cannot_do_well() {
             },
         )
         .unwrap_err();
-        assert!(err.starts_with("generate: ") && (err.contains("temperature") || err.contains("top_p")), "{err}");
+        assert!(
+            err.starts_with("generate: ") && (err.contains("temperature") || err.contains("top_p")),
+            "{err}"
+        );
     }
     // A prompt id from another tokenizer.
     let err = run(&loaded.model, &[5, 128], bounded.clone()).unwrap_err();
-    assert!(err.contains("prompt token id 128 is outside the model's vocabulary (128 tokens)"), "{err}");
+    assert!(
+        err.contains("prompt token id 128 is outside the model's vocabulary (128 tokens)"),
+        "{err}"
+    );
     // Far beyond the context: stops at its end instead of running past the positions.
     let prompt: Vec<u32> = (0..context as u32 - 3).map(|i| 4 + i % 100).collect();
     let long = Sampling {
@@ -204,7 +220,15 @@ fn the_cli_names_the_flag_and_exits_non_zero() {
         ("--temperature", "NaN", "--temperature must be a number >= 0, got NaN"),
         ("--top-p", "1.5", "--top-p must be in (0, 1], got 1.5"),
     ] {
-        let (code, stderr) = temper(&["generate", "--model", tiny.to_str().unwrap(), "--prompt", "w5", flag, value]);
+        let (code, stderr) = temper(&[
+            "generate",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--prompt",
+            "w5",
+            flag,
+            value,
+        ]);
         assert_eq!(code, Some(1), "{stderr}");
         assert!(stderr.contains(want) && !stderr.contains("panicked"), "{stderr}");
     }
@@ -218,7 +242,11 @@ fn export_refuses_tensors_of_another_rank() {
     let adapter = tmp.path().join("adapter");
     std::fs::create_dir(&adapter).unwrap();
     let init = train_dir().join("init_adapter");
-    std::fs::copy(init.join("adapter_model.safetensors"), adapter.join("adapter_model.safetensors")).unwrap();
+    std::fs::copy(
+        init.join("adapter_model.safetensors"),
+        adapter.join("adapter_model.safetensors"),
+    )
+    .unwrap();
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(init.join("adapter_config.json")).unwrap()).unwrap();
     let r = config["r"].as_u64().unwrap();
@@ -233,7 +261,9 @@ fn export_refuses_tensors_of_another_rank() {
         "{err}"
     );
     assert!(!tmp.path().join("a.gguf").exists());
-    let err = temper_peft::load_adapter(tiny_model().model, &adapter).unwrap_err().to_string();
+    let err = temper_peft::load_adapter(tiny_model().model, &adapter)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("does not fit the model"), "{err}");
 }
 

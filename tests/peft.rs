@@ -480,7 +480,11 @@ fn temper_merge_writes_a_loadable_hf_directory() {
     assert_eq!(f32_st.len(), bf16_st.len());
     for (name, full) in f32_st.tensors() {
         let half = bf16_st.tensor(&name).unwrap();
-        assert_eq!((half.dtype(), half.shape()), (safetensors::Dtype::BF16, full.shape()), "{name}");
+        assert_eq!(
+            (half.dtype(), half.shape()),
+            (safetensors::Dtype::BF16, full.shape()),
+            "{name}"
+        );
         let rounded: Vec<u8> = full
             .data()
             .chunks_exact(4)

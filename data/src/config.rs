@@ -206,7 +206,10 @@ impl DataConfig {
             ("max_length", self.max_length.unwrap_or(1), 1 << 24),
         ] {
             if value > max {
-                return Err(Error::config(format!("{key}.{name}"), format!("must be at most {max}, got {value}")));
+                return Err(Error::config(
+                    format!("{key}.{name}"),
+                    format!("must be at most {max}, got {value}"),
+                ));
             }
         }
         if self.prefetch == 0 {

@@ -431,7 +431,12 @@ impl Pipeline {
             // none left; any other epoch without one would repeat forever (every row dropped:
             // prompts longer than `max_length`, or all rows skipped as bad), so it is an error.
             let mut batches_sent = 0u64;
-            let entered_part_way = epoch == start.epoch && start != Cursor { epoch, ..Cursor::default() };
+            let entered_part_way = epoch == start.epoch
+                && start
+                    != Cursor {
+                        epoch,
+                        ..Cursor::default()
+                    };
             loop {
                 let resuming = epoch == start.epoch && w < start.window;
                 // Capped: the window is a row count from the config, not a size to trust.

@@ -636,20 +636,31 @@ fn check_ipc_lengths(file: &mut File, is_file_format: bool) -> std::io::Result<O
         file.read_exact(&mut buf)?;
         Ok(Some(buf))
     };
-    let past_end = |what: &str, end: i128| (end > len as i128).then(|| format!("{what} ends at byte {end}, past the file's {len}"));
+    let past_end = |what: &str, end: i128| {
+        (end > len as i128).then(|| format!("{what} ends at byte {end}, past the file's {len}"))
+    };
     if is_file_format {
         // ... footer, footer length (i32), "ARROW1".
         let Some(tail) = len.checked_sub(10).map(|at| read_at(at, 10)).transpose()?.flatten() else {
             return Ok(None);
         };
         let footer_len = i32::from_le_bytes(tail[..4].try_into().expect("4 bytes")).max(0) as u64;
-        let Some(footer) = (len - 10).checked_sub(footer_len).map(|at| read_at(at, footer_len as usize)).transpose()?.flatten() else {
+        let Some(footer) = (len - 10)
+            .checked_sub(footer_len)
+            .map(|at| read_at(at, footer_len as usize))
+            .transpose()?
+            .flatten()
+        else {
             return Ok(Some(format!("a footer of {footer_len} bytes does not fit in {len}")));
         };
         let Ok(footer) = arrow_ipc::root_as_footer(&footer) else {
             return Ok(None);
         };
-        let blocks = footer.recordBatches().into_iter().chain(footer.dictionaries()).flatten();
+        let blocks = footer
+            .recordBatches()
+            .into_iter()
+            .chain(footer.dictionaries())
+            .flatten();
         for b in blocks {
             let end = b.offset() as i128 + b.metaDataLength() as i128 + b.bodyLength() as i128;
             if let Some(why) = past_end("a record batch", end) {

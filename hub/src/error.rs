@@ -9,7 +9,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub enum Error {
     #[error("no Hugging Face token: set HF_TOKEN, or run `huggingface-cli login` (which writes {path})")]
     NoToken { path: PathBuf },
-    #[error("{method} {}: the Hub refused the token ({status}): {}", redact(url), redact(message))]
+    #[error(
+        "{method} {}: the Hub refused the token ({status}): {}",
+        redact(url),
+        redact(message)
+    )]
     Unauthorized {
         method: &'static str,
         url: String,
@@ -70,9 +74,15 @@ pub fn redact(text: &str) -> String {
         let re = |p: &str| Regex::new(p).expect("a valid pattern");
         [
             // An echoed header, to the end of its line or JSON string.
-            (re(r#"(?i)\b(authorization)(["']?\s*[:=]\s*["']?)[^\r\n"',}]+"#), "$1$2***"),
+            (
+                re(r#"(?i)\b(authorization)(["']?\s*[:=]\s*["']?)[^\r\n"',}]+"#),
+                "$1$2***",
+            ),
             (re(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), "$1 ***"),
-            (re(r#"(?i)\b(token|password|secret)(["']?\s*[:=]\s*["']?)[^\s"',}]+"#), "$1$2***"),
+            (
+                re(r#"(?i)\b(token|password|secret)(["']?\s*[:=]\s*["']?)[^\s"',}]+"#),
+                "$1$2***",
+            ),
             (re(r"\bhf_[A-Za-z0-9]{6,}"), "hf_***"),
             (re(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@"), "$1***@"),
         ]

@@ -562,7 +562,10 @@ fn errors_never_show_the_token_or_url_credentials() {
     let err = push_folder(&hub.client(Some(secret)), dir.path(), &options("me/a")).unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, Error::Unauthorized { status: 401, .. }), "{text}");
-    assert!(text.contains("bad credentials") && text.contains("authorization: ***"), "{text}");
+    assert!(
+        text.contains("bad credentials") && text.contains("authorization: ***"),
+        "{text}"
+    );
     assert!(!text.contains(secret) && !text.contains("echoedSecret"), "{text}");
 
     // Credentials in the endpoint's URL, and a token that does not look like one.
@@ -570,7 +573,10 @@ fn errors_never_show_the_token_or_url_credentials() {
     let client = HubClient::new(&with_password, Some("plainsecretvalue".into()));
     let err = push_folder(&client, dir.path(), &options("me/b")).unwrap_err();
     let text = err.to_string();
-    assert!(!text.contains("pa55word") && !text.contains("plainsecretvalue"), "{text}");
+    assert!(
+        !text.contains("pa55word") && !text.contains("plainsecretvalue"),
+        "{text}"
+    );
     assert!(text.contains("http://***@127.0.0.1"), "{text}");
 }
 

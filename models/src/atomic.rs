@@ -9,7 +9,10 @@ use std::path::Path;
 /// `write` has finished, so a crash or a full disk never leaves a truncated file under the
 /// final name (a reader sees the old file or the new one). The temporary is removed on error.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> std::io::Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     let result = write(&tmp).and_then(|()| std::fs::rename(&tmp, path));
     if result.is_err() {
@@ -41,7 +44,10 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("No space left"));
         assert_eq!(std::fs::read(&path).unwrap(), b"old, complete");
-        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(left, [std::ffi::OsString::from("adapter_model.safetensors")]);
         write_file_atomic(&path, b"new").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new");

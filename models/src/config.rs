@@ -251,7 +251,11 @@ fn required(path: &Path, key: &str, v: Option<usize>) -> Result<usize> {
     let max = if key == "num_hidden_layers" { 1 << 12 } else { 1 << 24 };
     match v {
         Some(0) => Err(config_err(path, key, "must be > 0, got 0")),
-        Some(v) if v > max => Err(config_err(path, key, format!("{v} is larger than any model's (at most {max})"))),
+        Some(v) if v > max => Err(config_err(
+            path,
+            key,
+            format!("{v} is larger than any model's (at most {max})"),
+        )),
         Some(v) => Ok(v),
         None => Err(config_err(path, key, "missing")),
     }

@@ -11,8 +11,8 @@ use rand::{Rng, SeedableRng};
 use rand_distr_free::normal;
 use safetensors::{Dtype as StDtype, SafeTensors};
 use temper_models::LlamaForCausalLM;
-use temper_models::lora::{Lora, adapted_weight};
 use temper_models::atomic::{write_atomic, write_file_atomic};
+use temper_models::lora::{Lora, adapted_weight};
 use temper_models::weights::transpose_2d;
 
 use crate::config::{InitLoraWeights, LoraConfig, TargetModules};
@@ -102,7 +102,10 @@ pub fn inject<B: Backend>(
     if let Some(&bad) = config.layers_to_transform.iter().flatten().find(|&&l| l >= layers) {
         return Err(Error::Invalid {
             key: "layers_to_transform".into(),
-            message: format!("layer {bad} does not exist: the model has {layers} layers (0 to {})", layers - 1),
+            message: format!(
+                "layer {bad} does not exist: the model has {layers} layers (0 to {})",
+                layers - 1
+            ),
         });
     }
     let mut rng = StdRng::seed_from_u64(seed);
@@ -121,7 +124,11 @@ pub fn inject<B: Backend>(
         if r > in_f.min(out_f) {
             // B·A cannot have a rank above the smaller side: the extra rows are memory (an
             // absurd rank would abort in the allocator) and nothing else.
-            let key = if config.rank_for(&name) == config.r { "r" } else { "rank_pattern" };
+            let key = if config.rank_for(&name) == config.r {
+                "r"
+            } else {
+                "rank_pattern"
+            };
             return Err(Error::Invalid {
                 key: key.into(),
                 message: format!(

@@ -15,7 +15,8 @@ use temper_models::{ForwardOptions, LlamaForCausalLM};
 
 /// How a training forward computes the final hidden states: [`plain`], or
 /// [`Checkpointed::forward_hidden`].
-pub(crate) type HiddenFn<'a, B> = &'a dyn Fn(&LlamaForCausalLM<B>, Tensor<B, 2, Int>, ForwardOptions<B>) -> Tensor<B, 3>;
+pub(crate) type HiddenFn<'a, B> =
+    &'a dyn Fn(&LlamaForCausalLM<B>, Tensor<B, 2, Int>, ForwardOptions<B>) -> Tensor<B, 3>;
 
 /// The usual forward: every block's activations stay in the graph until the backward.
 pub(crate) fn plain<B: Backend>(

@@ -160,7 +160,6 @@ pub enum AdapterKind {
     Full,
 }
 
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum TargetSpec {
@@ -738,7 +737,11 @@ impl JobConfig {
                 )?;
             }
             for (pattern, &r) in &a.rank_pattern {
-                check(r > 0, "adapter.rank_pattern", format!("{pattern:?}: rank must be > 0, got 0"))?;
+                check(
+                    r > 0,
+                    "adapter.rank_pattern",
+                    format!("{pattern:?}: rank must be > 0, got 0"),
+                )?;
             }
             check(
                 a.r <= MAX_SIZE && a.rank_pattern.values().all(|&r| r <= MAX_SIZE),
@@ -887,7 +890,17 @@ fn is_hub_id(p: &str) -> bool {
 /// extension of the files Temper reads, or a first folder that exists here (`data/trian.jsonl`,
 /// `runs/x`). Asking the Hub for it would only add a wait and a confusing error.
 fn looks_local(p: &str) -> bool {
-    const EXTENSIONS: [&str; 9] = ["jsonl", "json", "parquet", "arrow", "csv", "txt", "gguf", "safetensors", "yaml"];
+    const EXTENSIONS: [&str; 9] = [
+        "jsonl",
+        "json",
+        "parquet",
+        "arrow",
+        "csv",
+        "txt",
+        "gguf",
+        "safetensors",
+        "yaml",
+    ];
     let path = Path::new(p);
     let extension = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     let first = p.split('/').next().unwrap_or_default();

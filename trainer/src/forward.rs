@@ -41,7 +41,9 @@ pub(crate) fn sft_loss<B: Backend>(
         // Right padding needs no mask under causal attention: real tokens never look ahead.
         position_ids: Some(int_matrix(&batch.position_ids, [b, s], device)),
         attention_mask: None,
-        segment_ids: batch.is_packed().then(|| int_matrix(&batch.segment_ids, [b, s], device)),
+        segment_ids: batch
+            .is_packed()
+            .then(|| int_matrix(&batch.segment_ids, [b, s], device)),
     };
     let logps = token_logps_at(
         model,

@@ -76,7 +76,12 @@ pub fn train<B: AutodiffBackend>(
     run_job::<B>(job, device, dtype, &opts).map_err(|e| e.in_file(&job.file))
 }
 
-fn run_job<B: AutodiffBackend>(job: &JobConfig, device: &B::Device, dtype: DType, opts: &TrainOptions) -> Result<Summary> {
+fn run_job<B: AutodiffBackend>(
+    job: &JobConfig,
+    device: &B::Device,
+    dtype: DType,
+    opts: &TrainOptions,
+) -> Result<Summary> {
     let mut run = Run::<B>::prepare(job, device, dtype, opts)?;
     run.evaluate_at_start()?;
     while run.state.step < run.state.total_steps {
@@ -207,7 +212,15 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             let path = out.join("config.yaml");
             temper_models::atomic::write_file_atomic(&path, config_yaml.as_bytes()).map_err(|e| Error::io(&path, e))?;
         }
-        let reference = build_reference(job, &model, &tokenizer, loader_options, resume_dir.as_deref(), main, device)?;
+        let reference = build_reference(
+            job,
+            &model,
+            &tokenizer,
+            loader_options,
+            resume_dir.as_deref(),
+            main,
+            device,
+        )?;
         // A resumed run drops the rows its interrupted predecessor logged after the
         // checkpoint: they are logged again as the steps are redone.
         let log = match main {
@@ -247,7 +260,13 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
 
     fn learning_rate(&self) -> f64 {
         let t = &self.job.training;
-        learning_rate(t.lr_scheduler, t.learning_rate, self.state.step, self.warmup, self.state.total_steps)
+        learning_rate(
+            t.lr_scheduler,
+            t.learning_rate,
+            self.state.step,
+            self.warmup,
+            self.state.total_steps,
+        )
     }
 
     /// The step's `gradient_accumulation_steps` micro-batches (fewer where the data ends;
@@ -276,7 +295,10 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         let device = self.device;
         let rank = self.collective.map_or(0, |c| c.rank());
         // Dropout masks come from a seed per step (and rank), so a resumed run draws the same.
-        B::seed(device, t.seed.wrapping_add(self.state.step).wrapping_add((rank as u64) << 32));
+        B::seed(
+            device,
+            t.seed.wrapping_add(self.state.step).wrapping_add((rank as u64) << 32),
+        );
         let denominator: usize = micro.batches.iter().map(Batch::loss_normaliser).sum();
         let mut sums = self.loss.empty_sums();
         let mut accumulator = GradientsAccumulator::<LlamaForCausalLM<B>>::new();
@@ -287,7 +309,10 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                 None => plain(m, ids, options),
             };
             let reference = |b: &PreferenceBatch| Ok(self.reference.logps(b, device)?.map(Tensor::from_inner));
-            let Some(loss) = self.loss.micro_batch(&self.model, &hidden, batch, reference, device, &mut sums)? else {
+            let Some(loss) = self
+                .loss
+                .micro_batch(&self.model, &hidden, batch, reference, device, &mut sums)?
+            else {
                 continue;
             };
             let grads = (loss * self.loss_scale() as f32 / denominator.max(1) as f32).backward();
@@ -352,7 +377,11 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         };
         if apply {
             let max = self.job.training.max_grad_norm;
-            let clip = if max > 0.0 && grad_norm > max { max / (grad_norm + 1e-6) } else { 1.0 };
+            let clip = if max > 0.0 && grad_norm > max {
+                max / (grad_norm + 1e-6)
+            } else {
+                1.0
+            };
             let model = self.model.clone();
             self.model = self.optim.step(model, &mut grads, lr, clip / loss_scale);
         } else {
@@ -434,7 +463,13 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             return Ok(());
         };
         let t = &self.job.training;
-        let max_rows = self.job.data.eval.as_ref().and_then(|e| e.max_rows).unwrap_or(usize::MAX);
+        let max_rows = self
+            .job
+            .data
+            .eval
+            .as_ref()
+            .and_then(|e| e.max_rows)
+            .unwrap_or(usize::MAX);
         let values = evaluate(
             &self.model,
             &self.reference,
@@ -460,7 +495,11 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
     fn checkpoint_if_due(&mut self, stop: bool) -> Result<bool> {
         let step = self.state.step;
         self.interrupted = stop && step < self.state.total_steps;
-        let due = self.job.training.save_steps.is_some_and(|every| step.is_multiple_of(every));
+        let due = self
+            .job
+            .training
+            .save_steps
+            .is_some_and(|every| step.is_multiple_of(every));
         if self.main && (due || self.interrupted) {
             let dir = self.save_checkpoint()?;
             self.progress.note(&format!("saved {}", dir.display()));
@@ -530,12 +569,17 @@ fn resume_dir(out: &Path, resume: &Option<Resume>) -> Result<Option<PathBuf>> {
     Ok(match resume {
         None => None,
         Some(Resume::Dir(d)) => Some(d.clone()),
-        Some(Resume::Latest) => Some(checkpoint::list(out)?.pop().map(|(_, d)| d).ok_or_else(|| {
-            Error::Checkpoint {
-                path: out.to_path_buf(),
-                message: "--resume: no complete checkpoint in the output directory".into(),
-            }
-        })?),
+        Some(Resume::Latest) => {
+            Some(
+                checkpoint::list(out)?
+                    .pop()
+                    .map(|(_, d)| d)
+                    .ok_or_else(|| Error::Checkpoint {
+                        path: out.to_path_buf(),
+                        message: "--resume: no complete checkpoint in the output directory".into(),
+                    })?,
+            )
+        }
     })
 }
 
@@ -717,7 +761,9 @@ fn build_model<B: AutodiffBackend>(
                 None => {
                     let config = a.lora_config()?;
                     let (model, _) = temper_peft::inject(base, &config, job.training.seed).map_err(|e| match e {
-                        temper_peft::Error::Invalid { key, message } => Error::config(&format!("adapter.{key}"), message),
+                        temper_peft::Error::Invalid { key, message } => {
+                            Error::config(&format!("adapter.{key}"), message)
+                        }
                         other => other.into(),
                     })?;
                     (model, config)
@@ -856,7 +902,12 @@ fn check_same_adapter(job: &JobConfig, checkpoint: &Path) -> Result<()> {
     let changed: Vec<(&str, String)> = keys
         .into_iter()
         .filter(|k| before.get(*k) != now.get(*k))
-        .map(|k| (k, format!("adapter.{k} is {} there, {} now", show(before.get(k)), show(now.get(k)))))
+        .map(|k| {
+            (
+                k,
+                format!("adapter.{k} is {} there, {} now", show(before.get(k)), show(now.get(k))),
+            )
+        })
         .collect();
     let Some((first, _)) = changed.first() else {
         return Ok(());

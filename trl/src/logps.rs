@@ -21,7 +21,6 @@ pub fn log_softmax<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 2> {
     shifted - lse
 }
 
-
 /// Log-probabilities of the targets, one per position.
 pub struct TokenLogps<B: Backend> {
     /// `[n]`, f32: log p(target) at each position, differentiable.
