@@ -431,12 +431,7 @@ impl Pipeline {
             // none left; any other epoch without one would repeat forever (every row dropped:
             // prompts longer than `max_length`, or all rows skipped as bad), so it is an error.
             let mut batches_sent = 0u64;
-            let entered_part_way = epoch == start.epoch
-                && start
-                    != Cursor {
-                        epoch,
-                        ..Cursor::default()
-                    };
+            let entered_part_way = epoch == start.epoch && (start.window, start.batch) != (0, 0);
             loop {
                 let resuming = epoch == start.epoch && w < start.window;
                 // Capped: the window is a row count from the config, not a size to trust.
@@ -505,22 +500,20 @@ impl Pipeline {
                 }
                 w += 1;
             }
-            if !produced_any && self.stats.get(&self.stats.bad_rows_skipped) > 0 {
-                let _ = tx.send(Err(self.no_batch_error(epoch)));
-                return;
-            }
-            if !produced_any {
-                let _ = tx.send(Err(Error::config(
-                    "data",
-                    format!(
-                        "epoch {epoch} has no rows for rank {} of {} (is the dataset empty?)",
-                        self.options.rank, self.options.world_size
-                    ),
-                )));
-                return;
-            }
-            if batches_sent == 0 && !entered_part_way {
-                let _ = tx.send(Err(self.no_batch_error(epoch)));
+            if !produced_any || (batches_sent == 0 && !entered_part_way) {
+                let skipped = self.stats.get(&self.stats.bad_rows_skipped);
+                let error = if produced_any || skipped > 0 {
+                    self.no_batch_error(epoch)
+                } else {
+                    Error::config(
+                        "data",
+                        format!(
+                            "epoch {epoch} has no rows for rank {} of {} (is the dataset empty?)",
+                            self.options.rank, self.options.world_size
+                        ),
+                    )
+                };
+                let _ = tx.send(Err(error));
                 return;
             }
             epoch += 1;

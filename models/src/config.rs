@@ -244,11 +244,20 @@ fn config_err(path: &Path, key: &str, message: impl Into<String>) -> Error {
     }
 }
 
+/// The largest layer count and other size (vocabulary, widths, heads, context) a checkpoint
+/// may declare, config.json or GGUF: far above any model's (the largest have ~256k
+/// vocabularies, ~30k hidden sizes, ~130 layers). A value past it is a corrupt or hand-edited
+/// file, refused before anything is sized from it (tests/inputs.rs found a layer count that
+/// aborted in the allocator).
+pub(crate) const MAX_LAYERS: usize = 1 << 12;
+pub(crate) const MAX_SIZE: usize = 1 << 24;
+
 fn required(path: &Path, key: &str, v: Option<usize>) -> Result<usize> {
-    // Far above any model's (the largest have ~256k vocabularies, ~30k hidden sizes, ~130
-    // layers): a value past it is a corrupt or hand-edited file, refused before anything is
-    // sized from it (tests/inputs.rs found a layer count that aborted in the allocator).
-    let max = if key == "num_hidden_layers" { 1 << 12 } else { 1 << 24 };
+    let max = if key == "num_hidden_layers" {
+        MAX_LAYERS
+    } else {
+        MAX_SIZE
+    };
     match v {
         Some(0) => Err(config_err(path, key, "must be > 0, got 0")),
         Some(v) if v > max => Err(config_err(

@@ -633,13 +633,17 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
         key: k.to_string(),
         message: "missing".into(),
     };
-    // Sizes: at least 1, and far below what would abort in the allocator (as config.json's).
+    // Sizes: at least 1, and within the bounds config.json's are held to.
     let uint = |k: &str| -> Result<usize> {
-        let max = if k == "block_count" { 1 << 12 } else { 1 << 24 };
+        let max = if k == "block_count" {
+            crate::config::MAX_LAYERS
+        } else {
+            crate::config::MAX_SIZE
+        };
         let k = key(k);
         match gguf.get(&k).and_then(Value::as_u64) {
             None => Err(missing(&k)),
-            Some(v) if v == 0 || v > max => Err(Error::Config {
+            Some(v) if v == 0 || v > max as u64 => Err(Error::Config {
                 path: path.to_path_buf(),
                 key: k,
                 message: format!("{v} is not a size any model has (1 to {max})"),

@@ -355,8 +355,6 @@ pub struct LayerInputs<B: Backend> {
     past: usize,
 }
 
-/// A causal language model: the decoder plus the output head (`lm_head`, or the embedding
-/// matrix when `tie_word_embeddings`).
 /// The walk over a model's linear layers and their Hugging Face names, written once for `&`
 /// (`named_linears!(model, iter, as_ref)`) and `&mut` (`..., iter_mut, as_mut, mut`).
 macro_rules! named_linears {
@@ -380,6 +378,8 @@ macro_rules! named_linears {
     }};
 }
 
+/// A causal language model: the decoder plus the output head (`lm_head`, or the embedding
+/// matrix when `tie_word_embeddings`).
 #[derive(Module, Debug)]
 pub struct LlamaForCausalLM<B: Backend> {
     pub model: LlamaModel<B>,

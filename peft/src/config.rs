@@ -96,6 +96,9 @@ fn layer_index(key: &str, patterns: Option<&[String]>) -> Option<usize> {
     None
 }
 
+/// The largest LoRA rank a config may give (a layer's smaller side is the real limit).
+pub const MAX_RANK: usize = 1 << 16;
+
 impl LoraConfig {
     /// Whether the linear layer `key` gets an adapter. `is_output` marks the output head,
     /// which `all-linear` leaves alone.
@@ -157,7 +160,7 @@ impl LoraConfig {
         if self.use_rslora { alpha / r.sqrt() } else { alpha / r }
     }
 
-    /// Checks what PEFT would also reject, and the regular expressions.
+    /// Checks what PEFT would also reject, the regular expressions, and ranks no model has.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let err = |key: &str, message: String| Error::Config {
             path: path.to_path_buf(),
@@ -166,6 +169,14 @@ impl LoraConfig {
         };
         if self.r == 0 {
             return Err(err("r", "must be > 0, got 0".into()));
+        }
+        // Any rank past a layer's smaller side is refused where adapters are placed; this bound
+        // is for ranks no model has, so the refusal comes before any model loads.
+        if self.r > MAX_RANK || self.rank_pattern.iter().any(|(_, r)| *r > MAX_RANK) {
+            return Err(err(
+                "r",
+                format!("a LoRA rank must be at most {MAX_RANK} (and at most a layer's smaller dimension)"),
+            ));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(err(

@@ -518,7 +518,7 @@ pub struct TrainingSection {
     pub save_total_limit: Option<usize>,
 }
 
-/// The largest micro-batch, accumulation count and LoRA rank a job may ask for.
+/// The largest micro-batch and accumulation count a job may ask for.
 const MAX_SIZE: usize = 1 << 16;
 
 fn default_epochs() -> u64 {
@@ -736,18 +736,6 @@ impl JobConfig {
                     format!("{} holds no adapter_config.json", p.display()),
                 )?;
             }
-            for (pattern, &r) in &a.rank_pattern {
-                check(
-                    r > 0,
-                    "adapter.rank_pattern",
-                    format!("{pattern:?}: rank must be > 0, got 0"),
-                )?;
-            }
-            check(
-                a.r <= MAX_SIZE && a.rank_pattern.values().all(|&r| r <= MAX_SIZE),
-                "adapter.r",
-                format!("a LoRA rank must be at most {MAX_SIZE} (and at most a layer's smaller dimension)"),
-            )?;
             a.lora_config()?.validate(Path::new("")).map_err(|e| match e {
                 temper_peft::Error::Config { key, message, .. } => Error::config(&format!("adapter.{key}"), message),
                 other => Error::Peft(other),

@@ -3,7 +3,7 @@
 //! with TRL's metrics.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -275,11 +275,7 @@ impl RefCache {
             bytes.extend_from_slice(&c.to_le_bytes());
             bytes.extend_from_slice(&r.to_le_bytes());
         }
-        let tmp = path.with_extension("bin.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        temper_models::atomic::write_file_atomic(path, &bytes).map_err(|e| Error::io(path, e))
     }
 
     pub(crate) fn load(path: &Path) -> Result<Self> {

@@ -463,13 +463,6 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             return Ok(());
         };
         let t = &self.job.training;
-        let max_rows = self
-            .job
-            .data
-            .eval
-            .as_ref()
-            .and_then(|e| e.max_rows)
-            .unwrap_or(usize::MAX);
         let values = evaluate(
             &self.model,
             &self.reference,
@@ -477,7 +470,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             eval,
             &self.tokenizer,
             t.micro_batch_size,
-            max_rows,
+            max_eval_rows(self.job),
             self.device,
         )?;
         let row = Row {
@@ -562,6 +555,11 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             interrupted: self.interrupted,
         })
     }
+}
+
+/// The evaluation rows a run scores (`data.eval.max_rows`, else all).
+fn max_eval_rows(job: &JobConfig) -> usize {
+    job.data.eval.as_ref().and_then(|e| e.max_rows).unwrap_or(usize::MAX)
 }
 
 /// The checkpoint a `--resume` names: the newest complete one in `out`, or the one given.
@@ -707,8 +705,7 @@ fn build_reference<B: AutodiffBackend>(
         Some(path) => RefCache::load(&path)?,
         None => {
             let started = Instant::now();
-            let max_eval_rows = job.data.eval.as_ref().and_then(|e| e.max_rows).unwrap_or(usize::MAX);
-            let (pipelines, limits) = pref::precompute_pipelines(job, tokenizer, loader_options, max_eval_rows)?;
+            let (pipelines, limits) = pref::precompute_pipelines(job, tokenizer, loader_options, max_eval_rows(job))?;
             let cache = RefCache::compute(&reference, &pipelines, &limits, device)?;
             eprintln!(
                 "reference log-probabilities of {} pairs precomputed in {:.1} s",
