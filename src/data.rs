@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use temper_data::{Cursor, Encoded, IGNORE_INDEX, LoaderOptions, Pipeline};
-use temper_trainer::JobConfig;
+use temper_trainer::Job;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct InspectArgs {
@@ -29,8 +29,9 @@ pub enum DataCommand {
 
 pub fn run(cmd: DataCommand) -> Result<()> {
     let DataCommand::Inspect(args) = cmd;
-    let mut job = JobConfig::load(&args.config, &args.set)?;
+    let mut job = Job::load(&args.config, &args.set)?;
     job.resolve_hub_ids()?;
+    let job = &job.config;
     let (_, tokenizer) = temper_models::load_config_and_tokenizer(&job.model.path)?;
     let tokenizer = Arc::new(tokenizer);
     let options = LoaderOptions {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use temper_launch::{LaunchPlan, run_workers, topology::DEFAULT_PORT};
-use temper_trainer::JobConfig;
+use temper_trainer::Job;
 
 use crate::backend::DeviceSpec;
 
@@ -43,7 +43,7 @@ pub struct LaunchArgs {
 
 pub fn run(args: LaunchArgs, device: Option<DeviceSpec>) -> Result<()> {
     // The config is checked here, before any worker starts.
-    let job = JobConfig::load(&args.config, &args.set)?;
+    let job = Job::load(&args.config, &args.set)?.config;
     let l = &job.launch;
     let device = device.unwrap_or(job.device);
     let device_kind = match device {

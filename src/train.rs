@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use burn::backend::Autodiff;
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
-use temper_trainer::{JobConfig, Precision, Resume, TrainOptions};
+use temper_trainer::{Job, Resume, TrainOptions};
 
 use crate::backend::{BackendJob, DeviceSpec, dispatch};
 
@@ -26,18 +26,23 @@ pub struct TrainArgs {
 /// `--resume` without a directory.
 const LATEST: &str = "latest";
 
-struct Job {
-    config: JobConfig,
+/// A job with what this process adds to it, run on the backend of its device.
+struct TrainJob {
+    job: Job,
     dtype: DType,
     options: TrainOptions,
 }
 
-impl BackendJob for Job {
+impl BackendJob for TrainJob {
     type Output = Result<temper_trainer::Summary>;
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
-        let (config, dtype, options) = (&self.config, self.dtype, self.options);
-        Ok(temper_trainer::train::<Autodiff<B>>(config, &device, dtype, options)?)
+        Ok(temper_trainer::train::<Autodiff<B>>(
+            &self.job,
+            &device,
+            self.dtype,
+            self.options,
+        )?)
     }
 }
 
@@ -45,20 +50,16 @@ impl BackendJob for Job {
 const GPU_PAD_MULTIPLE: usize = 64;
 
 pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
-    let mut config = JobConfig::load(&args.config, &args.set)?;
-    config.resolve_hub_ids()?;
-    let device = device.unwrap_or(config.device);
+    let mut job = Job::load(&args.config, &args.set)?;
+    job.resolve_hub_ids()?;
+    let device = device.unwrap_or(job.config.device);
     if device != DeviceSpec::Cpu {
         // A GPU backend compiles kernels for each new shape (a minute or more for a step's
         // matmuls): rows padded to a multiple of 64 keep the shapes few. The resolved config
         // saved in output_dir shows it.
-        config.data.pad_to_multiple_of.get_or_insert(GPU_PAD_MULTIPLE);
+        job.config.data.pad_to_multiple_of.get_or_insert(GPU_PAD_MULTIPLE);
     }
-    let dtype = match (config.training.precision, device) {
-        (Precision::Auto, DeviceSpec::Cpu) | (Precision::F32, _) => DType::F32,
-        (Precision::Auto, _) | (Precision::Bf16, _) => DType::BF16,
-        (Precision::F16, _) => DType::F16,
-    };
+    let dtype = job.storage_dtype(device);
     if device == DeviceSpec::Cpu && dtype != DType::F32 && cfg!(feature = "ndarray") {
         bail!(
             "{}: training.precision: the ndarray CPU backend computes in f32 only; use `precision: f32` (or `auto`) on the CPU",
@@ -75,8 +76,7 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
             Resume::Dir(p)
         }
     });
-    let hub = config.hub.clone();
-    if hub.push && temper_hub::token_from_env().is_none() {
+    if job.push.is_some() && temper_hub::token_from_env().is_none() {
         // Found before training, not after hours of it.
         bail!(
             "{}: hub.push: no Hugging Face token: set HF_TOKEN or run `huggingface-cli login`",
@@ -100,8 +100,9 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
         }
         None => None,
     };
-    let job = Job {
-        config,
+    let push = job.push.clone();
+    let job = TrainJob {
+        job,
         dtype,
         options: TrainOptions {
             resume,
@@ -128,12 +129,12 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
             summary.steps,
             summary.output_dir.display()
         );
-        if hub.push {
+        if let Some(target) = push {
             let options = temper_hub::PushOptions {
-                repo: hub.repo.expect("checked by the config: push needs a repo"),
-                private: hub.private,
-                revision: hub.revision,
-                create_pr: hub.create_pr,
+                repo: target.repo,
+                private: target.private,
+                revision: target.revision,
+                create_pr: target.create_pr,
                 message: Some(format!("Temper: {} steps, final loss {last:.4}", summary.steps)),
             };
             crate::push::push(&summary.output_dir, &options)?;

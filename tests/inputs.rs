@@ -17,7 +17,7 @@ use common::{fixtures, job_yaml, load_job, train_dir};
 use proptest::prelude::*;
 use temper::backend::CpuBackend;
 use temper_models::{ChatTemplate, Message, Sampling};
-use temper_trainer::{JobConfig, Resume, Summary, TrainOptions, train};
+use temper_trainer::{Job, Resume, Summary, TrainOptions, train};
 
 type AD = Autodiff<CpuBackend>;
 
@@ -26,14 +26,14 @@ fn bad_dir() -> PathBuf {
 }
 
 /// The tiny fixture job of tests/train.rs, writing to `tmp/out`, with `--set` overrides.
-fn load_fixture_job(tmp: &Path, overrides: &[String]) -> Result<JobConfig, String> {
+fn load_fixture_job(tmp: &Path, overrides: &[String]) -> Result<Job, String> {
     let overrides: Vec<&str> = overrides.iter().map(String::as_str).collect();
     load_job(tmp, &job_yaml(&tmp.join("out")), &overrides)
 }
 
 /// Trains on another thread: a run that has not ended after `limit` is a hang, and fails the
 /// test instead of holding CI until its timeout.
-fn train_within(job: &JobConfig, options: TrainOptions, limit: Duration) -> Result<Summary, String> {
+fn train_within(job: &Job, options: TrainOptions, limit: Duration) -> Result<Summary, String> {
     let (tx, rx) = mpsc::channel();
     let job = job.clone();
     std::thread::spawn(move || {

@@ -14,7 +14,11 @@ use temper_models::{ForwardOptions, Message, Sampling};
 
 fn check_parity(name: &str) {
     let dir = fixtures().join("models").join(name);
-    let model = load_hf_dir::<B>(&dir).unwrap();
+    check_parity_of(name, &load_hf_dir::<B>(&dir).unwrap());
+}
+
+fn check_parity_of(name: &str, model: &temper_models::LlamaForCausalLM<B>) {
+    let dir = fixtures().join("models").join(name);
     let expected = Expected::open(&dir.join("expected.safetensors"));
     let device = Default::default();
     let int = |key: &str| Tensor::<B, 2, Int>::from_data(expected.get(key).1, &device);
@@ -68,6 +72,37 @@ fn parity_mistral_sliding_window() {
     check_parity("mistral_window");
 }
 
+/// Qwen3's per-head q/k norms, explicit head_dim and biased projections, from the HF checkpoint
+/// and from the same weights as llama.cpp writes them (GGUF architecture `qwen3`).
+#[test]
+fn parity_qwen3_qk_norm_hf_and_gguf() {
+    check_parity("qwen3_qk_norm");
+    let path = fixtures().join("models/qwen3_qk_norm/model.gguf");
+    let gguf = Gguf::open(&path).unwrap();
+    let config = temper_models::gguf::config_from_gguf(&gguf).unwrap();
+    let hf = temper_models::ModelConfig::from_file(fixtures().join("models/qwen3_qk_norm/config.json")).unwrap();
+    assert_eq!(
+        (
+            config.family,
+            config.head_dim,
+            config.qk_norm,
+            config.qkv_bias,
+            config.o_bias
+        ),
+        (hf.family, hf.head_dim, true, true, true)
+    );
+    let model = temper_models::load_weights::<B>(&path, &config, &Default::default(), DType::F32).unwrap();
+    check_parity_of("qwen3_qk_norm", &model);
+}
+
+/// Gemma 3's text model: scaled embeddings, `(1 + w)` norms around attention and MLP, q/k norms,
+/// GeGLU, a sliding layer with its own RoPE base then a global one with linear scaling,
+/// `query_pre_attn_scalar`, logit soft-capping.
+#[test]
+fn parity_gemma3_text() {
+    check_parity("gemma3_text");
+}
+
 #[test]
 fn parity_llama_sharded_bf16() {
     check_parity("llama_sharded_bf16");
@@ -75,7 +110,14 @@ fn parity_llama_sharded_bf16() {
 
 #[test]
 fn kv_cache_matches_full_forward() {
-    let model = load_hf_dir::<B>(&fixtures().join("models/mistral_window")).unwrap();
+    // Mistral's sliding window, and Gemma 3's (whose sliding layer has its own RoPE).
+    for name in ["mistral_window", "gemma3_text"] {
+        kv_cache_matches_full_forward_of(name);
+    }
+}
+
+fn kv_cache_matches_full_forward_of(name: &str) {
+    let model = load_hf_dir::<B>(&fixtures().join("models").join(name)).unwrap();
     let device = Default::default();
     let ids: Vec<i64> = (0..9).map(|i| (i * 13 + 5) % 128).collect();
     let full: Vec<f32> = model
@@ -100,7 +142,10 @@ fn kv_cache_matches_full_forward() {
         stepped.extend(out);
     }
     let err = rel_err(&stepped, &full, |_| true);
-    assert!(err < 1e-5, "cached decoding differs from a full forward: {err:e}");
+    assert!(
+        err < 1e-5,
+        "{name}: cached decoding differs from a full forward: {err:e}"
+    );
 }
 
 #[test]
@@ -289,6 +334,8 @@ fn random_weights_from_config_alone() {
         "qwen2_bias_tied",
         "mistral_window",
         "llama_sharded_bf16",
+        "qwen3_qk_norm",
+        "gemma3_text",
     ] {
         let dir = fixtures().join("models").join(name);
         let config = temper_models::ModelConfig::from_file(dir.join("config.json")).unwrap();
@@ -341,5 +388,23 @@ fn sentencepiece_gguf_tokenizer_matches_transformers() {
             reference["decoded"][i].as_str().unwrap(),
             "decode of {text:?}"
         );
+    }
+}
+
+/// Qwen3's chat template (multi-turn reasoning dropped from earlier turns, kept in the last;
+/// tool turns grouped) renders exactly as transformers renders it.
+#[test]
+fn qwen3_chat_template_renders_as_transformers() {
+    let dir = fixtures().join("chat");
+    let source = std::fs::read_to_string(dir.join("qwen3.jinja")).unwrap();
+    let template = temper_models::ChatTemplate::new(&source).unwrap();
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("qwen3.json")).unwrap()).unwrap();
+    assert_eq!(cases.len(), 8);
+    for case in cases {
+        let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+        let generation_prompt = case["add_generation_prompt"].as_bool().unwrap();
+        let got = template.render(&messages, generation_prompt, "", "").unwrap().text;
+        assert_eq!(got, case["text"].as_str().unwrap(), "{messages:?}");
     }
 }

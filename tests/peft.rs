@@ -19,13 +19,15 @@ type B = CpuBackend;
 type AD = Autodiff<CpuBackend>;
 
 /// adapter fixture -> base model fixture
-const CASES: [(&str, &str); 6] = [
+const CASES: [(&str, &str); 8] = [
     ("pissa", "llama_gqa_llama3"),
     ("lora_list", "llama_gqa_llama3"),
     ("rslora_all_linear", "qwen2_bias_tied"),
     ("dora", "llama_gqa_llama3"),
     ("rank_pattern_regex", "mistral_window"),
     ("modules_to_save", "llama_gqa_llama3"),
+    ("qwen3_all_linear", "qwen3_qk_norm"),
+    ("gemma3_dora", "gemma3_text"),
 ];
 
 fn adapter_dir(name: &str) -> PathBuf {

@@ -11,11 +11,11 @@ use burn::tensor::DType;
 use common::{job_yaml, load_job, rel_err, train_dir};
 use safetensors::SafeTensors;
 use temper::backend::CpuBackend;
-use temper_trainer::{JobConfig, Resume, TrainOptions, train};
+use temper_trainer::{Job, Resume, TrainOptions, train};
 
 type AD = Autodiff<CpuBackend>;
 
-fn run(job: &JobConfig, options: TrainOptions) -> temper_trainer::Summary {
+fn run(job: &Job, options: TrainOptions) -> temper_trainer::Summary {
     train::<AD>(job, &Default::default(), DType::F32, options).unwrap()
 }
 
@@ -724,7 +724,7 @@ fn data_parallel_launch() {
     // One worker, micro-batch 4.
     let single = tmp.path().join("single");
     let one = train::<AD>(
-        &JobConfig::load(&job(&single, 12), &["training.micro_batch_size=4".into()]).unwrap(),
+        &Job::load(&job(&single, 12), &["training.micro_batch_size=4".into()]).unwrap(),
         &Default::default(),
         DType::F32,
         TrainOptions::default(),
@@ -765,7 +765,7 @@ fn data_parallel_launch() {
     };
     let dpo_one = tmp.path().join("dpo-one");
     train::<AD>(
-        &JobConfig::load(&dpo_job(&dpo_one), &[]).unwrap(),
+        &Job::load(&dpo_job(&dpo_one), &[]).unwrap(),
         &Default::default(),
         DType::F32,
         TrainOptions::default(),

@@ -32,6 +32,15 @@
 //!   it served `k - 1`, every node has finished that, and none can register for `k + 2` before
 //!   rank 0 has registered for `k + 1`.
 //!
+//! - A buffer over 512 MiB cannot be summed: burn-communication's websocket client refuses a
+//!   frame larger than that (`websocket/client.rs`: `max_frame_size(Some(MB * 512))`), and
+//!   tungstenite sends each message as one frame. The central node's download then fails, it
+//!   panics on a tokio thread ("Couldn't find the tensor for transfer id 0",
+//!   `global/node/centralized.rs`) and the caller gets `LocalServerMissing`. Full fine-tuning of
+//!   SmolLM2-135M sums 538 MB a step. Buffers therefore go in chunks of at most [`MAX_CHUNK`]
+//!   values, one session each. After any failure the engine is left alone: its client would
+//!   panic on the next `finish`/`reset` (`local/client.rs` unwraps sends to the dead server).
+//!
 //! Every all-reduce also sums a 1 per worker and checks that the count is the world size, so a
 //! wrong membership is an error, never a silently wrong sum.
 
@@ -49,9 +58,19 @@ use burn_collective::{
 };
 use burn_communication::Address;
 
+use temper_trainer::CollectiveError;
+
 use crate::topology::{ORCHESTRATORS, Topology};
 
 type Host = NdArray;
+
+/// The most values one burn-collective all-reduce carries, its membership count included:
+/// 128 MiB, a quarter of the 512 MiB frame limit of the module docs.
+pub const MAX_CHUNK: usize = 1 << 25;
+
+fn engine(operation: &'static str) -> impl Fn(String) -> CollectiveError {
+    move |message| CollectiveError::Engine { operation, message }
+}
 
 /// Call first thing in `main`, before the process starts any thread (it sets an environment
 /// variable).
@@ -75,18 +94,22 @@ pub struct BurnCollective {
     topology: Topology,
     /// One collective operation at a time (burn-collective's client is per process).
     sessions: Mutex<Sessions>,
+    /// The most values per session ([`MAX_CHUNK`]; less in tests).
+    max_chunk: usize,
 }
 
 struct Sessions {
     /// The number of the current session.
     current: usize,
+    /// Why the engine is unusable, after a failure.
+    broken: Option<String>,
     /// Rank 0: the orchestrators, one tokio runtime each (dropping one frees all it holds).
     orchestrators: Vec<Option<Runtime>>,
 }
 
 impl BurnCollective {
     /// Joins the job's collective; rank 0 first starts the orchestrators.
-    pub fn connect(topology: Topology) -> Result<Self, String> {
+    pub fn connect(topology: Topology) -> Result<Self, CollectiveError> {
         // burn-communication installs a global tracing subscriber that prints INFO lines for
         // every connection (each step, with the workaround above), burying a worker's own log.
         // A silent one installed first keeps the logs readable; burn tolerates that its own
@@ -96,6 +119,7 @@ impl BurnCollective {
         ));
         let mut sessions = Sessions {
             current: 0,
+            broken: None,
             orchestrators: (0..ORCHESTRATORS).map(|_| None).collect(),
         };
         if topology.rank == 0 {
@@ -108,18 +132,26 @@ impl BurnCollective {
         let c = BurnCollective {
             topology,
             sessions: Mutex::new(sessions),
+            max_chunk: MAX_CHUNK,
         };
         c.register(0)?;
         Ok(c)
     }
 
-    fn config(&self, session: usize) -> Result<CollectiveConfig, String> {
+    /// Sums at most `values` values per session (tests use chunks smaller than [`MAX_CHUNK`]).
+    pub fn with_max_chunk(mut self, values: usize) -> Self {
+        assert!(values >= 2, "a chunk holds a value and the membership count");
+        self.max_chunk = values;
+        self
+    }
+
+    fn config(&self, session: usize) -> Result<CollectiveConfig, CollectiveError> {
         let t = &self.topology;
         let port = t.orchestrator_port(session % ORCHESTRATORS as usize);
         let global = Address::from_str(&format!("ws://{}:{port}", t.master_addr))
-            .map_err(|e| format!("master address: {e:?}"))?;
+            .map_err(|e| engine("master address")(format!("{e:?}")))?;
         let node = Address::from_str(&format!("ws://{}:{}", t.node_host(), t.data_port()))
-            .map_err(|e| format!("node address: {e:?}"))?;
+            .map_err(|e| engine("node address")(format!("{e:?}")))?;
         Ok(CollectiveConfig::default()
             .with_num_devices(1)
             .with_num_nodes(t.world_size as u32)
@@ -129,8 +161,42 @@ impl BurnCollective {
             .with_global_all_reduce_strategy(AllReduceStrategy::Centralized))
     }
 
-    fn register(&self, session: usize) -> Result<(), String> {
-        register::<Host>(self.peer(), Default::default(), self.config(session)?).map_err(|e| format!("register: {e:?}"))
+    fn register(&self, session: usize) -> Result<(), CollectiveError> {
+        register::<Host>(self.peer(), Default::default(), self.config(session)?)
+            .map_err(|e| engine("register")(format!("{e:?}")))
+    }
+
+    /// One session: sums `values` (at most `max_chunk - 1` of them) with the membership count,
+    /// then starts the next session (the workarounds of the module docs).
+    fn session_all_reduce(&self, sessions: &mut Sessions, mut values: Vec<f32>) -> Result<Vec<f32>, CollectiveError> {
+        // The membership check of the module docs.
+        values.push(1.0);
+        let n = values.len();
+        let t = Tensor::<Host, 1>::from_data(TensorData::new(values, [n]), &Default::default());
+        let out = all_reduce::<Host>(self.peer(), t.into_primitive().tensor(), ReduceOperation::Sum)
+            .map_err(|e| engine("all-reduce")(format!("{e:?}")))?;
+        let out = Tensor::<Host, 1>::from_primitive(TensorPrimitive::Float(out));
+        let mut values = out
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| engine("all-reduce")(format!("{e:?}")))?;
+        let workers = values.pop().unwrap_or_default();
+        if workers != self.topology.world_size as f32 {
+            return Err(CollectiveError::Membership {
+                summed: workers,
+                expected: self.topology.world_size,
+            });
+        }
+        // The workarounds of the module docs: a fresh session on the next orchestrator.
+        finish_collective::<Host>(self.peer()).map_err(|e| engine("finish")(format!("{e:?}")))?;
+        reset_collective::<Host>();
+        if self.topology.rank == 0 {
+            let slot = (sessions.current + 2) % ORCHESTRATORS as usize;
+            sessions.restart_orchestrator(slot, self.topology.orchestrator_port(slot))?;
+        }
+        sessions.current += 1;
+        self.register(sessions.current)?;
+        Ok(values)
     }
 
     fn peer(&self) -> PeerId {
@@ -140,7 +206,7 @@ impl BurnCollective {
 
 impl Sessions {
     /// Rank 0: stops the orchestrator in `slot` (if any) and starts a fresh one on `port`.
-    fn restart_orchestrator(&mut self, slot: usize, port: u16) -> Result<(), String> {
+    fn restart_orchestrator(&mut self, slot: usize, port: u16) -> Result<(), CollectiveError> {
         // Dropping the runtime waits for its worker thread, dropping every task and socket, so
         // the port is free for the next one.
         drop(self.orchestrators[slot].take());
@@ -149,7 +215,7 @@ impl Sessions {
             .thread_name("collective-orchestrator")
             .enable_all()
             .build()
-            .map_err(|e| format!("starting the orchestrator: {e}"))?;
+            .map_err(|e| engine("starting the orchestrator")(e.to_string()))?;
         runtime.spawn(async move {
             // burn's orchestrator stops serving at SIGINT or SIGTERM (`os_shutdown_signal`;
             // hence `temper launch` asks workers to stop with SIGUSR1). When such a signal
@@ -174,43 +240,35 @@ impl temper_trainer::Collective for BurnCollective {
         self.topology.world_size
     }
 
-    fn all_reduce_sum(&self, mut values: Vec<f32>) -> Result<Vec<f32>, String> {
+    fn all_reduce_sum(&self, values: Vec<f32>) -> Result<Vec<f32>, CollectiveError> {
         let mut sessions = self
             .sessions
             .lock()
-            .map_err(|_| "a previous all-reduce panicked".to_string())?;
-        // The membership check of the module docs.
-        values.push(1.0);
-        let n = values.len();
-        let t = Tensor::<Host, 1>::from_data(TensorData::new(values, [n]), &Default::default());
-        let out = all_reduce::<Host>(self.peer(), t.into_primitive().tensor(), ReduceOperation::Sum)
-            .map_err(|e| format!("all-reduce: {e:?}"))?;
-        let out = Tensor::<Host, 1>::from_primitive(TensorPrimitive::Float(out));
-        let mut values = out.into_data().to_vec::<f32>().map_err(|e| format!("{e:?}"))?;
-        let workers = values.pop().unwrap_or_default();
-        if workers != self.world_size() as f32 {
-            return Err(format!(
-                "the all-reduce summed {workers} workers' values, not {} (burn-collective's \
-                 membership went wrong)",
-                self.world_size()
-            ));
+            .map_err(|_| CollectiveError::Broken("a previous all-reduce panicked".into()))?;
+        if let Some(why) = &sessions.broken {
+            return Err(CollectiveError::Broken(why.clone()));
         }
-        // The workarounds of the module docs: a fresh session on the next orchestrator.
-        finish_collective::<Host>(self.peer()).map_err(|e| format!("finish: {e:?}"))?;
-        reset_collective::<Host>();
-        if self.topology.rank == 0 {
-            let slot = (sessions.current + 2) % ORCHESTRATORS as usize;
-            sessions.restart_orchestrator(slot, self.topology.orchestrator_port(slot))?;
+        // Every worker passes the same length, so every worker cuts the same chunks.
+        let mut out = Vec::with_capacity(values.len());
+        for chunk in values.chunks(self.max_chunk - 1) {
+            match self.session_all_reduce(&mut sessions, chunk.to_vec()) {
+                Ok(sum) => out.extend(sum),
+                Err(e) => {
+                    sessions.broken = Some(e.to_string());
+                    return Err(e);
+                }
+            }
         }
-        sessions.current += 1;
-        self.register(sessions.current)?;
-        Ok(values)
+        Ok(out)
     }
 }
 
 impl Drop for BurnCollective {
     fn drop(&mut self) {
-        let _ = finish_collective::<Host>(self.peer());
+        // After a failure burn's client would panic here (module docs).
+        if self.sessions.get_mut().is_ok_and(|s| s.broken.is_none()) {
+            let _ = finish_collective::<Host>(self.peer());
+        }
     }
 }
 
@@ -221,9 +279,12 @@ mod tests {
 
     const ROUNDS: usize = 300;
     const VALUES: usize = 8000;
-    /// The first rounds carry SmolLM2's LoRA gradients' size (19.5 MB).
+    /// The first rounds carry SmolLM2's LoRA gradients' size (19.5 MB), in chunks of
+    /// `CHUNK` values (three sessions a round), as a full fine-tuning's buffer goes in chunks of
+    /// `MAX_CHUNK`.
     const BIG_ROUNDS: usize = 3;
     const BIG_VALUES: usize = 4_884_492;
+    const CHUNK: usize = 1 << 21;
 
     /// Two processes (this test binary again, as the worker below) do many all-reduces in a row,
     /// as a training run's steps do, and check every sum, and rank 0 checks that it does not
@@ -292,7 +353,7 @@ mod tests {
         let rank = topology.rank;
         // More rounds for a stress run by hand (benches/RESULTS.md).
         let rounds = std::env::var("TEMPER_TEST_ROUNDS").map_or(ROUNDS, |r| r.parse().unwrap());
-        let c = BurnCollective::connect(topology).unwrap();
+        let c = BurnCollective::connect(topology).unwrap().with_max_chunk(CHUNK);
         let open_files = || std::fs::read_dir("/proc/self/fd").unwrap().count();
         let mut files_before = 0;
         for round in 0..rounds {

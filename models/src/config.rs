@@ -10,12 +10,38 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 
 /// The architecture families Temper implements. All are Llama-shaped decoders; they differ in
-/// which projections carry a bias and in sliding-window attention.
+/// which projections carry a bias, in sliding-window attention, and (Qwen3) in an RMSNorm over
+/// each query and key head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
+    /// Gemma 3's text model (`gemma3_text`: Gemma 3 270M and 1B, and the language model of the
+    /// larger ones): scaled embeddings, `(1 + w)` RMSNorms around attention and MLP, q/k norms,
+    /// GeGLU, interleaved sliding-window and global layers with their own RoPE bases.
+    Gemma3,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    /// SwiGLU (`silu`).
+    #[default]
+    Silu,
+    /// GeGLU with the tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+impl Activation {
+    /// transformers' name (`ACT2FN`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Silu => "silu",
+            Activation::GeluTanh => "gelu_pytorch_tanh",
+        }
+    }
 }
 
 impl Family {
@@ -24,6 +50,19 @@ impl Family {
             Family::Llama => "llama",
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+            Family::Gemma3 => "gemma3_text",
+        }
+    }
+
+    /// The class transformers builds for this family.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 }
@@ -87,6 +126,23 @@ pub struct ModelConfig {
     /// Bias on o_proj (Llama's `attention_bias` covers it; Qwen2 has none).
     pub o_bias: bool,
     pub mlp_bias: bool,
+    /// RMSNorm over each query and key head before RoPE (Qwen3's and Gemma 3's `q_norm`, `k_norm`).
+    pub qk_norm: bool,
+    pub activation: Activation,
+    /// Gemma: every RMSNorm scales by `1 + weight` (the checkpoint stores the offset from 1).
+    pub norm_plus_one: bool,
+    /// Gemma: norms after attention and around the MLP (`post_attention_layernorm` normalises
+    /// the attention output; `pre_feedforward_layernorm`, `post_feedforward_layernorm`).
+    pub sandwich_norms: bool,
+    /// Gemma: embeddings multiplied by `sqrt(hidden_size)`.
+    pub embed_scale: Option<f64>,
+    /// Gemma: attention scores scaled by `query_pre_attn_scalar^-0.5` instead of `head_dim^-0.5`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 3: the RoPE base of sliding-window layers (`rope_local_base_freq`); full layers use
+    /// `rope_theta` and `rope_scaling`.
+    pub local_rope_theta: Option<f64>,
+    /// Gemma: logits become `cap * tanh(logits / cap)`.
+    pub final_logit_softcapping: Option<f64>,
     /// Sliding window per layer (`None`: full causal attention).
     pub sliding_window: Vec<Option<usize>>,
     pub bos_token_id: Option<u32>,
@@ -113,6 +169,13 @@ struct RawConfig {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    rope_local_base_freq: Option<f64>,
+    sliding_window_pattern: Option<usize>,
+    final_logit_softcapping: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    use_bidirectional_attention: Option<bool>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
     max_window_layers: Option<usize>,
@@ -161,11 +224,7 @@ impl ModelConfig {
                 );
             }
         };
-        let (arch, model_type) = match self.family {
-            Family::Llama => ("LlamaForCausalLM", "llama"),
-            Family::Mistral => ("MistralForCausalLM", "mistral"),
-            Family::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
-        };
+        let (arch, model_type) = (self.family.architecture(), self.family.model_type());
         let mut c = serde_json::json!({
             "architectures": [arch],
             "model_type": model_type,
@@ -176,7 +235,7 @@ impl ModelConfig {
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": self.activation.name(),
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "rope_scaling": rope_scaling,
@@ -202,7 +261,10 @@ impl ModelConfig {
                     serde_json::json!(self.sliding_window.first().copied().flatten()),
                 );
             }
-            Family::Qwen2 => {
+            Family::Qwen2 | Family::Qwen3 => {
+                if self.family == Family::Qwen3 {
+                    obj.insert("attention_bias".into(), Value::Bool(self.qkv_bias));
+                }
                 let window = self.sliding_window.iter().flatten().next().copied();
                 obj.insert("use_sliding_window".into(), Value::Bool(window.is_some()));
                 obj.insert("sliding_window".into(), serde_json::json!(window));
@@ -212,6 +274,37 @@ impl ModelConfig {
                     .position(Option::is_some)
                     .unwrap_or(self.num_hidden_layers);
                 obj.insert("max_window_layers".into(), serde_json::json!(first));
+            }
+            Family::Gemma3 => {
+                obj.remove("hidden_act");
+                obj.insert("hidden_activation".into(), self.activation.name().into());
+                obj.insert("attention_bias".into(), Value::Bool(self.qkv_bias));
+                // `Gemma3TextConfig` is strict: an int (every Gemma 3 has an integral one).
+                let scalar = self.query_pre_attn_scalar.map(|s| match s.fract() == 0.0 {
+                    true => serde_json::json!(s as i64),
+                    false => serde_json::json!(s),
+                });
+                obj.insert("query_pre_attn_scalar".into(), serde_json::json!(scalar));
+                obj.insert("rope_local_base_freq".into(), serde_json::json!(self.local_rope_theta));
+                obj.insert(
+                    "final_logit_softcapping".into(),
+                    serde_json::json!(self.final_logit_softcapping),
+                );
+                obj.insert("attn_logit_softcapping".into(), Value::Null);
+                let window = self.sliding_window.iter().flatten().next().copied();
+                obj.insert("sliding_window".into(), serde_json::json!(window));
+                let types: Vec<&str> = self
+                    .sliding_window
+                    .iter()
+                    .map(|w| {
+                        if w.is_some() {
+                            "sliding_attention"
+                        } else {
+                            "full_attention"
+                        }
+                    })
+                    .collect();
+                obj.insert("layer_types".into(), serde_json::json!(types));
             }
         }
         Ok(c)
@@ -229,7 +322,9 @@ impl ModelConfig {
         let kv = self.num_key_value_heads * self.head_dim;
         let attn = h * q + 2 * h * kv + q * h;
         let mlp = 3 * h * self.intermediate_size;
-        let per_layer = attn + mlp + 2 * h;
+        let qk_norms = if self.qk_norm { 2 * self.head_dim } else { 0 };
+        let norms = if self.sandwich_norms { 4 * h } else { 2 * h };
+        let per_layer = attn + mlp + norms + qk_norms;
         let embed = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         embed + head + h + self.num_hidden_layers * per_layer
@@ -250,6 +345,31 @@ fn config_err(path: &Path, key: &str, message: impl Into<String>) -> Error {
 /// file, refused before anything is sized from it (tests/inputs.rs found a layer count that
 /// aborted in the allocator).
 pub(crate) const MAX_LAYERS: usize = 1 << 12;
+/// `Qwen3Config`'s `head_dim` when config.json has none.
+const QWEN3_HEAD_DIM: usize = 128;
+/// `Gemma3TextConfig`'s defaults: `head_dim` (and `query_pre_attn_scalar`), the RoPE bases.
+const GEMMA3_HEAD_DIM: usize = 256;
+const GEMMA3_ROPE_THETA: f64 = 1_000_000.0;
+const GEMMA3_LOCAL_ROPE_THETA: f64 = 10_000.0;
+
+/// Each layer's sliding window from `layer_types`.
+fn layer_windows(path: &Path, types: &[String], layers: usize, window: Option<usize>) -> Result<Vec<Option<usize>>> {
+    if types.len() != layers {
+        return Err(config_err(
+            path,
+            "layer_types",
+            format!("has {} entries for {layers} layers", types.len()),
+        ));
+    }
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            "sliding_attention" => Ok(window),
+            "full_attention" => Ok(None),
+            other => Err(config_err(path, "layer_types", format!("unknown layer type {other:?}"))),
+        })
+        .collect()
+}
 pub(crate) const MAX_SIZE: usize = 1 << 24;
 
 fn required(path: &Path, key: &str, v: Option<usize>) -> Result<usize> {
@@ -359,6 +479,16 @@ impl RawConfig {
             "llama" => Family::Llama,
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
+            "gemma3_text" => Family::Gemma3,
+            "gemma3" => {
+                return Err(config_err(
+                    path,
+                    "model_type",
+                    "\"gemma3\" is Gemma 3's image-text model (Gemma3ForConditionalGeneration); Temper trains \
+                     Gemma 3's text models (model_type \"gemma3_text\": gemma-3-270m, gemma-3-1b)",
+                ));
+            }
             _ => {
                 return Err(Error::UnsupportedModelType {
                     path: path.to_path_buf(),
@@ -366,13 +496,34 @@ impl RawConfig {
                 });
             }
         };
-        if let Some(act) = &self.hidden_act
-            && act != "silu"
-        {
+        let (act_key, act) = match (&self.hidden_activation, &self.hidden_act) {
+            (Some(a), _) => ("hidden_activation", Some(a.as_str())),
+            (None, a) => ("hidden_act", a.as_deref()),
+        };
+        let activation = match act {
+            None if family == Family::Gemma3 => Activation::GeluTanh,
+            None | Some("silu") => Activation::Silu,
+            Some("gelu_pytorch_tanh") => Activation::GeluTanh,
+            Some(other) => {
+                return Err(config_err(
+                    path,
+                    act_key,
+                    format!("{other:?} is not supported (\"silu\", or \"gelu_pytorch_tanh\" for Gemma)"),
+                ));
+            }
+        };
+        if self.attn_logit_softcapping.is_some() {
             return Err(config_err(
                 path,
-                "hidden_act",
-                format!("only \"silu\" is supported, got {act:?}"),
+                "attn_logit_softcapping",
+                "soft-capped attention scores (Gemma 2) are not supported",
+            ));
+        }
+        if self.use_bidirectional_attention == Some(true) {
+            return Err(config_err(
+                path,
+                "use_bidirectional_attention",
+                "bidirectional attention (an embedding model) is not supported",
             ));
         }
         let hidden_size = required(path, "hidden_size", self.hidden_size)?;
@@ -387,6 +538,9 @@ impl RawConfig {
         }
         let head_dim = match self.head_dim {
             Some(d) => required(path, "head_dim", Some(d))?,
+            // `Qwen3Config`'s and `Gemma3TextConfig`'s defaults, whatever the hidden size.
+            None if family == Family::Qwen3 => QWEN3_HEAD_DIM,
+            None if family == Family::Gemma3 => GEMMA3_HEAD_DIM,
             None => {
                 if hidden_size % heads != 0 {
                     return Err(config_err(
@@ -405,33 +559,56 @@ impl RawConfig {
                 format!("must be even for RoPE, got {head_dim}"),
             ));
         }
-        let (theta, rope_scaling) = if self.rope_parameters.is_some() {
-            parse_rope(path, "rope_parameters", self.rope_parameters.as_ref(), self.rope_theta)?
-        } else {
-            parse_rope(path, "rope_scaling", self.rope_scaling.as_ref(), self.rope_theta)?
+        let per_layer_type = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("full_attention").map(|full| (full, p.get("sliding_attention"))));
+        let (theta, rope_scaling, local_rope_theta) = match (family, per_layer_type) {
+            // transformers 5 writes Gemma 3's RoPE per layer type.
+            (Family::Gemma3, Some((full, sliding))) => {
+                let (theta, scaling) = parse_rope(path, "rope_parameters.full_attention", Some(full), None)?;
+                let key = "rope_parameters.sliding_attention";
+                let (local, local_scaling) = parse_rope(path, key, sliding, None)?;
+                if local_scaling != RopeScaling::Default {
+                    return Err(config_err(path, key, "only the default rope type is supported here"));
+                }
+                (
+                    theta.or(Some(GEMMA3_ROPE_THETA)),
+                    scaling,
+                    local.or(Some(GEMMA3_LOCAL_ROPE_THETA)),
+                )
+            }
+            (Family::Gemma3, None) => {
+                let (theta, scaling) = parse_rope(path, "rope_scaling", self.rope_scaling.as_ref(), self.rope_theta)?;
+                let local = self.rope_local_base_freq.unwrap_or(GEMMA3_LOCAL_ROPE_THETA);
+                (theta.or(Some(GEMMA3_ROPE_THETA)), scaling, Some(local))
+            }
+            (_, _) if self.rope_parameters.is_some() => {
+                let (theta, scaling) =
+                    parse_rope(path, "rope_parameters", self.rope_parameters.as_ref(), self.rope_theta)?;
+                (theta, scaling, None)
+            }
+            _ => {
+                let (theta, scaling) = parse_rope(path, "rope_scaling", self.rope_scaling.as_ref(), self.rope_theta)?;
+                (theta, scaling, None)
+            }
         };
         let layers = required(path, "num_hidden_layers", self.num_hidden_layers)?;
         let sliding_window = match family {
             Family::Llama => vec![None; layers],
             Family::Mistral => vec![self.sliding_window; layers],
-            Family::Qwen2 => match (&self.layer_types, self.use_sliding_window.unwrap_or(false)) {
-                (Some(types), _) => {
-                    if types.len() != layers {
-                        return Err(config_err(
-                            path,
-                            "layer_types",
-                            format!("has {} entries for {layers} layers", types.len()),
-                        ));
-                    }
-                    types
-                        .iter()
-                        .map(|t| match t.as_str() {
-                            "sliding_attention" => Ok(self.sliding_window),
-                            "full_attention" => Ok(None),
-                            other => Err(config_err(path, "layer_types", format!("unknown layer type {other:?}"))),
-                        })
-                        .collect::<Result<_>>()?
+            Family::Gemma3 => match &self.layer_types {
+                Some(types) => layer_windows(path, types, layers, self.sliding_window)?,
+                None => {
+                    let pattern = self.sliding_window_pattern.unwrap_or(6).max(1);
+                    let window = Some(self.sliding_window.unwrap_or(4096));
+                    (0..layers)
+                        .map(|i| if (i + 1) % pattern != 0 { window } else { None })
+                        .collect()
                 }
+            },
+            Family::Qwen2 | Family::Qwen3 => match (&self.layer_types, self.use_sliding_window.unwrap_or(false)) {
+                (Some(types), _) => layer_windows(path, types, layers, self.sliding_window)?,
                 (None, false) => vec![None; layers],
                 (None, true) => {
                     let first = self.max_window_layers.unwrap_or(layers);
@@ -447,6 +624,7 @@ impl RawConfig {
             None => None,
         };
         let attention_bias = self.attention_bias.unwrap_or(false);
+        let gemma = family == Family::Gemma3;
         Ok(ModelConfig {
             family,
             vocab_size: required(path, "vocab_size", self.vocab_size)?,
@@ -462,8 +640,18 @@ impl RawConfig {
             max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
             qkv_bias: family == Family::Qwen2 || attention_bias,
-            o_bias: family == Family::Llama && attention_bias,
+            // Qwen3's and Gemma's `attention_bias` cover o_proj too, as Llama's does; Qwen2's
+            // o_proj has none.
+            o_bias: family != Family::Qwen2 && family != Family::Mistral && attention_bias,
             mlp_bias: family == Family::Llama && self.mlp_bias.unwrap_or(false),
+            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
+            activation,
+            norm_plus_one: gemma,
+            sandwich_norms: gemma,
+            embed_scale: gemma.then(|| (hidden_size as f64).sqrt()),
+            query_pre_attn_scalar: gemma.then(|| self.query_pre_attn_scalar.unwrap_or(GEMMA3_HEAD_DIM as f64)),
+            local_rope_theta,
+            final_logit_softcapping: self.final_logit_softcapping,
             sliding_window,
             bos_token_id: token_ids(path, "bos_token_id", self.bos_token_id)?.first().copied(),
             eos_token_ids: token_ids(path, "eos_token_id", self.eos_token_id)?,
@@ -509,6 +697,73 @@ mod tests {
     fn qwen2_has_qkv_bias_only() {
         let c = parse(&format!(r#"{{"model_type": "qwen2", {BASE}}}"#)).unwrap();
         assert!(c.qkv_bias && !c.o_bias && !c.mlp_bias);
+    }
+
+    #[test]
+    fn qwen3_norms_heads_and_biases_all_projections_when_asked() {
+        let c = parse(&format!(r#"{{"model_type": "qwen3", {BASE}}}"#)).unwrap();
+        // Qwen3Config's head_dim default, not hidden_size / heads.
+        assert_eq!((c.qk_norm, c.head_dim), (true, 128));
+        assert!(!c.qkv_bias && !c.o_bias && !c.mlp_bias);
+        let c = parse(&format!(
+            r#"{{"model_type": "qwen3", {BASE}, "head_dim": 8, "attention_bias": true}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.head_dim, 8);
+        assert!(c.qkv_bias && c.o_bias && !c.mlp_bias);
+        let json = c.to_hf_json(CheckpointDtype::BF16).unwrap();
+        assert_eq!(json["architectures"][0], "Qwen3ForCausalLM");
+        assert_eq!(json["attention_bias"], true);
+        let again = parse(&json.to_string()).unwrap();
+        assert_eq!(
+            again,
+            ModelConfig {
+                dtype: again.dtype,
+                ..c
+            }
+        );
+    }
+
+    #[test]
+    fn gemma3_in_the_transformers_4_spelling() {
+        // As gemma-3-1b-it's config.json: no layer_types, the pattern and the local base.
+        let c = parse(&format!(
+            r#"{{"model_type": "gemma3_text", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 12, "num_attention_heads": 4, "num_key_value_heads": 1, "rope_theta": 1000000,
+            "rope_local_base_freq": 10000, "rope_scaling": null, "sliding_window": 512,
+            "sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh"}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.activation, Activation::GeluTanh);
+        assert_eq!((c.head_dim, c.query_pre_attn_scalar), (256, Some(256.0)));
+        assert_eq!((c.rope_theta, c.local_rope_theta), (1e6, Some(1e4)));
+        assert_eq!(c.embed_scale, Some(8.0));
+        assert!(c.norm_plus_one && c.sandwich_norms && c.qk_norm);
+        let windows: Vec<bool> = c.sliding_window.iter().map(Option::is_some).collect();
+        assert_eq!(
+            windows,
+            [true, true, true, true, true, false, true, true, true, true, true, false]
+        );
+        assert_eq!(c.sliding_window[0], Some(512));
+        // What Temper writes reads back the same.
+        let again = parse(&c.to_hf_json(CheckpointDtype::BF16).unwrap().to_string()).unwrap();
+        assert_eq!(
+            again,
+            ModelConfig {
+                dtype: again.dtype,
+                ..c
+            }
+        );
+        let e = parse(&format!(r#"{{"model_type": "gemma3", {BASE}}}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gemma3_text") && e.contains("model_type"), "{e}");
+        let e = parse(&format!(
+            r#"{{"model_type": "gemma3_text", {BASE}, "attn_logit_softcapping": 50}}"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("attn_logit_softcapping"), "{e}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub enum Error {
         key: String,
         message: String,
     },
-    #[error("{path}: unsupported model_type {model_type:?} (supported: llama, mistral, qwen2)")]
+    #[error("{path}: unsupported model_type {model_type:?} (supported: llama, mistral, qwen2, qwen3, gemma3_text)")]
     UnsupportedModelType { path: PathBuf, model_type: String },
     #[error("{path}: unsupported rope type {rope_type:?} (supported: default, linear, llama3)")]
     UnsupportedRope { path: PathBuf, rope_type: String },

@@ -527,6 +527,8 @@ fn gguf_name(hf: &str) -> Option<String> {
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "input_layernorm" => "attn_norm",
         "post_attention_layernorm" => "ffn_norm",
         _ => return None,
@@ -620,6 +622,16 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
     let family = match arch {
         "llama" => Family::Llama,
         "qwen2" => Family::Qwen2,
+        "qwen3" => Family::Qwen3,
+        "gemma3" => {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                key: "general.architecture".into(),
+                message: "Gemma 3 from GGUF is not supported yet (llama.cpp stores its norms shifted by 1 and \
+                          its vision tower apart): use the Hugging Face checkpoint"
+                    .into(),
+            });
+        }
         other => {
             return Err(Error::UnsupportedModelType {
                 path: path.to_path_buf(),
@@ -711,6 +723,14 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
         qkv_bias: gguf.tensors.contains_key("blk.0.attn_q.bias"),
         o_bias: gguf.tensors.contains_key("blk.0.attn_output.bias"),
         mlp_bias: gguf.tensors.contains_key("blk.0.ffn_up.bias"),
+        qk_norm: gguf.tensors.contains_key("blk.0.attn_q_norm.weight"),
+        activation: Default::default(),
+        norm_plus_one: false,
+        sandwich_norms: false,
+        embed_scale: None,
+        query_pre_attn_scalar: None,
+        local_rope_theta: None,
+        final_logit_softcapping: None,
         sliding_window: vec![sliding; layers],
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),

@@ -1,4 +1,5 @@
-//! The Llama family (Llama 2/3.x, SmolLM, TinyLlama, Mistral, Qwen2), top to bottom:
+//! The Llama family (Llama 2/3.x, SmolLM, TinyLlama, Mistral, Qwen2, Qwen3, and Gemma 3's text
+//! model, which adds norms around attention and MLP, GeGLU and two RoPE bases), top to bottom:
 //! RoPE, RMSNorm, MLP, attention, decoder layer, model. Field names are the Hugging Face
 //! checkpoint keys (`model.layers.{i}.self_attn.q_proj.weight`), so loading is a straight walk.
 
@@ -7,7 +8,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 
-use crate::config::{ModelConfig, RopeScaling};
+use crate::config::{Activation, ModelConfig, RopeScaling};
 use crate::error::Result;
 use crate::lora::Lora;
 use crate::quant::QuantizedWeight;
@@ -19,12 +20,15 @@ use crate::weights::{WeightLoader, WeightSource};
 
 /// Inverse frequencies, `head_dim / 2` of them, after rope scaling.
 pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
-    let dim = config.head_dim;
+    inv_freq(config.head_dim, config.rope_theta, &config.rope_scaling)
+}
+
+fn inv_freq(dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
     // transformers computes these in f32; doing the same keeps logits bit-close.
     let base: Vec<f32> = (0..dim / 2)
-        .map(|i| 1.0 / (config.rope_theta as f32).powf((2 * i) as f32 / dim as f32))
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / dim as f32))
         .collect();
-    match &config.rope_scaling {
+    match scaling {
         RopeScaling::Default => base,
         RopeScaling::Linear { factor } => base.iter().map(|f| f / *factor as f32).collect(),
         RopeScaling::FreqFactors(factors) => base.iter().zip(factors).map(|(f, d)| f / d).collect(),
@@ -86,34 +90,73 @@ impl<B: Backend> Rope<B> {
     }
 }
 
-/// The checkpoint tensors this architecture reads, by Hugging Face name, with their shapes
-/// (`[out, in]` for linear weights).
-pub fn checkpoint_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+/// A decoder layer's linear layers under `model.layers.N.`, in checkpoint order. Every walk
+/// over a model's named linears (loading, shapes, adapters, saving, merging) goes through this
+/// list and [`LlamaForCausalLM::linears`].
+pub const LAYER_LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// A decoder layer's norms under `model.layers.N.`.
+pub const LAYER_NORMS: [&str; 2] = ["input_layernorm", "post_attention_layernorm"];
+
+/// Qwen3's and Gemma 3's per-head norms under `model.layers.N.` (`head_dim` weights each).
+pub const HEAD_NORMS: [&str; 2] = ["self_attn.q_norm", "self_attn.k_norm"];
+
+/// Gemma's norms around the MLP under `model.layers.N.`.
+pub const SANDWICH_NORMS: [&str; 2] = ["pre_feedforward_layernorm", "post_feedforward_layernorm"];
+
+/// [`LAYER_LINEARS`]'s `[in, out]` sizes and whether each has a bias.
+fn layer_linear_shapes(c: &ModelConfig) -> [([usize; 2], bool); 7] {
     let (h, q, kv, is) = (
         c.hidden_size,
         c.num_attention_heads * c.head_dim,
         c.num_key_value_heads * c.head_dim,
         c.intermediate_size,
     );
+    [
+        ([h, q], c.qkv_bias),
+        ([h, kv], c.qkv_bias),
+        ([h, kv], c.qkv_bias),
+        ([q, h], c.o_bias),
+        ([h, is], c.mlp_bias),
+        ([h, is], c.mlp_bias),
+        ([is, h], c.mlp_bias),
+    ]
+}
+
+/// The checkpoint tensors this architecture reads, by Hugging Face name, with their shapes
+/// (`[out, in]` for linear weights), in the order [`LlamaForCausalLM::load`] reads them.
+pub fn checkpoint_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let h = c.hidden_size;
     let mut out = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h])];
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        for (name, o, inp, bias) in [
-            ("self_attn.q_proj", q, h, c.qkv_bias),
-            ("self_attn.k_proj", kv, h, c.qkv_bias),
-            ("self_attn.v_proj", kv, h, c.qkv_bias),
-            ("self_attn.o_proj", h, q, c.o_bias),
-            ("mlp.gate_proj", is, h, c.mlp_bias),
-            ("mlp.up_proj", is, h, c.mlp_bias),
-            ("mlp.down_proj", h, is, c.mlp_bias),
-        ] {
+        for (name, ([inp, o], bias)) in LAYER_LINEARS.iter().zip(layer_linear_shapes(c)) {
             out.push((format!("{p}.{name}.weight"), vec![o, inp]));
             if bias {
                 out.push((format!("{p}.{name}.bias"), vec![o]));
             }
         }
-        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        if c.qk_norm {
+            for name in HEAD_NORMS {
+                out.push((format!("{p}.{name}.weight"), vec![c.head_dim]));
+            }
+        }
+        for name in LAYER_NORMS {
+            out.push((format!("{p}.{name}.weight"), vec![h]));
+        }
+        if c.sandwich_norms {
+            for name in SANDWICH_NORMS {
+                out.push((format!("{p}.{name}.weight"), vec![h]));
+            }
+        }
     }
     out.push(("model.norm.weight".to_string(), vec![h]));
     if !c.tie_word_embeddings {
@@ -197,34 +240,58 @@ impl<B: Backend> Linear<B> {
 pub struct RmsNorm<B: Backend> {
     pub weight: Param<Tensor<B, 1>>,
     pub eps: f64,
+    /// Gemma's norms scale by `offset + weight` with `offset` 1 (the checkpoint stores the
+    /// difference from 1); 0 elsewhere.
+    pub offset: f64,
 }
 
 impl<B: Backend> RmsNorm<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        temper_kernels::rms_norm(x, self.weight.val(), self.eps)
+        if self.offset == 0.0 {
+            return temper_kernels::rms_norm(x, self.weight.val(), self.eps);
+        }
+        // Gemma: `x̂ · (1 + w)` in f32, then cast (transformers' `Gemma3RMSNorm`; `1 + w` in
+        // bf16 would keep only ~3 digits of `w`).
+        let dtype = x.dtype();
+        let scale = self.weight.val().cast(DType::F32).add_scalar(self.offset);
+        temper_kernels::rms_norm(x.cast(DType::F32), scale, self.eps).cast(dtype)
     }
 
-    fn load(w: &mut WeightLoader<'_, B>, name: &str, size: usize, eps: f64) -> Result<Self> {
+    fn load(w: &mut WeightLoader<'_, B>, name: &str, size: usize, c: &ModelConfig) -> Result<Self> {
         Ok(Self {
             weight: Param::from_tensor(w.vector(&format!("{name}.weight"), size)?),
-            eps,
+            eps: c.rms_norm_eps,
+            offset: if c.norm_plus_one { 1.0 } else { 0.0 },
         })
     }
 }
 
-/// SwiGLU: `down(silu(gate(x)) * up(x))`.
+/// SwiGLU, `down(silu(gate(x)) * up(x))`, or Gemma's GeGLU with gelu's tanh approximation.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     pub gate_proj: Linear<B>,
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
+    #[module(skip)]
+    pub activation: Activation,
 }
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gated = temper_kernels::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        let gated = match self.activation {
+            Activation::Silu => temper_kernels::swiglu(gate, up),
+            Activation::GeluTanh => gelu_tanh(gate) * up,
+        };
         self.down_proj.forward(gated)
     }
+}
+
+/// `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))` (PyTorch's `gelu(approximate="tanh")`).
+fn gelu_tanh<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let inner =
+        (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715)).mul_scalar((2.0 / std::f64::consts::PI).sqrt());
+    x.clone().mul_scalar(0.5) * (inner.tanh().add_scalar(1.0))
 }
 
 /// Keys and values of earlier positions, per layer, for incremental decoding.
@@ -259,6 +326,12 @@ pub struct Attention<B: Backend> {
     pub k_proj: Linear<B>,
     pub v_proj: Linear<B>,
     pub o_proj: Linear<B>,
+    /// Qwen3, Gemma 3: RMSNorm over each query / key head (`head_dim` weights), before RoPE.
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
+    /// Multiplies the queries so that scores scale by `query_pre_attn_scalar^-0.5` where the
+    /// attention kernel divides by `sqrt(head_dim)` (Gemma); 1 elsewhere.
+    pub query_scale: f64,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -276,10 +349,18 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = temper_kernels::reshape(self.q_proj.forward(x.clone()), [b, s, h, d]);
-        let k = temper_kernels::reshape(self.k_proj.forward(x.clone()), [b, s, kvh, d]);
+        let q = temper_kernels::reshape(head_norm(&self.q_norm, self.q_proj.forward(x.clone()), d), [b, s, h, d]);
+        let k = temper_kernels::reshape(
+            head_norm(&self.k_norm, self.k_proj.forward(x.clone()), d),
+            [b, s, kvh, d],
+        );
         let v = temper_kernels::reshape(self.v_proj.forward(x), [b, s, kvh, d]);
         let q = rope.apply(q);
+        let q = if self.query_scale == 1.0 {
+            q
+        } else {
+            q.mul_scalar(self.query_scale)
+        };
         let k = rope.apply(k);
         let (k, v) = match cache {
             Some(slot) => {
@@ -297,12 +378,23 @@ impl<B: Backend> Attention<B> {
     }
 }
 
+/// `x` (`[batch, seq, heads * head_dim]`) with each head RMS-normalised by `norm`, if any.
+fn head_norm<B: Backend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 3>, head_dim: usize) -> Tensor<B, 3> {
+    let Some(norm) = norm else { return x };
+    let [b, s, width] = x.dims();
+    let heads = temper_kernels::reshape(x, [b, s * (width / head_dim), head_dim]);
+    temper_kernels::reshape(norm.forward(heads), [b, s, width])
+}
+
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
     pub self_attn: Attention<B>,
     pub mlp: Mlp<B>,
     pub input_layernorm: RmsNorm<B>,
+    /// Before the MLP (Llama), or on the attention's output (Gemma, with the two below).
     pub post_attention_layernorm: RmsNorm<B>,
+    pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
+    pub post_feedforward_layernorm: Option<RmsNorm<B>>,
     pub sliding_window: Option<usize>,
 }
 
@@ -314,11 +406,19 @@ impl<B: Backend> DecoderLayer<B> {
         mask: Option<Tensor<B, 4, Bool>>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope, mask, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        let attn = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
+        match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
+            (Some(pre), Some(post)) => {
+                let h = x + self.post_attention_layernorm.forward(attn);
+                h.clone() + post.forward(self.mlp.forward(pre.forward(h)))
+            }
+            _ => {
+                let h = x + attn;
+                h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+            }
+        }
     }
 }
 
@@ -346,6 +446,8 @@ pub struct ForwardOptions<B: Backend> {
 /// What every decoder layer of one forward needs besides its input ([`LlamaForCausalLM::embed`]).
 pub struct LayerInputs<B: Backend> {
     rope: Rope<B>,
+    /// Gemma 3's sliding-window layers' RoPE.
+    local_rope: Option<Rope<B>>,
     /// For full-attention layers; `None`: causal only.
     full_mask: Option<Tensor<B, 4, Bool>>,
     /// `[batch, past + seq]`, true at padding keys (sliding-window layers build their own mask).
@@ -356,20 +458,25 @@ pub struct LayerInputs<B: Backend> {
 }
 
 /// The walk over a model's linear layers and their Hugging Face names, written once for `&`
-/// (`named_linears!(model, iter, as_ref)`) and `&mut` (`..., iter_mut, as_mut, mut`).
+/// (`named_linears!(model, iter, as_ref)`) and `&mut` (`..., iter_mut, as_mut, mut`). The
+/// fields are listed in [`LAYER_LINEARS`]'s order.
 macro_rules! named_linears {
     ($model:expr, $iter:ident, $as:ident $(, $mut:tt)?) => {{
         let mut out = Vec::new();
         for (i, layer) in $model.model.layers.$iter().enumerate() {
-            let p = format!("model.layers.{i}");
             let (a, m) = (&$($mut)? layer.self_attn, &$($mut)? layer.mlp);
-            out.push((format!("{p}.self_attn.q_proj"), &$($mut)? a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &$($mut)? a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &$($mut)? a.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &$($mut)? a.o_proj));
-            out.push((format!("{p}.mlp.gate_proj"), &$($mut)? m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &$($mut)? m.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &$($mut)? m.down_proj));
+            let fields = [
+                &$($mut)? a.q_proj,
+                &$($mut)? a.k_proj,
+                &$($mut)? a.v_proj,
+                &$($mut)? a.o_proj,
+                &$($mut)? m.gate_proj,
+                &$($mut)? m.up_proj,
+                &$($mut)? m.down_proj,
+            ];
+            for (name, linear) in LAYER_LINEARS.iter().zip(fields) {
+                out.push((format!("model.layers.{i}.{name}"), linear));
+            }
         }
         if let Some(head) = $model.lm_head.$as() {
             out.push(("lm_head".to_string(), head));
@@ -386,6 +493,12 @@ pub struct LlamaForCausalLM<B: Backend> {
     pub lm_head: Option<Linear<B>>,
     /// `[head_dim / 2]`, f32.
     pub inv_freq: Tensor<B, 1>,
+    /// Gemma 3: the sliding-window layers' RoPE (`rope_local_base_freq`, unscaled).
+    pub inv_freq_local: Option<Tensor<B, 1>>,
+    /// Gemma: embeddings times `sqrt(hidden_size)`.
+    pub embed_scale: Option<f64>,
+    /// Gemma: logits become `cap * tanh(logits / cap)`.
+    pub final_logit_softcapping: Option<f64>,
 }
 
 impl<B: Backend> LlamaForCausalLM<B> {
@@ -400,54 +513,61 @@ impl<B: Backend> LlamaForCausalLM<B> {
         }
         let mut w = WeightLoader::new(source, device, dtype);
         let c = config;
-        let (hs, q_out, kv_out) = (
-            c.hidden_size,
-            c.num_attention_heads * c.head_dim,
-            c.num_key_value_heads * c.head_dim,
-        );
+        let hs = c.hidden_size;
         let embed_tokens = Param::from_tensor(w.matrix("model.embed_tokens.weight", c.vocab_size, hs)?);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let self_attn = Attention {
-                q_proj: Linear::load(&mut w, &format!("{p}.self_attn.q_proj"), hs, q_out, c.qkv_bias)?,
-                k_proj: Linear::load(&mut w, &format!("{p}.self_attn.k_proj"), hs, kv_out, c.qkv_bias)?,
-                v_proj: Linear::load(&mut w, &format!("{p}.self_attn.v_proj"), hs, kv_out, c.qkv_bias)?,
-                o_proj: Linear::load(&mut w, &format!("{p}.self_attn.o_proj"), q_out, hs, c.o_bias)?,
-                num_heads: c.num_attention_heads,
-                num_kv_heads: c.num_key_value_heads,
-                head_dim: c.head_dim,
-            };
-            let is = c.intermediate_size;
-            let mlp = Mlp {
-                gate_proj: Linear::load(&mut w, &format!("{p}.mlp.gate_proj"), hs, is, c.mlp_bias)?,
-                up_proj: Linear::load(&mut w, &format!("{p}.mlp.up_proj"), hs, is, c.mlp_bias)?,
-                down_proj: Linear::load(&mut w, &format!("{p}.mlp.down_proj"), is, hs, c.mlp_bias)?,
-            };
+            let mut shapes = layer_linear_shapes(c).into_iter();
+            let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] = LAYER_LINEARS.map(|name| {
+                let ([in_f, out_f], bias) = shapes.next().expect("one shape per linear");
+                Linear::load(&mut w, &format!("{p}.{name}"), in_f, out_f, bias)
+            });
+            let [q_norm, k_norm] = HEAD_NORMS.map(|name| {
+                c.qk_norm
+                    .then(|| RmsNorm::load(&mut w, &format!("{p}.{name}"), c.head_dim, c))
+                    .transpose()
+            });
+            let [input_layernorm, post_attention_layernorm] =
+                LAYER_NORMS.map(|name| RmsNorm::load(&mut w, &format!("{p}.{name}"), hs, c));
+            let [pre_feedforward_layernorm, post_feedforward_layernorm] = SANDWICH_NORMS.map(|name| {
+                c.sandwich_norms
+                    .then(|| RmsNorm::load(&mut w, &format!("{p}.{name}"), hs, c))
+                    .transpose()
+            });
             layers.push(DecoderLayer {
-                self_attn,
-                mlp,
-                input_layernorm: RmsNorm::load(&mut w, &format!("{p}.input_layernorm"), hs, c.rms_norm_eps)?,
-                post_attention_layernorm: RmsNorm::load(
-                    &mut w,
-                    &format!("{p}.post_attention_layernorm"),
-                    hs,
-                    c.rms_norm_eps,
-                )?,
+                self_attn: Attention {
+                    q_proj: q_proj?,
+                    k_proj: k_proj?,
+                    v_proj: v_proj?,
+                    o_proj: o_proj?,
+                    q_norm: q_norm?,
+                    k_norm: k_norm?,
+                    query_scale: c.query_pre_attn_scalar.map_or(1.0, |s| (c.head_dim as f64 / s).sqrt()),
+                    num_heads: c.num_attention_heads,
+                    num_kv_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                },
+                mlp: Mlp {
+                    gate_proj: gate_proj?,
+                    up_proj: up_proj?,
+                    down_proj: down_proj?,
+                    activation: c.activation,
+                },
+                input_layernorm: input_layernorm?,
+                post_attention_layernorm: post_attention_layernorm?,
+                pre_feedforward_layernorm: pre_feedforward_layernorm?,
+                post_feedforward_layernorm: post_feedforward_layernorm?,
                 sliding_window: c.sliding_window[i],
             });
         }
-        let norm = RmsNorm::load(&mut w, "model.norm", hs, c.rms_norm_eps)?;
+        let norm = RmsNorm::load(&mut w, "model.norm", hs, c)?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
             Some(Linear::load(&mut w, "lm_head", hs, c.vocab_size, false)?)
         };
-        let inv_freq = rope_inv_freq(c);
-        let inv_freq = Tensor::from_data(
-            TensorData::new(inv_freq.clone(), [inv_freq.len()]),
-            (device, DType::F32),
-        );
+        let upload = |f: Vec<f32>| Tensor::from_data(TensorData::new(f.clone(), [f.len()]), (device, DType::F32));
         Ok(Self {
             model: LlamaModel {
                 embed_tokens,
@@ -455,7 +575,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 norm,
             },
             lm_head,
-            inv_freq,
+            inv_freq: upload(rope_inv_freq(c)),
+            inv_freq_local: c
+                .local_rope_theta
+                .map(|theta| upload(inv_freq(c.head_dim, theta, &RopeScaling::Default))),
+            embed_scale: c.embed_scale,
+            final_logit_softcapping: c.final_logit_softcapping,
         })
     }
 
@@ -479,6 +604,36 @@ impl<B: Backend> LlamaForCausalLM<B> {
         named_linears!(self, iter_mut, as_mut, mut)
     }
 
+    /// Every RMSNorm with its Hugging Face module name (`model.layers.0.input_layernorm`, ...,
+    /// `model.norm`).
+    pub fn norms(&self) -> Vec<(String, &RmsNorm<B>)> {
+        let mut out = Vec::new();
+        for (i, l) in self.model.layers.iter().enumerate() {
+            let a = &l.self_attn;
+            for (name, norm) in HEAD_NORMS.iter().zip([&a.q_norm, &a.k_norm]) {
+                if let Some(norm) = norm {
+                    out.push((format!("model.layers.{i}.{name}"), norm));
+                }
+            }
+            for (name, norm) in LAYER_NORMS
+                .iter()
+                .zip([&l.input_layernorm, &l.post_attention_layernorm])
+            {
+                out.push((format!("model.layers.{i}.{name}"), norm));
+            }
+            for (name, norm) in SANDWICH_NORMS
+                .iter()
+                .zip([&l.pre_feedforward_layernorm, &l.post_feedforward_layernorm])
+            {
+                if let Some(norm) = norm {
+                    out.push((format!("model.layers.{i}.{name}"), norm));
+                }
+            }
+        }
+        out.push(("model.norm".to_string(), &self.model.norm));
+        out
+    }
+
     /// Every checkpoint tensor under its Hugging Face name and layout (`[out, in]` for linear
     /// weights), in `dtype`: what `save_pretrained` writes. Adapters are not included (merge
     /// them first).
@@ -490,25 +645,11 @@ impl<B: Backend> LlamaForCausalLM<B> {
             "model.embed_tokens.weight".to_string(),
             data(self.model.embed_tokens.val()),
         )];
-        let norms: Vec<(String, TensorData)> = self
-            .model
-            .layers
-            .iter()
-            .enumerate()
-            .flat_map(|(i, l)| {
-                [
-                    (
-                        format!("model.layers.{i}.input_layernorm.weight"),
-                        vec(l.input_layernorm.weight.val()),
-                    ),
-                    (
-                        format!("model.layers.{i}.post_attention_layernorm.weight"),
-                        vec(l.post_attention_layernorm.weight.val()),
-                    ),
-                ]
-            })
-            .collect();
-        out.extend(norms);
+        out.extend(
+            self.norms()
+                .into_iter()
+                .map(|(name, n)| (format!("{name}.weight"), vec(n.weight.val()))),
+        );
         for (name, linear) in self.linears() {
             // Stored [in, out]; checkpoints hold [out, in].
             out.push((
@@ -519,7 +660,6 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 out.push((format!("{name}.bias"), vec(b.val())));
             }
         }
-        out.push(("model.norm.weight".to_string(), vec(self.model.norm.weight.val())));
         out
     }
 
@@ -568,8 +708,17 @@ impl<B: Backend> LlamaForCausalLM<B> {
         });
         let weight = self.model.embed_tokens.val();
         let dtype = weight.dtype();
+        let local_rope = self
+            .inv_freq_local
+            .as_ref()
+            .map(|f| Rope::new(f, position_ids.clone(), dtype));
         let rope = Rope::new(&self.inv_freq, position_ids, dtype);
         let x = embedding(weight, input_ids); // [batch, seq, hidden]
+        let x = match self.embed_scale {
+            // transformers multiplies by the scale cast to the weights' dtype.
+            Some(scale) => x.mul_scalar(round_to(scale, dtype)),
+            None => x,
+        };
         let padding = options.attention_mask.map(|m| m.equal_elem(0)); // [batch, past + seq]
         // Without padding or segments, full layers need no explicit mask (`is_causal`).
         let mut full_mask = padding
@@ -588,6 +737,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         }
         let inputs = LayerInputs {
             rope,
+            local_rope,
             full_mask,
             padding,
             batch,
@@ -618,7 +768,11 @@ impl<B: Backend> LlamaForCausalLM<B> {
             )),
             _ => inputs.full_mask.clone(),
         };
-        layer.forward(x, &inputs.rope, mask, cache)
+        let rope = match (&inputs.local_rope, layer.sliding_window) {
+            (Some(local), Some(_)) => local,
+            _ => &inputs.rope,
+        };
+        layer.forward(x, rope, mask, cache)
     }
 
     /// Projects hidden states to vocabulary logits, in f32.
@@ -636,7 +790,11 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 temper_kernels::reshape(logits, [b, s, vocab])
             }
         };
-        logits.cast(DType::F32)
+        let logits = logits.cast(DType::F32);
+        match self.final_logit_softcapping {
+            Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
+            None => logits,
+        }
     }
 
     /// # Shapes
@@ -653,6 +811,15 @@ impl<B: Backend> LlamaForCausalLM<B> {
 
 /// `[batch, 1, seq, past + seq]`, `true` where query `i` (absolute position `past + i`) may
 /// not see key `j`: the future, padding keys, and keys beyond the sliding window.
+/// `x` as the nearest value of `dtype` (a scalar PyTorch casts to the weights' dtype).
+fn round_to(x: f64, dtype: DType) -> f64 {
+    match dtype {
+        DType::BF16 => burn::tensor::bf16::from_f64(x).to_f64(),
+        DType::F16 => burn::tensor::f16::from_f64(x).to_f64(),
+        _ => x as f32 as f64,
+    }
+}
+
 fn build_mask<B: Backend>(
     batch: usize,
     seq: usize,

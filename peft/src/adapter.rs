@@ -15,7 +15,7 @@ use temper_models::atomic::{write_atomic, write_file_atomic};
 use temper_models::lora::{Lora, adapted_weight};
 use temper_models::weights::transpose_2d;
 
-use crate::config::{InitLoraWeights, LoraConfig, TargetModules};
+use crate::config::{InitLoraWeights, LoraConfig, SavedModule, TargetModules};
 use crate::error::{Error, Result};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -194,8 +194,8 @@ pub fn inject<B: Backend>(
         return Err(Error::NoTarget { targets, example });
     }
     for m in &config.modules_to_save {
-        match m.as_str() {
-            "lm_head" => match model.lm_head.as_mut() {
+        match m {
+            SavedModule::LmHead => match model.lm_head.as_mut() {
                 Some(head) => head.weight = head.weight.clone().set_require_grad(true),
                 None => {
                     return Err(Error::Unsupported(
@@ -203,14 +203,9 @@ pub fn inject<B: Backend>(
                     ));
                 }
             },
-            "embed_tokens" | "model.embed_tokens" => {
+            SavedModule::EmbedTokens => {
                 let e = &mut model.model.embed_tokens;
                 *e = e.clone().set_require_grad(true);
-            }
-            other => {
-                return Err(Error::Unsupported(format!(
-                    "modules_to_save: {other:?} (supported: lm_head, embed_tokens)"
-                )));
             }
         }
     }
@@ -236,15 +231,9 @@ pub fn count_parameters<B: Backend>(model: &LlamaForCausalLM<B>) -> (usize, usiz
     };
     let e = &model.model.embed_tokens;
     add(e.shape().num_elements(), e.is_require_grad());
-    for layer in &model.model.layers {
-        for n in [&layer.input_layernorm.weight, &layer.post_attention_layernorm.weight] {
-            add(n.shape().num_elements(), n.is_require_grad());
-        }
+    for (_, n) in model.norms() {
+        add(n.weight.shape().num_elements(), n.weight.is_require_grad());
     }
-    add(
-        model.model.norm.weight.shape().num_elements(),
-        model.model.norm.weight.is_require_grad(),
-    );
     for (_, l) in model.linears() {
         let [i, o] = l.dims();
         add(i * o, l.quantized.is_none() && l.weight.is_require_grad());
@@ -274,7 +263,7 @@ pub fn adapter_tensors<B: Backend>(
 ) -> BTreeMap<String, (Vec<usize>, Vec<u8>)> {
     let mut out = BTreeMap::new();
     for (name, linear) in model.linears() {
-        if config.modules_to_save.iter().any(|m| m == &name) {
+        if config.modules_to_save.iter().any(|m| m.path() == name) {
             out.insert(format!("{PREFIX}{name}.weight"), to_bytes(linear.weight().transpose()));
         }
         let Some(lora) = &linear.adapter else { continue };
@@ -290,11 +279,7 @@ pub fn adapter_tensors<B: Backend>(
             out.insert(format!("{PREFIX}{name}.lora_magnitude_vector"), to_bytes(m.val()));
         }
     }
-    if config
-        .modules_to_save
-        .iter()
-        .any(|m| m == "embed_tokens" || m == "model.embed_tokens")
-    {
+    if config.modules_to_save.contains(&SavedModule::EmbedTokens) {
         out.insert(
             format!("{PREFIX}model.embed_tokens.weight"),
             to_bytes(model.model.embed_tokens.val()),
@@ -419,7 +404,7 @@ pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Resul
     for (name, linear) in model.linears_mut() {
         let device = linear.weight.device();
         let [in_f, out_f] = linear.dims();
-        if config.modules_to_save.iter().any(|m| m == &name) {
+        if config.modules_to_save.iter().any(|m| m.path() == name) {
             let key = format!("{PREFIX}{name}.weight");
             let w = read(&key, &[out_f, in_f])?;
             linear.weight = trainable(upload::<B, 2>(transpose_2d(w), &device).cast(linear.weight.val().dtype()));
@@ -439,11 +424,7 @@ pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Resul
             used.insert(key);
         }
     }
-    if config
-        .modules_to_save
-        .iter()
-        .any(|m| m == "embed_tokens" || m == "model.embed_tokens")
-    {
+    if config.modules_to_save.contains(&SavedModule::EmbedTokens) {
         let key = format!("{PREFIX}model.embed_tokens.weight");
         let e = &model.model.embed_tokens;
         let [v, h] = e.dims();

@@ -33,6 +33,46 @@ pub enum InitLoraWeights {
     Pissa,
 }
 
+/// A module trained in full and saved with the adapter (PEFT's `modules_to_save`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SavedModule {
+    /// The output head (`lm_head`; untied models only).
+    LmHead,
+    /// The token embedding (`embed_tokens`).
+    EmbedTokens,
+}
+
+impl SavedModule {
+    /// The module's full name in the model (`lm_head`, `model.embed_tokens`).
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::LmHead => "lm_head",
+            Self::EmbedTokens => "model.embed_tokens",
+        }
+    }
+
+    /// The name `adapter_config.json` lists (PEFT matches it as a suffix).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::LmHead => "lm_head",
+            Self::EmbedTokens => "embed_tokens",
+        }
+    }
+}
+
+impl std::str::FromStr for SavedModule {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "lm_head" => Ok(Self::LmHead),
+            "embed_tokens" | "model.embed_tokens" => Ok(Self::EmbedTokens),
+            other => Err(format!(
+                "{other:?} is not a module Temper can train in full with an adapter (supported: lm_head, embed_tokens)"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraConfig {
     pub r: usize,
@@ -47,7 +87,7 @@ pub struct LoraConfig {
     pub alpha_pattern: Vec<(String, f64)>,
     pub use_rslora: bool,
     pub use_dora: bool,
-    pub modules_to_save: Vec<String>,
+    pub modules_to_save: Vec<SavedModule>,
     pub init_lora_weights: InitLoraWeights,
     pub base_model_name_or_path: Option<String>,
     pub revision: Option<String>,
@@ -109,11 +149,7 @@ impl LoraConfig {
             _ => {}
         }
         // A module trained in full is never also adapted.
-        if self
-            .modules_to_save
-            .iter()
-            .any(|m| key == m || key.ends_with(&format!(".{m}")) || key.starts_with(&format!("{m}.")))
-        {
+        if self.modules_to_save.iter().any(|m| key == m.path()) {
             return false;
         }
         match &self.target_modules {
@@ -356,7 +392,10 @@ impl LoraConfig {
             modules_to_save: get("modules_to_save")
                 .map(|v| strings("modules_to_save", v))
                 .transpose()?
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                .iter()
+                .map(|m| m.parse().map_err(|message| err("modules_to_save", message)))
+                .collect::<Result<_>>()?,
             init_lora_weights: init,
             base_model_name_or_path: get("base_model_name_or_path")
                 .and_then(Value::as_str)
@@ -403,7 +442,11 @@ impl LoraConfig {
             "lora_alpha": alpha_value,
             "lora_bias": false,
             "lora_dropout": self.lora_dropout,
-            "modules_to_save": if self.modules_to_save.is_empty() { json!(null) } else { json!(self.modules_to_save) },
+            "modules_to_save": if self.modules_to_save.is_empty() {
+                json!(null)
+            } else {
+                json!(self.modules_to_save.iter().map(|m| m.name()).collect::<Vec<_>>())
+            },
             "peft_type": "LORA",
             "r": self.r,
             "rank_pattern": map(&rank),

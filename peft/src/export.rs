@@ -78,6 +78,8 @@ pub fn export_gguf(adapter_dir: &Path, base: &ModelConfig, out: &Path) -> Result
         // llama.cpp converts Mistral checkpoints with its llama architecture, q/k permuted.
         Family::Llama | Family::Mistral => ("llama", true),
         Family::Qwen2 => ("qwen2", false),
+        Family::Qwen3 => ("qwen3", false),
+        Family::Gemma3 => ("gemma3", false),
     };
     let mut w = GgufWriter::new();
     w.add("general.architecture", WriteValue::String(arch.into()));

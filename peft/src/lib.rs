@@ -15,6 +15,6 @@ pub use adapter::{
     BaseQuantization, Injected, QuantReport, count_parameters, inject, load_adapter, merge_adapters, quantize_base,
     save_adapter,
 };
-pub use config::{InitLoraWeights, LoraConfig, TargetModules};
+pub use config::{InitLoraWeights, LoraConfig, SavedModule, TargetModules};
 pub use error::{Error, Result};
 pub use export::export_gguf;

@@ -8,7 +8,7 @@ use burn::tensor::{DType, TensorData};
 use safetensors::SafeTensors;
 use temper_models::weights::SafetensorsSource;
 use temper_models::{Error, LlamaForCausalLM, ModelConfig};
-use temper_trainer::JobConfig;
+use temper_trainer::Job;
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -134,9 +134,9 @@ output_dir: {out}
 }
 
 /// `yaml` written to `tmp/job.yaml` and loaded with `--set` overrides; the error as text.
-pub fn load_job(tmp: &Path, yaml: &str, overrides: &[&str]) -> Result<JobConfig, String> {
+pub fn load_job(tmp: &Path, yaml: &str, overrides: &[&str]) -> Result<Job, String> {
     let path = tmp.join("job.yaml");
     std::fs::write(&path, yaml).unwrap();
     let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-    JobConfig::load(&path, &overrides).map_err(|e| e.to_string())
+    Job::load(&path, &overrides).map_err(|e| e.to_string())
 }

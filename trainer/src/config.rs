@@ -269,7 +269,14 @@ impl AdapterSection {
             alpha_pattern: self.alpha_pattern.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             use_rslora: self.use_rslora,
             use_dora: self.use_dora,
-            modules_to_save: self.modules_to_save.clone(),
+            modules_to_save: self
+                .modules_to_save
+                .iter()
+                .map(|m| {
+                    m.parse()
+                        .map_err(|message| Error::config("adapter.modules_to_save", message))
+                })
+                .collect::<Result<_>>()?,
             init_lora_weights: init,
             base_model_name_or_path: None,
             revision: None,
@@ -559,9 +566,9 @@ impl Default for TrainingSection {
 }
 
 impl JobConfig {
-    /// Reads a YAML file, applies `key.path=value` overrides, and checks every value that can
-    /// be checked without the model or data.
-    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+    /// The first stage of reading a job: the YAML file with `key.path=value` overrides applied,
+    /// unchecked (`Job::load` checks and resolves it).
+    pub fn parse(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
             path: path.to_path_buf(),
             source: e,
@@ -585,21 +592,7 @@ impl JobConfig {
         })?;
         config.file = path.to_path_buf();
         config.expand_home();
-        config.resolve_objective();
-        config.validate().map_err(|e| e.in_file(path))?;
         Ok(config)
-    }
-
-    /// The chosen objective's section, with its defaults when not given, so the saved config
-    /// shows what ran.
-    fn resolve_objective(&mut self) {
-        let t = &mut self.training;
-        match t.objective {
-            Objective::Dpo => _ = t.dpo.get_or_insert_with(Default::default),
-            Objective::Simpo => _ = t.simpo.get_or_insert_with(Default::default),
-            Objective::Orpo => _ = t.orpo.get_or_insert_with(Default::default),
-            Objective::Sft => {}
-        }
     }
 
     /// The second stage of loading, which the caller runs explicitly because it may download:
@@ -678,8 +671,8 @@ impl JobConfig {
         }
     }
 
-    /// Range and consistency checks; errors carry the key path.
-    pub fn validate(&self) -> Result<()> {
+    /// Range and consistency checks; errors carry the key path (`Job::new` runs them).
+    pub(crate) fn validate(&self) -> Result<()> {
         let t = &self.training;
         let a = &self.adapter;
         let check = |ok: bool, key: &str, message: String| if ok { Ok(()) } else { Err(Error::config(key, message)) };
@@ -691,20 +684,12 @@ impl JobConfig {
                 format!("`{id}` is not a Hub id (OWNER/NAME)"),
             )?;
         }
-        if self.hub.push {
-            match &self.hub.repo {
-                None => {
-                    return Err(Error::config(
-                        "hub.repo",
-                        "`hub.push: true` needs the repository, OWNER/NAME",
-                    ));
-                }
-                Some(repo) => check(
-                    temper_hub::is_repo_id(repo),
-                    "hub.repo",
-                    format!("`{repo}` is not a Hub id (OWNER/NAME)"),
-                )?,
-            }
+        if let (true, Some(repo)) = (self.hub.push, &self.hub.repo) {
+            check(
+                temper_hub::is_repo_id(repo),
+                "hub.repo",
+                format!("`{repo}` is not a Hub id (OWNER/NAME)"),
+            )?;
         }
         // A Hub id is checked when `resolve_hub_ids` fetches it.
         let model_path = self.model.path.display().to_string();

@@ -18,8 +18,11 @@ pub enum Error {
     Data(#[from] temper_data::Error),
     #[error("checkpoint {}: {message}", path.display())]
     Checkpoint { path: PathBuf, message: String },
-    #[error("rank {rank}: collective: {message}")]
-    Collective { rank: usize, message: String },
+    #[error("rank {rank}: collective: {source}")]
+    Collective {
+        rank: usize,
+        source: crate::sync::CollectiveError,
+    },
     #[error(
         "{during}: token id {id} is outside the model's vocabulary ({vocab} tokens); \
          pre-tokenized `input_ids` and `labels` must come from this model's tokenizer"
@@ -30,7 +33,7 @@ pub enum Error {
 }
 
 impl Error {
-    /// A config error whose file is filled in by [`crate::JobConfig::load`].
+    /// A config error whose file is filled in by [`crate::Job::load`].
     pub(crate) fn config(key: &str, message: impl Into<String>) -> Self {
         Self::Config {
             file: PathBuf::new(),

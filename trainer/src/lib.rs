@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 mod forward;
+pub mod job;
 pub mod metrics;
 mod objective;
 pub mod optim;
@@ -18,5 +19,6 @@ pub mod train;
 
 pub use config::{JobConfig, Precision};
 pub use error::{Error, Result};
-pub use sync::Collective;
+pub use job::{AdapterSpec, Job, ObjectiveSpec, PushTarget};
+pub use sync::{Collective, CollectiveError};
 pub use train::{Resume, Summary, TrainOptions, train};

@@ -8,9 +8,9 @@ use temper_data::{Batch, PreferenceBatch};
 use temper_models::LlamaForCausalLM;
 
 use crate::blocks::HiddenFn;
-use crate::config::TrainingSection;
 use crate::error::Result;
 use crate::forward::sft_loss;
+use crate::job::ObjectiveSpec;
 use crate::preference::{PreferenceObjective, preference_step_loss};
 use crate::step::{Metric, StepSums};
 
@@ -23,11 +23,14 @@ pub(crate) enum Loss {
 }
 
 impl Loss {
-    pub(crate) fn from_config(t: &TrainingSection) -> Self {
-        match PreferenceObjective::from_config(t) {
-            Some(objective) => Loss::Preference(objective),
-            None => Loss::Sft,
-        }
+    pub(crate) fn new(objective: &ObjectiveSpec) -> Self {
+        let preference = match objective {
+            ObjectiveSpec::Sft => return Loss::Sft,
+            ObjectiveSpec::Dpo(d) => PreferenceObjective::Dpo(d.params()),
+            ObjectiveSpec::Simpo(s) => PreferenceObjective::Simpo(s.params()),
+            ObjectiveSpec::Orpo(o) => PreferenceObjective::Orpo { beta: o.beta },
+        };
+        Loss::Preference(preference)
     }
 
     /// The sums a step starts from. SFT's loss and accuracy are there even on a worker whose

@@ -16,7 +16,6 @@ use temper_trl::{
 };
 
 use crate::blocks::{HiddenFn, plain};
-use crate::config::{Objective, TrainingSection};
 use crate::error::{Error, Result};
 use crate::forward::{int_matrix, int_vector, token_logps_at};
 use crate::step::{Metric, StepSums};
@@ -27,19 +26,6 @@ pub(crate) enum PreferenceObjective {
     Dpo(DpoParams),
     Simpo(SimpoParams),
     Orpo { beta: f64 },
-}
-
-impl PreferenceObjective {
-    pub(crate) fn from_config(t: &TrainingSection) -> Option<Self> {
-        match t.objective {
-            Objective::Sft => None,
-            Objective::Dpo => Some(Self::Dpo(t.dpo.clone().unwrap_or_default().params())),
-            Objective::Simpo => Some(Self::Simpo(t.simpo.clone().unwrap_or_default().params())),
-            Objective::Orpo => Some(Self::Orpo {
-                beta: t.orpo.clone().unwrap_or_default().beta,
-            }),
-        }
-    }
 }
 
 /// Log-probabilities of a preference batch's rows under one model.

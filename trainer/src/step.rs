@@ -212,7 +212,7 @@ mod tests {
         fn world_size(&self) -> usize {
             2
         }
-        fn all_reduce_sum(&self, values: Vec<f32>) -> std::result::Result<Vec<f32>, String> {
+        fn all_reduce_sum(&self, values: Vec<f32>) -> std::result::Result<Vec<f32>, crate::sync::CollectiveError> {
             Ok(values)
         }
     }

@@ -16,21 +16,36 @@ pub trait Collective: Send + Sync {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
     /// The element-wise sum of `values` over all workers (every worker passes the same length).
-    fn all_reduce_sum(&self, values: Vec<f32>) -> std::result::Result<Vec<f32>, String>;
+    fn all_reduce_sum(&self, values: Vec<f32>) -> std::result::Result<Vec<f32>, CollectiveError>;
+}
+
+/// Why an all-reduce failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    /// The collective engine reported an error during `operation` (register, all-reduce, ...).
+    #[error("{operation}: {message}")]
+    Engine { operation: &'static str, message: String },
+    /// The engine summed another number of workers than the job has.
+    #[error("the all-reduce summed {summed} workers' values, not {expected} (the collective's membership went wrong)")]
+    Membership { summed: f32, expected: usize },
+    /// The engine returned another number of values than it was given.
+    #[error("the all-reduce returned {returned} values for {given}")]
+    Length { given: usize, returned: usize },
+    /// An earlier operation failed in a way that leaves the engine unusable in this process.
+    #[error("unusable after an earlier failure ({0})")]
+    Broken(String),
 }
 
 /// Sums `local` (each worker's values) over the workers.
 pub(crate) fn all_reduce(c: &dyn Collective, local: Vec<f32>) -> Result<Vec<f32>> {
-    let n = local.len();
-    let out = c.all_reduce_sum(local).map_err(|message| Error::Collective {
-        rank: c.rank(),
-        message,
-    })?;
-    if out.len() != n {
-        return Err(Error::Collective {
-            rank: c.rank(),
-            message: format!("the all-reduce returned {} values for {n}", out.len()),
-        });
+    let given = local.len();
+    let failed = |source| Error::Collective { rank: c.rank(), source };
+    let out = c.all_reduce_sum(local).map_err(failed)?;
+    if out.len() != given {
+        return Err(failed(CollectiveError::Length {
+            given,
+            returned: out.len(),
+        }));
     }
     Ok(out)
 }

@@ -19,8 +19,9 @@ use temper_peft::LoraConfig;
 
 use crate::blocks::{Checkpointed, plain};
 use crate::checkpoint::{self, TrainerState};
-use crate::config::{AdapterKind, JobConfig, Objective};
+use crate::config::JobConfig;
 use crate::error::{Error, Result};
+use crate::job::{AdapterSpec, Job, ObjectiveSpec};
 use crate::metrics::{MetricsLog, Progress, Row};
 use crate::objective::Loss;
 use crate::optim::{AdamW, AdamWConfig, LossScaler, global_grad_norm, learning_rate};
@@ -67,21 +68,11 @@ pub struct Summary {
 
 /// Runs a job to its end (or its interruption) on backend `B` with weights stored in `dtype`.
 /// A config error found on the way (against the model or the data) names the job's file.
-pub fn train<B: AutodiffBackend>(
-    job: &JobConfig,
-    device: &B::Device,
-    dtype: DType,
-    opts: TrainOptions,
-) -> Result<Summary> {
-    run_job::<B>(job, device, dtype, &opts).map_err(|e| e.in_file(&job.file))
+pub fn train<B: AutodiffBackend>(job: &Job, device: &B::Device, dtype: DType, opts: TrainOptions) -> Result<Summary> {
+    run_job::<B>(job, device, dtype, &opts).map_err(|e| e.in_file(job.file()))
 }
 
-fn run_job<B: AutodiffBackend>(
-    job: &JobConfig,
-    device: &B::Device,
-    dtype: DType,
-    opts: &TrainOptions,
-) -> Result<Summary> {
+fn run_job<B: AutodiffBackend>(job: &Job, device: &B::Device, dtype: DType, opts: &TrainOptions) -> Result<Summary> {
     let mut run = Run::<B>::prepare(job, device, dtype, opts)?;
     run.evaluate_at_start()?;
     while run.state.step < run.state.total_steps {
@@ -121,7 +112,7 @@ struct MicroBatches {
 
 /// Everything a run holds from its first step to its last.
 struct Run<'a, B: AutodiffBackend> {
-    job: &'a JobConfig,
+    job: &'a Job,
     opts: &'a TrainOptions,
     device: &'a B::Device,
     /// The weights' storage dtype.
@@ -154,20 +145,21 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
     /// Checks everything that can be checked on the config and the data before the weights
     /// load, then builds the model, the optimizer, the state (fresh or resumed), the loader and
     /// DPO's reference.
-    fn prepare(job: &'a JobConfig, device: &'a B::Device, dtype: DType, opts: &'a TrainOptions) -> Result<Self> {
-        let t = &job.training;
-        let out = &job.output_dir;
+    fn prepare(job: &'a Job, device: &'a B::Device, dtype: DType, opts: &'a TrainOptions) -> Result<Self> {
+        let config = &job.config;
+        let t = &config.training;
+        let out = &config.output_dir;
         let collective = opts.collective.as_deref();
         let (rank, world) = collective.map_or((0, 1), |c| (c.rank(), c.world_size()));
         let main = rank == 0;
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
 
-        let (model_config, tokenizer) = temper_models::load_config_and_tokenizer(&job.model.path)?;
-        check_context(job, &model_config)?;
+        let (model_config, tokenizer) = temper_models::load_config_and_tokenizer(&config.model.path)?;
+        check_context(config, &model_config)?;
         let resume_dir = resume_dir(out, &opts.resume)?;
         let resumed = resume_dir.as_deref().map(checkpoint::load).transpose()?;
         if let Some(dir) = &resume_dir {
-            check_same_adapter(job, dir)?;
+            check_same_adapter(config, dir)?;
         }
         let tokenizer = Arc::new(tokenizer);
         let loader_options = LoaderOptions {
@@ -177,9 +169,9 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             world_size: world,
             epochs: if t.max_steps.is_some() { None } else { Some(t.epochs) },
         };
-        let pipeline = Arc::new(Pipeline::new(&job.data, tokenizer.clone(), loader_options)?);
-        check_objective_fits_data(t.objective, pipeline.preference)?;
-        let total_steps = total_steps(job, resumed.as_ref(), &tokenizer, loader_options, collective)?;
+        let pipeline = Arc::new(Pipeline::new(&config.data, tokenizer.clone(), loader_options)?);
+        check_objective_fits_data(&job.objective, pipeline.preference)?;
+        let total_steps = total_steps(config, resumed.as_ref(), &tokenizer, loader_options, collective)?;
 
         let (model, save_as) = build_model::<B>(
             job,
@@ -189,7 +181,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             dtype,
             resumed.as_ref().map(|r| r.dir.as_path()),
         )?;
-        let mut optim = AdamW::<B::InnerBackend>::new(AdamWConfig::from_training(t, job.adapter.loraplus_lr_ratio));
+        let mut optim = AdamW::<B::InnerBackend>::new(AdamWConfig::from_training(t, job.adapter.loraplus_lr_ratio()));
         let loss_scaler = opts
             .loss_scale
             .or((dtype == DType::F16).then_some(LossScaler::INITIAL_SCALE))
@@ -207,7 +199,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                 state
             }
         };
-        let config_yaml = job.to_yaml();
+        let config_yaml = config.to_yaml();
         if main {
             let path = out.join("config.yaml");
             temper_models::atomic::write_file_atomic(&path, config_yaml.as_bytes()).map_err(|e| Error::io(&path, e))?;
@@ -243,10 +235,10 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             start_step: state.step,
             warmup,
             loader: pipeline.spawn(state.cursor),
-            loss: Loss::from_config(t),
+            loss: Loss::new(&job.objective),
             reference,
             tokenizer,
-            eval_data: job.data.eval_config(),
+            eval_data: config.data.eval_config(),
             config_yaml,
             log,
             progress: Progress::new(total_steps, state.step, main),
@@ -259,7 +251,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
     }
 
     fn learning_rate(&self) -> f64 {
-        let t = &self.job.training;
+        let t = &self.job.config.training;
         learning_rate(
             t.lr_scheduler,
             t.learning_rate,
@@ -274,11 +266,11 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
     fn next_micro_batches(&mut self) -> Result<Option<MicroBatches>> {
         let (vocab, step) = (self.model.vocab_size(), self.state.step + 1);
         let mut micro = MicroBatches {
-            batches: Vec::with_capacity(self.job.training.gradient_accumulation_steps),
+            batches: Vec::with_capacity(self.job.config.training.gradient_accumulation_steps),
             next: self.state.cursor,
             epoch: 0,
         };
-        for _ in 0..self.job.training.gradient_accumulation_steps {
+        for _ in 0..self.job.config.training.gradient_accumulation_steps {
             let Some(b) = self.loader.next() else { break };
             let b = b?;
             check_vocab(&b.batch, vocab, || format!("step {step}"))?;
@@ -291,7 +283,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
     /// Each micro-batch's forward and backward, the gradients accumulated (of the loss
     /// divided by the step's normaliser, times f16's loss scale), and what the step saw.
     fn forward_backward(&self, micro: &MicroBatches) -> Result<(GradientsParams, StepResult)> {
-        let t = &self.job.training;
+        let t = &self.job.config.training;
         let device = self.device;
         let rank = self.collective.map_or(0, |c| c.rank());
         // Dropout masks come from a seed per step (and rank), so a resumed run draws the same.
@@ -376,7 +368,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             None => true,
         };
         if apply {
-            let max = self.job.training.max_grad_norm;
+            let max = self.job.config.training.max_grad_norm;
             let clip = if max > 0.0 && grad_norm > max {
                 max / (grad_norm + 1e-6)
             } else {
@@ -426,7 +418,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             std::fs::write(path, state.step.to_string()).map_err(|e| Error::io(path, e))?;
         }
         if let Some(log) = self.log.as_mut()
-            && (state.step.is_multiple_of(self.job.training.logging_steps) || state.step == state.total_steps)
+            && (state.step.is_multiple_of(self.job.config.training.logging_steps) || state.step == state.total_steps)
         {
             log.write(&row)?;
             self.progress.update(&row);
@@ -437,7 +429,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
 
     /// Before the first step of a new run, so the log shows what training changed.
     fn evaluate_at_start(&mut self) -> Result<()> {
-        if self.job.training.eval_steps.is_some() && self.state.step == 0 {
+        if self.job.config.training.eval_steps.is_some() && self.state.step == 0 {
             self.evaluate_now()?;
         }
         Ok(())
@@ -448,6 +440,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         let step = self.state.step;
         if self
             .job
+            .config
             .training
             .eval_steps
             .is_some_and(|every| step.is_multiple_of(every) || step == self.state.total_steps)
@@ -462,7 +455,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         let (Some(eval), Some(log)) = (&self.eval_data, self.log.as_mut()) else {
             return Ok(());
         };
-        let t = &self.job.training;
+        let t = &self.job.config.training;
         let values = evaluate(
             &self.model,
             &self.reference,
@@ -470,7 +463,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             eval,
             &self.tokenizer,
             t.micro_batch_size,
-            max_eval_rows(self.job),
+            max_eval_rows(&self.job.config),
             self.device,
         )?;
         let row = Row {
@@ -490,6 +483,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         self.interrupted = stop && step < self.state.total_steps;
         let due = self
             .job
+            .config
             .training
             .save_steps
             .is_some_and(|every| step.is_multiple_of(every));
@@ -501,7 +495,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
     }
 
     fn save_checkpoint(&self) -> Result<PathBuf> {
-        let out = &self.job.output_dir;
+        let out = &self.job.config.output_dir;
         let precomputed = matches!(self.reference, Reference::Precomputed(_));
         checkpoint::save(
             out,
@@ -516,7 +510,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                 }
                 Ok(())
             },
-            self.job.training.save_total_limit,
+            self.job.config.training.save_total_limit,
         )
     }
 
@@ -536,7 +530,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                 ),
             ));
         }
-        let out = &self.job.output_dir;
+        let out = &self.job.config.output_dir;
         if !self.interrupted && self.main {
             save_model(&self.model, &self.save_as, out)?;
             let record = crate::card::RunRecord {
@@ -594,7 +588,7 @@ fn check_context(job: &JobConfig, model: &ModelConfig) -> Result<()> {
     }
 }
 
-fn check_objective_fits_data(objective: Objective, preference_data: bool) -> Result<()> {
+fn check_objective_fits_data(objective: &ObjectiveSpec, preference_data: bool) -> Result<()> {
     match (objective.is_preference(), preference_data) {
         (false, true) => Err(Error::config(
             "training.objective",
@@ -676,7 +670,7 @@ fn rank_cursor(state: &TrainerState, rank: usize, world: usize, dir: &Path) -> R
 /// With `precompute_ref_log_probs`, its log-probabilities are computed once (or read from the
 /// checkpoint a run resumes) and the model is dropped.
 fn build_reference<B: AutodiffBackend>(
-    job: &JobConfig,
+    job: &Job,
     model: &LlamaForCausalLM<B>,
     tokenizer: &Arc<Tokenizer>,
     loader_options: LoaderOptions,
@@ -684,12 +678,10 @@ fn build_reference<B: AutodiffBackend>(
     main: bool,
     device: &B::Device,
 ) -> Result<Reference<B::InnerBackend>> {
-    let t = &job.training;
-    let dpo = t.dpo.clone().unwrap_or_default();
-    if t.objective != Objective::Dpo || dpo.reference_free {
+    let Some(dpo) = job.objective.reference() else {
         return Ok(Reference::None);
-    }
-    let reference = match &job.adapter.path {
+    };
+    let reference = match job.adapter.init_from() {
         Some(initial) => temper_peft::load_adapter(model.valid(), initial)?.0,
         None => {
             let mut r = model.valid();
@@ -705,7 +697,9 @@ fn build_reference<B: AutodiffBackend>(
         Some(path) => RefCache::load(&path)?,
         None => {
             let started = Instant::now();
-            let (pipelines, limits) = pref::precompute_pipelines(job, tokenizer, loader_options, max_eval_rows(job))?;
+            let config = &job.config;
+            let (pipelines, limits) =
+                pref::precompute_pipelines(config, tokenizer, loader_options, max_eval_rows(config))?;
             let cache = RefCache::compute(&reference, &pipelines, &limits, device)?;
             eprintln!(
                 "reference log-probabilities of {} pairs precomputed in {:.1} s",
@@ -716,7 +710,7 @@ fn build_reference<B: AutodiffBackend>(
         }
     };
     if main {
-        cache.save(&job.output_dir.join(pref::CACHE_FILE))?;
+        cache.save(&job.config.output_dir.join(pref::CACHE_FILE))?;
     }
     Ok(Reference::Precomputed(cache))
 }
@@ -724,61 +718,57 @@ fn build_reference<B: AutodiffBackend>(
 /// Loads the weights (the config and tokenizer are read already), then adds (or restores) the
 /// adapter, or makes every weight trainable.
 fn build_model<B: AutodiffBackend>(
-    job: &JobConfig,
+    job: &Job,
     model_config: &ModelConfig,
     tokenizer: &Arc<Tokenizer>,
     device: &B::Device,
     dtype: DType,
     checkpoint: Option<&Path>,
 ) -> Result<(LlamaForCausalLM<B>, SaveAs)> {
-    let a = &job.adapter;
+    let (config, seed) = (&job.config, job.config.training.seed);
     // A full fine-tuning checkpoint holds the whole model; a LoRA one only the adapter.
-    let weights_from = match a.kind {
-        AdapterKind::Full => checkpoint.unwrap_or(&job.model.path),
-        AdapterKind::Lora => &job.model.path,
+    let weights_from = match &job.adapter {
+        AdapterSpec::Full => checkpoint.unwrap_or(&config.model.path),
+        AdapterSpec::Lora { .. } => &config.model.path,
     };
-    let base = if job.model.random_init && weights_from == job.model.path {
-        let source = temper_models::weights::RandomSource::new(
-            temper_models::llama::checkpoint_shapes(model_config),
-            job.training.seed,
-        );
+    let base = if config.model.random_init && weights_from == config.model.path {
+        let source =
+            temper_models::weights::RandomSource::new(temper_models::llama::checkpoint_shapes(model_config), seed);
         LlamaForCausalLM::load(model_config, &source, device, dtype)?
     } else {
         temper_models::load_weights::<B>(weights_from, model_config, device, dtype)?
     };
-    match a.kind {
-        AdapterKind::Full => {
-            let model = base.map(&mut TrainAll);
-            Ok((model, SaveAs::Full(model_config.clone(), tokenizer.clone())))
+    let AdapterSpec::Lora {
+        config: lora,
+        init_from,
+        quantize_base,
+        ..
+    } = &job.adapter
+    else {
+        let model = base.map(&mut TrainAll);
+        return Ok((model, SaveAs::Full(model_config.clone(), tokenizer.clone())));
+    };
+    let (model, mut lora) = match checkpoint.or(init_from.as_deref()) {
+        Some(dir) => temper_peft::load_adapter(base.no_grad(), dir)?,
+        None => {
+            let (model, _) = temper_peft::inject(base, lora, seed).map_err(|e| match e {
+                temper_peft::Error::Invalid { key, message } => Error::config(&format!("adapter.{key}"), message),
+                other => other.into(),
+            })?;
+            (model, lora.clone())
         }
-        AdapterKind::Lora => {
-            let from = checkpoint.or(a.path.as_deref());
-            let (model, config) = match from {
-                Some(dir) => temper_peft::load_adapter(base.no_grad(), dir)?,
-                None => {
-                    let config = a.lora_config()?;
-                    let (model, _) = temper_peft::inject(base, &config, job.training.seed).map_err(|e| match e {
-                        temper_peft::Error::Invalid { key, message } => {
-                            Error::config(&format!("adapter.{key}"), message)
-                        }
-                        other => other.into(),
-                    })?;
-                    (model, config)
-                }
-            };
-            let model = match a.quantize_base {
-                None => model,
-                Some(q) => temper_peft::quantize_base(model, q)?.0,
-            };
-            let mut config = config;
-            config.base_model_name_or_path = Some(
-                job.base_model_id()
-                    .map(String::from)
-                    .unwrap_or_else(|| job.model.path.display().to_string()),
-            );
-            Ok((model, SaveAs::Lora(config)))
-        }
-    }
+    };
+    let model = match quantize_base {
+        None => model,
+        Some(q) => temper_peft::quantize_base(model, *q)?.0,
+    };
+    lora.base_model_name_or_path = Some(
+        config
+            .base_model_id()
+            .map(String::from)
+            .unwrap_or_else(|| config.model.path.display().to_string()),
+    );
+    Ok((model, SaveAs::Lora(lora)))
 }
 
 /// Marks every float parameter trainable (full fine-tuning).
