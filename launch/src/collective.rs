@@ -351,24 +351,58 @@ mod tests {
     fn all_reduce_worker() {
         let topology = Topology::from_env().unwrap().expect("RANK and WORLD_SIZE");
         let rank = topology.rank;
-        // More rounds for a stress run by hand (benches/RESULTS.md).
-        let rounds = std::env::var("TEMPER_TEST_ROUNDS").map_or(ROUNDS, |r| r.parse().unwrap());
-        let c = BurnCollective::connect(topology).unwrap().with_max_chunk(CHUNK);
+        // Overrides for stress runs by hand (benches/stress-collective.sh, benches/RESULTS.md):
+        // more rounds, bigger big rounds (SmolLM2's full gradient: 134 515 008 values), more of
+        // them, the chunk size, or big rounds only until some seconds have passed.
+        let var = |k: &str, default: usize| std::env::var(k).map_or(default, |v| v.parse().unwrap());
+        let rounds = var("TEMPER_TEST_ROUNDS", ROUNDS);
+        let big_values = var("TEMPER_TEST_BIG_VALUES", BIG_VALUES);
+        let big_rounds = var("TEMPER_TEST_BIG_ROUNDS", BIG_ROUNDS);
+        let seconds = var("TEMPER_TEST_SECONDS", 0);
+        let chunk = var("TEMPER_TEST_CHUNK", CHUNK);
+        let c = BurnCollective::connect(topology).unwrap().with_max_chunk(chunk);
         let open_files = || std::fs::read_dir("/proc/self/fd").unwrap().count();
         let mut files_before = 0;
-        for round in 0..rounds {
-            let n = if round < BIG_ROUNDS { BIG_VALUES } else { VALUES };
+        let started = std::time::Instant::now();
+        let mut big_times = Vec::new();
+        let mut round = 0;
+        // With a duration, big rounds go on until it has passed; rank 0 decides, and tells
+        // rank 1 through the sum (a last value of 1 means "stop after this round").
+        loop {
+            let big = round < big_rounds || seconds > 0;
+            let n = if big { big_values } else { VALUES };
             // Exact in f32: sums stay below 2^24.
             let value = |i: usize, r: usize| ((r + 1) * ((i + round) % 4096)) as f32;
-            let sum = c.all_reduce_sum((0..n).map(|i| value(i, rank)).collect()).unwrap();
+            let mut mine: Vec<f32> = (0..n).map(|i| value(i, rank)).collect();
+            let stop = seconds > 0 && rank == 0 && started.elapsed().as_secs() as usize >= seconds;
+            mine.push(if stop { 1.0 } else { 0.0 });
+            let t = std::time::Instant::now();
+            let sum = c.all_reduce_sum(mine).unwrap();
+            if big {
+                big_times.push(t.elapsed().as_secs_f64());
+            }
             let wrong = (0..n).find(|&i| sum[i] != value(i, 0) + value(i, 1));
             assert_eq!(wrong, None, "rank {rank}, round {round}");
             if round == 10 {
                 files_before = open_files();
             }
+            round += 1;
+            let done = match seconds {
+                0 => round >= rounds,
+                _ => sum[n] > 0.0,
+            };
+            if done {
+                break;
+            }
         }
         let gained = open_files() as i64 - files_before as i64;
-        assert!(gained < 20, "rank {rank} gained {gained} open files");
-        println!("rank {rank}: {rounds} all-reduces right");
+        assert!(round <= 10 || gained < 20, "rank {rank} gained {gained} open files");
+        big_times.sort_by(f64::total_cmp);
+        let median = big_times.get(big_times.len() / 2).copied().unwrap_or(0.0);
+        println!(
+            "rank {rank}: {round} all-reduces right ({} of {big_values} values, median {median:.2} s) in {:.0} s",
+            big_times.len(),
+            started.elapsed().as_secs_f64()
+        );
     }
 }

@@ -105,9 +105,13 @@ pub(crate) fn token_logps_at<B: Backend>(
 /// Logits the chunked head holds at a time (64 MiB in f32).
 const HEAD_CHUNK_ELEMENTS: usize = 1 << 24;
 
-/// The output head's weight (`[vocab, hidden]`) when nothing in the head is trained: no
-/// gradient on it, no adapter, not quantized.
+/// The output head's weight (`[vocab, hidden]`) when nothing in the head is trained (no
+/// gradient on it, no adapter, not quantized) and the logits are the plain product (no
+/// soft-capping: Gemma's goes through `model.head`).
 fn frozen_head_weight<B: Backend>(model: &LlamaForCausalLM<B>) -> Option<Tensor<B, 2>> {
+    if model.final_logit_softcapping.is_some() {
+        return None;
+    }
     let weight = match &model.lm_head {
         // Linear keeps `[in, out]`.
         Some(head) if head.adapter.is_none() && head.quantized.is_none() && head.bias.is_none() => {
