@@ -406,19 +406,30 @@ fn sentencepiece_gguf_tokenizer_matches_transformers() {
 }
 
 /// Qwen3's chat template (multi-turn reasoning dropped from earlier turns, kept in the last;
-/// tool turns grouped) renders exactly as transformers renders it.
+/// tool turns grouped) and Gemma 3's (system folded into the first user turn, `model` turns,
+/// strict alternation) render exactly as transformers renders them, and refuse what it refuses.
 #[test]
-fn qwen3_chat_template_renders_as_transformers() {
+fn qwen3_and_gemma3_chat_templates_render_as_transformers() {
     let dir = fixtures().join("chat");
-    let source = std::fs::read_to_string(dir.join("qwen3.jinja")).unwrap();
-    let template = temper_models::ChatTemplate::new(&source).unwrap();
-    let cases: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("qwen3.json")).unwrap()).unwrap();
-    assert_eq!(cases.len(), 8);
-    for case in cases {
-        let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
-        let generation_prompt = case["add_generation_prompt"].as_bool().unwrap();
-        let got = template.render(&messages, generation_prompt, "", "").unwrap().text;
-        assert_eq!(got, case["text"].as_str().unwrap(), "{messages:?}");
+    for name in ["qwen3", "gemma3"] {
+        let source = std::fs::read_to_string(dir.join(format!("{name}.jinja"))).unwrap();
+        let template = temper_models::ChatTemplate::new(&source).unwrap();
+        let cases: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap()).unwrap();
+        assert_eq!(cases.len(), 8);
+        for case in cases {
+            let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+            let generation_prompt = case["add_generation_prompt"].as_bool().unwrap();
+            let bos = case["bos_token"].as_str().unwrap();
+            let got = template.render(&messages, generation_prompt, bos, "");
+            match (case["text"].as_str(), case["error"].as_str()) {
+                (Some(want), _) => assert_eq!(got.unwrap().text, want, "{name}: {messages:?}"),
+                (None, Some(error)) => {
+                    let e = got.unwrap_err();
+                    assert!(e.contains(error), "{name}: {e} (transformers: {error})");
+                }
+                _ => panic!("{name}: a case without text or error"),
+            }
+        }
     }
 }
