@@ -20,7 +20,6 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use common::{Expected, fixtures, load_hf_dir_on, rel_err};
 use temper::backend::{BackendJob, DeviceSpec, dispatch};
-use temper_models::weights::RandomSource;
 use temper_models::{ForwardOptions, LlamaForCausalLM, ModelConfig};
 use temper_peft::{LoraConfig, TargetModules, inject, load_adapter};
 
@@ -127,7 +126,7 @@ impl BackendJob for Bench {
     type Output = ();
     fn run<B: Backend>(self, device: B::Device) {
         let config = ModelConfig::from_file(&self.config).unwrap();
-        let source = RandomSource::new(temper_models::llama::checkpoint_shapes(&config), 0);
+        let source = temper_models::llama::random_weights(&config, 0);
         let (b, s) = (self.batch, self.seq);
         let mut times = Vec::new();
         let t0 = Instant::now();

@@ -362,7 +362,7 @@ fn random_weights_from_config_alone() {
             .collect();
         expected.sort();
         assert_eq!(written, expected, "{name}");
-        let random = temper_models::weights::RandomSource::new(temper_models::llama::checkpoint_shapes(&config), 1);
+        let random = temper_models::llama::random_weights(&config, 1);
         let model =
             temper_models::LlamaForCausalLM::<B>::load(&config, &random, &Default::default(), DType::F32).unwrap();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 2, 3], [1, 3]), &Default::default());
@@ -431,5 +431,48 @@ fn qwen3_and_gemma3_chat_templates_render_as_transformers() {
                 _ => panic!("{name}: a case without text or error"),
             }
         }
+    }
+}
+
+/// Examples packed into one row stay apart in sliding-window layers too: each one's logits equal
+/// its own forward (Mistral's window of 4, and Gemma 3's sliding layer with its local RoPE).
+#[test]
+fn packed_examples_stay_apart_in_sliding_window_layers() {
+    let device = Default::default();
+    let row = |ids: &[i64]| Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), &device);
+    let (a, b): (Vec<i64>, Vec<i64>) = (
+        (0..6).map(|i| 3 + i * 7).collect(),
+        (0..7).map(|i| 5 + i * 11).collect(),
+    );
+    for name in ["mistral_window", "gemma3_text"] {
+        let model = load_hf_dir::<B>(&fixtures().join("models").join(name)).unwrap();
+        let alone = |ids: &[i64]| -> Vec<f32> {
+            model
+                .forward(row(ids), ForwardOptions::default(), None)
+                .into_data()
+                .to_vec()
+                .unwrap()
+        };
+        let packed_ids: Vec<i64> = a.iter().chain(&b).copied().collect();
+        let positions: Vec<i64> = (0..a.len() as i64).chain(0..b.len() as i64).collect();
+        let segments: Vec<i64> = [0].repeat(a.len()).into_iter().chain([1].repeat(b.len())).collect();
+        let options = ForwardOptions {
+            position_ids: Some(row(&positions)),
+            attention_mask: None,
+            segment_ids: Some(row(&segments)),
+        };
+        let packed: Vec<f32> = model
+            .forward(row(&packed_ids), options, None)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let vocab = packed.len() / packed_ids.len();
+        let expected: Vec<f32> = alone(&a).into_iter().chain(alone(&b)).collect();
+        let err = rel_err(&packed, &expected, |_| true);
+        assert!(
+            err < 1e-5,
+            "{name}: packed logits differ from each example's own: {err:e}"
+        );
+        assert_eq!(packed.len(), (a.len() + b.len()) * vocab);
     }
 }

@@ -134,7 +134,13 @@ impl BurnCollective {
             sessions: Mutex::new(sessions),
             max_chunk: MAX_CHUNK,
         };
-        c.register(0)?;
+        if let Err(e) = c.register(0) {
+            // Dropping `c` must not call burn's `finish` on a client that failed (module docs).
+            if let Ok(mut s) = c.sessions.lock() {
+                s.broken = Some(e.to_string());
+            }
+            return Err(e);
+        }
         Ok(c)
     }
 

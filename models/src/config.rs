@@ -10,8 +10,9 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 
 /// The architecture families Temper implements. All are Llama-shaped decoders; they differ in
-/// which projections carry a bias, in sliding-window attention, and (Qwen3) in an RMSNorm over
-/// each query and key head.
+/// which projections carry a bias, in sliding-window attention, in RMSNorms over each query and
+/// key head (Qwen3, Gemma 3), and (Gemma 3) in norms around attention and MLP, GeGLU, scaled
+/// embeddings and two RoPE bases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     Llama,
@@ -172,6 +173,8 @@ struct RawConfig {
     hidden_activation: Option<String>,
     query_pre_attn_scalar: Option<f64>,
     rope_local_base_freq: Option<f64>,
+    /// transformers 5 writes the old `sliding_window_pattern` as `_sliding_window_pattern`.
+    #[serde(alias = "_sliding_window_pattern")]
     sliding_window_pattern: Option<usize>,
     final_logit_softcapping: Option<f64>,
     attn_logit_softcapping: Option<f64>,
@@ -566,7 +569,8 @@ impl RawConfig {
         let (theta, rope_scaling, local_rope_theta) = match (family, per_layer_type) {
             // transformers 5 writes Gemma 3's RoPE per layer type.
             (Family::Gemma3, Some((full, sliding))) => {
-                let (theta, scaling) = parse_rope(path, "rope_parameters.full_attention", Some(full), None)?;
+                let key = "rope_parameters.full_attention";
+                let (theta, scaling) = parse_rope(path, key, Some(full), self.rope_theta)?;
                 let key = "rope_parameters.sliding_attention";
                 let (local, local_scaling) = parse_rope(path, key, sliding, None)?;
                 if local_scaling != RopeScaling::Default {
@@ -579,7 +583,12 @@ impl RawConfig {
                 )
             }
             (Family::Gemma3, None) => {
-                let (theta, scaling) = parse_rope(path, "rope_scaling", self.rope_scaling.as_ref(), self.rope_theta)?;
+                // The global layers' RoPE: flat `rope_parameters`, or `rope_theta` + `rope_scaling`.
+                let (key, section) = match &self.rope_parameters {
+                    Some(p) => ("rope_parameters", Some(p)),
+                    None => ("rope_scaling", self.rope_scaling.as_ref()),
+                };
+                let (theta, scaling) = parse_rope(path, key, section, self.rope_theta)?;
                 let local = self.rope_local_base_freq.unwrap_or(GEMMA3_LOCAL_ROPE_THETA);
                 (theta.or(Some(GEMMA3_ROPE_THETA)), scaling, Some(local))
             }
@@ -597,16 +606,19 @@ impl RawConfig {
         let sliding_window = match family {
             Family::Llama => vec![None; layers],
             Family::Mistral => vec![self.sliding_window; layers],
-            Family::Gemma3 => match &self.layer_types {
-                Some(types) => layer_windows(path, types, layers, self.sliding_window)?,
-                None => {
-                    let pattern = self.sliding_window_pattern.unwrap_or(6).max(1);
-                    let window = Some(self.sliding_window.unwrap_or(4096));
-                    (0..layers)
-                        .map(|i| if (i + 1) % pattern != 0 { window } else { None })
-                        .collect()
+            Family::Gemma3 => {
+                // `Gemma3TextConfig`'s default window; its sliding layers use the local RoPE.
+                let window = Some(self.sliding_window.unwrap_or(4096));
+                match &self.layer_types {
+                    Some(types) => layer_windows(path, types, layers, window)?,
+                    None => {
+                        let pattern = self.sliding_window_pattern.unwrap_or(6).max(1);
+                        (0..layers)
+                            .map(|i| if (i + 1) % pattern != 0 { window } else { None })
+                            .collect()
+                    }
                 }
-            },
+            }
             Family::Qwen2 | Family::Qwen3 => match (&self.layer_types, self.use_sliding_window.unwrap_or(false)) {
                 (Some(types), _) => layer_windows(path, types, layers, self.sliding_window)?,
                 (None, false) => vec![None; layers],
@@ -638,7 +650,9 @@ impl RawConfig {
             rope_theta: theta.unwrap_or(10000.0),
             rope_scaling,
             max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
-            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            // `Gemma3TextConfig` ties by default, and transformers 4 leaves defaults out of
+            // config.json (gemma-3-1b's has no `tie_word_embeddings`).
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(family == Family::Gemma3),
             qkv_bias: family == Family::Qwen2 || attention_bias,
             // Qwen3's and Gemma's `attention_bias` cover o_proj too, as Llama's does; Qwen2's
             // o_proj has none.
@@ -739,6 +753,8 @@ mod tests {
         assert_eq!((c.rope_theta, c.local_rope_theta), (1e6, Some(1e4)));
         assert_eq!(c.embed_scale, Some(8.0));
         assert!(c.norm_plus_one && c.sandwich_norms && c.qk_norm);
+        // Tied by default, as `Gemma3TextConfig` (the released config.json leaves it out).
+        assert!(c.tie_word_embeddings);
         let windows: Vec<bool> = c.sliding_window.iter().map(Option::is_some).collect();
         assert_eq!(
             windows,

@@ -131,6 +131,13 @@ fn layer_linear_shapes(c: &ModelConfig) -> [([usize; 2], bool); 7] {
     ]
 }
 
+/// Random weights of the model a config describes (benchmarks: speed does not depend on the
+/// values), with every norm at its identity.
+pub fn random_weights(c: &ModelConfig, seed: u64) -> crate::weights::RandomSource {
+    let identity = if c.norm_plus_one { 0.0 } else { 1.0 };
+    crate::weights::RandomSource::new(checkpoint_shapes(c), seed).with_norm_value(identity)
+}
+
 /// The checkpoint tensors this architecture reads, by Hugging Face name, with their shapes
 /// (`[out, in]` for linear weights), in the order [`LlamaForCausalLM::load`] reads them.
 pub fn checkpoint_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
@@ -281,7 +288,8 @@ impl<B: Backend> Mlp<B> {
         let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
         let gated = match self.activation {
             Activation::Silu => temper_kernels::swiglu(gate, up),
-            Activation::GeluTanh => gelu_tanh(gate) * up,
+            // In f32 and rounded once, as PyTorch's gelu computes on bf16 inputs.
+            Activation::GeluTanh => gelu_tanh(gate.clone().cast(DType::F32)).cast(gate.dtype()) * up,
         };
         self.down_proj.forward(gated)
     }
@@ -450,6 +458,9 @@ pub struct LayerInputs<B: Backend> {
     local_rope: Option<Rope<B>>,
     /// For full-attention layers; `None`: causal only.
     full_mask: Option<Tensor<B, 4, Bool>>,
+    /// `[batch, 1, seq, seq]`, true between tokens of different packed examples (sliding-window
+    /// layers add it to their own mask).
+    across_segments: Option<Tensor<B, 4, Bool>>,
     /// `[batch, past + seq]`, true at padding keys (sliding-window layers build their own mask).
     padding: Option<Tensor<B, 2, Bool>>,
     batch: usize,
@@ -724,6 +735,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let mut full_mask = padding
             .as_ref()
             .map(|p| build_mask::<B>(batch, seq, past, Some(p.clone()), None, &device));
+        let mut across_segments = None;
         if let Some(segments) = options.segment_ids {
             assert_eq!(past, 0, "segment_ids are for training forwards, without a KV cache");
             let q = segments.clone().unsqueeze_dim::<3>(2).expand([batch, seq, seq]); // [batch, q, k]
@@ -731,14 +743,16 @@ impl<B: Backend> LlamaForCausalLM<B> {
             let across = q.not_equal(k).unsqueeze_dim::<4>(1); // [batch, 1, q, k]
             let causal = build_mask::<B>(batch, seq, 0, None, None, &device);
             full_mask = Some(match full_mask {
-                Some(m) => m.bool_or(across),
-                None => causal.bool_or(across),
+                Some(m) => m.bool_or(across.clone()),
+                None => causal.bool_or(across.clone()),
             });
+            across_segments = Some(across);
         }
         let inputs = LayerInputs {
             rope,
             local_rope,
             full_mask,
+            across_segments,
             padding,
             batch,
             seq,
@@ -758,14 +772,14 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let layer = &self.model.layers[i];
         let LayerInputs { batch, seq, past, .. } = *inputs;
         let mask = match layer.sliding_window {
-            Some(w) if w < past + seq => Some(build_mask::<B>(
-                batch,
-                seq,
-                past,
-                inputs.padding.clone(),
-                Some(w),
-                &x.device(),
-            )),
+            Some(w) if w < past + seq => {
+                let window = build_mask::<B>(batch, seq, past, inputs.padding.clone(), Some(w), &x.device());
+                // Packed examples stay apart in windowed layers too.
+                Some(match &inputs.across_segments {
+                    Some(across) => window.bool_or(across.clone()),
+                    None => window,
+                })
+            }
             _ => inputs.full_mask.clone(),
         };
         let rope = match (&inputs.local_rope, layer.sliding_window) {
@@ -809,8 +823,6 @@ impl<B: Backend> LlamaForCausalLM<B> {
     }
 }
 
-/// `[batch, 1, seq, past + seq]`, `true` where query `i` (absolute position `past + i`) may
-/// not see key `j`: the future, padding keys, and keys beyond the sliding window.
 /// `x` as the nearest value of `dtype` (a scalar PyTorch casts to the weights' dtype).
 fn round_to(x: f64, dtype: DType) -> f64 {
     match dtype {
@@ -820,6 +832,8 @@ fn round_to(x: f64, dtype: DType) -> f64 {
     }
 }
 
+/// `[batch, 1, seq, past + seq]`, `true` where query `i` (absolute position `past + i`) may
+/// not see key `j`: the future, padding keys, and keys beyond the sliding window.
 fn build_mask<B: Backend>(
     batch: usize,
     seq: usize,

@@ -109,19 +109,28 @@ pub fn transpose_2d(data: TensorData) -> TensorData {
 // Random weights from a config alone, for benchmarks (speed does not depend on the values).
 
 /// Every tensor a config's architecture expects, with normal-ish random values
-/// (uniform with std 0.02; norms at 1), generated on the host from `seed`.
+/// (uniform with std 0.02; norms at their identity), generated on the host from `seed`.
 pub struct RandomSource {
     shapes: HashMap<String, Vec<usize>>,
     seed: u64,
+    norm_value: f32,
 }
 
 impl RandomSource {
-    /// Random tensors of these names and shapes (a config's are `llama::checkpoint_shapes`).
+    /// Random tensors of these names and shapes (a config's are `llama::checkpoint_shapes`;
+    /// `llama::random_weights` builds the whole source from a config), norms at 1.
     pub fn new(shapes: Vec<(String, Vec<usize>)>, seed: u64) -> Self {
         Self {
             shapes: shapes.into_iter().collect(),
             seed,
+            norm_value: 1.0,
         }
+    }
+
+    /// Norm weights at `value` instead (0 where a norm scales by `1 + w`, as Gemma's).
+    pub fn with_norm_value(mut self, value: f32) -> Self {
+        self.norm_value = value;
+        self
     }
 }
 
@@ -141,7 +150,7 @@ impl WeightSource for RandomSource {
         })?;
         let n: usize = shape.iter().product();
         if name.contains("norm") {
-            return Ok(TensorData::new(vec![1f32; n], shape.clone()));
+            return Ok(TensorData::new(vec![self.norm_value; n], shape.clone()));
         }
         // xorshift64*, seeded per tensor: fast enough for a billion parameters.
         let mut state = self.seed

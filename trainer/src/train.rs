@@ -732,8 +732,7 @@ fn build_model<B: AutodiffBackend>(
         AdapterSpec::Lora { .. } => &config.model.path,
     };
     let base = if config.model.random_init && weights_from == config.model.path {
-        let source =
-            temper_models::weights::RandomSource::new(temper_models::llama::checkpoint_shapes(model_config), seed);
+        let source = temper_models::llama::random_weights(model_config, seed);
         LlamaForCausalLM::load(model_config, &source, device, dtype)?
     } else {
         temper_models::load_weights::<B>(weights_from, model_config, device, dtype)?
