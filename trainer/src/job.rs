@@ -207,7 +207,9 @@ mod tests {
         );
         std::fs::write(&file, yaml).unwrap();
         let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-        Job::load(&file, &overrides)
+        let job = Job::load(&file, &overrides);
+        std::fs::remove_dir_all(&dir).unwrap();
+        job
     }
 
     #[test]
