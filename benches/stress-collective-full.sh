@@ -7,12 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=${1:-20} VALUES=${2:-134515008}
-bin=$(cargo test -p temper-launch --release --no-run --message-format=json 2>/dev/null |
-  python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "temper_launch" and m.get("executable"):
-        print(m["executable"])')
+bin=$(benches/launch-test-bin.sh)
 logs=$(mktemp -d)
 for r in 0 1; do
   RANK=$r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=31500 TOKIO_WORKER_THREADS=1 \

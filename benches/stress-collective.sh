@@ -7,12 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAIRS=${1:-3} ROUNDS=${2:-2000} THREADS=${3:-1}
-bin=$(cargo test -p temper-launch --release --no-run --message-format=json 2>/dev/null |
-  python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "temper_launch" and m.get("executable"):
-        print(m["executable"])')
+bin=$(benches/launch-test-bin.sh)
 logs=$(mktemp -d)
 for p in $(seq 0 $((PAIRS - 1))); do
   for r in 0 1; do

@@ -767,24 +767,28 @@ fn data_parallel_launch() {
     };
     let port = |p: u16| vec!["--master-port".to_string(), p.to_string()];
 
-    // One worker, micro-batch 4.
-    let single = tmp.path().join("single");
-    let one = train::<AD>(
-        &Job::load(&job(&single, 12), &["training.micro_batch_size=4".into()]).unwrap(),
-        &Default::default(),
-        DType::F32,
-        TrainOptions::default(),
-    );
-    assert_eq!(one.unwrap().steps, 12);
-
-    // Two workers, micro-batch 2 each.
-    let two = tmp.path().join("two");
-    let mut args = vec!["--nproc-per-node".to_string(), "2".into()];
-    args.extend(port(free_port(5)));
-    let (ok, err) = finish(launch(&job(&two, 12), &args));
-    assert!(ok, "{err}");
+    // One worker with micro-batch 4 (in this process), then two workers with micro-batch 2
+    // each (through `temper launch`): the same run. Returns the one worker's output and the
+    // launcher's log.
+    let one_and_two = |name: &str, job: &dyn Fn(&Path) -> std::path::PathBuf, steps: u64| {
+        let single = tmp.path().join(format!("{name}-one"));
+        let one = train::<AD>(
+            &Job::load(&job(&single), &["training.micro_batch_size=4".into()]).unwrap(),
+            &Default::default(),
+            DType::F32,
+            TrainOptions::default(),
+        );
+        assert_eq!(one.unwrap().steps, steps, "{name}");
+        let two = tmp.path().join(format!("{name}-two"));
+        let mut args = vec!["--nproc-per-node".to_string(), "2".into()];
+        args.extend(port(free_port(5)));
+        let (ok, err) = finish(launch(&job(&two), &args));
+        assert!(ok, "{err}");
+        assert_same_run(&single, &two, &format!("{name}: 2 workers x 2 vs 1 worker x 4"));
+        (single, err)
+    };
+    let (single, err) = one_and_two("lora", &|out| job(out, 12), 12);
     assert!(err.contains("data parallel: 2 workers"), "{err}");
-    assert_same_run(&single, &two, "2 workers x 2 vs 1 worker x 4");
 
     // Two nodes of one worker each, on loopback.
     let nodes = tmp.path().join("nodes");
@@ -840,20 +844,7 @@ fn data_parallel_launch() {
         std::fs::write(&path, yaml.replace(&lora, "  type: full\n")).unwrap();
         path
     };
-    let full_one = tmp.path().join("full-one");
-    let one = train::<AD>(
-        &Job::load(&full_job(&full_one), &["training.micro_batch_size=4".into()]).unwrap(),
-        &Default::default(),
-        DType::F32,
-        TrainOptions::default(),
-    );
-    assert_eq!(one.unwrap().steps, 6);
-    let full_two = tmp.path().join("full-two");
-    let mut args = vec!["--nproc-per-node".to_string(), "2".into()];
-    args.extend(port(free_port(5)));
-    let (ok, err) = finish(launch(&full_job(&full_two), &args));
-    assert!(ok, "{err}");
-    assert_same_run(&full_one, &full_two, "full fine-tuning: 2 workers x 2 vs 1 worker x 4");
+    one_and_two("full fine-tuning", &full_job, 6);
 
     // Waits until rank 1 of the run in `dir` has done `step` steps.
     let reach = |dir: &Path, step: u64| {
