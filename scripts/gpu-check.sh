@@ -57,7 +57,9 @@ except OSError:
 tps = [r["tokens_per_second"] for r in rows]
 first = f"first step {rows[0]['num_tokens'] / tps[0]:.1f}s" if rows else "no step"
 late = f"{statistics.median(tps[2:]):.0f} tokens/s (median of steps 3+)" if len(tps) > 2 else "too few steps"
-print(f"temper {name}: {len(rows)} steps, {first}, {late}")
+ar = [r["all_reduce_seconds"] for r in rows[2:] if "all_reduce_seconds" in r]
+ar = f", all-reduce {1e3 * statistics.median(ar):.2f} ms (median of steps 3+)" if ar else ""
+print(f"temper {name}: {len(rows)} steps, {first}, {late}{ar}")
 PY
 }
 export W PY TEMPER DEV; export -f rate
@@ -127,10 +129,10 @@ w = lambda r, n, k: ' '.join(f'w{3 + (r * 31 + i * k) % 125}' for i in range(n))
 with open('$W/pairs-$1.jsonl', 'w') as f:
     for r in range($2):
         f.write(json.dumps({'prompt': w(r, $1 // 8, 7), 'chosen': w(r, $1, 11), 'rejected': w(r, $1, 13)}) + '\\n')"; }
-tsft() { # name model batch seq steps [--set ...]
+tsft() { # name model batch seq steps [--set ...]; RUN="launch ..." runs it under `temper launch`
   local name=$1 model=$2 b=$3 s=$4 n=$5; shift 5
   rows "$s" $(( b * n ))
-  "$TEMPER" --device "$DEV" train benches/configs/gpu-train.yaml --set "model.path=$W/$model" \
+  "$TEMPER" --device "$DEV" ${RUN:-train} benches/configs/gpu-train.yaml --set "model.path=$W/$model" \
     --set "data.path=$W/rows-$s.jsonl" --set "data.max_length=$s" --set "output_dir=$W/out-$name" \
     --set "training.micro_batch_size=$b" --set "training.max_steps=$n" --set "training.precision=$BENCH_PREC" "$@"
   rate "$W/out-$name/metrics.jsonl" "$name sft $BENCH_PREC ${b}x${s}"; }
@@ -162,13 +164,8 @@ if want dpo; then
   LIMIT=90 measure t-smol-dpo bash -c "tdpo smoldpo smol 4 512 20"
   LIMIT=60 measure p-smol-dpo "$PY" benches/gpu_torch.py $S dpo bf16 4 512 10
 fi
-if want launch; then
-  # `temper launch` with two workers sharing the device takes the multi-GPU path (orchestrator,
-  # per-step all-reduce) and must give the one-worker losses (2 workers x micro-batch 1 = 1 x 2).
-  sed "s|$W/f32-warm|$W/launch2|; s|micro_batch_size: 2|micro_batch_size: 1|" "$W/f32-warm.yaml" > "$W/launch2.yaml"
-  timeout "$(allow 90)" "$TEMPER" --device "$DEV" launch --devices 0,0 --master-port 29610 "$W/launch2.yaml" >> "$LOG" 2>&1
-  echo "launch 2 workers on one device: exit $?" | tee -a "$SUMMARY"
-  "$PY" - "$W/f32-warm/metrics.jsonl" "$W/launch2/metrics.jsonl" <<'PY' | tee -a "$SUMMARY"
+# Losses of two runs of the tiny fixture job: "NAME: N/10 steps, max rel loss difference E".
+same_losses() { "$PY" - "$W/$1/metrics.jsonl" "$W/$2/metrics.jsonl" "$3" <<'PY' | tee -a "$SUMMARY"
 import json, sys
 def losses(p):
     try:
@@ -177,8 +174,31 @@ def losses(p):
         return []
 a, b = losses(sys.argv[1]), losses(sys.argv[2])
 err = max((abs(x - y) / abs(x) for x, y in zip(a, b)), default=float("nan"))
-print(f"launch 2 workers vs 1: {len(b)}/10 steps, max rel loss difference {err:.2e}")
+print(f"{sys.argv[3]}: {len(b)}/10 steps, max rel loss difference {err:.2e}")
 PY
+}
+if want launch; then
+  # `temper launch` with two workers sharing the device takes the multi-worker path through
+  # burn-collective (NCCL refuses two ranks on one GPU) and must give the one-worker losses
+  # (2 workers x micro-batch 1 = 1 x 2).
+  sed "s|$W/f32-warm|$W/launch2|; s|micro_batch_size: 2|micro_batch_size: 1|" "$W/f32-warm.yaml" > "$W/launch2.yaml"
+  timeout "$(allow 90)" "$TEMPER" --device "$DEV" launch --devices 0,0 --engine burn --master-port 29610 "$W/launch2.yaml" >> "$LOG" 2>&1
+  echo "launch 2 workers on one device (burn engine): exit $?" | tee -a "$SUMMARY"
+  same_losses f32-warm launch2 "launch 2 workers vs 1"
+fi
+if want nccl; then
+  # One GPU: world size 1 through the whole NCCL path (rendezvous, communicator, device
+  # buckets) must give the single-process losses; then the all-reduce's time per step for
+  # SmolLM2's LoRA gradients (19.5 MB) and its full gradients (538 MB).
+  E="${ENGINE:-nccl}"   # ENGINE=burn checks this section's logic on a CPU
+  echo "== $E engine, world size 1" | tee -a "$SUMMARY"
+  sed "s|$W/f32-warm|$W/nccl1|" "$W/f32-warm.yaml" > "$W/nccl1.yaml"
+  timeout "$(allow 90)" "$TEMPER" --device "$DEV" launch --nproc-per-node 1 --engine "$E" --master-port 29620 "$W/nccl1.yaml" >> "$LOG" 2>&1
+  echo "launch $E 1 worker: exit $? ($(grep -m1 -o 'data parallel: .*' "$W/nccl1/logs/rank-0.log" 2>/dev/null))" | tee -a "$SUMMARY"
+  same_losses f32-warm nccl1 "$E world 1 vs one process"
+  L="launch --nproc-per-node 1 --engine $E --master-port"
+  LIMIT=90 measure t-nccl-lora env RUN="$L 29630" bash -c "tsft nccl-lora smol 8 512 20"
+  LIMIT=120 measure t-nccl-full env RUN="$L 29640" bash -c "tsft nccl-full smol 4 512 12 --set adapter.type=full"
 fi
 cp "$W"/kernels-f32-cold "$OUT/kernels-fused.txt" 2>/dev/null
 cp "$W"/kernels-f32-unfused "$OUT/kernels-unfused.txt" 2>/dev/null

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use temper_launch::{LaunchPlan, run_workers, topology::DEFAULT_PORT};
-use temper_trainer::Job;
+use temper_trainer::{CollectiveEngine, Job};
 
 use crate::backend::DeviceSpec;
 
@@ -34,6 +34,9 @@ pub struct LaunchArgs {
     /// Seconds without a finished step before a worker counts as hung (default 1800).
     #[arg(long)]
     pub hang_timeout: Option<u64>,
+    /// The collective engine: `auto` (nccl for CUDA workers, burn otherwise), `nccl`, `burn`.
+    #[arg(long)]
+    pub engine: Option<CollectiveEngine>,
     /// The job's YAML file.
     pub config: PathBuf,
     /// Override a key, as for `temper train`.
@@ -73,6 +76,15 @@ pub fn run(args: LaunchArgs, device: Option<DeviceSpec>) -> Result<()> {
         None if nnodes == 1 => "127.0.0.1".into(),
         None => bail!("--master-addr (node 0's address) is needed with --nnodes {nnodes}"),
     };
+    let (engine, why) = match args.engine.or(l.engine) {
+        Some(e) if e != CollectiveEngine::Auto => (e, if args.engine.is_some() { "--engine" } else { "launch.engine" }),
+        _ => (CollectiveEngine::Auto, "the device"),
+    };
+    let engine = engine.resolve(device).map_err(|e| anyhow::anyhow!("{}: {why}: {e}", args.config.display()))?;
+    let mut env = vec![(temper_launch::ENGINE_VAR.to_string(), engine.name().to_string())];
+    if engine == CollectiveEngine::Nccl {
+        env.extend(nccl_library()?);
+    }
     let mut train_args = vec!["train".to_string(), args.config.display().to_string()];
     for s in &args.set {
         train_args.extend(["--set".to_string(), s.clone()]);
@@ -89,15 +101,37 @@ pub fn run(args: LaunchArgs, device: Option<DeviceSpec>) -> Result<()> {
         max_restarts: args.max_restarts.or(l.max_restarts).unwrap_or(0),
         hang_timeout: Duration::from_secs(args.hang_timeout.or(l.hang_timeout).unwrap_or(1800)),
         output_dir: job.output_dir.clone(),
+        env,
     };
     eprintln!(
-        "launch: {} workers on this node ({} in all), logs in {}",
+        "launch: {} workers on this node ({} in all), engine {} (from {why}), logs in {}",
         plan.devices.len(),
         plan.devices.len() * nnodes,
+        engine.name(),
         plan.output_dir.join("logs").display()
     );
     let stop = crate::stop::on_ctrl_c("launch: stopping every worker after this step (Ctrl-C again to quit now)");
     run_workers(&plan, stop)?;
     eprintln!("launch: every worker finished; output in {}", plan.output_dir.display());
     Ok(())
+}
+
+/// `LD_LIBRARY_PATH` for workers that load NCCL (nccl_lib.rs says why the launcher sets it).
+fn nccl_library() -> Result<Option<(String, String)>> {
+    let var = |k: &str| std::env::var(k).ok();
+    let Some(library) = temper_launch::nccl_lib::find(var) else {
+        bail!(
+            "the nccl engine needs NCCL's library (libnccl.so.2), found neither on LD_LIBRARY_PATH, in a Python environment's nvidia/nccl/lib nor in the system's library directories: `pip install nvidia-nccl-cu13` (or install Debian/Ubuntu's libnccl2), set TEMPER_NCCL_LIB=/path/to/libnccl.so.2, or use `--engine burn`"
+        );
+    };
+    let cache = match var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| format!("{h}/.cache"))) {
+        Some(c) => PathBuf::from(c).join("temper"),
+        None => std::env::temp_dir().join("temper"),
+    };
+    let dir = temper_launch::nccl_lib::link_dir(&library, &cache)
+        .map_err(|e| anyhow::anyhow!("NCCL's library {}: {e}", library.display()))?;
+    Ok(Some((
+        "LD_LIBRARY_PATH".into(),
+        temper_launch::nccl_lib::library_path(&dir, var("LD_LIBRARY_PATH")),
+    )))
 }

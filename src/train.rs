@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use burn::backend::Autodiff;
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
-use temper_trainer::{Job, Resume, TrainOptions};
+use temper_trainer::{CollectiveEngine, Job, Resume, TrainOptions};
 
 use crate::backend::{BackendJob, DeviceSpec, dispatch};
 
@@ -87,17 +87,7 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
     let topology = temper_launch::Topology::from_env().map_err(anyhow::Error::msg)?;
     let rank = topology.as_ref().map_or(0, |t| t.rank);
     let collective = match topology {
-        Some(t) => {
-            let c = temper_launch::BurnCollective::connect(t.clone()).map_err(|e| {
-                anyhow::anyhow!(
-                    "rank {}: joining the collective at {}:{}: {e}",
-                    t.rank,
-                    t.master_addr,
-                    t.master_port
-                )
-            })?;
-            Some(Arc::new(c) as Arc<dyn temper_trainer::Collective>)
-        }
+        Some(t) => Some(join_collective(&t, device)?),
         None => None,
     };
     let push = job.push.clone();
@@ -141,4 +131,34 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// This worker's collective: the engine `temper launch` chose, or (under another launcher) the
+/// one for its device.
+fn join_collective(t: &temper_launch::Topology, device: DeviceSpec) -> Result<Arc<dyn temper_trainer::Collective>> {
+    let engine = t
+        .engine
+        .unwrap_or_default()
+        .resolve(device)
+        .map_err(|e| anyhow::anyhow!("rank {}: {}: {e}", t.rank, temper_launch::ENGINE_VAR))?;
+    let joining = |e: temper_trainer::CollectiveError| {
+        anyhow::anyhow!(
+            "rank {}: joining the {} collective at {}:{}: {e}",
+            t.rank,
+            engine.name(),
+            t.master_addr,
+            t.master_port
+        )
+    };
+    match (engine, device) {
+        #[cfg(feature = "cuda")]
+        (CollectiveEngine::Nccl, DeviceSpec::Cuda(ordinal)) => {
+            let c = temper_launch::nccl::NcclCollective::connect(t, ordinal).map_err(joining)?;
+            Ok(Arc::new(c))
+        }
+        (CollectiveEngine::Nccl, _) => {
+            bail!("rank {}: the nccl engine needs a binary built with `--features cuda`", t.rank)
+        }
+        _ => Ok(Arc::new(temper_launch::BurnCollective::connect(t.clone()).map_err(joining)?)),
+    }
 }

@@ -789,6 +789,15 @@ fn data_parallel_launch() {
     };
     let (single, err) = one_and_two("lora", &|out| job(out, 12), 12);
     assert!(err.contains("data parallel: 2 workers"), "{err}");
+    assert!(err.contains("engine burn (from the device)") && err.contains("through the host"), "{err}");
+    // NCCL sums on CUDA devices only: refused before any worker starts, naming the flag or key.
+    let refused = tmp.path().join("refused");
+    let (ok, err) = finish(launch(&job(&refused, 2), &["--engine".into(), "nccl".into()]));
+    assert!(!ok && err.contains("--engine: the nccl engine sums gradients on CUDA devices"), "{err}");
+    let (ok, err) = finish(launch(&job(&refused, 2), &["--set".into(), "launch.engine=nccl".into()]));
+    assert!(!ok && err.contains("launch.engine: the nccl engine"), "{err}");
+    let (ok, err) = finish(launch(&job(&refused, 2), &["--set".into(), "launch.engine=gloo".into()]));
+    assert!(!ok && err.contains("launch.engine") && err.contains("gloo"), "{err}");
 
     // Two nodes of one worker each, on loopback.
     let nodes = tmp.path().join("nodes");

@@ -36,6 +36,8 @@ pub struct LaunchPlan {
     pub hang_timeout: Duration,
     /// The job's output directory: checkpoints to restart from, and `logs/rank-N.log`.
     pub output_dir: PathBuf,
+    /// Variables set for every worker (the collective engine, NCCL's library path).
+    pub env: Vec<(String, String)>,
 }
 
 /// Why a worker stopped the group.
@@ -176,6 +178,7 @@ fn spawn_all(plan: &LaunchPlan, logs: &Path, resume: bool, attempt: u32) -> Resu
             .env("MASTER_ADDR", &plan.master_addr)
             .env("MASTER_PORT", port.to_string())
             .env("TEMPER_HEARTBEAT", &heartbeat)
+            .envs(plan.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout);
         // Rank 0's progress also goes to the terminal.

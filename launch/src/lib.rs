@@ -8,8 +8,12 @@
 
 pub mod collective;
 pub mod coordinator;
+pub mod nccl_lib;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod rendezvous;
 pub mod topology;
 
 pub use collective::{BurnCollective, prepare_process};
 pub use coordinator::{LaunchError, LaunchPlan, STOP_SIGNAL, WorkerFailure, run_workers, stop_on_signal};
-pub use topology::Topology;
+pub use topology::{ENGINE_VAR, Topology};

@@ -2,6 +2,8 @@
 //! from the variables `temper launch` and torchrun set, or Slurm's, or Open MPI's, so that
 //! `srun temper train job.yaml` and `mpirun temper train job.yaml` work without `temper launch`.
 
+use temper_trainer::CollectiveEngine;
+
 /// The default rendezvous port (torchrun's).
 pub const DEFAULT_PORT: u16 = 29500;
 
@@ -20,7 +22,13 @@ pub struct Topology {
     pub master_port: u16,
     /// Which launcher set the variables (for messages).
     pub source: &'static str,
+    /// The engine `temper launch` chose (`TEMPER_COLLECTIVE`); other launchers leave it to
+    /// the worker's device.
+    pub engine: Option<CollectiveEngine>,
 }
+
+/// The variable through which `temper launch` tells its workers the collective engine.
+pub const ENGINE_VAR: &str = "TEMPER_COLLECTIVE";
 
 impl Topology {
     /// From the process environment; `None` when no launcher set a world size above 1.
@@ -29,8 +37,12 @@ impl Topology {
     }
 
     /// From `var` (the environment, or a map in tests). torchrun's names first (`temper launch`
-    /// sets them too), then Slurm's, then Open MPI's.
+    /// sets them too), then Slurm's, then Open MPI's. A single worker has no topology, except
+    /// under `temper launch` with the nccl engine (so that one GPU runs the NCCL path).
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<Self>, String> {
+        let engine = var(ENGINE_VAR)
+            .map(|v| v.parse::<CollectiveEngine>().map_err(|e| format!("{ENGINE_VAR}: {e}")))
+            .transpose()?;
         let num = |k: &str| -> Result<Option<usize>, String> {
             var(k)
                 .map(|v| {
@@ -60,7 +72,7 @@ impl Topology {
             let (Some(rank), Some(world)) = (num(rank_k)?, num(world_k)?) else {
                 continue;
             };
-            if world <= 1 {
+            if world == 0 || (world == 1 && engine != Some(CollectiveEngine::Nccl)) {
                 return Ok(None);
             }
             if rank >= world {
@@ -86,6 +98,7 @@ impl Topology {
                 master_addr,
                 master_port,
                 source,
+                engine,
             }));
         }
         Ok(None)
@@ -176,6 +189,13 @@ mod tests {
         );
 
         assert_eq!(topo(&[("RANK", "0"), ("WORLD_SIZE", "1")]).unwrap(), None);
+        // One GPU through NCCL, as `temper launch --nproc-per-node 1` runs it.
+        let one = [("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")];
+        let t = topo(&[one.as_slice(), &[(ENGINE_VAR, "nccl")]].concat()).unwrap().unwrap();
+        assert_eq!((t.world_size, t.engine), (1, Some(CollectiveEngine::Nccl)));
+        assert_eq!(topo(&[one.as_slice(), &[(ENGINE_VAR, "burn")]].concat()).unwrap(), None);
+        let err = topo(&[one.as_slice(), &[(ENGINE_VAR, "gloo")]].concat()).unwrap_err();
+        assert!(err.contains("TEMPER_COLLECTIVE") && err.contains("\"gloo\""), "{err}");
         assert_eq!(topo(&[]).unwrap(), None);
         let err = topo(&[("RANK", "0"), ("WORLD_SIZE", "2")]).unwrap_err();
         assert!(err.contains("MASTER_ADDR"), "{err}");

@@ -58,6 +58,53 @@ pub struct LaunchSection {
     /// Seconds without a finished step after which a worker counts as hung.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hang_timeout: Option<u64>,
+    /// Which collective engine sums the gradients (default `auto`: from the device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<CollectiveEngine>,
+}
+
+/// The engine that sums the workers' gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectiveEngine {
+    /// `nccl` for CUDA workers, `burn` otherwise.
+    #[default]
+    Auto,
+    /// NVIDIA's NCCL, on the GPUs (CUDA workers only).
+    Nccl,
+    /// burn-collective, through host memory (any device).
+    Burn,
+}
+
+impl CollectiveEngine {
+    pub const NAMES: [&str; 3] = ["auto", "nccl", "burn"];
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    /// The engine for workers on `device`: `Auto` resolved, or why the choice cannot work.
+    pub fn resolve(self, device: DeviceSpec) -> std::result::Result<Self, String> {
+        match (self, device) {
+            (Self::Auto, DeviceSpec::Cuda(_)) => Ok(Self::Nccl),
+            (Self::Auto, _) => Ok(Self::Burn),
+            (Self::Nccl, DeviceSpec::Cuda(_)) | (Self::Burn, _) => Ok(self),
+            (Self::Nccl, other) => Err(format!(
+                "the nccl engine sums gradients on CUDA devices, and the workers' device is {other}; use `burn` or `auto`"
+            )),
+        }
+    }
+}
+
+impl std::str::FromStr for CollectiveEngine {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::NAMES
+            .iter()
+            .position(|n| *n == s)
+            .map(|i| [Self::Auto, Self::Nccl, Self::Burn][i])
+            .ok_or_else(|| format!("unknown collective engine {s:?}; expected one of {}", Self::NAMES.join(", ")))
+    }
 }
 
 /// Publishing the result: after a completed run, the output directory (adapter, model card,

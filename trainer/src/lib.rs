@@ -17,7 +17,7 @@ mod step;
 pub mod sync;
 pub mod train;
 
-pub use config::{JobConfig, Precision};
+pub use config::{CollectiveEngine, JobConfig, Precision};
 pub use error::{Error, Result};
 pub use job::{AdapterSpec, Job, ObjectiveSpec, PushTarget};
 pub use sync::{Collective, CollectiveError};

@@ -118,6 +118,8 @@ struct Run<'a, B: AutodiffBackend> {
     /// The weights' storage dtype.
     dtype: DType,
     collective: Option<&'a dyn Collective>,
+    /// Seconds the last step spent in the all-reduce (data-parallel runs).
+    all_reduce_seconds: Option<f64>,
     /// Rank 0 alone writes: logs, metrics, checkpoints, the final adapter.
     main: bool,
     model: LlamaForCausalLM<B>,
@@ -229,6 +231,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             device,
             dtype,
             collective,
+            all_reduce_seconds: None,
             main,
             save_as,
             optim,
@@ -333,15 +336,19 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
 
     /// With several workers, one all-reduce: the gradients weighted by each worker's share of
     /// the normaliser, and the step's result (its layout lives in [`StepResult::pack`]).
-    fn all_reduce(&self, grads: &mut GradientsParams, local: StepResult) -> Result<StepResult> {
+    fn all_reduce(&mut self, grads: &mut GradientsParams, local: StepResult) -> Result<StepResult> {
         let Some(c) = self.collective else {
             return Ok(local);
         };
+        let started = Instant::now();
         let (totals, bytes) = sync_gradients(c, &self.model, grads, local.pack(c), self.device)?;
+        self.all_reduce_seconds = Some(started.elapsed().as_secs_f64());
         if self.state.step == self.start_step {
             self.progress.note(&format!(
-                "data parallel: {} workers, {bytes} bytes all-reduced per step",
-                c.world_size()
+                "data parallel: {} workers, {bytes} bytes all-reduced per step{}",
+                c.world_size(),
+                c.device_bucket()
+                    .map_or(" through the host".into(), |n| format!(" on the device, in buckets of up to {n} values"))
             ));
         }
         Ok(StepResult::unpack(&totals, c.world_size()))
@@ -412,6 +419,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                     ("epoch", epoch as f64),
                 ])
                 .chain(state.loss_scaler.map(|s| ("loss_scale", s.scale)))
+                .chain(self.all_reduce_seconds.map(|s| ("all_reduce_seconds", s)))
                 .collect(),
         };
         if let Some(path) = &self.opts.heartbeat {
