@@ -31,6 +31,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
     let DataCommand::Inspect(args) = cmd;
     let mut job = Job::load(&args.config, &args.set)?;
     job.resolve_hub_ids()?;
+    let unpaired = job.objective.unpaired_batches();
     let job = &job.config;
     let (_, tokenizer) = temper_models::load_config_and_tokenizer(&job.model.path)?;
     let tokenizer = Arc::new(tokenizer);
@@ -40,6 +41,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
         rank: 0,
         world_size: 1,
         epochs: Some(1),
+        unpaired,
     };
     let pipeline = Arc::new(Pipeline::new(&job.data, tokenizer.clone(), options)?);
     println!("Text in ⟦…⟧ is masked (no loss); the rest is trained on.\n");
@@ -67,6 +69,11 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 println!("prompt:   {:?}", tokenizer.decode(&p.prompt_ids, false)?);
                 println!("chosen:   {:?}", tokenizer.decode(&p.chosen_ids, false)?);
                 println!("rejected: {:?}\n", tokenizer.decode(&p.rejected_ids, false)?);
+            }
+            Encoded::Unpaired(u) => unpaired_example(&tokenizer, i, u)?,
+            Encoded::UnpairedPair(c, r) => {
+                unpaired_example(&tokenizer, i, c)?;
+                unpaired_example(&tokenizer, i, r)?;
             }
             Encoded::Dropped => println!("── example {i}: dropped (no target token left after truncation)\n"),
         }
@@ -104,6 +111,18 @@ pub fn run(cmd: DataCommand) -> Result<()> {
     for e in stats.skipped_examples.lock().expect("not poisoned").iter() {
         println!("skipped: {e}");
     }
+    Ok(())
+}
+
+fn unpaired_example(tokenizer: &temper_models::Tokenizer, i: usize, u: &temper_data::UnpairedExample) -> Result<()> {
+    println!(
+        "── example {i} ({}): prompt {} tokens, completion {}",
+        if u.desirable { "desirable" } else { "undesirable" },
+        u.prompt_ids.len(),
+        u.completion_ids.len()
+    );
+    println!("prompt:     {:?}", tokenizer.decode(&u.prompt_ids, false)?);
+    println!("completion: {:?}\n", tokenizer.decode(&u.completion_ids, false)?);
     Ok(())
 }
 

@@ -80,7 +80,12 @@ pub fn run(args: LaunchArgs, device: Option<DeviceSpec>) -> Result<()> {
         Some(e) if e != CollectiveEngine::Auto => (e, if args.engine.is_some() { "--engine" } else { "launch.engine" }),
         _ => (CollectiveEngine::Auto, "the device"),
     };
-    let engine = engine.resolve(device).map_err(|e| anyhow::anyhow!("{}: {why}: {e}", args.config.display()))?;
+    let mut engine = engine.resolve(device).map_err(|e| anyhow::anyhow!("{}: {why}: {e}", args.config.display()))?;
+    if devices.len() * nnodes == 1 && why == "the device" {
+        // One worker sums nothing: it trains as `temper train` would, needing no NCCL (an
+        // explicit `--engine nccl` still runs the NCCL path, as the GPU check does).
+        engine = CollectiveEngine::Burn;
+    }
     let mut env = vec![(temper_launch::ENGINE_VAR.to_string(), engine.name().to_string())];
     if engine == CollectiveEngine::Nccl {
         env.extend(nccl_library()?);

@@ -42,6 +42,7 @@ fn options(batch_size: usize) -> LoaderOptions {
         rank: 0,
         world_size: 1,
         epochs: Some(1),
+        unpaired: None,
     }
 }
 
@@ -198,6 +199,7 @@ fn first_ids(batch: &Batch) -> Vec<Vec<u32>> {
     match batch {
         Batch::Sft(b) => b.input_ids.chunks(b.seq_len).map(|r| r.to_vec()).collect(),
         Batch::Preference(b) => b.input_ids.chunks(b.seq_len).map(|r| r.to_vec()).collect(),
+        Batch::Unpaired(b) => b.input_ids.chunks(b.seq_len).map(|r| r.to_vec()).collect(),
     }
 }
 

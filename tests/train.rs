@@ -463,6 +463,54 @@ output_dir: {out}
     )
 }
 
+/// KTO's three steps equal TRL's `KTOTrainer` (`make_kto_fixtures.py`): losses, grad norms and
+/// every metric it logs, on unpaired completions (batches of 3, the KL pairs rotated within
+/// each) and on pairs that TRL unpairs.
+#[test]
+fn kto_matches_trl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(train_dir().join("kto_expected.json")).unwrap()).unwrap();
+    let unpaired = format!("data.path={}", train_dir().join("kto.jsonl").display());
+    let cases: [(&str, &str, Vec<&str>); 4] = [
+        ("kto", "{}", vec![&unpaired, "training.micro_batch_size=3"]),
+        (
+            "weights",
+            "{desirable_weight: 1.5, undesirable_weight: 0.5}",
+            vec![&unpaired, "training.micro_batch_size=3"],
+        ),
+        (
+            "apo_zero_unpaired",
+            "{loss_type: apo_zero_unpaired}",
+            vec![&unpaired, "training.micro_batch_size=3"],
+        ),
+        ("paired", "{}", vec![]),
+    ];
+    for (case, section, mut set) in cases {
+        set.push("data.shuffle=false");
+        let out = tmp.path().join(case);
+        let objective = format!("objective: kto\n  kto: {section}");
+        let job = load_job(tmp.path(), &preference_yaml(&out, &objective), &set).unwrap();
+        run(&job, TrainOptions::default());
+        let rows = metrics_rows(&out);
+        let want = exp[case].as_array().unwrap();
+        assert_eq!(rows.len(), want.len(), "{case}");
+        for (step, (row, want)) in rows.iter().zip(want).enumerate() {
+            let want = want.as_object().unwrap();
+            for (key, b) in want {
+                let (a, b) = (row[key].as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap());
+                let tol = 1e-4 * b.abs().max(1e-2);
+                assert!((a - b).abs() <= tol, "{case} step {}: {key} {a} vs TRL {b}", step + 1);
+            }
+            // A side with no row in the batch is not logged (TRL's paired case: a batch of
+            // chosen completions only).
+            for key in ["rewards/rejected", "rewards/margins"] {
+                assert_eq!(row.get(key).is_some(), want.contains_key(key), "{case} step {}: {key}", step + 1);
+            }
+        }
+    }
+}
+
 #[test]
 fn dpo_matches_trl() {
     let tmp = tempfile::tempdir().unwrap();

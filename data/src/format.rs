@@ -21,6 +21,8 @@ pub enum Format {
     PromptCompletion,
     /// `chosen` / `rejected`, with an explicit `prompt` or a prompt shared by both.
     Preference,
+    /// `prompt` / `completion` / `label` (true: desirable): TRL's unpaired preference, KTO's.
+    UnpairedPreference,
     /// `instruction` / `input` / `output` (Stanford Alpaca), read as prompt / completion.
     Alpaca,
     /// Already tokenized: `input_ids`, with optional `labels` or `completion_mask` (TRL skips
@@ -37,6 +39,7 @@ impl Format {
             Self::Messages => (&["messages"], &[]),
             Self::PromptCompletion => (&["prompt", "completion"], &[]),
             Self::Preference => (&["chosen", "rejected"], &["prompt"]),
+            Self::UnpairedPreference => (&["prompt", "completion", "label"], &[]),
             Self::Alpaca => (&["instruction", "output"], &["input"]),
             Self::Tokenized => (&["input_ids"], &["labels", "completion_mask"]),
         }
@@ -46,6 +49,10 @@ impl Format {
         self == Self::Preference
     }
 
+    pub fn is_unpaired(self) -> bool {
+        self == Self::UnpairedPreference
+    }
+
     /// Detects the format from (renamed) column names, in TRL's order of precedence.
     pub fn detect(columns: &[String]) -> Option<Self> {
         let has = |c: &str| columns.iter().any(|x| x == c);
@@ -53,6 +60,8 @@ impl Format {
             Some(Self::Tokenized)
         } else if has("chosen") && has("rejected") {
             Some(Self::Preference)
+        } else if has("prompt") && has("completion") && has("label") {
+            Some(Self::UnpairedPreference)
         } else if has("prompt") && has("completion") {
             Some(Self::PromptCompletion)
         } else if has("messages") || has("conversations") {
@@ -94,6 +103,12 @@ pub enum Sample {
         chosen: Content,
         rejected: Content,
     },
+    /// One completion, desirable or not (KTO).
+    Unpaired {
+        prompt: Content,
+        completion: Content,
+        desirable: bool,
+    },
     Tokenized {
         input_ids: Vec<u32>,
         labels: Option<Vec<i32>>,
@@ -127,7 +142,7 @@ impl RowFormat {
                 at: at.clone(),
                 message: format!(
                     "cannot tell the dataset format from the columns {columns:?}: expected `text`, `messages`, \
-                     `prompt`+`completion`, `chosen`+`rejected` or `instruction`+`output`; set `format` and \
+                     `prompt`+`completion` (+`label`), `chosen`+`rejected` or `instruction`+`output`; set `format` and \
                      `columns` in the data config"
                 ),
             })?,
@@ -219,6 +234,19 @@ impl RowFormat {
                 prompt: get("prompt").map(|_| content("prompt")).transpose()?,
                 chosen: content("chosen")?,
                 rejected: content("rejected")?,
+            },
+            Format::UnpairedPreference => Sample::Unpaired {
+                prompt: content("prompt")?,
+                completion: content("completion")?,
+                desirable: match required("label")? {
+                    Value::Bool(b) => *b,
+                    other => {
+                        return Err(bad(
+                            "label",
+                            format!("expected true (desirable) or false (undesirable), got {}", kind(other)),
+                        ));
+                    }
+                },
             },
             Format::Tokenized => {
                 let ints = |name: &str, v: &Value| -> Result<Vec<i64>> {
@@ -365,6 +393,10 @@ mod tests {
         assert_eq!(
             Format::detect(&cols(&["prompt", "completion", "text"])),
             Some(Format::PromptCompletion)
+        );
+        assert_eq!(
+            Format::detect(&cols(&["prompt", "completion", "label"])),
+            Some(Format::UnpairedPreference)
         );
         assert_eq!(Format::detect(&cols(&["conversations"])), Some(Format::Messages));
         assert_eq!(

@@ -14,7 +14,9 @@ pub mod tokenize;
 pub use config::{DataConfig, EvalDataConfig, SourceConfig, Stopping};
 pub use error::{Error, Location, Result};
 pub use format::{Content, Format, RowFormat, Sample};
-pub use loader::{Batch, Cursor, DataLoader, LoadedBatch, LoaderOptions, Pipeline, Stats};
-pub use pack::{PackedRow, PackingStrategy, PreferenceBatch, SftBatch, pack_bfd};
+pub use loader::{Batch, Cursor, DataLoader, LoadedBatch, LoaderOptions, Pipeline, Stats, Unpaired};
+pub use pack::{PackedRow, PackingStrategy, PreferenceBatch, SftBatch, UnpairedBatch, pack_bfd};
 pub use source::{DataFile, FileKind, Record, resolve};
-pub use tokenize::{EncodeOptions, Encoded, Encoder, IGNORE_INDEX, PreferenceExample, SftExample, Truncation};
+pub use tokenize::{
+    EncodeOptions, Encoded, Encoder, IGNORE_INDEX, PreferenceExample, SftExample, Truncation, UnpairedExample,
+};

@@ -20,10 +20,10 @@ use temper_models::Tokenizer;
 
 use crate::config::{DataConfig, Stopping};
 use crate::error::{Error, Location, Result};
-use crate::format::{RowFormat, Sample};
-use crate::pack::{PackedRow, PreferenceBatch, SftBatch, pack_bfd};
+use crate::format::{Format, RowFormat, Sample};
+use crate::pack::{PackedRow, PreferenceBatch, SftBatch, UnpairedBatch, pack_bfd};
 use crate::source::{DataFile, Record, resolve};
-use crate::tokenize::{EncodeOptions, Encoded, Encoder, PreferenceExample, SftExample};
+use crate::tokenize::{EncodeOptions, Encoded, Encoder, PreferenceExample, SftExample, UnpairedExample};
 
 /// The position of the next batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -37,6 +37,7 @@ pub struct Cursor {
 pub enum Batch {
     Sft(SftBatch),
     Preference(PreferenceBatch),
+    Unpaired(UnpairedBatch),
 }
 
 impl Batch {
@@ -45,14 +46,16 @@ impl Batch {
         match self {
             Batch::Sft(b) => b.num_tokens(),
             Batch::Preference(b) => b.num_tokens(),
+            Batch::Unpaired(b) => b.num_tokens(),
         }
     }
 
-    /// Examples (SFT; a packed row holds several) or pairs.
+    /// Examples (SFT; a packed row holds several), pairs, or unpaired completions.
     pub fn num_examples(&self) -> usize {
         match self {
             Batch::Sft(b) => b.num_examples(),
             Batch::Preference(b) => b.pairs,
+            Batch::Unpaired(b) => b.rows,
         }
     }
 
@@ -65,14 +68,17 @@ impl Batch {
                 b.input_ids.iter().copied().chain(labels).max()
             }
             Batch::Preference(b) => b.input_ids.iter().max().copied(),
+            Batch::Unpaired(b) => b.input_ids.iter().max().copied(),
         }
     }
 
-    /// What the loss is averaged over: target tokens (SFT) or pairs (preference).
+    /// What the loss is averaged over: target tokens (SFT), pairs (preference) or completions
+    /// (unpaired).
     pub fn loss_normaliser(&self) -> usize {
         match self {
             Batch::Sft(b) => b.num_target_tokens(),
             Batch::Preference(b) => b.pairs,
+            Batch::Unpaired(b) => b.rows,
         }
     }
 }
@@ -115,6 +121,16 @@ pub struct LoaderOptions {
     pub world_size: usize,
     /// `None`: epochs without end (the trainer stops at `max_steps`).
     pub epochs: Option<u64>,
+    /// KTO's batches: unpaired completions (pairs are split in two), with or without the
+    /// mismatched completions of its KL estimate. `None` for every other objective.
+    pub unpaired: Option<Unpaired>,
+}
+
+/// How KTO batches unpaired completions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unpaired {
+    /// Add each row's prompt with the previous row's completion (within the micro-batch).
+    pub kl: bool,
 }
 
 struct PreparedSource {
@@ -131,6 +147,8 @@ pub struct Pipeline {
     pub config: DataConfig,
     pub options: LoaderOptions,
     pub preference: bool,
+    /// The rows are unpaired completions (KTO's data, or pairs split for KTO).
+    pub unpaired: bool,
     pad_id: u32,
     pub stats: Arc<Stats>,
 }
@@ -155,12 +173,17 @@ impl Pipeline {
             let first = files.first().expect("resolve returns at least one file");
             let columns = first.columns()?;
             let renames = s.columns.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            let format = RowFormat::resolve(
+            let mut format = RowFormat::resolve(
                 s.format.unwrap_or_default(),
                 renames,
                 &columns,
                 &Location::file(&first.path),
             )?;
+            // A `label` beside prompt/completion marks KTO's data only for KTO: other objectives
+            // read such rows as prompt/completion, as TRL's SFTTrainer does (ignoring `label`).
+            if format.format.is_unpaired() && options.unpaired.is_none() && s.format.is_none_or(|f| f == Format::Auto) {
+                format.format = Format::PromptCompletion;
+            }
             let wanted = format.dataset_columns();
             sources.push(PreparedSource {
                 files,
@@ -168,14 +191,17 @@ impl Pipeline {
                 format,
                 weight: s.weight,
             });
-            if sources[0].format.format.is_preference() != sources[i].format.format.is_preference() {
+            let kind = |s: &PreparedSource| (s.format.format.is_preference(), s.format.format.is_unpaired());
+            if kind(&sources[0]) != kind(&sources[i]) {
                 return Err(Error::config(
                     format!("data.sources[{i}]"),
-                    "preference and SFT sources cannot be mixed in one job",
+                    "paired preference, unpaired preference and SFT sources cannot be mixed in one job",
                 ));
             }
         }
-        let preference = sources[0].format.format.is_preference();
+        let format = sources[0].format.format;
+        let unpaired = format.is_unpaired() || (format.is_preference() && options.unpaired.is_some());
+        let preference = format.is_preference() && !unpaired;
         let pad = tokenizer
             .pad_token
             .as_deref()
@@ -191,6 +217,7 @@ impl Pipeline {
                 assistant_only_loss: config.assistant_only_loss,
                 packing: config.packing,
                 chat_template: config.chat_template.clone(),
+                unpair: options.unpaired.is_some(),
             },
         )?;
         Ok(Self {
@@ -199,13 +226,14 @@ impl Pipeline {
             config: config.clone(),
             options,
             preference,
+            unpaired,
             pad_id: pad,
             stats: Arc::new(Stats::default()),
         })
     }
 
     fn window_size(&self) -> usize {
-        if self.config.packing && !self.preference {
+        if self.config.packing && !self.preference && !self.unpaired {
             self.config.packing_window
         } else {
             self.options.batch_size.saturating_mul(16)
@@ -264,6 +292,28 @@ impl Pipeline {
         })
     }
 
+    /// Desirable and undesirable rows of one pass over unpaired data (KTO's balance check;
+    /// pairs count one of each). Bad rows fail or are skipped as the config says.
+    pub fn label_counts(&self) -> Result<(u64, u64)> {
+        let (mut desirable, mut undesirable) = (0, 0);
+        for row in self.rows(0) {
+            let sample = row.and_then(|(src, record)| self.sample(src, &record));
+            match sample {
+                Ok(Sample::Unpaired { desirable: d, .. }) => {
+                    *if d { &mut desirable } else { &mut undesirable } += 1;
+                }
+                Ok(Sample::Preference { .. }) => {
+                    desirable += 1;
+                    undesirable += 1;
+                }
+                Ok(_) => {}
+                Err(e) if self.config.skip_bad_rows && e.is_row_error() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((desirable, undesirable))
+    }
+
     /// Reads samples from rows, applying `skip_bad_rows`.
     fn sample(&self, source: usize, record: &Record) -> Result<Sample> {
         self.sources[source].format.sample(record)
@@ -308,6 +358,10 @@ impl Pipeline {
         let stats = &self.stats;
         let mut sft: Vec<SftExample> = Vec::new();
         let mut pairs: Vec<PreferenceExample> = Vec::new();
+        // Unpaired rows, and the halves of pairs split for KTO: as TRL's
+        // `unpair_preference_dataset` orders them, every chosen completion of the window (in
+        // order), then every rejected one.
+        let (mut unpaired, mut rejected): (Vec<UnpairedExample>, Vec<UnpairedExample>) = (Vec::new(), Vec::new());
         for e in encoded {
             match e {
                 Encoded::Sft(x) => {
@@ -317,12 +371,41 @@ impl Pipeline {
                     sft.push(x)
                 }
                 Encoded::Preference(p) => pairs.push(p),
+                Encoded::Unpaired(u) => unpaired.push(u),
+                Encoded::UnpairedPair(c, r) => {
+                    unpaired.push(c);
+                    rejected.push(r);
+                }
                 Encoded::Dropped => {
                     stats.dropped_no_target.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
-        let batches: Vec<Batch> = if self.preference {
+        unpaired.append(&mut rejected);
+        let batches: Vec<Batch> = if self.unpaired {
+            let kl = self.options.unpaired.is_some_and(|u| u.kl);
+            let mut chunks: Vec<&[UnpairedExample]> = unpaired.chunks(bs).collect();
+            if kl && chunks.len() > 1 && chunks.last().is_some_and(|c| c.len() == 1) {
+                // A row alone would be its own KL pair (its KL term its own reward): it joins
+                // the micro-batch before it.
+                chunks.pop();
+                let start = unpaired.len() - chunks.last().map_or(0, |c| c.len()) - 1;
+                chunks.pop();
+                chunks.push(&unpaired[start..]);
+            }
+            chunks
+                .into_iter()
+                .map(|c| {
+                    Batch::Unpaired(UnpairedBatch::collate(
+                        c,
+                        kl,
+                        self.pad_id,
+                        self.config.max_length,
+                        self.config.pad_to_multiple_of,
+                    ))
+                })
+                .collect()
+        } else if self.preference {
             pairs
                 .chunks(bs)
                 .map(|c| {
@@ -371,6 +454,11 @@ impl Pipeline {
                     b.num_tokens(),
                     b.completion_mask.iter().filter(|&&m| m == 1).count(),
                     2 * b.pairs * b.seq_len,
+                ),
+                Batch::Unpaired(b) => (
+                    b.num_tokens(),
+                    b.completion_mask[..b.rows * b.seq_len].iter().filter(|&&m| m == 1).count(),
+                    b.rows * b.seq_len,
                 ),
             };
             stats.tokens.fetch_add(tokens as u64, Ordering::Relaxed);

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::tokenize::{IGNORE_INDEX, PreferenceExample, SftExample, Truncation};
+use crate::tokenize::{IGNORE_INDEX, PreferenceExample, SftExample, Truncation, UnpairedExample};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -194,6 +194,83 @@ pub struct PreferenceBatch {
     pub completion_mask: Vec<u8>,
 }
 
+/// A micro-batch of unpaired completions (KTO), padded to one length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnpairedBatch {
+    pub rows: usize,
+    pub seq_len: usize,
+    /// `[rows, seq_len]`, or with `kl` `[2 * rows, seq_len]`: each row's prompt + completion,
+    /// then each row's prompt with the previous row's completion (the first row takes the
+    /// last's), the mismatched pairs of KTO's KL estimate (TRL's `KL_input_ids`).
+    pub input_ids: Vec<u32>,
+    /// 1 for real tokens, 0 for padding.
+    pub attention_mask: Vec<u8>,
+    /// 1 for completion tokens.
+    pub completion_mask: Vec<u8>,
+    pub kl: bool,
+    /// `[rows]`.
+    pub desirable: Vec<bool>,
+}
+
+impl UnpairedBatch {
+    /// Prompt + completion cut to `max_length` from the start, as TRL's KTO collator does.
+    pub fn collate(
+        examples: &[UnpairedExample],
+        kl: bool,
+        pad_id: u32,
+        max_length: Option<usize>,
+        pad_to_multiple_of: Option<usize>,
+    ) -> Self {
+        let n = examples.len();
+        let sequence = |prompt: &[u32], completion: &[u32]| {
+            let mut ids = prompt.to_vec();
+            ids.extend_from_slice(completion);
+            let mut mask = vec![0u8; prompt.len()];
+            mask.resize(ids.len(), 1);
+            if let Some(max) = max_length {
+                ids.truncate(max);
+                mask.truncate(max);
+            }
+            (ids, mask)
+        };
+        let mut seqs: Vec<(Vec<u32>, Vec<u8>)> = examples
+            .iter()
+            .map(|e| sequence(&e.prompt_ids, &e.completion_ids))
+            .collect();
+        if kl {
+            for (i, e) in examples.iter().enumerate() {
+                seqs.push(sequence(&e.prompt_ids, &examples[(i + n - 1) % n].completion_ids));
+            }
+        }
+        let seq_len = round_up(seqs.iter().map(|s| s.0.len()).max().unwrap_or(0), pad_to_multiple_of);
+        let total = seqs.len() * seq_len;
+        let mut batch = Self {
+            rows: n,
+            seq_len,
+            input_ids: vec![pad_id; total],
+            attention_mask: vec![0; total],
+            completion_mask: vec![0; total],
+            kl,
+            desirable: examples.iter().map(|e| e.desirable).collect(),
+        };
+        for (r, (ids, mask)) in seqs.iter().enumerate() {
+            let base = r * seq_len;
+            batch.input_ids[base..base + ids.len()].copy_from_slice(ids);
+            batch.attention_mask[base..base + ids.len()].fill(1);
+            batch.completion_mask[base..base + mask.len()].copy_from_slice(mask);
+        }
+        batch
+    }
+
+    /// Real tokens of the rows themselves (not the KL pairs), as TRL counts `num_tokens`.
+    pub fn num_tokens(&self) -> usize {
+        self.attention_mask[..self.rows * self.seq_len]
+            .iter()
+            .filter(|&&m| m == 1)
+            .count()
+    }
+}
+
 impl PreferenceBatch {
     pub fn collate(
         pairs: &[PreferenceExample],
@@ -244,6 +321,27 @@ impl PreferenceBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unpaired_rows_and_their_kl_pairs() {
+        let ex = |p: &[u32], c: &[u32], desirable| UnpairedExample {
+            prompt_ids: p.to_vec(),
+            completion_ids: c.to_vec(),
+            desirable,
+        };
+        let examples = [ex(&[1, 2], &[3], true), ex(&[4], &[5, 6, 7], false), ex(&[8, 9, 10], &[11], true)];
+        let b = UnpairedBatch::collate(&examples, true, 0, Some(4), None);
+        assert_eq!((b.rows, b.seq_len, b.desirable.clone()), (3, 4, vec![true, false, true]));
+        let rows: Vec<&[u32]> = b.input_ids.chunks(4).collect();
+        // The rows, then each prompt with the previous row's completion (the first, the last's),
+        // cut to max_length from the start.
+        assert_eq!(rows, [&[1, 2, 3, 0][..], &[4, 5, 6, 7], &[8, 9, 10, 11], &[1, 2, 11, 0], &[4, 3, 0, 0], &[8, 9, 10, 5]]);
+        let masks: Vec<&[u8]> = b.completion_mask.chunks(4).collect();
+        assert_eq!(masks, [&[0, 0, 1, 0][..], &[0, 1, 1, 1], &[0, 0, 0, 1], &[0, 0, 1, 0], &[0, 1, 0, 0], &[0, 0, 0, 1]]);
+        assert_eq!(b.num_tokens(), 11, "the rows' tokens, not the KL pairs'");
+        let plain = UnpairedBatch::collate(&examples, false, 0, None, Some(8));
+        assert_eq!((plain.input_ids.len(), plain.seq_len), (3 * 8, 8));
+    }
 
     fn ex(ids: &[u32]) -> SftExample {
         SftExample {

@@ -49,6 +49,8 @@ pub struct EncodeOptions {
     pub packing: bool,
     /// A chat template that replaces the tokenizer's.
     pub chat_template: Option<String>,
+    /// KTO: preference pairs become two unpaired completions (TRL's `unpair_preference_dataset`).
+    pub unpair: bool,
 }
 
 /// A tokenized SFT sample.
@@ -69,10 +71,22 @@ pub struct PreferenceExample {
     pub rejected_ids: Vec<u32>,
 }
 
+/// A tokenized unpaired completion (KTO): the prompt and the completion, untruncated (the
+/// collator truncates prompt+completion, as TRL's does).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnpairedExample {
+    pub prompt_ids: Vec<u32>,
+    pub completion_ids: Vec<u32>,
+    pub desirable: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Encoded {
     Sft(SftExample),
     Preference(PreferenceExample),
+    Unpaired(UnpairedExample),
+    /// A preference pair unpaired for KTO: the chosen completion, then the rejected one.
+    UnpairedPair(UnpairedExample, UnpairedExample),
     /// No target token is left after truncation (TRL drops these too).
     Dropped,
 }
@@ -118,7 +132,17 @@ impl Encoder {
                 prompt,
                 chosen,
                 rejected,
+            } if self.options.unpair => self.unpair(prompt.as_ref(), chosen, rejected).map_err(bad),
+            Sample::Preference {
+                prompt,
+                chosen,
+                rejected,
             } => self.encode_preference(prompt.as_ref(), chosen, rejected).map_err(bad),
+            Sample::Unpaired {
+                prompt,
+                completion,
+                desirable,
+            } => self.encode_unpaired(prompt, completion, *desirable).map_err(bad),
             _ => self.encode_sft(sample).map_err(bad),
         }
     }
@@ -172,7 +196,7 @@ impl Encoder {
                 }
                 (input_ids.clone(), completion_mask.clone(), None)
             }
-            Sample::Preference { .. } => unreachable!("handled by encode_preference"),
+            Sample::Preference { .. } | Sample::Unpaired { .. } => unreachable!("handled by encode"),
         };
         if let Some(mask) = &assistant_mask
             && !mask.iter().any(|&m| m)
@@ -269,6 +293,70 @@ impl Encoder {
             prompt_ids: prompt_ids[..prompt_len].to_vec(),
             chosen_ids: prompt_chosen[prompt_len..].to_vec(),
             rejected_ids: prompt_rejected[prompt_len..].to_vec(),
+        }))
+    }
+
+    /// A pair as two unpaired rows, the prompt found as for DPO.
+    fn unpair(
+        &self,
+        prompt: Option<&Content>,
+        chosen: &Content,
+        rejected: &Content,
+    ) -> std::result::Result<Encoded, String> {
+        let (prompt, chosen, rejected) = match prompt {
+            Some(p) if p.is_conversational() == chosen.is_conversational() => {
+                (p.clone(), chosen.clone(), rejected.clone())
+            }
+            _ => extract_prompt(chosen, rejected)?,
+        };
+        let half = |completion: &Content, desirable: bool, name: &str| {
+            self.encode_unpaired(&prompt, completion, desirable)
+                .map_err(|e| e.replace("`completion`", &format!("`{name}`")))
+        };
+        // Each half stands alone, as TRL filters the unpaired rows one by one.
+        Ok(match (half(&chosen, true, "chosen")?, half(&rejected, false, "rejected")?) {
+            (Encoded::Unpaired(c), Encoded::Unpaired(r)) => Encoded::UnpairedPair(c, r),
+            (Encoded::Unpaired(one), _) | (_, Encoded::Unpaired(one)) => Encoded::Unpaired(one),
+            _ => Encoded::Dropped, // the prompt alone fills max_length
+        })
+    }
+
+    /// One completion as TRL's `KTOTrainer` tokenizes it: the prompt (with the generation
+    /// prompt for conversations), then prompt+completion (with EOS for plain text), the
+    /// completion starting where the two diverge. A prompt that fills `max_length` leaves
+    /// nothing to score (the collator keeps the start): the row is dropped, as TRL filters it.
+    fn encode_unpaired(
+        &self,
+        prompt: &Content,
+        completion: &Content,
+        desirable: bool,
+    ) -> std::result::Result<Encoded, String> {
+        let (prompt_ids, full) = match (prompt, completion) {
+            (Content::Messages(p), Content::Messages(c)) => {
+                let all: Vec<Message> = p.iter().chain(c).cloned().collect();
+                (self.encode_chat(p, true, false)?.0, self.encode_chat(&all, false, false)?.0)
+            }
+            (Content::Text(p), Content::Text(c)) => (
+                self.encode_text(p)?,
+                self.encode_text(&format!("{p}{}", self.with_eos(c)))?,
+            ),
+            _ => return Err("`prompt` and `completion` must both be strings or both message lists".into()),
+        };
+        let empty = match completion {
+            Content::Text(t) => t.trim().is_empty(),
+            Content::Messages(m) => m.iter().all(|m| m.content.trim().is_empty()),
+        };
+        let prompt_len = common_prefix_length(&prompt_ids, &full);
+        if empty || full.len() <= prompt_len {
+            return Err("`completion` is empty".into());
+        }
+        if self.options.max_length.is_some_and(|max| prompt_len >= max) {
+            return Ok(Encoded::Dropped);
+        }
+        Ok(Encoded::Unpaired(UnpairedExample {
+            prompt_ids: prompt_ids[..prompt_len].to_vec(),
+            completion_ids: full[prompt_len..].to_vec(),
+            desirable,
         }))
     }
 

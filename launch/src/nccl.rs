@@ -54,7 +54,7 @@ fn nccl_error(e: result::NcclError) -> String {
 }
 
 /// What to do when `libnccl` cannot be loaded.
-pub const MISSING_LIBRARY: &str = "NCCL's library (libnccl.so) is not found. Install NCCL (`pip install nvidia-nccl-cu13`, or Debian/Ubuntu's libnccl2) and start the workers with `temper launch`, which finds libnccl.so.2 there; or put a directory holding libnccl.so on LD_LIBRARY_PATH; or set `launch.engine: burn` to sum through the host instead";
+pub const MISSING_LIBRARY: &str = "NCCL's library (libnccl.so) is not found. Install NCCL (`pip install nvidia-nccl-cu13`, or Debian/Ubuntu's libnccl2) and start the workers with `temper launch`, which finds libnccl.so.2 there; or put a directory holding libnccl.so on LD_LIBRARY_PATH; or sum through the host instead (`--engine burn` for `temper launch`, TEMPER_COLLECTIVE=burn for workers started by torchrun, srun or mpirun)";
 
 /// An `ncclComm_t`, used under the engine's lock only.
 struct Comm(sys::ncclComm_t);
@@ -145,7 +145,7 @@ impl NcclCollective {
             )
         }
         .map_err(nccl_error)
-        .and_then(|_| self.stream.synchronize().map_err(|e| format!("{e:?}")));
+        .and_then(|_| self.wait(comm));
         if let Err(message) = done {
             // A failed collective leaves the communicator in an unknown state: abort it, so
             // that the peers' calls fail too instead of waiting for this rank forever.
@@ -159,10 +159,35 @@ impl NcclCollective {
         Ok(())
     }
 
+    /// Waits for this engine's stream, watching the communicator: when a peer dies, NCCL
+    /// reports it as an asynchronous error while the collective would never finish.
+    fn wait(&self, comm: sys::ncclComm_t) -> Result<(), String> {
+        use cudarc::driver::sys::{CUresult, cuStreamQuery};
+        loop {
+            // SAFETY: the stream is alive (owned by self).
+            match unsafe { cuStreamQuery(self.stream.cu_stream()) } {
+                CUresult::CUDA_SUCCESS => return Ok(()),
+                CUresult::CUDA_ERROR_NOT_READY => {}
+                other => return Err(format!("waiting for the all-reduce: {other:?}")),
+            }
+            let mut state = sys::ncclResult_t::ncclSuccess;
+            // SAFETY: `comm` is alive (under the engine's lock); NCCL writes `state`.
+            let asked = unsafe { sys::ncclCommGetAsyncError(comm, &mut state) };
+            if asked != sys::ncclResult_t::ncclSuccess {
+                return Err(nccl_error(result::NcclError(asked)));
+            }
+            if !matches!(state, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
+                return Err(format!("a peer failed: {}", nccl_error(result::NcclError(state))));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
     /// The device address and value count of a contiguous f32 CubeCL tensor, once every kernel
     /// that writes it has finished.
     fn address(&self, tensor: CubeTensor<CudaRuntime>) -> Result<(u64, usize), CollectiveError> {
         if !tensor.is_contiguous() || tensor.dtype != burn::tensor::DType::F32 {
+            // The trainer builds buckets with `cat` (fresh, contiguous, f32): a programmer error.
             return Err(engine("all-reduce", "a bucket must be one contiguous f32 tensor"));
         }
         let count = tensor.meta.shape().num_elements();
@@ -185,9 +210,11 @@ impl Drop for NcclCollective {
         if let Ok(guard) = self.comm.lock()
             && let Ok(comm) = &*guard
         {
+            // Abort, not destroy: destroy finalizes, which waits for the peers, and a worker
+            // dropping its engine on an error path must not hang on peers still in a collective.
             // SAFETY: the communicator is alive and used by nothing else any more.
             unsafe {
-                let _ = result::comm_destroy(comm.0);
+                let _ = result::comm_abort(comm.0);
             }
         }
     }

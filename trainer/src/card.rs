@@ -33,6 +33,7 @@ fn objective_description(o: Objective) -> &'static str {
         Objective::Dpo => "direct preference optimization (DPO)",
         Objective::Simpo => "SimPO (simple preference optimization)",
         Objective::Orpo => "ORPO (odds ratio preference optimization)",
+        Objective::Kto => "KTO (Kahneman-Tversky optimization)",
     }
 }
 
@@ -180,7 +181,9 @@ impl<'a> Card<'a> {
             );
             writeln!(md, "| {shown} | {} |", w.map_or("—".into(), |w| format!("{w}"))).unwrap();
         }
-        let unit = if self.job.objective.is_preference() {
+        let unit = if self.job.objective.is_unpaired() {
+            "completions"
+        } else if self.job.objective.is_preference() {
             "pairs"
         } else {
             "examples"
@@ -227,6 +230,17 @@ impl<'a> Card<'a> {
                 );
             }
             ObjectiveSpec::Orpo(o) => row("orpo beta", o.beta.to_string()),
+            ObjectiveSpec::Kto(k) => {
+                row(
+                    "kto beta, desirable / undesirable weight",
+                    format!("{}, {} / {}", k.beta, k.desirable_weight, k.undesirable_weight),
+                );
+                row(
+                    "kto loss",
+                    serde_json::to_string(&k.loss_type).unwrap_or_default().trim_matches('"').into(),
+                );
+                row("reference", "the base with the adapter off".into());
+            }
             ObjectiveSpec::Sft => {}
         }
         if lora {

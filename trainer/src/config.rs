@@ -343,6 +343,9 @@ pub enum Objective {
     /// Odds-ratio preference optimisation: NLL plus an odds-ratio term, no reference
     /// (`training.orpo`).
     Orpo,
+    /// Kahneman-Tversky optimisation on unpaired completions labelled desirable or not, against
+    /// a reference (`training.kto`).
+    Kto,
 }
 
 impl Objective {
@@ -357,6 +360,7 @@ impl Objective {
             Objective::Dpo => "dpo",
             Objective::Simpo => "simpo",
             Objective::Orpo => "orpo",
+            Objective::Kto => "kto",
         }
     }
 }
@@ -483,6 +487,43 @@ pub struct OrpoSection {
     pub beta: f64,
 }
 
+/// KTO's options, with TRL's `KTOConfig` names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KtoSection {
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// Weight of the desirable rows' losses.
+    #[serde(default = "one")]
+    pub desirable_weight: f64,
+    /// Weight of the undesirable rows' losses.
+    #[serde(default = "one")]
+    pub undesirable_weight: f64,
+    #[serde(default)]
+    pub loss_type: temper_trl::KtoLossType,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl Default for KtoSection {
+    fn default() -> Self {
+        serde_yaml::from_str("{}").expect("defaults deserialize")
+    }
+}
+
+impl KtoSection {
+    pub fn params(&self) -> temper_trl::KtoParams {
+        temper_trl::KtoParams {
+            beta: self.beta,
+            desirable_weight: self.desirable_weight,
+            undesirable_weight: self.undesirable_weight,
+            loss_type: self.loss_type,
+        }
+    }
+}
+
 impl Default for OrpoSection {
     fn default() -> Self {
         serde_yaml::from_str("{}").expect("defaults deserialize")
@@ -523,6 +564,8 @@ pub struct TrainingSection {
     pub simpo: Option<SimpoSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub orpo: Option<OrpoSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kto: Option<KtoSection>,
     /// Passes over the data; ignored when `max_steps` is set.
     #[serde(default = "default_epochs")]
     pub epochs: u64,
@@ -827,6 +870,7 @@ impl JobConfig {
             ("training.dpo", t.dpo.is_some(), Objective::Dpo),
             ("training.simpo", t.simpo.is_some(), Objective::Simpo),
             ("training.orpo", t.orpo.is_some(), Objective::Orpo),
+            ("training.kto", t.kto.is_some(), Objective::Kto),
         ] {
             check(
                 !given || t.objective == owner,
@@ -878,6 +922,19 @@ impl JobConfig {
         }
         if let Some(o) = &t.orpo {
             positive(o.beta, "training.orpo.beta")?;
+        }
+        if t.objective == Objective::Kto {
+            let k = t.kto.clone().unwrap_or_default();
+            positive(k.beta, "training.kto.beta")?;
+            positive(k.desirable_weight, "training.kto.desirable_weight")?;
+            positive(k.undesirable_weight, "training.kto.undesirable_weight")?;
+            check(
+                !k.loss_type.uses_kl() || t.micro_batch_size > 1,
+                "training.micro_batch_size",
+                "KTO's KL estimate pairs each row's prompt with another row's completion of the same micro-batch, \
+                 so it needs at least 2 rows (as TRL's KTOTrainer); or use `kto.loss_type: apo_zero_unpaired`"
+                    .into(),
+            )?;
         }
         check(
             t.save_total_limit != Some(0),

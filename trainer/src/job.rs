@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use burn::tensor::DType;
 use temper_peft::{BaseQuantization, LoraConfig};
 
-use crate::config::{AdapterKind, DeviceSpec, DpoSection, JobConfig, Objective, OrpoSection, Precision, SimpoSection};
+use crate::config::{
+    AdapterKind, DeviceSpec, DpoSection, JobConfig, KtoSection, Objective, OrpoSection, Precision, SimpoSection,
+};
 use crate::error::{Error, Result};
 
 /// A checked job, ready to run. Reading it touches no network: a model or dataset given as a
@@ -31,6 +33,7 @@ pub enum ObjectiveSpec {
     Dpo(DpoSection),
     Simpo(SimpoSection),
     Orpo(OrpoSection),
+    Kto(KtoSection),
 }
 
 impl ObjectiveSpec {
@@ -40,6 +43,7 @@ impl ObjectiveSpec {
             Self::Dpo(_) => Objective::Dpo,
             Self::Simpo(_) => Objective::Simpo,
             Self::Orpo(_) => Objective::Orpo,
+            Self::Kto(_) => Objective::Kto,
         }
     }
 
@@ -54,9 +58,28 @@ impl ObjectiveSpec {
     }
 
     /// DPO against a reference model (not `reference_free`).
-    pub fn reference(&self) -> Option<&DpoSection> {
+    /// Whether the objective compares with a reference model: `Some(precompute)` (its
+    /// log-probabilities computed once before training, or live at each step), `None` without.
+    pub fn reference(&self) -> Option<bool> {
         match self {
-            Self::Dpo(d) if !d.reference_free => Some(d),
+            Self::Dpo(d) if !d.reference_free => Some(d.precompute_ref_log_probs),
+            Self::Kto(_) => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Whether the data are unpaired completions (KTO; pairs are split in two).
+    pub fn is_unpaired(&self) -> bool {
+        matches!(self, Self::Kto(_))
+    }
+
+    /// How the loader batches this objective's data: KTO's unpaired completions, with the KL
+    /// pairs its loss needs; `None` for the other objectives.
+    pub fn unpaired_batches(&self) -> Option<temper_data::Unpaired> {
+        match self {
+            Self::Kto(k) => Some(temper_data::Unpaired {
+                kl: k.loss_type.uses_kl(),
+            }),
             _ => None,
         }
     }
@@ -134,6 +157,7 @@ impl Job {
             Objective::Dpo => ObjectiveSpec::Dpo(t.dpo.get_or_insert_with(Default::default).clone()),
             Objective::Simpo => ObjectiveSpec::Simpo(t.simpo.get_or_insert_with(Default::default).clone()),
             Objective::Orpo => ObjectiveSpec::Orpo(t.orpo.get_or_insert_with(Default::default).clone()),
+            Objective::Kto => ObjectiveSpec::Kto(t.kto.get_or_insert_with(Default::default).clone()),
         };
         let a = &config.adapter;
         let adapter = match a.kind {

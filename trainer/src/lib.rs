@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 mod forward;
 pub mod job;
+mod kto;
 pub mod metrics;
 mod objective;
 pub mod optim;

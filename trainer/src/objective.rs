@@ -4,13 +4,14 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor};
-use temper_data::{Batch, PreferenceBatch};
+use temper_data::Batch;
 use temper_models::LlamaForCausalLM;
 
 use crate::blocks::HiddenFn;
 use crate::error::Result;
 use crate::forward::sft_loss;
 use crate::job::ObjectiveSpec;
+use crate::kto::kto_step_loss;
 use crate::preference::{PreferenceObjective, preference_step_loss};
 use crate::step::{Metric, StepSums};
 
@@ -20,6 +21,8 @@ pub(crate) enum Loss {
     Sft,
     /// DPO (and its loss types), SimPO, ORPO over chosen/rejected pairs.
     Preference(PreferenceObjective),
+    /// KTO over unpaired completions.
+    Kto(temper_trl::KtoParams),
 }
 
 impl Loss {
@@ -29,6 +32,7 @@ impl Loss {
             ObjectiveSpec::Dpo(d) => PreferenceObjective::Dpo(d.params()),
             ObjectiveSpec::Simpo(s) => PreferenceObjective::Simpo(s.params()),
             ObjectiveSpec::Orpo(o) => PreferenceObjective::Orpo { beta: o.beta },
+            ObjectiveSpec::Kto(k) => return Loss::Kto(k.params()),
         };
         Loss::Preference(preference)
     }
@@ -45,14 +49,14 @@ impl Loss {
     }
 
     /// The summed (not yet divided) loss of one micro-batch, with its metrics added to `sums`;
-    /// `None` when it has nothing to learn from. `reference` gives a preference batch's
-    /// reference log-probabilities (`[2 * pairs]`), or `None` without a reference.
+    /// `None` when it has nothing to learn from. `reference` gives a preference or unpaired
+    /// batch's reference log-probabilities (`Reference::logps`), or `None` without a reference.
     pub(crate) fn micro_batch<B: Backend>(
         &self,
         model: &LlamaForCausalLM<B>,
         hidden: HiddenFn<B>,
         batch: &Batch,
-        reference: impl FnOnce(&PreferenceBatch) -> Result<Option<Tensor<B, 1>>>,
+        reference: impl FnOnce(&Batch) -> Result<Option<Tensor<B, 1>>>,
         device: &B::Device,
         sums: &mut StepSums,
     ) -> Result<Option<Tensor<B, 1>>> {
@@ -64,9 +68,18 @@ impl Loss {
             (Loss::Preference(objective), Batch::Preference(b)) => Some(preference_step_loss(
                 model,
                 hidden,
-                reference(b)?,
+                reference(batch)?,
                 b,
                 objective,
+                device,
+                sums,
+            )),
+            (Loss::Kto(params), Batch::Unpaired(b)) => Some(kto_step_loss(
+                model,
+                hidden,
+                reference(batch)?.expect("KTO always has a reference (ObjectiveSpec::reference)"),
+                b,
+                *params,
                 device,
                 sums,
             )),

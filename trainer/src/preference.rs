@@ -40,9 +40,56 @@ pub(crate) struct RowLogps<B: Backend> {
     pub chosen_prompt: Option<(Tensor<B, 1>, usize)>,
 }
 
+/// Padded rows of token ids, `[rows, seq_len]`, with which tokens are real and which are
+/// scored.
+pub(crate) struct Rows<'a> {
+    pub input_ids: &'a [u32],
+    pub attention_mask: &'a [u8],
+    pub completion_mask: &'a [u8],
+    pub rows: usize,
+    pub seq_len: usize,
+}
+
+/// Summed completion log-probabilities (`[rows]`) and summed per-token mean logits of each
+/// row, from one forward pass; the first `prompts_of` rows' prompt tokens are also summed, into
+/// rows `rows..rows + prompts_of` of the result (ORPO's NLL), with their count.
+pub(crate) fn rows_logps<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    hidden: HiddenFn<B>,
+    rows: Rows<'_>,
+    prompts_of: usize,
+    device: &B::Device,
+) -> (Tensor<B, 1>, Tensor<B, 1>, usize) {
+    let (n, s) = (rows.rows, rows.seq_len);
+    let (mut pos, mut tgt, mut row) = (Vec::new(), Vec::new(), Vec::new());
+    let mut prompt_tokens = 0;
+    for r in 0..n {
+        for t in 0..s.saturating_sub(1) {
+            let next = r * s + t + 1;
+            let target_row = if rows.completion_mask[next] == 1 {
+                r
+            } else if r < prompts_of && rows.attention_mask[next] == 1 {
+                prompt_tokens += 1;
+                n + r
+            } else {
+                continue;
+            };
+            pos.push((r * s + t) as i64);
+            tgt.push(rows.input_ids[next] as i64);
+            row.push(target_row as i64);
+        }
+    }
+    let num_rows = n + prompts_of;
+    let ids = int_matrix(&rows.input_ids[..n * s], [n, s], device);
+    let tokens = token_logps_at(model, hidden, ids, ForwardOptions::default(), pos, tgt, device);
+    let row = int_vector(row, device);
+    let mean_logits = sequence_logps(tokens.mean_logits, row.clone(), num_rows);
+    (sequence_logps(tokens.logps, row, num_rows), mean_logits, prompt_tokens)
+}
+
 /// Summed completion log-probabilities of every row of a preference batch, from one forward
 /// pass over chosen and rejected rows together; with `with_prompts`, the chosen rows' prompt
-/// tokens too (they go to rows `2p..3p` of the same scatter).
+/// tokens too.
 pub(crate) fn preference_logps<B: Backend>(
     model: &LlamaForCausalLM<B>,
     hidden: HiddenFn<B>,
@@ -50,31 +97,15 @@ pub(crate) fn preference_logps<B: Backend>(
     with_prompts: bool,
     device: &B::Device,
 ) -> RowLogps<B> {
-    let (p, s) = (batch.pairs, batch.seq_len);
-    let (mut pos, mut tgt, mut row) = (Vec::new(), Vec::new(), Vec::new());
-    let mut prompt_tokens = 0;
-    for r in 0..2 * p {
-        for t in 0..s.saturating_sub(1) {
-            let next = r * s + t + 1;
-            let target_row = if batch.completion_mask[next] == 1 {
-                r
-            } else if with_prompts && r < p && batch.attention_mask[next] == 1 {
-                prompt_tokens += 1;
-                2 * p + r
-            } else {
-                continue;
-            };
-            pos.push((r * s + t) as i64);
-            tgt.push(batch.input_ids[next] as i64);
-            row.push(target_row as i64);
-        }
-    }
-    let num_rows = if with_prompts { 3 * p } else { 2 * p };
-    let ids = int_matrix(&batch.input_ids, [2 * p, s], device);
-    let tokens = token_logps_at(model, hidden, ids, ForwardOptions::default(), pos, tgt, device);
-    let row = int_vector(row, device);
-    let mean_logits = sequence_logps(tokens.mean_logits, row.clone(), num_rows);
-    let all = sequence_logps(tokens.logps, row, num_rows);
+    let p = batch.pairs;
+    let rows = Rows {
+        input_ids: &batch.input_ids,
+        attention_mask: &batch.attention_mask,
+        completion_mask: &batch.completion_mask,
+        rows: 2 * p,
+        seq_len: batch.seq_len,
+    };
+    let (all, mean_logits, prompt_tokens) = rows_logps(model, hidden, rows, if with_prompts { p } else { 0 }, device);
     RowLogps {
         logps: all.clone().slice(0..2 * p),
         mean_logits: mean_logits.slice(0..2 * p),
@@ -171,14 +202,21 @@ pub(crate) enum Reference<B: Backend> {
 }
 
 impl<B: Backend> Reference<B> {
-    /// `[2 * pairs]` for `batch`, or `None` without a reference.
-    pub(crate) fn logps(&self, batch: &PreferenceBatch, device: &B::Device) -> Result<Option<Tensor<B, 1>>> {
-        Ok(match self {
-            Reference::None => None,
-            Reference::Model(m) => Some(preference_logps(m, &plain, batch, false, device).logps),
-            Reference::Precomputed(cache) => {
-                let values = cache.lookup(batch)?;
-                Some(Tensor::from_data(TensorData::new(values, [2 * batch.pairs]), device))
+    /// `[2 * pairs]` for a preference batch, `[rows]` (or with KTO's KL pairs `[2 * rows]`) for
+    /// an unpaired one; `None` without a reference.
+    pub(crate) fn logps(&self, batch: &Batch, device: &B::Device) -> Result<Option<Tensor<B, 1>>> {
+        Ok(match (self, batch) {
+            (Reference::None, _) | (_, Batch::Sft(_)) => None,
+            (Reference::Model(m), Batch::Preference(b)) => Some(preference_logps(m, &plain, b, false, device).logps),
+            (Reference::Model(m), Batch::Unpaired(b)) => {
+                Some(rows_logps(m, &plain, crate::kto::all_rows(b), 0, device).0)
+            }
+            (Reference::Precomputed(cache), Batch::Preference(b)) => {
+                let values = cache.lookup(b)?;
+                Some(Tensor::from_data(TensorData::new(values, [2 * b.pairs]), device))
+            }
+            (Reference::Precomputed(_), Batch::Unpaired(_)) => {
+                unreachable!("KTO's reference is never precomputed (job.rs)")
             }
         })
     }

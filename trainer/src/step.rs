@@ -23,14 +23,21 @@ pub(crate) enum Metric {
     NllLoss,
     LogOddsRatio,
     LogOddsChosen,
+    /// KTO's KL estimate, summed over micro-batches (divided by their count).
+    Kl,
     /// Completion tokens of the chosen and rejected rows: what divides `logits/*`. Not logged.
     ChosenTokens,
     RejectedTokens,
+    /// KTO: desirable and undesirable rows (what divides its `rewards/*` and `logps/*`), and
+    /// micro-batches (what divides `kl`). Not logged.
+    DesirableRows,
+    UndesirableRows,
+    MicroBatches,
 }
 
 impl Metric {
     /// Every metric, in the order rows show them.
-    const ALL: [Metric; 15] = [
+    const ALL: [Metric; 19] = [
         Metric::Loss,
         Metric::MeanTokenAccuracy,
         Metric::RewardsChosen,
@@ -44,8 +51,12 @@ impl Metric {
         Metric::NllLoss,
         Metric::LogOddsRatio,
         Metric::LogOddsChosen,
+        Metric::Kl,
         Metric::ChosenTokens,
         Metric::RejectedTokens,
+        Metric::DesirableRows,
+        Metric::UndesirableRows,
+        Metric::MicroBatches,
     ];
 
     /// The training name, and the evaluation's (`eval_` + it) where evaluation reports it.
@@ -64,8 +75,12 @@ impl Metric {
             Metric::NllLoss => ("nll_loss", Some("eval_nll_loss")),
             Metric::LogOddsRatio => ("log_odds_ratio", Some("eval_log_odds_ratio")),
             Metric::LogOddsChosen => ("log_odds_chosen", Some("eval_log_odds_chosen")),
+            Metric::Kl => ("kl", Some("eval_kl")),
             Metric::ChosenTokens => ("chosen_tokens", None),
             Metric::RejectedTokens => ("rejected_tokens", None),
+            Metric::DesirableRows => ("desirable_rows", None),
+            Metric::UndesirableRows => ("undesirable_rows", None),
+            Metric::MicroBatches => ("micro_batches", None),
         }
     }
 
@@ -99,21 +114,45 @@ impl StepSums {
     }
 
     /// The logged means, in [`Metric::ALL`]'s order, without the loss (reported on its own):
-    /// per target token or pair (`denominator`), and `logits/*` per completion token, as TRL
-    /// averages them. Training names, or with `eval`, the evaluation's (where it has one).
+    /// per target token or pair (`denominator`), `logits/*` per completion token, KTO's
+    /// `rewards/*` and `logps/*` per desirable or undesirable row and its `kl` per micro-batch,
+    /// as TRL averages them. Training names, or with `eval`, the evaluation's (where it has one).
     pub(crate) fn logged(&self, denominator: usize, eval: bool) -> Vec<(&'static str, f64)> {
+        let kto = |count: Metric| self.values[count.index()];
+        let mean = |m: Metric, count: Metric| Some(self.values[m.index()]? / kto(count)?.max(1.0));
         Metric::ALL
             .into_iter()
-            .filter(|&m| !matches!(m, Metric::Loss | Metric::ChosenTokens | Metric::RejectedTokens))
+            .filter(|&m| {
+                !matches!(
+                    m,
+                    Metric::Loss
+                        | Metric::ChosenTokens
+                        | Metric::RejectedTokens
+                        | Metric::DesirableRows
+                        | Metric::UndesirableRows
+                        | Metric::MicroBatches
+                )
+            })
             .filter_map(|m| {
-                let sum = self.values[m.index()]?;
                 let name = if eval { m.names().1? } else { m.names().0 };
-                let by = match m {
-                    Metric::LogitsChosen => self.get(Metric::ChosenTokens),
-                    Metric::LogitsRejected => self.get(Metric::RejectedTokens),
-                    _ => denominator as f64,
+                let value = match m {
+                    Metric::LogitsChosen => mean(m, Metric::ChosenTokens)?,
+                    Metric::LogitsRejected => mean(m, Metric::RejectedTokens)?,
+                    Metric::Kl => mean(m, Metric::MicroBatches)?,
+                    Metric::RewardsChosen | Metric::LogpsChosen if kto(Metric::DesirableRows).is_some() => {
+                        mean(m, Metric::DesirableRows)?
+                    }
+                    Metric::RewardsRejected | Metric::LogpsRejected if kto(Metric::UndesirableRows).is_some() => {
+                        mean(m, Metric::UndesirableRows)?
+                    }
+                    // KTO's margin: the difference of its two means, when both sides had rows.
+                    Metric::RewardsMargins if self.values[m.index()].is_none() => {
+                        mean(Metric::RewardsChosen, Metric::DesirableRows)?
+                            - mean(Metric::RewardsRejected, Metric::UndesirableRows)?
+                    }
+                    _ => self.values[m.index()]? / (denominator as f64).max(1.0),
                 };
-                Some((name, sum / by.max(1.0)))
+                Some((name, value))
             })
             .collect()
     }

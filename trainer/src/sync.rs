@@ -75,14 +75,18 @@ pub(crate) fn all_reduce(c: &dyn Collective, local: Vec<f32>) -> Result<Vec<f32>
     Ok(out)
 }
 
-/// The trainable gradients of `module`, in the module's (deterministic) parameter order.
+/// The trainable gradients of `module`, in the module's (deterministic) parameter order, and
+/// whether this worker has each; a trainable parameter without one (this worker's
+/// micro-batches had nothing to learn from, or it takes no part in the loss) gets zeros, so
+/// every worker sums the same layout. A gradient no worker has stays absent after the sum
+/// (the optimizer skips it, as in a single process).
 fn gradient_list<AB: AutodiffBackend, M: Module<AB>>(
     module: &M,
     grads: &GradientsParams,
-) -> Vec<(ParamId, Vec<usize>, Vec<f32>)> {
+) -> Vec<(ParamId, Vec<usize>, Vec<f32>, bool)> {
     struct Collect<'a> {
         grads: &'a GradientsParams,
-        out: Vec<(ParamId, Vec<usize>, Vec<f32>)>,
+        out: Vec<(ParamId, Vec<usize>, Vec<f32>, bool)>,
     }
     impl<AB: AutodiffBackend> ModuleVisitor<AB> for Collect<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
@@ -94,7 +98,10 @@ fn gradient_list<AB: AutodiffBackend, M: Module<AB>>(
                     .convert::<f32>()
                     .to_vec()
                     .expect("f32 values");
-                self.out.push((param.id, shape, values));
+                self.out.push((param.id, shape, values, true));
+            } else if param.val().is_require_grad() {
+                let shape = param.val().dims().to_vec();
+                self.out.push((param.id, shape.clone(), vec![0.0; shape.iter().product()], false));
             }
         }
     }
@@ -130,22 +137,26 @@ fn sync_on_host<AB: AutodiffBackend, M: Module<AB>>(
 ) -> Result<(Vec<f32>, usize)> {
     let local_denominator = counters[0];
     let list = gradient_list::<AB, M>(module, grads);
-    let mut flat: Vec<f32> = Vec::with_capacity(list.iter().map(|g| g.2.len()).sum::<usize>() + counters.len());
-    for (_, _, values) in &list {
+    let mut flat: Vec<f32> = Vec::with_capacity(list.iter().map(|g| g.2.len() + 1).sum::<usize>() + counters.len());
+    for (_, _, values, _) in &list {
         flat.extend(values.iter().map(|v| v * local_denominator));
     }
     let offset = flat.len();
     flat.extend_from_slice(&counters);
+    flat.extend(list.iter().map(|g| g.3 as u8 as f32));
     let bytes = flat.len() * 4;
     let summed = all_reduce(c, flat)?;
-    let totals = summed[offset..].to_vec();
+    let totals = summed[offset..offset + counters.len()].to_vec();
+    let present = &summed[offset + counters.len()..];
     let scale = 1.0 / totals[0].max(1.0);
     let mut at = 0;
-    for (id, shape, values) in list {
+    for (i, (id, shape, values, _)) in list.into_iter().enumerate() {
         let n = values.len();
         let data: Vec<f32> = summed[at..at + n].iter().map(|v| v * scale).collect();
         at += n;
-        register::<AB>(grads, id, data, shape, device);
+        if present[i] > 0.0 {
+            register::<AB>(grads, id, data, shape, device);
+        }
     }
     Ok((totals, bytes))
 }
@@ -161,10 +172,21 @@ fn sync_on_device<AB: AutodiffBackend, M: Module<AB>>(
     bucket_values: usize,
 ) -> Result<(Vec<f32>, usize)> {
     let local_denominator = counters[0];
-    let mut bytes = counters.len() * 4;
-    let totals = all_reduce(c, counters)?;
-    let weight = local_denominator / totals[0].max(1.0);
     let list = device_gradients::<AB, M>(module, grads);
+    // Which gradients any worker has travels with the counters: one nobody has is left out
+    // of every worker's buckets alike.
+    let n_counters = counters.len();
+    let mut counters = counters;
+    counters.extend(list.iter().map(|g| g.present as u8 as f32));
+    let mut bytes = counters.len() * 4;
+    let mut totals = all_reduce(c, counters)?;
+    let present = totals.split_off(n_counters);
+    let list: Vec<DeviceGradient<AB::InnerBackend>> = list
+        .into_iter()
+        .zip(present)
+        .filter_map(|(g, p)| (p > 0.0).then_some(g))
+        .collect();
+    let weight = local_denominator / totals[0].max(1.0);
     let sizes: Vec<usize> = list.iter().map(|g| g.shape.iter().product()).collect();
     for range in buckets(&sizes, bucket_values) {
         let parts: Vec<Tensor<AB::InnerBackend, 1>> = list[range.clone()]
@@ -192,9 +214,12 @@ struct DeviceGradient<B: burn::tensor::backend::Backend> {
     shape: Vec<usize>,
     dtype: DType,
     flat: Tensor<B, 1>,
+    /// This worker has it (not zeros standing in).
+    present: bool,
 }
 
-/// The trainable gradients of `module` in its parameter order, still on the device.
+/// The trainable gradients of `module` in its parameter order, still on the device (zeros for
+/// a trainable parameter without one, as [`gradient_list`]).
 fn device_gradients<AB: AutodiffBackend, M: Module<AB>>(
     module: &M,
     grads: &GradientsParams,
@@ -205,17 +230,24 @@ fn device_gradients<AB: AutodiffBackend, M: Module<AB>>(
     }
     impl<AB: AutodiffBackend> ModuleVisitor<AB> for Collect<'_, AB::InnerBackend> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
-            if let Some(g) = self.grads.get::<AB::InnerBackend, D>(param.id) {
-                let shape = g.dims().to_vec();
-                let dtype = g.dtype();
-                let n = shape.iter().product::<usize>();
-                self.out.push(DeviceGradient {
-                    id: param.id,
-                    shape,
-                    dtype,
-                    flat: g.cast(DType::F32).reshape([n]),
-                });
-            }
+            let (g, present) = match self.grads.get::<AB::InnerBackend, D>(param.id) {
+                Some(g) => (g, true),
+                None if param.val().is_require_grad() => {
+                    let p = param.val().inner();
+                    (Tensor::zeros(p.shape(), &p.device()), false)
+                }
+                None => return,
+            };
+            let shape = g.dims().to_vec();
+            let dtype = g.dtype();
+            let n = shape.iter().product::<usize>();
+            self.out.push(DeviceGradient {
+                id: param.id,
+                shape,
+                dtype,
+                flat: g.cast(DType::F32).reshape([n]),
+                present,
+            });
         }
     }
     let mut c = Collect::<AB::InnerBackend> { grads, out: Vec::new() };
@@ -275,8 +307,8 @@ fn register<AB: AutodiffBackend>(
     let data = TensorData::new(data, shape.clone());
     macro_rules! put {
         ($d:literal) => {{
-            let old = grads.remove::<AB::InnerBackend, $d>(id).expect("listed above");
-            let t = Tensor::<AB::InnerBackend, $d>::from_data(data, device).cast(old.dtype());
+            let dtype = grads.remove::<AB::InnerBackend, $d>(id).map_or(DType::F32, |old| old.dtype());
+            let t = Tensor::<AB::InnerBackend, $d>::from_data(data, device).cast(dtype);
             grads.register::<AB::InnerBackend, $d>(id, t);
         }};
     }
@@ -352,7 +384,7 @@ mod tests {
     fn grads_of(tiny: &Tiny<B>, grads: &GradientsParams) -> Vec<(DType, Vec<f32>)> {
         gradient_list::<B, Tiny<B>>(tiny, grads)
             .into_iter()
-            .map(|(id, _, values)| {
+            .map(|(id, _, values, _)| {
                 let dtype = [tiny.bias.id, tiny.experts.id]
                     .contains(&id)
                     .then_some(DType::F32)

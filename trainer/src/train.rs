@@ -11,7 +11,7 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, Tensor};
-use temper_data::{Batch, Cursor, DataConfig, DataLoader, LoaderOptions, Pipeline, PreferenceBatch};
+use temper_data::{Batch, Cursor, DataConfig, DataLoader, LoaderOptions, Pipeline};
 use temper_models::config::CheckpointDtype;
 use temper_models::save::{DEFAULT_SHARD_BYTES, save_pretrained};
 use temper_models::{LlamaForCausalLM, ModelConfig, Tokenizer};
@@ -170,9 +170,16 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             rank,
             world_size: world,
             epochs: if t.max_steps.is_some() { None } else { Some(t.epochs) },
+            unpaired: job.objective.unpaired_batches(),
         };
         let pipeline = Arc::new(Pipeline::new(&config.data, tokenizer.clone(), loader_options)?);
-        check_objective_fits_data(&job.objective, pipeline.preference)?;
+        check_objective_fits_data(&job.objective, &pipeline, "data")?;
+        if let Some(eval) = config.data.eval_config() {
+            // Found now, not at the first evaluation hours in.
+            let eval = Pipeline::new(&eval, tokenizer.clone(), loader_options)?;
+            check_objective_fits_data(&job.objective, &eval, "data.eval")?;
+        }
+        check_kto_balance(job, &tokenizer, loader_options, main)?;
         let total_steps = total_steps(config, resumed.as_ref(), &tokenizer, loader_options, collective)?;
 
         let (model, save_as) = build_model::<B>(
@@ -303,7 +310,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                 Some(blocks) => blocks.forward_hidden(m, ids, options),
                 None => plain(m, ids, options),
             };
-            let reference = |b: &PreferenceBatch| Ok(self.reference.logps(b, device)?.map(Tensor::from_inner));
+            let reference = |b: &Batch| Ok(self.reference.logps(b, device)?.map(Tensor::from_inner));
             let Some(loss) = self
                 .loss
                 .micro_batch(&self.model, &hidden, batch, reference, device, &mut sums)?
@@ -471,6 +478,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             eval,
             &self.tokenizer,
             t.micro_batch_size,
+            self.job.objective.unpaired_batches(),
             max_eval_rows(&self.job.config),
             self.device,
         )?;
@@ -596,17 +604,79 @@ fn check_context(job: &JobConfig, model: &ModelConfig) -> Result<()> {
     }
 }
 
-fn check_objective_fits_data(objective: &ObjectiveSpec, preference_data: bool) -> Result<()> {
-    match (objective.is_preference(), preference_data) {
-        (false, true) => Err(Error::config(
-            "training.objective",
-            "the data is preference pairs (chosen/rejected): set `objective: dpo` (or simpo, orpo), or give SFT data",
-        )),
-        (true, false) => Err(Error::config(
-            "training.objective",
-            "preference training needs preference data (`chosen` and `rejected` columns)",
-        )),
-        _ => Ok(()),
+/// KTO learns from both kinds of completion: data with only one kind is refused, and, as TRL
+/// does, a warning says when the weights do not balance unequal counts.
+fn check_kto_balance(job: &Job, tokenizer: &Arc<Tokenizer>, options: LoaderOptions, main: bool) -> Result<()> {
+    let ObjectiveSpec::Kto(k) = &job.objective else {
+        return Ok(());
+    };
+    // Every row, whatever this worker's shard.
+    let all = LoaderOptions {
+        rank: 0,
+        world_size: 1,
+        epochs: Some(1),
+        ..options
+    };
+    let (d, u) = Pipeline::new(&job.config.data, tokenizer.clone(), all)?.label_counts()?;
+    if d + u == 0 {
+        return Err(Error::config("data", "no row to train on (every row was skipped as bad)"));
+    }
+    // APO-zero has no KL term: one kind alone still trains (pushed up, or down, from the
+    // reference), as TRL allows.
+    if (d == 0 || u == 0) && k.loss_type.uses_kl() {
+        let paths: Vec<String> = job
+            .config
+            .data
+            .resolved_sources()
+            .iter()
+            .map(|s| s.path.clone())
+            .collect();
+        return Err(Error::config(
+            "data",
+            format!(
+                "{}: column `label`: all {} rows are {}; KTO learns from desirable (true) and undesirable (false) \
+                 completions together, so the data needs both",
+                paths.join(", "),
+                d + u,
+                if u == 0 { "true (desirable)" } else { "false (undesirable)" }
+            ),
+        ));
+    }
+    if main && d != u {
+        // TRL's KTOTrainer: either weight in its range brings the two sides' total weights
+        // within a factor 4/3 of each other.
+        let round = |x: f64| (x * 100.0).round() / 100.0;
+        let (d, u) = (d as f64, u as f64);
+        let desirable = (round(u * k.undesirable_weight / d), round(u * k.undesirable_weight / d * 1.33));
+        let undesirable = (round(d * k.desirable_weight / u / 1.33), round(d * k.desirable_weight / u));
+        let within = |w: f64, (lo, hi): (f64, f64)| lo <= w && w <= hi;
+        if !within(k.desirable_weight, desirable) && !within(k.undesirable_weight, undesirable) {
+            eprintln!(
+                "warning: {d} desirable and {u} undesirable rows, and the KTO weights do not balance them: set EITHER \
+                 training.kto.desirable_weight in [{}, {}] OR training.kto.undesirable_weight in [{}, {}] (not both), \
+                 as TRL recommends",
+                desirable.0, desirable.1, undesirable.0, undesirable.1
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The objective can train on `data` (the section named `which`).
+fn check_objective_fits_data(objective: &ObjectiveSpec, data: &Pipeline, which: &str) -> Result<()> {
+    let wrong = |message: &str| Err(Error::config("training.objective", format!("{which}: {message}")));
+    match (objective.is_unpaired(), objective.is_preference(), data.preference, data.unpaired) {
+        (true, _, _, true) | (false, true, true, false) | (false, false, false, false) => Ok(()),
+        (true, _, _, false) => wrong(
+            "KTO needs completions labelled desirable or not (`prompt`, `completion`, `label` columns) or preference pairs (`chosen`, `rejected`)",
+        ),
+        (false, _, _, true) => wrong(
+            "the data is unpaired completions with a `label` (KTO's format): set `objective: kto`, or give pairs or SFT data",
+        ),
+        (false, false, true, _) => wrong(
+            "the data is preference pairs (chosen/rejected): set `objective: dpo` (or simpo, orpo, kto), or give SFT data",
+        ),
+        (false, true, false, _) => wrong("preference training needs preference data (`chosen` and `rejected` columns)"),
     }
 }
 
@@ -686,7 +756,7 @@ fn build_reference<B: AutodiffBackend>(
     main: bool,
     device: &B::Device,
 ) -> Result<Reference<B::InnerBackend>> {
-    let Some(dpo) = job.objective.reference() else {
+    let Some(precompute) = job.objective.reference() else {
         return Ok(Reference::None);
     };
     let reference = match job.adapter.init_from() {
@@ -697,7 +767,7 @@ fn build_reference<B: AutodiffBackend>(
             r
         }
     };
-    if !dpo.precompute_ref_log_probs {
+    if !precompute {
         return Ok(Reference::Model(Box::new(reference)));
     }
     let saved = resume_dir.map(|d| d.join(pref::CACHE_FILE)).filter(|p| p.exists());
@@ -821,6 +891,7 @@ fn evaluate<B: AutodiffBackend>(
     eval: &DataConfig,
     tokenizer: &Arc<Tokenizer>,
     batch_size: usize,
+    unpaired: Option<temper_data::Unpaired>,
     max_rows: usize,
     device: &B::Device,
 ) -> Result<Vec<(&'static str, f64)>> {
@@ -831,6 +902,7 @@ fn evaluate<B: AutodiffBackend>(
         rank: 0,
         world_size: 1,
         epochs: Some(1),
+        unpaired,
     };
     // The pipeline names its settings `data.*`; these are the evaluation data's.
     let in_eval = |e: temper_data::Error| match e {
@@ -847,9 +919,10 @@ fn evaluate<B: AutodiffBackend>(
         rows += match &batch {
             Batch::Sft(b) => b.batch_size,
             Batch::Preference(b) => b.pairs,
+            Batch::Unpaired(b) => b.rows,
         };
         count += batch.loss_normaliser();
-        let reference = |b: &PreferenceBatch| reference.logps(b, device);
+        let reference = |b: &Batch| reference.logps(b, device);
         loss.micro_batch(&model, &plain, &batch, reference, device, &mut sums)?;
         if rows >= max_rows {
             break;

@@ -1,11 +1,13 @@
 //! Training objectives as pure functions over tensors: no model, no loop, no state.
 
 pub mod dpo;
+pub mod kto;
 pub mod logps;
 pub mod sft;
 
 pub use dpo::{
     DpoLossType, DpoParams, PairLogps, PreferenceOutput, SimpoParams, dpo_loss, orpo_loss, sequence_logps, simpo_loss,
 };
+pub use kto::{KtoLossType, KtoOutput, KtoParams, kto_kl, kto_loss};
 pub use logps::{TokenLogps, head_token_logps, log_softmax, token_logps};
 pub use sft::{TokenLoss, token_cross_entropy};
