@@ -194,6 +194,34 @@ pub struct PreferenceBatch {
     pub completion_mask: Vec<u8>,
 }
 
+/// Sequences (token ids, completion mask) padded on the right to one length.
+struct Padded {
+    seq_len: usize,
+    input_ids: Vec<u32>,
+    attention_mask: Vec<u8>,
+    completion_mask: Vec<u8>,
+}
+
+impl Padded {
+    fn new(seqs: &[(Vec<u32>, Vec<u8>)], pad_id: u32, pad_to_multiple_of: Option<usize>) -> Self {
+        let seq_len = round_up(seqs.iter().map(|s| s.0.len()).max().unwrap_or(0), pad_to_multiple_of);
+        let total = seqs.len() * seq_len;
+        let mut p = Padded {
+            seq_len,
+            input_ids: vec![pad_id; total],
+            attention_mask: vec![0; total],
+            completion_mask: vec![0; total],
+        };
+        for (r, (ids, mask)) in seqs.iter().enumerate() {
+            let base = r * seq_len;
+            p.input_ids[base..base + ids.len()].copy_from_slice(ids);
+            p.attention_mask[base..base + ids.len()].fill(1);
+            p.completion_mask[base..base + mask.len()].copy_from_slice(mask);
+        }
+        p
+    }
+}
+
 /// A micro-batch of unpaired completions (KTO), padded to one length.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnpairedBatch {
@@ -242,24 +270,16 @@ impl UnpairedBatch {
                 seqs.push(sequence(&e.prompt_ids, &examples[(i + n - 1) % n].completion_ids));
             }
         }
-        let seq_len = round_up(seqs.iter().map(|s| s.0.len()).max().unwrap_or(0), pad_to_multiple_of);
-        let total = seqs.len() * seq_len;
-        let mut batch = Self {
+        let p = Padded::new(&seqs, pad_id, pad_to_multiple_of);
+        Self {
             rows: n,
-            seq_len,
-            input_ids: vec![pad_id; total],
-            attention_mask: vec![0; total],
-            completion_mask: vec![0; total],
+            seq_len: p.seq_len,
+            input_ids: p.input_ids,
+            attention_mask: p.attention_mask,
+            completion_mask: p.completion_mask,
             kl,
             desirable: examples.iter().map(|e| e.desirable).collect(),
-        };
-        for (r, (ids, mask)) in seqs.iter().enumerate() {
-            let base = r * seq_len;
-            batch.input_ids[base..base + ids.len()].copy_from_slice(ids);
-            batch.attention_mask[base..base + ids.len()].fill(1);
-            batch.completion_mask[base..base + mask.len()].copy_from_slice(mask);
         }
-        batch
     }
 
     /// Real tokens of the rows themselves (not the KL pairs), as TRL counts `num_tokens`.
@@ -295,22 +315,14 @@ impl PreferenceBatch {
                 seqs.push((ids, mask));
             }
         }
-        let seq_len = round_up(seqs.iter().map(|s| s.0.len()).max().unwrap_or(0), pad_to_multiple_of);
-        let n = seqs.len() * seq_len;
-        let mut batch = Self {
+        let p = Padded::new(&seqs, pad_id, pad_to_multiple_of);
+        Self {
             pairs: pairs.len(),
-            seq_len,
-            input_ids: vec![pad_id; n],
-            attention_mask: vec![0; n],
-            completion_mask: vec![0; n],
-        };
-        for (r, (ids, mask)) in seqs.iter().enumerate() {
-            let base = r * seq_len;
-            batch.input_ids[base..base + ids.len()].copy_from_slice(ids);
-            batch.attention_mask[base..base + ids.len()].fill(1);
-            batch.completion_mask[base..base + mask.len()].copy_from_slice(mask);
+            seq_len: p.seq_len,
+            input_ids: p.input_ids,
+            attention_mask: p.attention_mask,
+            completion_mask: p.completion_mask,
         }
-        batch
     }
 
     pub fn num_tokens(&self) -> usize {

@@ -245,14 +245,7 @@ impl Encoder {
         chosen: &Content,
         rejected: &Content,
     ) -> std::result::Result<Encoded, String> {
-        // An explicit prompt is used only when it is of the same kind as the completions
-        // (TRL's `maybe_extract_prompt`); otherwise the prompt is the completions' common start.
-        let (prompt, chosen, rejected) = match prompt {
-            Some(p) if p.is_conversational() == chosen.is_conversational() => {
-                (p.clone(), chosen.clone(), rejected.clone())
-            }
-            _ => extract_prompt(chosen, rejected)?,
-        };
+        let (prompt, chosen, rejected) = pair_prompt(prompt, chosen, rejected)?;
         let (prompt_ids, prompt_chosen, prompt_rejected) = match (&prompt, &chosen, &rejected) {
             (Content::Messages(p), Content::Messages(c), Content::Messages(r)) => {
                 let join = |x: &[Message]| p.iter().chain(x).cloned().collect::<Vec<_>>();
@@ -269,11 +262,7 @@ impl Encoder {
             ),
             _ => return Err("`prompt`, `chosen` and `rejected` must all be strings or all message lists".into()),
         };
-        let empty = |c: &Content| match c {
-            Content::Text(t) => t.trim().is_empty(),
-            Content::Messages(m) => m.iter().all(|m| m.content.trim().is_empty()),
-        };
-        if empty(&chosen) || empty(&rejected) {
+        if is_empty(&chosen) || is_empty(&rejected) {
             return Err("`chosen` or `rejected` is empty".into());
         }
         if prompt_chosen == prompt_rejected {
@@ -303,12 +292,7 @@ impl Encoder {
         chosen: &Content,
         rejected: &Content,
     ) -> std::result::Result<Encoded, String> {
-        let (prompt, chosen, rejected) = match prompt {
-            Some(p) if p.is_conversational() == chosen.is_conversational() => {
-                (p.clone(), chosen.clone(), rejected.clone())
-            }
-            _ => extract_prompt(chosen, rejected)?,
-        };
+        let (prompt, chosen, rejected) = pair_prompt(prompt, chosen, rejected)?;
         let half = |completion: &Content, desirable: bool, name: &str| {
             self.encode_unpaired(&prompt, completion, desirable)
                 .map_err(|e| e.replace("`completion`", &format!("`{name}`")))
@@ -342,12 +326,8 @@ impl Encoder {
             ),
             _ => return Err("`prompt` and `completion` must both be strings or both message lists".into()),
         };
-        let empty = match completion {
-            Content::Text(t) => t.trim().is_empty(),
-            Content::Messages(m) => m.iter().all(|m| m.content.trim().is_empty()),
-        };
         let prompt_len = common_prefix_length(&prompt_ids, &full);
-        if empty || full.len() <= prompt_len {
+        if is_empty(completion) || full.len() <= prompt_len {
             return Err("`completion` is empty".into());
         }
         if self.options.max_length.is_some_and(|max| prompt_len >= max) {
@@ -445,6 +425,29 @@ impl Encoder {
 }
 
 /// Number of leading tokens two sequences share (TRL's `common_prefix_length`).
+/// A pair's prompt and completions: an explicit prompt when it is of the completions' kind
+/// (TRL's `maybe_extract_prompt`), otherwise the completions' common start.
+fn pair_prompt(
+    prompt: Option<&Content>,
+    chosen: &Content,
+    rejected: &Content,
+) -> std::result::Result<(Content, Content, Content), String> {
+    match prompt {
+        Some(p) if p.is_conversational() == chosen.is_conversational() => {
+            Ok((p.clone(), chosen.clone(), rejected.clone()))
+        }
+        _ => extract_prompt(chosen, rejected),
+    }
+}
+
+/// Blank text, or turns that are all blank.
+fn is_empty(c: &Content) -> bool {
+    match c {
+        Content::Text(t) => t.trim().is_empty(),
+        Content::Messages(m) => m.iter().all(|m| m.content.trim().is_empty()),
+    }
+}
+
 pub fn common_prefix_length(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
