@@ -83,25 +83,27 @@ pub(crate) fn all_reduce(c: &dyn Collective, local: Vec<f32>) -> Result<Vec<f32>
 fn gradient_list<AB: AutodiffBackend, M: Module<AB>>(
     module: &M,
     grads: &GradientsParams,
-) -> Vec<(ParamId, Vec<usize>, Vec<f32>, bool)> {
+) -> Vec<(ParamId, Vec<usize>, DType, Vec<f32>, bool)> {
     struct Collect<'a> {
         grads: &'a GradientsParams,
-        out: Vec<(ParamId, Vec<usize>, Vec<f32>, bool)>,
+        out: Vec<(ParamId, Vec<usize>, DType, Vec<f32>, bool)>,
     }
     impl<AB: AutodiffBackend> ModuleVisitor<AB> for Collect<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
             if let Some(g) = self.grads.get::<AB::InnerBackend, D>(param.id) {
                 let shape = g.dims().to_vec();
+                let dtype = g.dtype();
                 let values = g
                     .cast(DType::F32)
                     .into_data()
                     .convert::<f32>()
                     .to_vec()
                     .expect("f32 values");
-                self.out.push((param.id, shape, values, true));
+                self.out.push((param.id, shape, dtype, values, true));
             } else if param.val().is_require_grad() {
-                let shape = param.val().dims().to_vec();
-                self.out.push((param.id, shape.clone(), vec![0.0; shape.iter().product()], false));
+                let (shape, dtype) = (param.val().dims().to_vec(), param.val().dtype());
+                let zeros = vec![0.0; shape.iter().product()];
+                self.out.push((param.id, shape, dtype, zeros, false));
             }
         }
     }
@@ -137,25 +139,26 @@ fn sync_on_host<AB: AutodiffBackend, M: Module<AB>>(
 ) -> Result<(Vec<f32>, usize)> {
     let local_denominator = counters[0];
     let list = gradient_list::<AB, M>(module, grads);
-    let mut flat: Vec<f32> = Vec::with_capacity(list.iter().map(|g| g.2.len() + 1).sum::<usize>() + counters.len());
-    for (_, _, values, _) in &list {
+    let mut flat: Vec<f32> = Vec::with_capacity(list.iter().map(|g| g.3.len() + 1).sum::<usize>() + counters.len());
+    for (_, _, _, values, _) in &list {
         flat.extend(values.iter().map(|v| v * local_denominator));
     }
     let offset = flat.len();
     flat.extend_from_slice(&counters);
-    flat.extend(list.iter().map(|g| g.3 as u8 as f32));
+    flat.extend(list.iter().map(|g| g.4 as u8 as f32));
     let bytes = flat.len() * 4;
     let summed = all_reduce(c, flat)?;
     let totals = summed[offset..offset + counters.len()].to_vec();
     let present = &summed[offset + counters.len()..];
     let scale = 1.0 / totals[0].max(1.0);
     let mut at = 0;
-    for (i, (id, shape, values, _)) in list.into_iter().enumerate() {
+    for (i, (id, shape, dtype, values, _)) in list.into_iter().enumerate() {
         let n = values.len();
         let data: Vec<f32> = summed[at..at + n].iter().map(|v| v * scale).collect();
         at += n;
         if present[i] > 0.0 {
-            register::<AB>(grads, id, data, shape, device);
+            let flat = Tensor::from_data(TensorData::new(data, [n]), device);
+            register_tensor::<AB>(grads, id, flat, &shape, dtype);
         }
     }
     Ok((totals, bytes))
@@ -297,30 +300,6 @@ fn register_tensor<AB: AutodiffBackend>(
     }
 }
 
-fn register<AB: AutodiffBackend>(
-    grads: &mut GradientsParams,
-    id: ParamId,
-    data: Vec<f32>,
-    shape: Vec<usize>,
-    device: &AB::Device,
-) {
-    let data = TensorData::new(data, shape.clone());
-    macro_rules! put {
-        ($d:literal) => {{
-            let dtype = grads.remove::<AB::InnerBackend, $d>(id).map_or(DType::F32, |old| old.dtype());
-            let t = Tensor::<AB::InnerBackend, $d>::from_data(data, device).cast(dtype);
-            grads.register::<AB::InnerBackend, $d>(id, t);
-        }};
-    }
-    match shape.len() {
-        1 => put!(1),
-        2 => put!(2),
-        3 => put!(3),
-        4 => put!(4),
-        d => unreachable!("parameters have 1 to 4 dimensions, not {d}"),
-    }
-}
-
 /// `values` in this worker's slot of a buffer with one slot per worker, zeros elsewhere: summed
 /// over the workers, it holds every worker's values.
 pub(crate) fn in_own_slot(c: &dyn Collective, values: &[f32]) -> Vec<f32> {
@@ -384,13 +363,7 @@ mod tests {
     fn grads_of(tiny: &Tiny<B>, grads: &GradientsParams) -> Vec<(DType, Vec<f32>)> {
         gradient_list::<B, Tiny<B>>(tiny, grads)
             .into_iter()
-            .map(|(id, _, values, _)| {
-                let dtype = [tiny.bias.id, tiny.experts.id]
-                    .contains(&id)
-                    .then_some(DType::F32)
-                    .unwrap_or_else(|| grads.get::<NdArray, 2>(id).unwrap().dtype());
-                (dtype, values)
-            })
+            .map(|(_, _, dtype, values, _)| (dtype, values))
             .collect()
     }
 
