@@ -31,17 +31,13 @@ pub fn run(cmd: DataCommand) -> Result<()> {
     let DataCommand::Inspect(args) = cmd;
     let mut job = Job::load(&args.config, &args.set)?;
     job.resolve_hub_ids()?;
-    let unpaired = job.objective.unpaired_batches();
+    let objective = job.objective.clone();
     let job = &job.config;
     let (_, tokenizer) = temper_models::load_config_and_tokenizer(&job.model.path)?;
     let tokenizer = Arc::new(tokenizer);
     let options = LoaderOptions {
-        batch_size: job.training.micro_batch_size,
         seed: job.training.seed,
-        rank: 0,
-        world_size: 1,
-        epochs: Some(1),
-        unpaired,
+        ..objective.loader_options(job.training.micro_batch_size)
     };
     let pipeline = Arc::new(Pipeline::new(&job.data, tokenizer.clone(), options)?);
     println!("Text in ⟦…⟧ is masked (no loss); the rest is trained on.\n");

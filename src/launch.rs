@@ -77,10 +77,19 @@ pub fn run(args: LaunchArgs, device: Option<DeviceSpec>) -> Result<()> {
         None => bail!("--master-addr (node 0's address) is needed with --nnodes {nnodes}"),
     };
     let (engine, why) = match args.engine.or(l.engine) {
-        Some(e) if e != CollectiveEngine::Auto => (e, if args.engine.is_some() { "--engine" } else { "launch.engine" }),
+        Some(e) if e != CollectiveEngine::Auto => (
+            e,
+            if args.engine.is_some() {
+                "--engine"
+            } else {
+                "launch.engine"
+            },
+        ),
         _ => (CollectiveEngine::Auto, "the device"),
     };
-    let mut engine = engine.resolve(device).map_err(|e| anyhow::anyhow!("{}: {why}: {e}", args.config.display()))?;
+    let mut engine = engine
+        .resolve(device)
+        .map_err(|e| anyhow::anyhow!("{}: {why}: {e}", args.config.display()))?;
     if devices.len() * nnodes == 1 && why == "the device" {
         // One worker sums nothing: it trains as `temper train` would, needing no NCCL (an
         // explicit `--engine nccl` still runs the NCCL path, as the GPU check does).

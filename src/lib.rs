@@ -8,5 +8,6 @@ pub mod generate;
 pub mod launch;
 pub mod merge;
 pub mod push;
+pub mod score;
 pub mod stop;
 pub mod train;

@@ -7,6 +7,7 @@ use temper::generate::GenerateArgs;
 use temper::launch::LaunchArgs;
 use temper::merge::MergeArgs;
 use temper::push::PushArgs;
+use temper::score::ScoreArgs;
 use temper::train::TrainArgs;
 
 /// Fine-tuning and preference training of language models.
@@ -29,6 +30,8 @@ enum Command {
     Data(DataCommand),
     /// Generate text from a prompt.
     Generate(GenerateArgs),
+    /// Score rows with a reward model (JSON lines: each pair's chosen and rejected scores).
+    Score(ScoreArgs),
     /// Fold a LoRA adapter into its base model and write a Hugging Face model directory.
     Merge(MergeArgs),
     /// Write an adapter in another tool's format (llama.cpp GGUF).
@@ -57,6 +60,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data(cmd) => temper::data::run(cmd),
         Command::Generate(args) => dispatch(device, args).map_err(anyhow::Error::msg)?,
         Command::Merge(args) => dispatch(device, args).map_err(anyhow::Error::msg)?,
+        Command::Score(args) => dispatch(device, args).map_err(anyhow::Error::msg)?,
         Command::Export(args) => temper::export::run(args),
         Command::Push(args) => temper::push::run(args),
         Command::Launch(args) => temper::launch::run(args, cli.device),

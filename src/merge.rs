@@ -55,10 +55,17 @@ impl BackendJob for MergeArgs {
         // Merge in f32 whatever the output dtype, so rounding happens once.
         let loaded = temper_models::load_pretrained::<B>(&self.model, &device, DType::F32)?;
         let (model, _) = temper_peft::load_adapter(loaded.model, &self.adapter)?;
-        let model = temper_peft::merge_adapters(model);
-        save_pretrained(&model, &loaded.config, &self.out, dtype, DEFAULT_SHARD_BYTES)?;
+        let mut model = temper_peft::merge_adapters(model);
+        let mut config = loaded.config.clone();
+        if model.score.is_some() && !config.score_head {
+            // A reward adapter (its `score` head saved with it) merges into a classifier.
+            config.score_head = true;
+            config.pad_token_id = config.pad_token_id.or(loaded.tokenizer.pad_token_id());
+            model.lm_head = None;
+        }
+        save_pretrained(&model, &config, &self.out, dtype, DEFAULT_SHARD_BYTES)?;
         if self.model.is_dir() {
-            copy_tokenizer_files(&self.model, &self.out, dtype)?;
+            copy_tokenizer_files(&self.model, &self.out, dtype, &config)?;
         } else {
             loaded.tokenizer.save_pretrained(&self.out)?;
         }
@@ -72,7 +79,12 @@ impl BackendJob for MergeArgs {
     }
 }
 
-fn copy_tokenizer_files(from: &Path, to: &Path, dtype: CheckpointDtype) -> Result<()> {
+fn copy_tokenizer_files(
+    from: &Path,
+    to: &Path,
+    dtype: CheckpointDtype,
+    merged: &temper_models::ModelConfig,
+) -> Result<()> {
     for name in COPIED {
         let src = from.join(name);
         if src.exists() {
@@ -90,6 +102,13 @@ fn copy_tokenizer_files(from: &Path, to: &Path, dtype: CheckpointDtype) -> Resul
         "torch_dtype"
     };
     config[key] = serde_json::json!(dtype.torch_name());
+    if merged.score_head {
+        // What the written config says of the classifier head, over the base's causal-LM keys.
+        let ours = merged.to_hf_json(dtype).map_err(anyhow::Error::msg)?;
+        for k in ["architectures", "id2label", "label2id", "pad_token_id"] {
+            config[k] = ours[k].clone();
+        }
+    }
     std::fs::write(to.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
     Ok(())
 }

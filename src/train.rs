@@ -157,8 +157,13 @@ fn join_collective(t: &temper_launch::Topology, device: DeviceSpec) -> Result<Ar
             Ok(Arc::new(c))
         }
         (CollectiveEngine::Nccl, _) => {
-            bail!("rank {}: the nccl engine needs a binary built with `--features cuda`", t.rank)
+            bail!(
+                "rank {}: the nccl engine needs a binary built with `--features cuda`",
+                t.rank
+            )
         }
-        _ => Ok(Arc::new(temper_launch::BurnCollective::connect(t.clone()).map_err(joining)?)),
+        _ => Ok(Arc::new(
+            temper_launch::BurnCollective::connect(t.clone()).map_err(joining)?,
+        )),
     }
 }

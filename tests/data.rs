@@ -450,6 +450,7 @@ fn formats_and_splits_are_detected() {
             prompt_ids: vec![1, 2, 3],
             chosen_ids: vec![4, 5],
             rejected_ids: vec![6],
+            margin: None,
         }],
         0,
         Some(4),

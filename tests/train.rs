@@ -505,10 +505,131 @@ fn kto_matches_trl() {
             // A side with no row in the batch is not logged (TRL's paired case: a batch of
             // chosen completions only).
             for key in ["rewards/rejected", "rewards/margins"] {
-                assert_eq!(row.get(key).is_some(), want.contains_key(key), "{case} step {}: {key}", step + 1);
+                assert_eq!(
+                    row.get(key).is_some(),
+                    want.contains_key(key),
+                    "{case} step {}: {key}",
+                    step + 1
+                );
             }
         }
     }
+}
+
+/// Reward modelling's three steps equal TRL's `RewardTrainer` (`make_reward_fixtures.py`):
+/// losses, grad norms and its metrics, for a LoRA adapter with the `score` head in full (plain,
+/// with a `margin` column, with centring, over two accumulated micro-batches) and for full
+/// fine-tuning of a `LlamaForSequenceClassification` checkpoint. The LoRA run's adapter equals
+/// TRL's, and saves as PEFT's SEQ_CLS adapter; the full run saves a classifier directory.
+#[test]
+fn reward_matches_trl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let exp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(train_dir().join("reward_expected.json")).unwrap()).unwrap();
+    let margin = format!("data.path={}", train_dir().join("reward_margin.jsonl").display());
+    let init = format!("adapter.path={}", train_dir().join("init_reward_adapter").display());
+    let tiny_rm = format!("model.path={}", train_dir().join("tiny_rm").display());
+    let cases: [(&str, &str, Vec<&str>); 5] = [
+        ("lora", "{}", vec![]),
+        ("margin", "{}", vec![&margin]),
+        ("center", "{center_rewards_coefficient: 0.1}", vec![]),
+        (
+            "accumulate",
+            "{}",
+            vec!["training.micro_batch_size=2", "training.gradient_accumulation_steps=2"],
+        ),
+        (
+            "full",
+            "{}",
+            vec![
+                &tiny_rm,
+                "adapter.type=full",
+                "adapter.path=null",
+                "training.learning_rate=1e-3",
+            ],
+        ),
+    ];
+    for (case, section, own) in cases {
+        // The case's own overrides come last, so they win.
+        let set: Vec<&str> = [init.as_str(), "data.shuffle=false"].into_iter().chain(own).collect();
+        let out = tmp.path().join(case);
+        let objective = format!("objective: reward\n  reward: {section}");
+        let job = load_job(tmp.path(), &preference_yaml(&out, &objective), &set).unwrap();
+        run(&job, TrainOptions::default());
+        let rows = metrics_rows(&out);
+        let want = exp[case].as_array().unwrap();
+        assert_eq!(rows.len(), want.len(), "{case}");
+        for (step, (row, want)) in rows.iter().zip(want).enumerate() {
+            for (key, b) in want.as_object().unwrap() {
+                let (a, b) = (row[key].as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap());
+                let tol = 1e-4 * b.abs().max(1e-2);
+                assert!((a - b).abs() <= tol, "{case} step {}: {key} {a} vs TRL {b}", step + 1);
+            }
+        }
+    }
+    // The adapter after three steps equals TRL's, `score` included, in PEFT's SEQ_CLS layout.
+    let ours = adapter(&tmp.path().join("lora"));
+    let theirs = adapter(&train_dir().join("final_reward_adapter"));
+    assert_eq!(
+        ours.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        theirs.iter().map(|t| &t.0).collect::<Vec<_>>()
+    );
+    for ((name, a), (_, b)) in ours.iter().zip(&theirs) {
+        let err = rel_err(a, b, |_| true);
+        assert!(err < 1e-4, "{name}: {err}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("lora/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (&config["task_type"], &config["modules_to_save"]),
+        (&"SEQ_CLS".into(), &serde_json::json!(["score"]))
+    );
+    // Full fine-tuning writes a classifier transformers loads: `score`, no `lm_head`, the pad id.
+    let full = tmp.path().join("full");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
+    assert_eq!(
+        (&config["pad_token_id"], &config["id2label"]["0"]),
+        (&2.into(), &"LABEL_0".into())
+    );
+    let names: Vec<String> = adapter(&full).into_iter().map(|t| t.0).collect();
+    assert!(names.contains(&"score.weight".to_string()) && !names.iter().any(|n| n.starts_with("lm_head")));
+    // `temper score` with TRL's trained adapter on the causal base gives transformers' scores.
+    let score = |model: &str, adapter: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_temper"));
+        cmd.arg("score").arg("--model").arg(train_dir().join(model));
+        if let Some(a) = adapter {
+            cmd.arg("--adapter").arg(train_dir().join(a));
+        }
+        cmd.arg("--data").arg(train_dir().join("pref.jsonl")).output().unwrap()
+    };
+    let out = score("tiny", Some("final_reward_adapter"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let want = exp["scores"].as_array().unwrap();
+    assert_eq!(lines.len(), want.len());
+    for (line, want) in lines.iter().zip(want) {
+        for (side, b) in ["chosen", "rejected"].iter().zip(want.as_array().unwrap()) {
+            let (a, b) = (line[side].as_f64().unwrap(), b.as_f64().unwrap());
+            assert!(
+                (a - b).abs() < 1e-4,
+                "row {}: {side} {a} vs transformers {b}",
+                line["row"]
+            );
+        }
+    }
+    // A model without a reward head is refused by name.
+    let out = score("tiny", None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("has no reward head (`score`)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -837,14 +958,26 @@ fn data_parallel_launch() {
     };
     let (single, err) = one_and_two("lora", &|out| job(out, 12), 12);
     assert!(err.contains("data parallel: 2 workers"), "{err}");
-    assert!(err.contains("engine burn (from the device)") && err.contains("through the host"), "{err}");
+    assert!(
+        err.contains("engine burn (from the device)") && err.contains("through the host"),
+        "{err}"
+    );
     // NCCL sums on CUDA devices only: refused before any worker starts, naming the flag or key.
     let refused = tmp.path().join("refused");
     let (ok, err) = finish(launch(&job(&refused, 2), &["--engine".into(), "nccl".into()]));
-    assert!(!ok && err.contains("--engine: the nccl engine sums gradients on CUDA devices"), "{err}");
-    let (ok, err) = finish(launch(&job(&refused, 2), &["--set".into(), "launch.engine=nccl".into()]));
+    assert!(
+        !ok && err.contains("--engine: the nccl engine sums gradients on CUDA devices"),
+        "{err}"
+    );
+    let (ok, err) = finish(launch(
+        &job(&refused, 2),
+        &["--set".into(), "launch.engine=nccl".into()],
+    ));
     assert!(!ok && err.contains("launch.engine: the nccl engine"), "{err}");
-    let (ok, err) = finish(launch(&job(&refused, 2), &["--set".into(), "launch.engine=gloo".into()]));
+    let (ok, err) = finish(launch(
+        &job(&refused, 2),
+        &["--set".into(), "launch.engine=gloo".into()],
+    ));
     assert!(!ok && err.contains("launch.engine") && err.contains("gloo"), "{err}");
 
     // Two nodes of one worker each, on loopback.

@@ -38,7 +38,7 @@ impl Format {
             Self::Text => (&["text"], &[]),
             Self::Messages => (&["messages"], &[]),
             Self::PromptCompletion => (&["prompt", "completion"], &[]),
-            Self::Preference => (&["chosen", "rejected"], &["prompt"]),
+            Self::Preference => (&["chosen", "rejected"], &["prompt", "margin"]),
             Self::UnpairedPreference => (&["prompt", "completion", "label"], &[]),
             Self::Alpaca => (&["instruction", "output"], &["input"]),
             Self::Tokenized => (&["input_ids"], &["labels", "completion_mask"]),
@@ -90,7 +90,7 @@ impl Content {
 }
 
 /// One row, interpreted.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Sample {
     Text(String),
     Messages(Vec<Message>),
@@ -102,6 +102,9 @@ pub enum Sample {
         prompt: Option<Content>,
         chosen: Content,
         rejected: Content,
+        /// How far the chosen score should lead the rejected one (reward models; TRL's
+        /// optional `margin` column).
+        margin: Option<f64>,
     },
     /// One completion, desirable or not (KTO).
     Unpaired {
@@ -234,6 +237,11 @@ impl RowFormat {
                 prompt: get("prompt").map(|_| content("prompt")).transpose()?,
                 chosen: content("chosen")?,
                 rejected: content("rejected")?,
+                margin: match get("margin") {
+                    None => None,
+                    Some(Value::Number(n)) => n.as_f64().filter(|m| m.is_finite()),
+                    Some(other) => return Err(bad("margin", format!("expected a number, got {}", kind(other)))),
+                },
             },
             Format::UnpairedPreference => Sample::Unpaired {
                 prompt: content("prompt")?,

@@ -15,7 +15,7 @@ pub use config::{DataConfig, EvalDataConfig, SourceConfig, Stopping};
 pub use error::{Error, Location, Result};
 pub use format::{Content, Format, RowFormat, Sample};
 pub use loader::{Batch, Cursor, DataLoader, LoadedBatch, LoaderOptions, Pipeline, Stats, Unpaired};
-pub use pack::{PackedRow, PackingStrategy, PreferenceBatch, SftBatch, UnpairedBatch, pack_bfd};
+pub use pack::{PackedRow, PackingStrategy, PreferenceBatch, SftBatch, UnpairedBatch, last_tokens, pack_bfd};
 pub use source::{DataFile, FileKind, Record, resolve};
 pub use tokenize::{
     EncodeOptions, Encoded, Encoder, IGNORE_INDEX, PreferenceExample, SftExample, Truncation, UnpairedExample,

@@ -33,7 +33,7 @@ pub struct Cursor {
     pub batch: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Batch {
     Sft(SftBatch),
     Preference(PreferenceBatch),
@@ -124,6 +124,8 @@ pub struct LoaderOptions {
     /// KTO's batches: unpaired completions (pairs are split in two), with or without the
     /// mismatched completions of its KL estimate. `None` for every other objective.
     pub unpaired: Option<Unpaired>,
+    /// Reward models: pairs longer than `max_length` are dropped, not truncated.
+    pub drop_long_pairs: bool,
 }
 
 /// How KTO batches unpaired completions.
@@ -203,10 +205,7 @@ impl Pipeline {
         let unpaired = format.is_unpaired() || (format.is_preference() && options.unpaired.is_some());
         let preference = format.is_preference() && !unpaired;
         let pad = tokenizer
-            .pad_token
-            .as_deref()
-            .or(tokenizer.eos_token.as_deref())
-            .and_then(|t| tokenizer.token_to_id(t))
+            .pad_token_id()
             .ok_or_else(|| Error::config("tokenizer", "the tokenizer has neither a pad nor an EOS token"))?;
         let encoder = Encoder::new(
             tokenizer,
@@ -218,6 +217,7 @@ impl Pipeline {
                 packing: config.packing,
                 chat_template: config.chat_template.clone(),
                 unpair: options.unpaired.is_some(),
+                drop_long_pairs: options.drop_long_pairs,
             },
         )?;
         Ok(Self {
@@ -230,6 +230,11 @@ impl Pipeline {
             pad_id: pad,
             stats: Arc::new(Stats::default()),
         })
+    }
+
+    /// The token batches are padded with.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
     }
 
     fn window_size(&self) -> usize {
@@ -457,7 +462,10 @@ impl Pipeline {
                 ),
                 Batch::Unpaired(b) => (
                     b.num_tokens(),
-                    b.completion_mask[..b.rows * b.seq_len].iter().filter(|&&m| m == 1).count(),
+                    b.completion_mask[..b.rows * b.seq_len]
+                        .iter()
+                        .filter(|&&m| m == 1)
+                        .count(),
                     b.rows * b.seq_len,
                 ),
             };

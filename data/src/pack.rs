@@ -182,7 +182,7 @@ fn round_up(n: usize, multiple: Option<usize>) -> usize {
 /// A batch of preference pairs, as TRL's `DataCollatorForPreference` builds it: the first
 /// `pairs` rows are prompt+chosen, the next `pairs` rows prompt+rejected, in the same order, so
 /// each pair's two sequences share one forward pass.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PreferenceBatch {
     pub pairs: usize,
     pub seq_len: usize,
@@ -192,6 +192,29 @@ pub struct PreferenceBatch {
     pub attention_mask: Vec<u8>,
     /// 1 for completion tokens (the ones whose log-probabilities DPO scores).
     pub completion_mask: Vec<u8>,
+    /// `[pairs]`: each pair's `margin` (0 where it has none), or `None` when no pair has one.
+    pub margins: Option<Vec<f32>>,
+    /// The padding token: a reward model reads each row at its last other token.
+    pub pad_id: u32,
+}
+
+/// Each row's last real token that is not `pad_id`, where a sequence classifier reads its
+/// score: transformers' pooling, which skips a final EOS when EOS is also the padding token
+/// (TRL's default). A row with no such token reads position 0, as transformers' `argmax` does.
+///
+/// # Shapes
+/// `input_ids, attention_mask: [rows, seq_len] -> [rows]`
+pub fn last_tokens(input_ids: &[u32], attention_mask: &[u8], seq_len: usize, pad_id: u32) -> Vec<usize> {
+    input_ids
+        .chunks_exact(seq_len.max(1))
+        .zip(attention_mask.chunks_exact(seq_len.max(1)))
+        .map(|(ids, mask)| {
+            (0..ids.len())
+                .rev()
+                .find(|&t| mask[t] == 1 && ids[t] != pad_id)
+                .unwrap_or(0)
+        })
+        .collect()
 }
 
 /// Sequences (token ids, completion mask) padded on the right to one length.
@@ -322,11 +345,21 @@ impl PreferenceBatch {
             input_ids: p.input_ids,
             attention_mask: p.attention_mask,
             completion_mask: p.completion_mask,
+            margins: pairs
+                .iter()
+                .any(|p| p.margin.is_some())
+                .then(|| pairs.iter().map(|p| p.margin.unwrap_or(0.0)).collect()),
+            pad_id,
         }
     }
 
     pub fn num_tokens(&self) -> usize {
         self.attention_mask.iter().filter(|&&m| m == 1).count()
+    }
+
+    /// Each row's last token that is not padding (`[2 * pairs]`; see [`last_tokens`]).
+    pub fn last_tokens(&self) -> Vec<usize> {
+        last_tokens(&self.input_ids, &self.attention_mask, self.seq_len, self.pad_id)
     }
 }
 
@@ -341,15 +374,42 @@ mod tests {
             completion_ids: c.to_vec(),
             desirable,
         };
-        let examples = [ex(&[1, 2], &[3], true), ex(&[4], &[5, 6, 7], false), ex(&[8, 9, 10], &[11], true)];
+        let examples = [
+            ex(&[1, 2], &[3], true),
+            ex(&[4], &[5, 6, 7], false),
+            ex(&[8, 9, 10], &[11], true),
+        ];
         let b = UnpairedBatch::collate(&examples, true, 0, Some(4), None);
-        assert_eq!((b.rows, b.seq_len, b.desirable.clone()), (3, 4, vec![true, false, true]));
+        assert_eq!(
+            (b.rows, b.seq_len, b.desirable.clone()),
+            (3, 4, vec![true, false, true])
+        );
         let rows: Vec<&[u32]> = b.input_ids.chunks(4).collect();
         // The rows, then each prompt with the previous row's completion (the first, the last's),
         // cut to max_length from the start.
-        assert_eq!(rows, [&[1, 2, 3, 0][..], &[4, 5, 6, 7], &[8, 9, 10, 11], &[1, 2, 11, 0], &[4, 3, 0, 0], &[8, 9, 10, 5]]);
+        assert_eq!(
+            rows,
+            [
+                &[1, 2, 3, 0][..],
+                &[4, 5, 6, 7],
+                &[8, 9, 10, 11],
+                &[1, 2, 11, 0],
+                &[4, 3, 0, 0],
+                &[8, 9, 10, 5]
+            ]
+        );
         let masks: Vec<&[u8]> = b.completion_mask.chunks(4).collect();
-        assert_eq!(masks, [&[0, 0, 1, 0][..], &[0, 1, 1, 1], &[0, 0, 0, 1], &[0, 0, 1, 0], &[0, 1, 0, 0], &[0, 0, 0, 1]]);
+        assert_eq!(
+            masks,
+            [
+                &[0, 0, 1, 0][..],
+                &[0, 1, 1, 1],
+                &[0, 0, 0, 1],
+                &[0, 0, 1, 0],
+                &[0, 1, 0, 0],
+                &[0, 0, 0, 1]
+            ]
+        );
         assert_eq!(b.num_tokens(), 11, "the rows' tokens, not the KL pairs'");
         let plain = UnpairedBatch::collate(&examples, false, 0, None, Some(8));
         assert_eq!((plain.input_ids.len(), plain.seq_len), (3 * 8, 8));
@@ -383,11 +443,13 @@ mod tests {
                 prompt_ids: vec![1, 2, 3],
                 chosen_ids: vec![4, 5],
                 rejected_ids: vec![6],
+                margin: None,
             },
             PreferenceExample {
                 prompt_ids: vec![7, 8],
                 chosen_ids: vec![9],
                 rejected_ids: vec![10, 11],
+                margin: Some(0.5),
             },
         ];
         let b = PreferenceBatch::collate(&pairs, 0, None, Truncation::KeepStart, None);
@@ -403,6 +465,11 @@ mod tests {
             b.attention_mask,
             vec![1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 0]
         );
+        assert_eq!(b.margins, Some(vec![0.0, 0.5]));
+        assert_eq!(b.last_tokens(), [4, 2, 3, 3]);
+        // With EOS as padding (id 5 here), a final EOS is skipped, as transformers pools.
+        let b = PreferenceBatch::collate(&pairs[..1], 5, None, Truncation::KeepStart, None);
+        assert_eq!((b.last_tokens(), b.margins), (vec![3, 3], None));
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct EncodeOptions {
     pub chat_template: Option<String>,
     /// KTO: preference pairs become two unpaired completions (TRL's `unpair_preference_dataset`).
     pub unpair: bool,
+    /// Reward models: a pair with a sequence longer than `max_length` is dropped, not
+    /// truncated (TRL's `RewardTrainer` filters them; a score read mid-sequence would be wrong).
+    pub drop_long_pairs: bool,
 }
 
 /// A tokenized SFT sample.
@@ -64,11 +67,13 @@ pub struct SftExample {
 
 /// A tokenized preference pair: the shared prompt and each completion, untruncated (the
 /// collator truncates prompt+completion, as TRL's does).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PreferenceExample {
     pub prompt_ids: Vec<u32>,
     pub chosen_ids: Vec<u32>,
     pub rejected_ids: Vec<u32>,
+    /// The row's `margin` (reward models).
+    pub margin: Option<f32>,
 }
 
 /// A tokenized unpaired completion (KTO): the prompt and the completion, untruncated (the
@@ -80,7 +85,7 @@ pub struct UnpairedExample {
     pub desirable: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Encoded {
     Sft(SftExample),
     Preference(PreferenceExample),
@@ -132,12 +137,16 @@ impl Encoder {
                 prompt,
                 chosen,
                 rejected,
+                ..
             } if self.options.unpair => self.unpair(prompt.as_ref(), chosen, rejected).map_err(bad),
             Sample::Preference {
                 prompt,
                 chosen,
                 rejected,
-            } => self.encode_preference(prompt.as_ref(), chosen, rejected).map_err(bad),
+                margin,
+            } => self
+                .encode_preference(prompt.as_ref(), chosen, rejected, *margin)
+                .map_err(bad),
             Sample::Unpaired {
                 prompt,
                 completion,
@@ -244,6 +253,7 @@ impl Encoder {
         prompt: Option<&Content>,
         chosen: &Content,
         rejected: &Content,
+        margin: Option<f64>,
     ) -> std::result::Result<Encoded, String> {
         let (prompt, chosen, rejected) = pair_prompt(prompt, chosen, rejected)?;
         let (prompt_ids, prompt_chosen, prompt_rejected) = match (&prompt, &chosen, &rejected) {
@@ -269,6 +279,12 @@ impl Encoder {
             // Such a pair has no preference to learn; its DPO loss is a constant.
             return Err("`chosen` and `rejected` are identical".into());
         }
+        if self.options.drop_long_pairs
+            && let Some(max) = self.options.max_length
+            && prompt_chosen.len().max(prompt_rejected.len()) > max
+        {
+            return Ok(Encoded::Dropped);
+        }
         let prompt_len =
             common_prefix_length(&prompt_ids, &prompt_chosen).min(common_prefix_length(&prompt_ids, &prompt_rejected));
         // With keep_start truncation a prompt that fills max_length leaves no completion token.
@@ -282,6 +298,7 @@ impl Encoder {
             prompt_ids: prompt_ids[..prompt_len].to_vec(),
             chosen_ids: prompt_chosen[prompt_len..].to_vec(),
             rejected_ids: prompt_rejected[prompt_len..].to_vec(),
+            margin: margin.map(|m| m as f32),
         }))
     }
 
@@ -298,11 +315,13 @@ impl Encoder {
                 .map_err(|e| e.replace("`completion`", &format!("`{name}`")))
         };
         // Each half stands alone, as TRL filters the unpaired rows one by one.
-        Ok(match (half(&chosen, true, "chosen")?, half(&rejected, false, "rejected")?) {
-            (Encoded::Unpaired(c), Encoded::Unpaired(r)) => Encoded::UnpairedPair(c, r),
-            (Encoded::Unpaired(one), _) | (_, Encoded::Unpaired(one)) => Encoded::Unpaired(one),
-            _ => Encoded::Dropped, // the prompt alone fills max_length
-        })
+        Ok(
+            match (half(&chosen, true, "chosen")?, half(&rejected, false, "rejected")?) {
+                (Encoded::Unpaired(c), Encoded::Unpaired(r)) => Encoded::UnpairedPair(c, r),
+                (Encoded::Unpaired(one), _) | (_, Encoded::Unpaired(one)) => Encoded::Unpaired(one),
+                _ => Encoded::Dropped, // the prompt alone fills max_length
+            },
+        )
     }
 
     /// One completion as TRL's `KTOTrainer` tokenizes it: the prompt (with the generation
@@ -318,7 +337,10 @@ impl Encoder {
         let (prompt_ids, full) = match (prompt, completion) {
             (Content::Messages(p), Content::Messages(c)) => {
                 let all: Vec<Message> = p.iter().chain(c).cloned().collect();
-                (self.encode_chat(p, true, false)?.0, self.encode_chat(&all, false, false)?.0)
+                (
+                    self.encode_chat(p, true, false)?.0,
+                    self.encode_chat(&all, false, false)?.0,
+                )
             }
             (Content::Text(p), Content::Text(c)) => (
                 self.encode_text(p)?,

@@ -8,9 +8,9 @@
 
 pub mod collective;
 pub mod coordinator;
-pub mod nccl_lib;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod nccl_lib;
 pub mod rendezvous;
 pub mod topology;
 

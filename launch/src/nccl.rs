@@ -91,8 +91,8 @@ impl NcclCollective {
             .and_then(|s| s.parse().ok())
             .map_or(crate::rendezvous::DEFAULT_TIMEOUT, Duration::from_secs);
         let bytes: [u8; ID_BYTES] = share_id(topology, id, timeout)?;
-        let context =
-            CudaContext::new(ordinal).map_err(|e| engine("opening the CUDA device", format!("cuda:{ordinal}: {e:?}")))?;
+        let context = CudaContext::new(ordinal)
+            .map_err(|e| engine("opening the CUDA device", format!("cuda:{ordinal}: {e:?}")))?;
         let stream = context
             .new_stream()
             .map_err(|e| engine("creating a CUDA stream", format!("{e:?}")))?;
@@ -123,7 +123,10 @@ impl NcclCollective {
 
     /// Sums `count` f32 values at device address `ptr` in place over the workers, and waits.
     fn sum_in_place(&self, ptr: u64, count: usize) -> Result<(), CollectiveError> {
-        let mut guard = self.comm.lock().map_err(|_| CollectiveError::Broken("poisoned lock".into()))?;
+        let mut guard = self
+            .comm
+            .lock()
+            .map_err(|_| CollectiveError::Broken("poisoned lock".into()))?;
         let comm = match &*guard {
             Ok(c) => c.0,
             Err(why) => return Err(CollectiveError::Broken(why.clone())),
@@ -176,7 +179,10 @@ impl NcclCollective {
             if asked != sys::ncclResult_t::ncclSuccess {
                 return Err(nccl_error(result::NcclError(asked)));
             }
-            if !matches!(state, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
+            if !matches!(
+                state,
+                sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress
+            ) {
                 return Err(format!("a peer failed: {}", nccl_error(result::NcclError(state))));
             }
             std::thread::sleep(Duration::from_micros(50));

@@ -20,12 +20,9 @@ pub fn find(var: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
     if let Some(path) = var("TEMPER_NCCL_LIB") {
         return Some(PathBuf::from(path));
     }
-    search_dirs(&var).into_iter().find_map(|dir| {
-        NAMES
-            .iter()
-            .map(|n| dir.join(n))
-            .find(|p| p.is_file())
-    })
+    search_dirs(&var)
+        .into_iter()
+        .find_map(|dir| NAMES.iter().map(|n| dir.join(n)).find(|p| p.is_file()))
 }
 
 fn search_dirs(var: &impl Fn(&str) -> Option<String>) -> Vec<PathBuf> {

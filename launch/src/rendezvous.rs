@@ -112,7 +112,9 @@ fn answer(
             t.world_size
         ))
     } else if rank == 0 || rank >= world {
-        Some(format!("rank {rank} cannot ask rank 0 for the id of a {world}-worker job"))
+        Some(format!(
+            "rank {rank} cannot ask rank 0 for the id of a {world}-worker job"
+        ))
     } else if answered.contains(&rank) {
         Some(format!("two workers claim rank {rank}"))
     } else {
@@ -232,7 +234,10 @@ mod tests {
             .map(|r| std::thread::spawn(move || share_id(&topology(r, 4, port), None, Duration::from_secs(20))))
             .collect();
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(share_id(&topology(0, 4, port), Some(id), Duration::from_secs(20)).unwrap(), id);
+        assert_eq!(
+            share_id(&topology(0, 4, port), Some(id), Duration::from_secs(20)).unwrap(),
+            id
+        );
         for o in others {
             assert_eq!(o.join().unwrap().unwrap(), id);
         }
@@ -255,13 +260,17 @@ mod tests {
         let err = share_id(&topology(2, 3, port), None, Duration::from_millis(300))
             .unwrap_err()
             .to_string();
-        assert!(err.contains(&format!("rank 2 could not reach rank 0 at 127.0.0.1:{port}")), "{err}");
+        assert!(
+            err.contains(&format!("rank 2 could not reach rank 0 at 127.0.0.1:{port}")),
+            "{err}"
+        );
     }
 
     #[test]
     fn mismatched_world_sizes_and_strangers_are_refused() {
         let port = free_port();
-        let zero = std::thread::spawn(move || share_id(&topology(0, 2, port), Some([9; ID_BYTES]), Duration::from_secs(2)));
+        let zero =
+            std::thread::spawn(move || share_id(&topology(0, 2, port), Some([9; ID_BYTES]), Duration::from_secs(2)));
         std::thread::sleep(Duration::from_millis(200));
         // A stranger's bytes do not count as a rank, nor crash rank 0.
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -271,7 +280,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("rank 1 counts 3 workers but rank 0 counts 2"), "{err}");
-        assert_eq!(share_id(&topology(1, 2, port), None, Duration::from_secs(2)).unwrap(), [9; ID_BYTES]);
+        assert_eq!(
+            share_id(&topology(1, 2, port), None, Duration::from_secs(2)).unwrap(),
+            [9; ID_BYTES]
+        );
         zero.join().unwrap().unwrap();
     }
 

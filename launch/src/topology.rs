@@ -191,7 +191,9 @@ mod tests {
         assert_eq!(topo(&[("RANK", "0"), ("WORLD_SIZE", "1")]).unwrap(), None);
         // One GPU through NCCL, as `temper launch --nproc-per-node 1` runs it.
         let one = [("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")];
-        let t = topo(&[one.as_slice(), &[(ENGINE_VAR, "nccl")]].concat()).unwrap().unwrap();
+        let t = topo(&[one.as_slice(), &[(ENGINE_VAR, "nccl")]].concat())
+            .unwrap()
+            .unwrap();
         assert_eq!((t.world_size, t.engine), (1, Some(CollectiveEngine::Nccl)));
         assert_eq!(topo(&[one.as_slice(), &[(ENGINE_VAR, "burn")]].concat()).unwrap(), None);
         let err = topo(&[one.as_slice(), &[(ENGINE_VAR, "gloo")]].concat()).unwrap_err();

@@ -66,6 +66,17 @@ impl Family {
             Family::Gemma3 => "Gemma3ForCausalLM",
         }
     }
+
+    /// transformers' class of this family with a sequence-classification head (`score`).
+    pub fn classifier_architecture(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForSequenceClassification",
+            Family::Mistral => "MistralForSequenceClassification",
+            Family::Qwen2 => "Qwen2ForSequenceClassification",
+            Family::Qwen3 => "Qwen3ForSequenceClassification",
+            Family::Gemma3 => "Gemma3TextForSequenceClassification",
+        }
+    }
 }
 
 /// How rotary frequencies are adjusted for long context.
@@ -148,6 +159,12 @@ pub struct ModelConfig {
     pub sliding_window: Vec<Option<usize>>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// The padding token: a sequence classifier reads each row at its last token that is not
+    /// this one (transformers' pooling).
+    pub pad_token_id: Option<u32>,
+    /// A reward model: `*ForSequenceClassification` with one label, whose `score` head
+    /// (`hidden -> 1`, no bias) replaces the language-model head.
+    pub score_head: bool,
     pub dtype: Option<CheckpointDtype>,
 }
 
@@ -185,6 +202,10 @@ struct RawConfig {
     layer_types: Option<Vec<String>>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
+    pad_token_id: Option<Value>,
+    architectures: Option<Vec<String>>,
+    num_labels: Option<usize>,
+    id2label: Option<serde_json::Map<String, Value>>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
 }
@@ -227,7 +248,11 @@ impl ModelConfig {
                 );
             }
         };
-        let (arch, model_type) = (self.family.architecture(), self.family.model_type());
+        let arch = match self.score_head {
+            true => self.family.classifier_architecture(),
+            false => self.family.architecture(),
+        };
+        let model_type = self.family.model_type();
         let mut c = serde_json::json!({
             "architectures": [arch],
             "model_type": model_type,
@@ -253,6 +278,13 @@ impl ModelConfig {
             "torch_dtype": dtype.torch_name(),
         });
         let obj = c.as_object_mut().expect("object");
+        if let Some(pad) = self.pad_token_id {
+            obj.insert("pad_token_id".into(), serde_json::json!(pad));
+        }
+        if self.score_head {
+            obj.insert("id2label".into(), serde_json::json!({"0": "LABEL_0"}));
+            obj.insert("label2id".into(), serde_json::json!({"LABEL_0": 0}));
+        }
         match self.family {
             Family::Llama => {
                 obj.insert("attention_bias".into(), Value::Bool(self.qkv_bias));
@@ -637,6 +669,29 @@ impl RawConfig {
         };
         let attention_bias = self.attention_bias.unwrap_or(false);
         let gemma = family == Family::Gemma3;
+        let score_head = self
+            .architectures
+            .iter()
+            .flatten()
+            .any(|a| a.ends_with("ForSequenceClassification"));
+        if score_head {
+            // transformers counts the labels from `id2label`, else `num_labels`, else 2.
+            let (key, labels) = match (&self.id2label, self.num_labels) {
+                (Some(m), _) => ("id2label", m.len()),
+                (None, Some(n)) => ("num_labels", n),
+                (None, None) => ("num_labels", 2),
+            };
+            if labels != 1 {
+                return Err(config_err(
+                    path,
+                    key,
+                    format!(
+                        "a sequence classifier with {labels} labels: Temper reads reward models, whose `score` head \
+                         has one label (`num_labels: 1`)"
+                    ),
+                ));
+            }
+        }
         Ok(ModelConfig {
             family,
             vocab_size: required(path, "vocab_size", self.vocab_size)?,
@@ -669,6 +724,8 @@ impl RawConfig {
             sliding_window,
             bos_token_id: token_ids(path, "bos_token_id", self.bos_token_id)?.first().copied(),
             eos_token_ids: token_ids(path, "eos_token_id", self.eos_token_id)?,
+            pad_token_id: token_ids(path, "pad_token_id", self.pad_token_id)?.first().copied(),
+            score_head,
             dtype,
         })
     }

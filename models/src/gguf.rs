@@ -734,6 +734,8 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
         sliding_window: vec![sliding; layers],
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        pad_token_id: id("tokenizer.ggml.padding_token_id"),
+        score_head: false,
         dtype: None,
     })
 }

@@ -166,10 +166,21 @@ pub fn checkpoint_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         }
     }
     out.push(("model.norm.weight".to_string(), vec![h]));
-    if !c.tie_word_embeddings {
+    if c.score_head {
+        out.push((format!("{SCORE}.weight"), vec![1, h]));
+    } else if !c.tie_word_embeddings {
         out.push(("lm_head.weight".to_string(), vec![c.vocab_size, h]));
     }
     out
+}
+
+/// The sequence-classification head's module name (transformers' `score`).
+pub const SCORE: &str = "score";
+
+/// Whether a linear layer is an output head (`lm_head`, `score`): PEFT's `all-linear` leaves
+/// them out, and a quantized base keeps them dense.
+pub fn is_output_head(name: &str) -> bool {
+    name == "lm_head" || name == SCORE
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -492,16 +503,22 @@ macro_rules! named_linears {
         if let Some(head) = $model.lm_head.$as() {
             out.push(("lm_head".to_string(), head));
         }
+        if let Some(score) = $model.score.$as() {
+            out.push((SCORE.to_string(), score));
+        }
         out
     }};
 }
 
 /// A causal language model: the decoder plus the output head (`lm_head`, or the embedding
-/// matrix when `tie_word_embeddings`).
+/// matrix when `tie_word_embeddings`); a reward model has a `score` head as well.
 #[derive(Module, Debug)]
 pub struct LlamaForCausalLM<B: Backend> {
     pub model: LlamaModel<B>,
     pub lm_head: Option<Linear<B>>,
+    /// A reward model's head, `[hidden, 1]`, no bias (transformers' `*ForSequenceClassification`
+    /// `score`): from the checkpoint, or added by [`LlamaForCausalLM::add_score_head`].
+    pub score: Option<Linear<B>>,
     /// `[head_dim / 2]`, f32.
     pub inv_freq: Tensor<B, 1>,
     /// Gemma 3: the sliding-window layers' RoPE (`rope_local_base_freq`, unscaled).
@@ -573,11 +590,17 @@ impl<B: Backend> LlamaForCausalLM<B> {
             });
         }
         let norm = RmsNorm::load(&mut w, "model.norm", hs, c)?;
-        let lm_head = if c.tie_word_embeddings {
+        // A sequence classifier's checkpoint has `score` in place of `lm_head`: its language
+        // head is the tied embedding or nothing (it is not a generator).
+        let lm_head = if c.tie_word_embeddings || c.score_head {
             None
         } else {
             Some(Linear::load(&mut w, "lm_head", hs, c.vocab_size, false)?)
         };
+        let score = c
+            .score_head
+            .then(|| Linear::load(&mut w, SCORE, hs, 1, false))
+            .transpose()?;
         let upload = |f: Vec<f32>| Tensor::from_data(TensorData::new(f.clone(), [f.len()]), (device, DType::F32));
         Ok(Self {
             model: LlamaModel {
@@ -586,6 +609,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 norm,
             },
             lm_head,
+            score,
             inv_freq: upload(rope_inv_freq(c)),
             inv_freq_local: c
                 .local_rope_theta
@@ -787,6 +811,50 @@ impl<B: Backend> LlamaForCausalLM<B> {
             _ => &inputs.rope,
         };
         layer.forward(x, rope, mask, cache)
+    }
+
+    /// Gives a model without one a reward head, `[hidden, 1]` with no bias, drawn as
+    /// transformers' `_init_weights` draws it: normal with mean 0 and `std`
+    /// (`initializer_range`, 0.02), in the embedding's dtype.
+    pub fn add_score_head(&mut self, std: f64, seed: u64) {
+        if self.score.is_some() {
+            return;
+        }
+        let embed = self.model.embed_tokens.val();
+        let (device, dtype) = (embed.device(), embed.dtype());
+        let hidden = embed.dims()[1];
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+        let values: Vec<f32> = (0..hidden)
+            .map(|_| {
+                // Box-Muller from two uniforms in (0, 1].
+                let (u, v): (f64, f64) = (1.0 - rand::Rng::random::<f64>(&mut rng), rand::Rng::random(&mut rng));
+                ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos() * std) as f32
+            })
+            .collect();
+        let weight = Tensor::<B, 2>::from_data(TensorData::new(values, [hidden, 1]), (&device, DType::F32)).cast(dtype);
+        self.score = Some(Linear {
+            weight: Param::from_tensor(weight),
+            bias: None,
+            adapter: None,
+            quantized: None,
+        });
+    }
+
+    /// A reward model's score of each row, read at `last[row]`, the row's last token that is not
+    /// padding (transformers' pooling), in f32.
+    ///
+    /// # Shapes
+    /// `hidden: [batch, seq, hidden], last: [batch] -> [batch]`
+    pub fn scores(&self, hidden: Tensor<B, 3>, last: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+        let score = self
+            .score
+            .as_ref()
+            .expect("scores() needs the score head (add_score_head)");
+        let [b, s, h] = hidden.dims();
+        let device = hidden.device();
+        let rows = Tensor::<B, 1, Int>::arange(0..b as i64, &device).mul_scalar(s as i64) + last;
+        let picked = temper_kernels::reshape(hidden, [b * s, h]).select(0, rows); // [batch, hidden]
+        score.forward(picked).cast(DType::F32).reshape([b])
     }
 
     /// Projects hidden states to vocabulary logits, in f32.

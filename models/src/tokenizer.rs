@@ -210,6 +210,14 @@ impl Tokenizer {
         self.eos_token.as_deref().and_then(|t| self.token_to_id(t))
     }
 
+    /// The token batches are padded with: the pad token, else EOS (TRL's choice).
+    pub fn pad_token_id(&self) -> Option<u32> {
+        self.pad_token
+            .as_deref()
+            .or(self.eos_token.as_deref())
+            .and_then(|t| self.token_to_id(t))
+    }
+
     /// Encodes text. `add_special_tokens` applies the tokenizer's post-processor and, for GGUF
     /// tokenizers that ask for it, a leading BOS (transformers' `add_special_tokens=True`).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {

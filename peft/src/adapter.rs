@@ -115,7 +115,7 @@ pub fn inject<B: Backend>(
         if example.is_empty() {
             example = name.clone();
         }
-        if !config.targets(&name, name == "lm_head") {
+        if !config.targets(&name, temper_models::llama::is_output_head(&name)) {
             continue;
         }
         let device = linear.weight.device();
@@ -207,6 +207,16 @@ pub fn inject<B: Backend>(
                 let e = &mut model.model.embed_tokens;
                 *e = e.clone().set_require_grad(true);
             }
+            SavedModule::Score => match model.score.as_mut() {
+                Some(score) => score.weight = score.weight.clone().set_require_grad(true),
+                None => {
+                    return Err(Error::Unsupported(
+                        "modules_to_save: score is a reward model's head, and this model has none (a reward \
+                         adapter is trained with `objective: reward`, which adds it)"
+                            .into(),
+                    ));
+                }
+            },
         }
     }
     let (trainable_parameters, total_parameters) = count_parameters(&model);
@@ -369,6 +379,11 @@ pub(crate) fn float_data(view: &safetensors::tensor::TensorView<'_>, key: &str, 
 pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Result<(LlamaForCausalLM<B>, LoraConfig)> {
     let config_path = dir.join(CONFIG_FILE);
     let config = LoraConfig::from_file(&config_path)?;
+    let mut model = model;
+    if config.modules_to_save.contains(&SavedModule::Score) {
+        // A reward adapter on a causal-LM base brings its head (read from the file below).
+        model.add_score_head(0.02, 0);
+    }
     let (mut model, _) = inject(model, &config, 0).map_err(|e| match e {
         Error::Invalid { key, message } => Error::Config {
             path: config_path.clone(),
@@ -525,7 +540,7 @@ pub fn quantize_base<B: Backend>(
             continue;
         }
         report.bytes_before += dense_bytes;
-        if name == "lm_head" || !in_f.is_multiple_of(temper_models::quant::BLOCK) {
+        if temper_models::llama::is_output_head(&name) || !in_f.is_multiple_of(temper_models::quant::BLOCK) {
             report.bytes_after += dense_bytes;
             report.dense_layers.push(name);
             continue;

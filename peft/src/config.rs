@@ -40,6 +40,8 @@ pub enum SavedModule {
     LmHead,
     /// The token embedding (`embed_tokens`).
     EmbedTokens,
+    /// A reward model's head (`score`; PEFT adds it, and `classifier`, for `task_type: SEQ_CLS`).
+    Score,
 }
 
 impl SavedModule {
@@ -48,6 +50,7 @@ impl SavedModule {
         match self {
             Self::LmHead => "lm_head",
             Self::EmbedTokens => "model.embed_tokens",
+            Self::Score => "score",
         }
     }
 
@@ -56,6 +59,7 @@ impl SavedModule {
         match self {
             Self::LmHead => "lm_head",
             Self::EmbedTokens => "embed_tokens",
+            Self::Score => "score",
         }
     }
 }
@@ -66,8 +70,11 @@ impl std::str::FromStr for SavedModule {
         match s {
             "lm_head" => Ok(Self::LmHead),
             "embed_tokens" | "model.embed_tokens" => Ok(Self::EmbedTokens),
+            // PEFT lists both for SEQ_CLS; Temper's classifiers name their head `score`.
+            "score" | "classifier" => Ok(Self::Score),
             other => Err(format!(
-                "{other:?} is not a module Temper can train in full with an adapter (supported: lm_head, embed_tokens)"
+                "{other:?} is not a module Temper can train in full with an adapter (supported: lm_head, embed_tokens, \
+                 score)"
             )),
         }
     }
@@ -389,13 +396,29 @@ impl LoraConfig {
                 .collect::<Result<_>>()?,
             use_rslora: boolean("use_rslora")?,
             use_dora: boolean("use_dora")?,
-            modules_to_save: get("modules_to_save")
-                .map(|v| strings("modules_to_save", v))
-                .transpose()?
-                .unwrap_or_default()
-                .iter()
-                .map(|m| m.parse().map_err(|message| err("modules_to_save", message)))
-                .collect::<Result<_>>()?,
+            modules_to_save: {
+                let mut saved: Vec<SavedModule> = Vec::new();
+                let listed = get("modules_to_save")
+                    .map(|v| strings("modules_to_save", v))
+                    .transpose()?
+                    .unwrap_or_default();
+                for m in &listed {
+                    saved.push(m.parse().map_err(|message| err("modules_to_save", message))?);
+                }
+                // PEFT trains a SEQ_CLS model's head in full whether listed or not (and lists
+                // it twice when it was).
+                if get("task_type").and_then(Value::as_str) == Some("SEQ_CLS") {
+                    saved.push(SavedModule::Score);
+                }
+                let mut seen = Vec::new();
+                saved.retain(|m| {
+                    !seen.contains(m) && {
+                        seen.push(*m);
+                        true
+                    }
+                });
+                saved
+            },
             init_lora_weights: init,
             base_model_name_or_path: get("base_model_name_or_path")
                 .and_then(Value::as_str)
@@ -452,7 +475,11 @@ impl LoraConfig {
             "rank_pattern": map(&rank),
             "revision": self.revision,
             "target_modules": targets(&self.target_modules),
-            "task_type": "CAUSAL_LM",
+            "task_type": if self.modules_to_save.contains(&SavedModule::Score) {
+                "SEQ_CLS"
+            } else {
+                "CAUSAL_LM"
+            },
             "use_dora": self.use_dora,
             "use_rslora": self.use_rslora,
         })

@@ -34,6 +34,7 @@ fn objective_description(o: Objective) -> &'static str {
         Objective::Simpo => "SimPO (simple preference optimization)",
         Objective::Orpo => "ORPO (odds ratio preference optimization)",
         Objective::Kto => "KTO (Kahneman-Tversky optimization)",
+        Objective::Reward => "reward modelling (a Bradley-Terry sequence scorer)",
     }
 }
 
@@ -93,7 +94,13 @@ impl<'a> Card<'a> {
             writeln!(md, "base_model: {}", quoted(b)).unwrap();
         }
         writeln!(md, "library_name: {}", if lora { "peft" } else { "transformers" }).unwrap();
-        md.push_str("pipeline_tag: text-generation\n");
+        let reward = matches!(self.job.objective, ObjectiveSpec::Reward(_));
+        let pipeline = if reward {
+            "text-classification"
+        } else {
+            "text-generation"
+        };
+        writeln!(md, "pipeline_tag: {pipeline}").unwrap();
         md.push_str("tags:\n");
         if let (Some(b), true) = (base, lora) {
             writeln!(md, "- {}", quoted(&format!("base_model:adapter:{b}"))).unwrap();
@@ -139,27 +146,33 @@ impl<'a> Card<'a> {
     fn how_to_use(&self, md: &mut String) {
         let (lora, base, name) = (self.lora, self.base, &self.name);
         md.push_str("## How to use\n\n");
+        // A reward model loads with its classification head; PEFT restores `score` from the
+        // adapter.
+        let (class, extra) = match self.job.objective {
+            ObjectiveSpec::Reward(_) => ("AutoModelForSequenceClassification", ", num_labels=1"),
+            _ => ("AutoModelForCausalLM", ""),
+        };
         match (lora, base) {
-        (true, Some(b)) => writeln!(
-            md,
-            "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n\
-             base = AutoModelForCausalLM.from_pretrained({b:?})\n\
+            (true, Some(b)) => writeln!(
+                md,
+                "```python\nfrom peft import PeftModel\nfrom transformers import {class}, AutoTokenizer\n\n\
+             base = {class}.from_pretrained({b:?}{extra})\n\
              model = PeftModel.from_pretrained(base, {name:?})\n\
              tokenizer = AutoTokenizer.from_pretrained({b:?})\n```\n"
-        )
-        .unwrap(),
-        (true, None) => md.push_str(
-            "The base was loaded from a local file, so its Hub id is not recorded here (set `model.base_model` in \
+            )
+            .unwrap(),
+            (true, None) => md.push_str(
+                "The base was loaded from a local file, so its Hub id is not recorded here (set `model.base_model` in \
              the job to record it); load the base as you have it, then `PeftModel.from_pretrained(base, DIR)`.\n\n",
-        ),
-        (false, _) => writeln!(
-            md,
-            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n\
-             model = AutoModelForCausalLM.from_pretrained({name:?})\n\
+            ),
+            (false, _) => writeln!(
+                md,
+                "```python\nfrom transformers import {class}, AutoTokenizer\n\n\
+             model = {class}.from_pretrained({name:?})\n\
              tokenizer = AutoTokenizer.from_pretrained({name:?})\n```\n"
-        )
-        .unwrap(),
-    }
+            )
+            .unwrap(),
+        }
         if lora {
             md.push_str(
                 "With Temper: `temper generate --model BASE --adapter DIR \"prompt\"`; `temper merge` folds it into \
@@ -237,9 +250,21 @@ impl<'a> Card<'a> {
                 );
                 row(
                     "kto loss",
-                    serde_json::to_string(&k.loss_type).unwrap_or_default().trim_matches('"').into(),
+                    serde_json::to_string(&k.loss_type)
+                        .unwrap_or_default()
+                        .trim_matches('"')
+                        .into(),
                 );
                 row("reference", "the base with the adapter off".into());
+            }
+            ObjectiveSpec::Reward(r) => {
+                row(
+                    "head",
+                    "`score` (hidden -> 1, no bias), read at each sequence's last token".into(),
+                );
+                if let Some(c) = r.center_rewards_coefficient {
+                    row("center_rewards_coefficient", c.to_string());
+                }
             }
             ObjectiveSpec::Sft => {}
         }

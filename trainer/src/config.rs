@@ -103,7 +103,12 @@ impl std::str::FromStr for CollectiveEngine {
             .iter()
             .position(|n| *n == s)
             .map(|i| [Self::Auto, Self::Nccl, Self::Burn][i])
-            .ok_or_else(|| format!("unknown collective engine {s:?}; expected one of {}", Self::NAMES.join(", ")))
+            .ok_or_else(|| {
+                format!(
+                    "unknown collective engine {s:?}; expected one of {}",
+                    Self::NAMES.join(", ")
+                )
+            })
     }
 }
 
@@ -346,6 +351,9 @@ pub enum Objective {
     /// Kahneman-Tversky optimisation on unpaired completions labelled desirable or not, against
     /// a reference (`training.kto`).
     Kto,
+    /// A reward model: a scalar score per sequence (a `score` head), trained on chosen/rejected
+    /// pairs with the Bradley-Terry loss (`training.reward`).
+    Reward,
 }
 
 impl Objective {
@@ -361,6 +369,7 @@ impl Objective {
             Objective::Simpo => "simpo",
             Objective::Orpo => "orpo",
             Objective::Kto => "kto",
+            Objective::Reward => "reward",
         }
     }
 }
@@ -507,6 +516,24 @@ fn one() -> f64 {
     1.0
 }
 
+/// Reward modelling's options, with TRL's `RewardConfig` names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RewardSection {
+    /// Adds `coefficient · mean((r_chosen + r_rejected)²)` to the loss, keeping scores near 0
+    /// (TRL recommends 0.01).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub center_rewards_coefficient: Option<f64>,
+}
+
+impl RewardSection {
+    pub fn params(&self) -> temper_trl::RewardParams {
+        temper_trl::RewardParams {
+            center_rewards_coefficient: self.center_rewards_coefficient,
+        }
+    }
+}
+
 impl Default for KtoSection {
     fn default() -> Self {
         serde_yaml::from_str("{}").expect("defaults deserialize")
@@ -566,6 +593,8 @@ pub struct TrainingSection {
     pub orpo: Option<OrpoSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kto: Option<KtoSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward: Option<RewardSection>,
     /// Passes over the data; ignored when `max_steps` is set.
     #[serde(default = "default_epochs")]
     pub epochs: u64,
@@ -871,6 +900,7 @@ impl JobConfig {
             ("training.simpo", t.simpo.is_some(), Objective::Simpo),
             ("training.orpo", t.orpo.is_some(), Objective::Orpo),
             ("training.kto", t.kto.is_some(), Objective::Kto),
+            ("training.reward", t.reward.is_some(), Objective::Reward),
         ] {
             check(
                 !given || t.objective == owner,
@@ -922,6 +952,13 @@ impl JobConfig {
         }
         if let Some(o) = &t.orpo {
             positive(o.beta, "training.orpo.beta")?;
+        }
+        if let Some(c) = t.reward.as_ref().and_then(|r| r.center_rewards_coefficient) {
+            check(
+                c >= 0.0 && c.is_finite(),
+                "training.reward.center_rewards_coefficient",
+                format!("must be >= 0, got {c}"),
+            )?;
         }
         if t.objective == Objective::Kto {
             let k = t.kto.clone().unwrap_or_default();

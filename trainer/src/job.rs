@@ -10,7 +10,8 @@ use burn::tensor::DType;
 use temper_peft::{BaseQuantization, LoraConfig};
 
 use crate::config::{
-    AdapterKind, DeviceSpec, DpoSection, JobConfig, KtoSection, Objective, OrpoSection, Precision, SimpoSection,
+    AdapterKind, DeviceSpec, DpoSection, JobConfig, KtoSection, Objective, OrpoSection, Precision, RewardSection,
+    SimpoSection,
 };
 use crate::error::{Error, Result};
 
@@ -34,6 +35,7 @@ pub enum ObjectiveSpec {
     Simpo(SimpoSection),
     Orpo(OrpoSection),
     Kto(KtoSection),
+    Reward(RewardSection),
 }
 
 impl ObjectiveSpec {
@@ -44,6 +46,7 @@ impl ObjectiveSpec {
             Self::Simpo(_) => Objective::Simpo,
             Self::Orpo(_) => Objective::Orpo,
             Self::Kto(_) => Objective::Kto,
+            Self::Reward(_) => Objective::Reward,
         }
     }
 
@@ -81,6 +84,20 @@ impl ObjectiveSpec {
                 kl: k.loss_type.uses_kl(),
             }),
             _ => None,
+        }
+    }
+
+    /// One pass over the data (seed 0, one worker) in this objective's batches of
+    /// `batch_size`; callers override the rest.
+    pub fn loader_options(&self, batch_size: usize) -> temper_data::LoaderOptions {
+        temper_data::LoaderOptions {
+            batch_size,
+            seed: 0,
+            rank: 0,
+            world_size: 1,
+            epochs: Some(1),
+            unpaired: self.unpaired_batches(),
+            drop_long_pairs: matches!(self, Self::Reward(_)),
         }
     }
 }
@@ -158,6 +175,7 @@ impl Job {
             Objective::Simpo => ObjectiveSpec::Simpo(t.simpo.get_or_insert_with(Default::default).clone()),
             Objective::Orpo => ObjectiveSpec::Orpo(t.orpo.get_or_insert_with(Default::default).clone()),
             Objective::Kto => ObjectiveSpec::Kto(t.kto.get_or_insert_with(Default::default).clone()),
+            Objective::Reward => ObjectiveSpec::Reward(t.reward.get_or_insert_with(Default::default).clone()),
         };
         let a = &config.adapter;
         let adapter = match a.kind {

@@ -62,7 +62,13 @@ pub(crate) fn kto_step_loss<B: Backend>(
         Tensor::zeros([1], device)
     };
     let desirable = Tensor::<B, 1, Bool>::from_data(TensorData::new(batch.desirable.clone(), [n]), device);
-    let out = kto_loss(policy.clone(), reference.slice(0..n), desirable.clone(), kl.clone(), params);
+    let out = kto_loss(
+        policy.clone(),
+        reference.slice(0..n),
+        desirable.clone(),
+        kl.clone(),
+        params,
+    );
 
     let sum = |t: Tensor<B, 1>| -> f64 { t.sum().into_scalar().elem::<f32>() as f64 };
     let tokens: Vec<f32> = (0..n)
@@ -79,19 +85,34 @@ pub(crate) fn kto_step_loss<B: Backend>(
         (
             true,
             Metric::DesirableRows,
-            [Metric::RewardsChosen, Metric::LogpsChosen, Metric::LogitsChosen, Metric::ChosenTokens],
+            [
+                Metric::RewardsChosen,
+                Metric::LogpsChosen,
+                Metric::LogitsChosen,
+                Metric::ChosenTokens,
+            ],
         ),
         (
             false,
             Metric::UndesirableRows,
-            [Metric::RewardsRejected, Metric::LogpsRejected, Metric::LogitsRejected, Metric::RejectedTokens],
+            [
+                Metric::RewardsRejected,
+                Metric::LogpsRejected,
+                Metric::LogitsRejected,
+                Metric::RejectedTokens,
+            ],
         ),
     ] {
         let rows = batch.desirable.iter().filter(|&&d| d == wanted).count();
         if rows == 0 {
             continue; // TRL logs a side only when the batch has rows of it
         }
-        let mask = if wanted { desirable.clone() } else { desirable.clone().bool_not() }.float();
+        let mask = if wanted {
+            desirable.clone()
+        } else {
+            desirable.clone().bool_not()
+        }
+        .float();
         sums.add(count, rows as f64);
         sums.add(rewards, sum(out.rewards.clone() * mask.clone()));
         sums.add(logps_m, sum(logps.clone() * mask.clone()));

@@ -14,6 +14,7 @@ pub mod metrics;
 mod objective;
 pub mod optim;
 mod preference;
+pub mod reward;
 mod step;
 pub mod sync;
 pub mod train;

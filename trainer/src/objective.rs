@@ -13,6 +13,7 @@ use crate::forward::sft_loss;
 use crate::job::ObjectiveSpec;
 use crate::kto::kto_step_loss;
 use crate::preference::{PreferenceObjective, preference_step_loss};
+use crate::reward::reward_step_loss;
 use crate::step::{Metric, StepSums};
 
 #[derive(Debug, Clone)]
@@ -23,6 +24,8 @@ pub(crate) enum Loss {
     Preference(PreferenceObjective),
     /// KTO over unpaired completions.
     Kto(temper_trl::KtoParams),
+    /// A reward model's Bradley-Terry loss over chosen/rejected pairs.
+    Reward(temper_trl::RewardParams),
 }
 
 impl Loss {
@@ -33,6 +36,7 @@ impl Loss {
             ObjectiveSpec::Simpo(s) => PreferenceObjective::Simpo(s.params()),
             ObjectiveSpec::Orpo(o) => PreferenceObjective::Orpo { beta: o.beta },
             ObjectiveSpec::Kto(k) => return Loss::Kto(k.params()),
+            ObjectiveSpec::Reward(r) => return Loss::Reward(r.params()),
         };
         Loss::Preference(preference)
     }
@@ -83,6 +87,9 @@ impl Loss {
                 device,
                 sums,
             )),
+            (Loss::Reward(params), Batch::Preference(b)) => {
+                Some(reward_step_loss(model, hidden, b, *params, device, sums))
+            }
             _ => unreachable!("checked before training: the objective fits the data"),
         };
         if let Some(loss) = &loss {

@@ -25,6 +25,14 @@ pub(crate) enum Metric {
     LogOddsChosen,
     /// KTO's KL estimate, summed over micro-batches (divided by their count).
     Kl,
+    /// Reward models: each micro-batch's share of pairs ranked right, mean margin, and lowest,
+    /// mean and highest score, summed over micro-batches (divided by their count, as TRL
+    /// averages its per-batch values).
+    Accuracy,
+    Margin,
+    MinReward,
+    MeanReward,
+    MaxReward,
     /// Completion tokens of the chosen and rejected rows: what divides `logits/*`. Not logged.
     ChosenTokens,
     RejectedTokens,
@@ -37,7 +45,7 @@ pub(crate) enum Metric {
 
 impl Metric {
     /// Every metric, in the order rows show them.
-    const ALL: [Metric; 19] = [
+    const ALL: [Metric; 24] = [
         Metric::Loss,
         Metric::MeanTokenAccuracy,
         Metric::RewardsChosen,
@@ -52,6 +60,11 @@ impl Metric {
         Metric::LogOddsRatio,
         Metric::LogOddsChosen,
         Metric::Kl,
+        Metric::Accuracy,
+        Metric::Margin,
+        Metric::MinReward,
+        Metric::MeanReward,
+        Metric::MaxReward,
         Metric::ChosenTokens,
         Metric::RejectedTokens,
         Metric::DesirableRows,
@@ -76,6 +89,11 @@ impl Metric {
             Metric::LogOddsRatio => ("log_odds_ratio", Some("eval_log_odds_ratio")),
             Metric::LogOddsChosen => ("log_odds_chosen", Some("eval_log_odds_chosen")),
             Metric::Kl => ("kl", Some("eval_kl")),
+            Metric::Accuracy => ("accuracy", Some("eval_accuracy")),
+            Metric::Margin => ("margin", Some("eval_margin")),
+            Metric::MinReward => ("min_reward", Some("eval_min_reward")),
+            Metric::MeanReward => ("mean_reward", Some("eval_mean_reward")),
+            Metric::MaxReward => ("max_reward", Some("eval_max_reward")),
             Metric::ChosenTokens => ("chosen_tokens", None),
             Metric::RejectedTokens => ("rejected_tokens", None),
             Metric::DesirableRows => ("desirable_rows", None),
@@ -138,7 +156,12 @@ impl StepSums {
                 let value = match m {
                     Metric::LogitsChosen => mean(m, Metric::ChosenTokens)?,
                     Metric::LogitsRejected => mean(m, Metric::RejectedTokens)?,
-                    Metric::Kl => mean(m, Metric::MicroBatches)?,
+                    Metric::Kl
+                    | Metric::Accuracy
+                    | Metric::Margin
+                    | Metric::MinReward
+                    | Metric::MeanReward
+                    | Metric::MaxReward => mean(m, Metric::MicroBatches)?,
                     Metric::RewardsChosen | Metric::LogpsChosen if kto(Metric::DesirableRows).is_some() => {
                         mean(m, Metric::DesirableRows)?
                     }

@@ -352,10 +352,15 @@ mod tests {
             frozen: Param::from_tensor(random(4).reshape([2, 2])).set_require_grad(false),
         };
         let x = Tensor::<B, 1>::from_floats([1.0 + rank as f32, -2.0, 0.5], &device);
-        let h = x.clone().reshape([1, 3]).matmul(tiny.weight.val().cast(DType::F32)).reshape([4]) + tiny.bias.val();
+        let h = x
+            .clone()
+            .reshape([1, 3])
+            .matmul(tiny.weight.val().cast(DType::F32))
+            .reshape([4])
+            + tiny.bias.val();
         let e = tiny.experts.val().sum_dim(0).reshape([3, 4]);
-        let loss = (h.clone() * h).sum() + x.reshape([1, 3]).matmul(e).sum() * (rank as f32 + 2.0)
-            + tiny.frozen.val().sum();
+        let loss =
+            (h.clone() * h).sum() + x.reshape([1, 3]).matmul(e).sum() * (rank as f32 + 2.0) + tiny.frozen.val().sum();
         let grads = GradientsParams::from_grads(loss.backward(), &tiny);
         (tiny, grads)
     }
@@ -425,7 +430,11 @@ mod tests {
                     let counters = vec![1.0 + 2.0 * rank as f32, 10.0];
                     let (totals, _) =
                         sync_gradients::<B, Tiny<B>>(&mock, &tiny, &mut grads, counters, &Default::default()).unwrap();
-                    (grads_of(&tiny, &grads), mock.bucket_lengths.into_inner().unwrap(), totals)
+                    (
+                        grads_of(&tiny, &grads),
+                        mock.bucket_lengths.into_inner().unwrap(),
+                        totals,
+                    )
                 })
             })
             .collect();
@@ -452,7 +461,14 @@ mod tests {
                 })
                 .collect();
             (0..g[0].len())
-                .map(|p| g[0][p].1.iter().zip(&g[1][p].1).map(|(a, b)| 0.25 * a + 0.75 * b).collect())
+                .map(|p| {
+                    g[0][p]
+                        .1
+                        .iter()
+                        .zip(&g[1][p].1)
+                        .map(|(a, b)| 0.25 * a + 0.75 * b)
+                        .collect()
+                })
                 .collect()
         };
         let host = sync_two(None, false);
@@ -462,7 +478,10 @@ mod tests {
                 assert_eq!(device[rank].2, vec![4.0, 20.0], "counters summed");
                 for (p, (_, values)) in device[rank].0.iter().enumerate() {
                     for (i, v) in values.iter().enumerate() {
-                        assert!((v - expected[p][i]).abs() < 1e-5, "{bucket:?} rank {rank} param {p}[{i}]");
+                        assert!(
+                            (v - expected[p][i]).abs() < 1e-5,
+                            "{bucket:?} rank {rank} param {p}[{i}]"
+                        );
                         assert!((v - host[rank].0[p].1[i]).abs() < 1e-5);
                     }
                 }

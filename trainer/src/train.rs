@@ -15,7 +15,7 @@ use temper_data::{Batch, Cursor, DataConfig, DataLoader, LoaderOptions, Pipeline
 use temper_models::config::CheckpointDtype;
 use temper_models::save::{DEFAULT_SHARD_BYTES, save_pretrained};
 use temper_models::{LlamaForCausalLM, ModelConfig, Tokenizer};
-use temper_peft::LoraConfig;
+use temper_peft::{LoraConfig, SavedModule};
 
 use crate::blocks::{Checkpointed, plain};
 use crate::checkpoint::{self, TrainerState};
@@ -165,12 +165,11 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         }
         let tokenizer = Arc::new(tokenizer);
         let loader_options = LoaderOptions {
-            batch_size: t.micro_batch_size,
             seed: t.seed,
             rank,
             world_size: world,
             epochs: if t.max_steps.is_some() { None } else { Some(t.epochs) },
-            unpaired: job.objective.unpaired_batches(),
+            ..job.objective.loader_options(t.micro_batch_size)
         };
         let pipeline = Arc::new(Pipeline::new(&config.data, tokenizer.clone(), loader_options)?);
         check_objective_fits_data(&job.objective, &pipeline, "data")?;
@@ -354,8 +353,9 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             self.progress.note(&format!(
                 "data parallel: {} workers, {bytes} bytes all-reduced per step{}",
                 c.world_size(),
-                c.device_bucket()
-                    .map_or(" through the host".into(), |n| format!(" on the device, in buckets of up to {n} values"))
+                c.device_bucket().map_or(" through the host".into(), |n| format!(
+                    " on the device, in buckets of up to {n} values"
+                ))
             ));
         }
         Ok(StepResult::unpack(&totals, c.world_size()))
@@ -478,7 +478,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             eval,
             &self.tokenizer,
             t.micro_batch_size,
-            self.job.objective.unpaired_batches(),
+            &self.job.objective,
             max_eval_rows(&self.job.config),
             self.device,
         )?;
@@ -619,7 +619,10 @@ fn check_kto_balance(job: &Job, tokenizer: &Arc<Tokenizer>, options: LoaderOptio
     };
     let (d, u) = Pipeline::new(&job.config.data, tokenizer.clone(), all)?.label_counts()?;
     if d + u == 0 {
-        return Err(Error::config("data", "no row to train on (every row was skipped as bad)"));
+        return Err(Error::config(
+            "data",
+            "no row to train on (every row was skipped as bad)",
+        ));
     }
     // APO-zero has no KL term: one kind alone still trains (pushed up, or down, from the
     // reference), as TRL allows.
@@ -638,7 +641,11 @@ fn check_kto_balance(job: &Job, tokenizer: &Arc<Tokenizer>, options: LoaderOptio
                  completions together, so the data needs both",
                 paths.join(", "),
                 d + u,
-                if u == 0 { "true (desirable)" } else { "false (undesirable)" }
+                if u == 0 {
+                    "true (desirable)"
+                } else {
+                    "false (undesirable)"
+                }
             ),
         ));
     }
@@ -647,8 +654,14 @@ fn check_kto_balance(job: &Job, tokenizer: &Arc<Tokenizer>, options: LoaderOptio
         // within a factor 4/3 of each other.
         let round = |x: f64| (x * 100.0).round() / 100.0;
         let (d, u) = (d as f64, u as f64);
-        let desirable = (round(u * k.undesirable_weight / d), round(u * k.undesirable_weight / d * 1.33));
-        let undesirable = (round(d * k.desirable_weight / u / 1.33), round(d * k.desirable_weight / u));
+        let desirable = (
+            round(u * k.undesirable_weight / d),
+            round(u * k.undesirable_weight / d * 1.33),
+        );
+        let undesirable = (
+            round(d * k.desirable_weight / u / 1.33),
+            round(d * k.desirable_weight / u),
+        );
         let within = |w: f64, (lo, hi): (f64, f64)| lo <= w && w <= hi;
         if !within(k.desirable_weight, desirable) && !within(k.undesirable_weight, undesirable) {
             eprintln!(
@@ -665,7 +678,12 @@ fn check_kto_balance(job: &Job, tokenizer: &Arc<Tokenizer>, options: LoaderOptio
 /// The objective can train on `data` (the section named `which`).
 fn check_objective_fits_data(objective: &ObjectiveSpec, data: &Pipeline, which: &str) -> Result<()> {
     let wrong = |message: &str| Err(Error::config("training.objective", format!("{which}: {message}")));
-    match (objective.is_unpaired(), objective.is_preference(), data.preference, data.unpaired) {
+    match (
+        objective.is_unpaired(),
+        objective.is_preference(),
+        data.preference,
+        data.unpaired,
+    ) {
         (true, _, _, true) | (false, true, true, false) | (false, false, false, false) => Ok(()),
         (true, _, _, false) => wrong(
             "KTO needs completions labelled desirable or not (`prompt`, `completion`, `label` columns) or preference pairs (`chosen`, `rejected`)",
@@ -674,7 +692,7 @@ fn check_objective_fits_data(objective: &ObjectiveSpec, data: &Pipeline, which: 
             "the data is unpaired completions with a `label` (KTO's format): set `objective: kto`, or give pairs or SFT data",
         ),
         (false, false, true, _) => wrong(
-            "the data is preference pairs (chosen/rejected): set `objective: dpo` (or simpo, orpo, kto), or give SFT data",
+            "the data is preference pairs (chosen/rejected): set `objective: dpo` (or simpo, orpo, kto, reward), or give SFT data",
         ),
         (false, true, false, _) => wrong("preference training needs preference data (`chosen` and `rejected` columns)"),
     }
@@ -809,12 +827,22 @@ fn build_model<B: AutodiffBackend>(
         AdapterSpec::Full => checkpoint.unwrap_or(&config.model.path),
         AdapterSpec::Lora { .. } => &config.model.path,
     };
-    let base = if config.model.random_init && weights_from == config.model.path {
+    let mut base = if config.model.random_init && weights_from == config.model.path {
         let source = temper_models::llama::random_weights(model_config, seed);
         LlamaForCausalLM::load(model_config, &source, device, dtype)?
     } else {
         temper_models::load_weights::<B>(weights_from, model_config, device, dtype)?
     };
+    let reward = matches!(job.objective, ObjectiveSpec::Reward(_));
+    let mut model_config = model_config.clone();
+    if reward {
+        // A reward model scores with `score` (a causal LM's checkpoint gets a fresh one, drawn
+        // as transformers draws it); its language head is never used.
+        base.add_score_head(0.02, seed);
+        base.lm_head = None;
+        model_config.score_head = true;
+        model_config.pad_token_id = tokenizer.pad_token_id();
+    }
     let AdapterSpec::Lora {
         config: lora,
         init_from,
@@ -823,9 +851,9 @@ fn build_model<B: AutodiffBackend>(
     } = &job.adapter
     else {
         let model = base.map(&mut TrainAll);
-        return Ok((model, SaveAs::Full(model_config.clone(), tokenizer.clone())));
+        return Ok((model, SaveAs::Full(model_config, tokenizer.clone())));
     };
-    let (model, mut lora) = match checkpoint.or(init_from.as_deref()) {
+    let (mut model, mut lora) = match checkpoint.or(init_from.as_deref()) {
         Some(dir) => temper_peft::load_adapter(base.no_grad(), dir)?,
         None => {
             let (model, _) = temper_peft::inject(base, lora, seed).map_err(|e| match e {
@@ -835,6 +863,13 @@ fn build_model<B: AutodiffBackend>(
             (model, lora.clone())
         }
     };
+    if reward && !lora.modules_to_save.contains(&SavedModule::Score) {
+        // PEFT's SEQ_CLS adapters train the head in full and save it with the adapter (a fresh
+        // adapter, or one trained as a language model).
+        lora.modules_to_save.push(SavedModule::Score);
+        let score = model.score.as_mut().expect("added above");
+        score.weight = score.weight.clone().set_require_grad(true);
+    }
     let model = match quantize_base {
         None => model,
         Some(q) => temper_peft::quantize_base(model, *q)?.0,
@@ -891,19 +926,12 @@ fn evaluate<B: AutodiffBackend>(
     eval: &DataConfig,
     tokenizer: &Arc<Tokenizer>,
     batch_size: usize,
-    unpaired: Option<temper_data::Unpaired>,
+    objective: &ObjectiveSpec,
     max_rows: usize,
     device: &B::Device,
 ) -> Result<Vec<(&'static str, f64)>> {
     let model = model.valid();
-    let options = LoaderOptions {
-        batch_size,
-        seed: 0,
-        rank: 0,
-        world_size: 1,
-        epochs: Some(1),
-        unpaired,
-    };
+    let options = objective.loader_options(batch_size);
     // The pipeline names its settings `data.*`; these are the evaluation data's.
     let in_eval = |e: temper_data::Error| match e {
         temper_data::Error::Config { key, message } => Error::config(&key.replacen("data", "data.eval", 1), message),

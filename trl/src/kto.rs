@@ -68,10 +68,7 @@ pub fn kto_loss<B: Backend>(
                 sigmoid((kl - ratio.clone()) * beta).neg() + 1.0,
             )
         }
-        KtoLossType::ApoZeroUnpaired => (
-            sigmoid(ratio.clone() * beta).neg() + 1.0,
-            sigmoid(ratio.clone() * beta),
-        ),
+        KtoLossType::ApoZeroUnpaired => (sigmoid(ratio.clone() * beta).neg() + 1.0, sigmoid(ratio.clone() * beta)),
     };
     let losses = bad
         .mul_scalar(params.undesirable_weight)
@@ -98,7 +95,8 @@ mod tests {
     fn kto_by_hand() {
         let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
         let (policy, reference) = ([-3.0f32, -5.0, -2.0], [-4.0f32, -4.5, -2.5]);
-        let desirable = Tensor::<B, 1, Bool>::from_data(TensorData::new(vec![true, false, true], [3]), &Default::default());
+        let desirable =
+            Tensor::<B, 1, Bool>::from_data(TensorData::new(vec![true, false, true], [3]), &Default::default());
         let kl = kto_kl(t(&[-1.0, -1.2]), t(&[-1.5, -1.3]));
         assert!((kl.clone().into_scalar() - 0.3).abs() < 1e-6);
         let params = KtoParams {
@@ -131,7 +129,11 @@ mod tests {
             .into_data()
             .to_vec::<f32>()
             .unwrap();
-        let want = [1.5 * (1.0 - sig(0.5 * r(0))), 0.7 * sig(0.5 * r(1)), 1.5 * (1.0 - sig(0.5 * r(2)))];
+        let want = [
+            1.5 * (1.0 - sig(0.5 * r(0))),
+            0.7 * sig(0.5 * r(1)),
+            1.5 * (1.0 - sig(0.5 * r(2))),
+        ];
         for (g, w) in got.iter().zip(want) {
             assert!((*g as f64 - w).abs() < 1e-6, "{g} vs {w}");
         }

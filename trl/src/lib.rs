@@ -3,6 +3,7 @@
 pub mod dpo;
 pub mod kto;
 pub mod logps;
+pub mod reward;
 pub mod sft;
 
 pub use dpo::{
@@ -10,4 +11,5 @@ pub use dpo::{
 };
 pub use kto::{KtoLossType, KtoOutput, KtoParams, kto_kl, kto_loss};
 pub use logps::{TokenLogps, head_token_logps, log_softmax, token_logps};
+pub use reward::{RewardParams, reward_loss};
 pub use sft::{TokenLoss, token_cross_entropy};
