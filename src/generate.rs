@@ -59,6 +59,17 @@ impl BackendJob for GenerateArgs {
             let (model, _) = temper_peft::load_adapter(loaded.model, dir)?;
             loaded.model = model;
         }
+        if loaded.model.score.is_some() {
+            anyhow::bail!(
+                "{}: a reward model (a `score` head{}) scores sequences and does not generate: use `temper score`",
+                self.model.display(),
+                if self.adapter.is_some() {
+                    ", from the adapter"
+                } else {
+                    ""
+                }
+            );
+        }
         let tok = &loaded.tokenizer;
         let prompt_ids = if self.chat {
             let mut messages = Vec::new();

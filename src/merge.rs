@@ -60,7 +60,8 @@ impl BackendJob for MergeArgs {
         if model.score.is_some() && !config.score_head {
             // A reward adapter (its `score` head saved with it) merges into a classifier.
             config.score_head = true;
-            config.pad_token_id = config.pad_token_id.or(loaded.tokenizer.pad_token_id());
+            // Training pooled at the tokenizer's pad (or EOS) token: so must the classifier.
+            config.pad_token_id = loaded.tokenizer.pad_token_id().or(config.pad_token_id);
             model.lm_head = None;
         }
         save_pretrained(&model, &config, &self.out, dtype, DEFAULT_SHARD_BYTES)?;

@@ -24,7 +24,7 @@ pub struct ScoreArgs {
     /// prompt/completion, messages or text. File, directory or glob.
     #[arg(long)]
     pub data: String,
-    /// Sequences scored per forward pass.
+    /// Rows per forward pass (a pair is two sequences).
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
 }
@@ -64,7 +64,13 @@ impl BackendJob for ScoreArgs {
             drop_long_pairs: false,
         };
         let pipeline = Arc::new(Pipeline::new(&data, Arc::new(loaded.tokenizer), options)?);
-        let (pad, vocab) = (pipeline.pad_id(), loaded.model.vocab_size());
+        // A classifier's own config names the token its scores skip (transformers reads it); a
+        // reward adapter pools as it was trained, at the tokenizer's pad (or EOS) token.
+        let pad = match loaded.config.pad_token_id {
+            Some(id) if loaded.config.score_head => id,
+            _ => pipeline.pad_id(),
+        };
+        let vocab = loaded.model.vocab_size();
         let (mut row, mut right, mut pairs) = (0usize, 0usize, 0usize);
         let mut out = std::io::stdout().lock();
         for batch in pipeline.clone().spawn(Cursor::default()) {

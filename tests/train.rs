@@ -630,6 +630,46 @@ fn reward_matches_trl() {
         !out.status.success() && err.contains("has no reward head (`score`)"),
         "{err}"
     );
+
+    // Full fine-tuning from a causal LM (a fresh head), interrupted and resumed: the resumed
+    // run reads its head back from the classifier checkpoint and ends where an unbroken one does.
+    let full_yaml = |out: &Path| preference_yaml(out, "objective: reward");
+    let full_set = ["adapter.type=full", "adapter.path=null", "training.learning_rate=1e-3"];
+    let straight = tmp.path().join("straight");
+    let job = load_job(tmp.path(), &full_yaml(&straight), &full_set).unwrap();
+    let want = run(&job, TrainOptions::default()).losses;
+    let resumed = tmp.path().join("resumed");
+    let job = load_job(tmp.path(), &full_yaml(&resumed), &full_set).unwrap();
+    let first = run(
+        &job,
+        TrainOptions {
+            stop_after_steps: Some(1),
+            ..Default::default()
+        },
+    );
+    assert!(first.interrupted);
+    let got = run(
+        &job,
+        TrainOptions {
+            resume: Some(Resume::Latest),
+            ..Default::default()
+        },
+    )
+    .losses;
+    let a: Vec<f32> = got.iter().map(|l| l.1 as f32).collect();
+    let b: Vec<f32> = want.iter().map(|l| l.1 as f32).collect();
+    assert!(rel_err(&a, &b, |_| true) < 1e-6, "resumed {a:?} vs {b:?}");
+    for ((name, x), (_, y)) in adapter(&resumed).iter().zip(adapter(&straight)) {
+        assert!(rel_err(x, &y, |_| true) < 1e-6, "{name} after resume");
+    }
+    // A reward model does not generate.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_temper"))
+        .args(["generate", "--prompt", "w5 w6", "--model"])
+        .arg(&straight)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("does not generate"), "{err}");
 }
 
 #[test]

@@ -486,10 +486,15 @@ impl Pipeline {
             st.get(&st.bad_rows_skipped),
         );
         let mut why = Vec::new();
-        if dropped > 0 {
+        let max = self.config.max_length.map_or("none".to_string(), |m| m.to_string());
+        if dropped > 0 && self.options.drop_long_pairs {
             why.push(format!(
-                "{dropped} had no token left to train on after truncation (is `max_length` ({}) shorter than the prompts?)",
-                self.config.max_length.map_or("none".to_string(), |m| m.to_string())
+                "{dropped} pairs had a side longer than `max_length` ({max}): a reward model scores whole sequences, \
+                 so such pairs are dropped, not truncated"
+            ));
+        } else if dropped > 0 {
+            why.push(format!(
+                "{dropped} had no token left to train on after truncation (is `max_length` ({max}) shorter than the prompts?)"
             ));
         }
         if skipped > 0 {

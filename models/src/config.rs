@@ -724,7 +724,12 @@ impl RawConfig {
             sliding_window,
             bos_token_id: token_ids(path, "bos_token_id", self.bos_token_id)?.first().copied(),
             eos_token_ids: token_ids(path, "eos_token_id", self.eos_token_id)?,
-            pad_token_id: token_ids(path, "pad_token_id", self.pad_token_id)?.first().copied(),
+            // Lenient: older conversions write -1 for "none", and only reward models read it.
+            pad_token_id: self
+                .pad_token_id
+                .as_ref()
+                .and_then(Value::as_u64)
+                .and_then(|id| u32::try_from(id).ok()),
             score_head,
             dtype,
         })
@@ -837,6 +842,43 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("attn_logit_softcapping"), "{e}");
+    }
+
+    #[test]
+    fn sequence_classifiers_with_one_label_are_reward_models() {
+        let c = parse(&format!(
+            r#"{{"model_type": "llama", {BASE}, "architectures": ["LlamaForSequenceClassification"],
+            "id2label": {{"0": "LABEL_0"}}, "pad_token_id": 2}}"#
+        ))
+        .unwrap();
+        assert!(c.score_head);
+        assert_eq!(c.pad_token_id, Some(2));
+        let json = c.to_hf_json(CheckpointDtype::F32).unwrap();
+        assert_eq!(json["architectures"][0], "LlamaForSequenceClassification");
+        assert_eq!(
+            (&json["id2label"]["0"], &json["pad_token_id"]),
+            (&"LABEL_0".into(), &2.into())
+        );
+        let again = parse(&json.to_string()).unwrap();
+        assert_eq!(
+            again,
+            ModelConfig {
+                dtype: again.dtype,
+                ..c.clone()
+            }
+        );
+        // transformers' default is two labels: a classifier, not a scorer.
+        let e = parse(&format!(
+            r#"{{"model_type": "llama", {BASE}, "architectures": ["LlamaForSequenceClassification"]}}"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("num_labels") && e.contains("2 labels"), "{e}");
+        assert!(
+            !parse(&format!(r#"{{"model_type": "llama", {BASE}}}"#))
+                .unwrap()
+                .score_head
+        );
     }
 
     #[test]

@@ -512,6 +512,22 @@ mod tests {
     }
 
     #[test]
+    fn seq_cls_adapters_save_their_head_once() {
+        // As PEFT 0.21 writes a SEQ_CLS config: the head listed, then PEFT's two names again.
+        let json = json!({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 4, "lora_alpha": 8,
+            "target_modules": ["q_proj"], "modules_to_save": ["score", "classifier", "score"]});
+        let c = LoraConfig::from_json(&json, Path::new("adapter_config.json")).unwrap();
+        assert_eq!(c.modules_to_save, [SavedModule::Score]);
+        assert_eq!(c.to_json(&[])["task_type"], "SEQ_CLS");
+        assert_eq!(c.to_json(&[])["modules_to_save"], json!(["score"]));
+        // PEFT trains a SEQ_CLS model's head even when the config does not list it.
+        let bare = json!({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 4, "target_modules": ["q_proj"]});
+        let c = LoraConfig::from_json(&bare, Path::new("adapter_config.json")).unwrap();
+        assert_eq!(c.modules_to_save, [SavedModule::Score]);
+        assert!(!c.targets("score", true));
+    }
+
+    #[test]
     fn regex_must_match_the_whole_name() {
         let c = cfg(TargetModules::Regex(r".*\.(q|v)_proj".into()));
         assert!(c.targets("model.layers.3.self_attn.v_proj", false));

@@ -173,7 +173,19 @@ impl<'a> Card<'a> {
             )
             .unwrap(),
         }
-        if lora {
+        if matches!(self.job.objective, ObjectiveSpec::Reward(_)) && lora {
+            md.push_str(
+                "Scores are read at each sequence's last token that is not the pad token: set \
+                 `model.config.pad_token_id` to the tokenizer's pad token (or EOS) id, as training did. With \
+                 Temper: `temper score --model BASE --adapter DIR --data FILE` prints each row's score; `temper \
+                 merge` folds the adapter into a `*ForSequenceClassification` directory.\n\n",
+            );
+        } else if matches!(self.job.objective, ObjectiveSpec::Reward(_)) {
+            md.push_str(
+                "Scores are read at each sequence's last token that is not the pad token (`pad_token_id` in \
+                 `config.json`). With Temper: `temper score --model DIR --data FILE` prints each row's score.\n\n",
+            );
+        } else if lora {
             md.push_str(
                 "With Temper: `temper generate --model BASE --adapter DIR \"prompt\"`; `temper merge` folds it into \
              the base, and `temper export --format gguf` writes a llama.cpp adapter.\n\n",

@@ -187,6 +187,15 @@ impl Job {
                 loraplus_lr_ratio: a.loraplus_lr_ratio,
             },
         };
+        if let (ObjectiveSpec::Reward(_), AdapterSpec::Lora { config: lora, .. }) = (&objective, &adapter)
+            && lora.modules_to_save.contains(&temper_peft::SavedModule::LmHead)
+        {
+            return Err(Error::config(
+                "adapter.modules_to_save",
+                "a reward model scores with its `score` head (trained in full and saved with the adapter) and has \
+                 no language head: `lm_head` cannot be trained with `objective: reward`",
+            ));
+        }
         let h = &config.hub;
         let push = match (h.push, &h.repo) {
             (false, _) => None,

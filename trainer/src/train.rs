@@ -822,19 +822,38 @@ fn build_model<B: AutodiffBackend>(
     checkpoint: Option<&Path>,
 ) -> Result<(LlamaForCausalLM<B>, SaveAs)> {
     let (config, seed) = (&job.config, job.config.training.seed);
+    let reward = matches!(job.objective, ObjectiveSpec::Reward(_));
+    if model_config.score_head && !reward {
+        return Err(Error::config(
+            "model.path",
+            format!(
+                "{} is a reward model (`*ForSequenceClassification`, a `score` head and no language head): train it \
+                 with `objective: reward`, or give a causal language model for `objective: {}`",
+                config.model.path.display(),
+                job.objective.name()
+            ),
+        ));
+    }
     // A full fine-tuning checkpoint holds the whole model; a LoRA one only the adapter.
     let weights_from = match &job.adapter {
         AdapterSpec::Full => checkpoint.unwrap_or(&config.model.path),
         AdapterSpec::Lora { .. } => &config.model.path,
     };
-    let mut base = if config.model.random_init && weights_from == config.model.path {
-        let source = temper_models::llama::random_weights(model_config, seed);
-        LlamaForCausalLM::load(model_config, &source, device, dtype)?
-    } else {
-        temper_models::load_weights::<B>(weights_from, model_config, device, dtype)?
-    };
-    let reward = matches!(job.objective, ObjectiveSpec::Reward(_));
     let mut model_config = model_config.clone();
+    // A full reward run's checkpoint is a classifier: `score`, no `lm_head`.
+    let load_config = match (reward, &job.adapter, checkpoint) {
+        (true, AdapterSpec::Full, Some(_)) => ModelConfig {
+            score_head: true,
+            ..model_config.clone()
+        },
+        _ => model_config.clone(),
+    };
+    let mut base = if config.model.random_init && weights_from == config.model.path {
+        let source = temper_models::llama::random_weights(&load_config, seed);
+        LlamaForCausalLM::load(&load_config, &source, device, dtype)?
+    } else {
+        temper_models::load_weights::<B>(weights_from, &load_config, device, dtype)?
+    };
     if reward {
         // A reward model scores with `score` (a causal LM's checkpoint gets a fresh one, drawn
         // as transformers draws it); its language head is never used.
@@ -856,7 +875,12 @@ fn build_model<B: AutodiffBackend>(
     let (mut model, mut lora) = match checkpoint.or(init_from.as_deref()) {
         Some(dir) => temper_peft::load_adapter(base.no_grad(), dir)?,
         None => {
-            let (model, _) = temper_peft::inject(base, lora, seed).map_err(|e| match e {
+            let mut lora = lora.clone();
+            if reward {
+                // Listed before the adapter is placed, so `score` is never also LoRA-adapted.
+                lora.modules_to_save.push(SavedModule::Score);
+            }
+            let (model, _) = temper_peft::inject(base, &lora, seed).map_err(|e| match e {
                 temper_peft::Error::Invalid { key, message } => Error::config(&format!("adapter.{key}"), message),
                 other => other.into(),
             })?;
@@ -864,8 +888,8 @@ fn build_model<B: AutodiffBackend>(
         }
     };
     if reward && !lora.modules_to_save.contains(&SavedModule::Score) {
-        // PEFT's SEQ_CLS adapters train the head in full and save it with the adapter (a fresh
-        // adapter, or one trained as a language model).
+        // PEFT's SEQ_CLS adapters train the head in full and save it with the adapter; this one
+        // started as a language model's.
         lora.modules_to_save.push(SavedModule::Score);
         let score = model.score.as_mut().expect("added above");
         score.weight = score.weight.clone().set_require_grad(true);
@@ -985,6 +1009,18 @@ fn check_same_adapter(job: &JobConfig, checkpoint: &Path) -> Result<()> {
             .and_then(|v| v.as_mapping().cloned())
             .unwrap_or_default()
     };
+    if saved.training.objective != job.training.objective {
+        return Err(Error::config(
+            "training.objective",
+            format!(
+                "resuming from {}: the run started with `objective: {}`, not `{}`; resume with the original \
+                 objective, or start a new output_dir",
+                checkpoint.display(),
+                saved.training.objective.name(),
+                job.training.objective.name()
+            ),
+        ));
+    }
     let (before, now) = (fields(&saved.adapter), fields(&job.adapter));
     let show = |v: Option<&serde_yaml::Value>| {
         v.map_or("unset".to_string(), |v| {
