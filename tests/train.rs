@@ -472,7 +472,7 @@ fn kto_matches_trl() {
     let exp: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(train_dir().join("kto_expected.json")).unwrap()).unwrap();
     let unpaired = format!("data.path={}", train_dir().join("kto.jsonl").display());
-    let cases: [(&str, &str, Vec<&str>); 4] = [
+    let cases: [(&str, &str, Vec<&str>); 6] = [
         ("kto", "{}", vec![&unpaired, "training.micro_batch_size=3"]),
         (
             "weights",
@@ -485,6 +485,16 @@ fn kto_matches_trl() {
             vec![&unpaired, "training.micro_batch_size=3"],
         ),
         ("paired", "{}", vec![]),
+        (
+            "precompute",
+            "{precompute_ref_log_probs: true}",
+            vec![&unpaired, "training.micro_batch_size=3"],
+        ),
+        (
+            "apo_precompute",
+            "{loss_type: apo_zero_unpaired, precompute_ref_log_probs: true}",
+            vec![&unpaired, "training.micro_batch_size=3"],
+        ),
     ];
     for (case, section, mut set) in cases {
         set.push("data.shuffle=false");
@@ -492,6 +502,11 @@ fn kto_matches_trl() {
         let objective = format!("objective: kto\n  kto: {section}");
         let job = load_job(tmp.path(), &preference_yaml(&out, &objective), &set).unwrap();
         run(&job, TrainOptions::default());
+        assert_eq!(
+            out.join("ref_logps.bin").exists(),
+            case.ends_with("precompute"),
+            "{case}"
+        );
         let rows = metrics_rows(&out);
         let want = exp[case].as_array().unwrap();
         assert_eq!(rows.len(), want.len(), "{case}");
@@ -512,6 +527,46 @@ fn kto_matches_trl() {
                     step + 1
                 );
             }
+        }
+    }
+    // Shuffled, into a second epoch (new micro-batches, new KL pairs), and resumed: the
+    // precomputed reference covers every micro-batch the run sees, so it trains as the live one.
+    let shuffled = |name: &str, precompute: bool| {
+        let out = tmp.path().join(name);
+        let objective = format!("objective: kto\n  kto: {{precompute_ref_log_probs: {precompute}}}");
+        let set = [unpaired.as_str(), "training.micro_batch_size=3", "training.max_steps=5"];
+        (
+            load_job(tmp.path(), &preference_yaml(&out, &objective), &set).unwrap(),
+            out,
+        )
+    };
+    let (live, live_out) = shuffled("shuffled_live", false);
+    run(&live, TrainOptions::default());
+    let (pre, pre_out) = shuffled("shuffled_precompute", true);
+    let first = run(
+        &pre,
+        TrainOptions {
+            stop_after_steps: Some(2),
+            ..Default::default()
+        },
+    );
+    assert!(first.interrupted);
+    run(
+        &pre,
+        TrainOptions {
+            resume: Some(Resume::Latest),
+            ..Default::default()
+        },
+    );
+    let (a, b) = (metrics_rows(&pre_out), metrics_rows(&live_out));
+    assert_eq!(a.len(), 5);
+    for (x, y) in a.iter().zip(&b) {
+        for key in ["loss", "kl", "grad_norm"] {
+            let (x, y) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                "{key}: precomputed {x} vs live {y}"
+            );
         }
     }
 }

@@ -510,6 +510,10 @@ pub struct KtoSection {
     pub undesirable_weight: f64,
     #[serde(default)]
     pub loss_type: temper_trl::KtoLossType,
+    /// Compute the reference's log-probabilities once, before training (for every micro-batch
+    /// the run will see: KTO's KL pairs are made within them), and drop the reference.
+    #[serde(default)]
+    pub precompute_ref_log_probs: bool,
 }
 
 fn one() -> f64 {

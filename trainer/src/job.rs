@@ -66,7 +66,7 @@ impl ObjectiveSpec {
     pub fn reference(&self) -> Option<bool> {
         match self {
             Self::Dpo(d) if !d.reference_free => Some(d.precompute_ref_log_probs),
-            Self::Kto(_) => Some(false),
+            Self::Kto(k) => Some(k.precompute_ref_log_probs),
             _ => None,
         }
     }

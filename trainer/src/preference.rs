@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor, TensorData};
-use temper_data::{Batch, Cursor, LoaderOptions, Pipeline, PreferenceBatch};
+use temper_data::{Batch, Cursor, LoaderOptions, Pipeline, PreferenceBatch, UnpairedBatch};
 use temper_models::{ForwardOptions, LlamaForCausalLM, Tokenizer};
 use temper_trl::{
     DpoParams, PairLogps, PreferenceOutput, SimpoParams, dpo_loss, orpo_loss, sequence_logps, simpo_loss,
@@ -215,50 +215,74 @@ impl<B: Backend> Reference<B> {
                 let values = cache.lookup(b)?;
                 Some(Tensor::from_data(TensorData::new(values, [2 * b.pairs]), device))
             }
-            (Reference::Precomputed(_), Batch::Unpaired(_)) => {
-                unreachable!("KTO's reference is never precomputed (job.rs)")
+            (Reference::Precomputed(cache), Batch::Unpaired(b)) => {
+                let values = cache.lookup_unpaired(b)?;
+                let n = values.len();
+                Some(Tensor::from_data(TensorData::new(values, [n]), device))
             }
         })
     }
 }
 
-/// Reference log-probabilities by pair, keyed by a hash of the pair's tokens and completion
-/// masks: the lookup does not depend on the order or batching of the data, so a shuffled or
-/// resumed run finds every pair.
+/// Reference log-probabilities by pair (DPO), keyed by a hash of the pair's tokens and
+/// completion masks, or by sequence (KTO: each row, and each KL pair of a prompt with another
+/// row's completion): the lookup does not depend on the order or batching of the data, so a
+/// shuffled or resumed run finds every pair.
 #[derive(Debug, Default)]
 pub(crate) struct RefCache {
     map: HashMap<u64, [f32; 2]>,
+    sequences: HashMap<u64, f32>,
 }
 
-const CACHE_MAGIC: &[u8; 8] = b"TMPRREF1";
+/// The first version held pairs only; the second adds sequences.
+const CACHE_MAGIC_V1: &[u8; 8] = b"TMPRREF1";
+const CACHE_MAGIC: &[u8; 8] = b"TMPRREF2";
 pub(crate) const CACHE_FILE: &str = "ref_logps.bin";
 
+/// How much of a pipeline a precomputed reference covers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Cover {
+    /// Pairs (or unpaired rows), up to this many (one epoch).
+    Examples(usize),
+    /// KTO: the first this many micro-batches, as the run will see them (its KL pairs are made
+    /// within each micro-batch).
+    Batches(usize),
+}
+
 impl RefCache {
-    /// One pass of `reference` over every pair of each pipeline (one epoch).
+    /// One pass of `reference` over what each pipeline's `Cover` says.
     pub(crate) fn compute<B: Backend>(
         reference: &LlamaForCausalLM<B>,
-        pipelines: &[Arc<Pipeline>],
-        max_pairs: &[usize],
+        pipelines: &[(Arc<Pipeline>, Cover)],
         device: &B::Device,
     ) -> Result<Self> {
         let mut cache = RefCache::default();
-        for (pipeline, &max) in pipelines.iter().zip(max_pairs) {
-            let mut seen = 0;
+        for (pipeline, cover) in pipelines {
+            let (mut pairs, mut batches) = (0, 0);
             for b in pipeline.clone().spawn(Cursor::default()) {
-                let Batch::Preference(batch) = b?.batch else {
-                    continue;
-                };
-                let logps: Vec<f32> = preference_logps(reference, &plain, &batch, false, device)
-                    .logps
-                    .into_data()
-                    .convert::<f32>()
-                    .to_vec()
-                    .expect("f32 values");
-                for (i, key) in pair_keys(&batch).into_iter().enumerate() {
-                    cache.map.insert(key, [logps[i], logps[batch.pairs + i]]);
+                match b?.batch {
+                    Batch::Preference(batch) => {
+                        let logps = values(preference_logps(reference, &plain, &batch, false, device).logps);
+                        for (i, key) in pair_keys(&batch).into_iter().enumerate() {
+                            cache.map.insert(key, [logps[i], logps[batch.pairs + i]]);
+                        }
+                        pairs += batch.pairs;
+                    }
+                    Batch::Unpaired(batch) => {
+                        let rows = crate::kto::all_rows(&batch);
+                        let keys = sequence_keys(&rows);
+                        let logps = values(rows_logps(reference, &plain, rows, 0, device).0);
+                        cache.sequences.extend(keys.into_iter().zip(logps));
+                        pairs += batch.rows;
+                    }
+                    Batch::Sft(_) => {}
                 }
-                seen += batch.pairs;
-                if seen >= max {
+                batches += 1;
+                let done = match *cover {
+                    Cover::Examples(max) => pairs >= max,
+                    Cover::Batches(max) => batches >= max,
+                };
+                if done {
                     break;
                 }
             }
@@ -266,8 +290,24 @@ impl RefCache {
         Ok(cache)
     }
 
+    /// Pairs and sequences held.
     pub(crate) fn len(&self) -> usize {
-        self.map.len()
+        self.map.len() + self.sequences.len()
+    }
+
+    /// `[rows]`, or with KTO's KL pairs `[2 * rows]`, as [`crate::kto::all_rows`] orders them.
+    fn lookup_unpaired(&self, batch: &UnpairedBatch) -> Result<Vec<f32>> {
+        sequence_keys(&crate::kto::all_rows(batch))
+            .into_iter()
+            .map(|key| {
+                self.sequences.get(&key).copied().ok_or_else(|| Error::Checkpoint {
+                    path: CACHE_FILE.into(),
+                    message: "a completion of this batch (or one of its KL pairs) has no precomputed reference \
+                              log-probability (did the data or the batching change since they were computed?)"
+                        .into(),
+                })
+            })
+            .collect()
     }
 
     fn lookup(&self, batch: &PreferenceBatch) -> Result<Vec<f32>> {
@@ -286,10 +326,11 @@ impl RefCache {
         Ok(out)
     }
 
-    /// `magic, count (u64), then (key u64, chosen f32, rejected f32)` per pair, little-endian,
-    /// written beside and renamed, so a reader never sees half a file.
+    /// `magic, count (u64), then (key u64, chosen f32, rejected f32)` per pair, then `count
+    /// (u64), (key u64, value f32)` per sequence, little-endian, written beside and renamed, so
+    /// a reader never sees half a file.
     pub(crate) fn save(&self, path: &Path) -> Result<()> {
-        let mut bytes = Vec::with_capacity(16 + 16 * self.map.len());
+        let mut bytes = Vec::with_capacity(24 + 16 * self.map.len() + 12 * self.sequences.len());
         bytes.extend_from_slice(CACHE_MAGIC);
         bytes.extend_from_slice(&(self.map.len() as u64).to_le_bytes());
         let mut entries: Vec<_> = self.map.iter().collect();
@@ -298,6 +339,13 @@ impl RefCache {
             bytes.extend_from_slice(&k.to_le_bytes());
             bytes.extend_from_slice(&c.to_le_bytes());
             bytes.extend_from_slice(&r.to_le_bytes());
+        }
+        bytes.extend_from_slice(&(self.sequences.len() as u64).to_le_bytes());
+        let mut entries: Vec<_> = self.sequences.iter().collect();
+        entries.sort_by_key(|(k, _)| **k);
+        for (k, v) in entries {
+            bytes.extend_from_slice(&k.to_le_bytes());
+            bytes.extend_from_slice(&v.to_le_bytes());
         }
         temper_models::atomic::write_file_atomic(path, &bytes).map_err(|e| Error::io(path, e))
     }
@@ -311,14 +359,41 @@ impl RefCache {
         std::fs::File::open(path)
             .and_then(|mut f| f.read_to_end(&mut bytes))
             .map_err(|e| Error::io(path, e))?;
-        if bytes.len() < 16 || &bytes[..8] != CACHE_MAGIC {
+        let v1 = bytes.len() >= 16 && &bytes[..8] == CACHE_MAGIC_V1;
+        if bytes.len() < 16 || !(v1 || &bytes[..8] == CACHE_MAGIC) {
             return Err(bad("not a reference log-probability file"));
         }
-        let count = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")) as usize;
-        if bytes.len() != 16 + 16 * count {
+        let u64_at = |at: usize| {
+            bytes
+                .get(at..at + 8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        };
+        let count = u64_at(8).expect("checked") as usize;
+        let pairs_end = count
+            .checked_mul(16)
+            .and_then(|n| n.checked_add(16))
+            .ok_or_else(|| bad("truncated"))?;
+        let sequences_count = if v1 {
+            Some(0)
+        } else {
+            u64_at(pairs_end).map(|n| n as usize)
+        };
+        let expected = sequences_count
+            .and_then(|n| n.checked_mul(12))
+            .and_then(|n| n.checked_add(pairs_end + if v1 { 0 } else { 8 }));
+        if expected != Some(bytes.len()) {
             return Err(bad("truncated"));
         }
-        let map = bytes[16..]
+        let sequences = bytes[(pairs_end + if v1 { 0 } else { 8 }).min(bytes.len())..]
+            .chunks_exact(12)
+            .map(|e| {
+                (
+                    u64::from_le_bytes(e[..8].try_into().expect("8 bytes")),
+                    f32::from_le_bytes(e[8..].try_into().expect("4 bytes")),
+                )
+            })
+            .collect();
+        let map = bytes[16..pairs_end]
             .chunks_exact(16)
             .map(|e| {
                 let f = |r: std::ops::Range<usize>| f32::from_le_bytes(e[r].try_into().expect("4 bytes"));
@@ -328,54 +403,101 @@ impl RefCache {
                 )
             })
             .collect();
-        Ok(RefCache { map })
+        Ok(RefCache { map, sequences })
     }
 }
 
-/// FNV-1a of each pair's chosen and rejected rows (real tokens and completion masks). Stable
-/// across builds and platforms, unlike `std`'s hasher, since the keys are saved.
+fn values<B: Backend>(t: Tensor<B, 1>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().expect("f32 values")
+}
+
+/// FNV-1a of one row's real tokens and completion mask, continuing from `h`. Stable across
+/// builds and platforms, unlike `std`'s hasher, since the keys are saved.
+fn hash_row(mut h: u64, ids: &[u32], attention: &[u8], completion: &[u8]) -> u64 {
+    let mut eat = |x: u64| {
+        for b in x.to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for t in 0..ids.len() {
+        if attention[t] == 1 {
+            eat(ids[t] as u64 * 2 + completion[t] as u64);
+        }
+    }
+    eat(u64::MAX); // row separator
+    h
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// One key per sequence of `rows`.
+fn sequence_keys(rows: &Rows<'_>) -> Vec<u64> {
+    let s = rows.seq_len;
+    (0..rows.rows)
+        .map(|r| {
+            let at = r * s..(r + 1) * s;
+            hash_row(
+                FNV_OFFSET,
+                &rows.input_ids[at.clone()],
+                &rows.attention_mask[at.clone()],
+                &rows.completion_mask[at],
+            )
+        })
+        .collect()
+}
+
+/// FNV-1a of each pair's chosen and rejected rows (real tokens and completion masks).
 fn pair_keys(batch: &PreferenceBatch) -> Vec<u64> {
     let (p, s) = (batch.pairs, batch.seq_len);
-    let mut keys = Vec::with_capacity(p);
-    for i in 0..p {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |x: u64| {
-            for b in x.to_le_bytes() {
-                h ^= b as u64;
-                h = h.wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        };
-        for r in [i, p + i] {
-            for t in 0..s {
-                if batch.attention_mask[r * s + t] == 1 {
-                    eat(batch.input_ids[r * s + t] as u64 * 2 + batch.completion_mask[r * s + t] as u64);
-                }
-            }
-            eat(u64::MAX); // row separator
-        }
-        keys.push(h);
-    }
-    keys
+    (0..p)
+        .map(|i| {
+            [i, p + i].into_iter().fold(FNV_OFFSET, |h, r| {
+                let at = r * s..(r + 1) * s;
+                hash_row(
+                    h,
+                    &batch.input_ids[at.clone()],
+                    &batch.attention_mask[at.clone()],
+                    &batch.completion_mask[at],
+                )
+            })
+        })
+        .collect()
 }
 
-/// The pipelines a precomputed reference must cover: the training data (one epoch, all of it
-/// whatever this worker's rank) and the evaluation data (up to `max_eval_rows`).
+/// The pipelines a precomputed reference must cover: the training data (every worker's shard,
+/// so the saved values serve any rank on resume) and the evaluation data (up to
+/// `max_eval_rows`). Pairs need one epoch; KTO's KL pairs are made within micro-batches, so its
+/// cover is every micro-batch of the run's `micro_batches` (per worker) as each worker will see
+/// them.
 pub(crate) fn precompute_pipelines(
     job: &crate::config::JobConfig,
     tokenizer: &Arc<Tokenizer>,
     options: LoaderOptions,
+    micro_batches: usize,
     max_eval_rows: usize,
-) -> Result<(Vec<Arc<Pipeline>>, Vec<usize>)> {
-    // Every worker computes every pair (not only its shard), so the saved values serve any
-    // rank on resume.
+) -> Result<Vec<(Arc<Pipeline>, Cover)>> {
     let one_epoch = LoaderOptions {
         epochs: Some(1),
         rank: 0,
         world_size: 1,
         ..options
     };
-    let mut pipelines = vec![Arc::new(Pipeline::new(&job.data, tokenizer.clone(), one_epoch)?)];
-    let mut limits = vec![usize::MAX];
+    let mut pipelines = Vec::new();
+    if options.unpaired.is_some() {
+        for rank in 0..options.world_size {
+            let shard = LoaderOptions { rank, ..options };
+            pipelines.push((
+                Arc::new(Pipeline::new(&job.data, tokenizer.clone(), shard)?),
+                Cover::Batches(micro_batches),
+            ));
+        }
+    } else {
+        pipelines.push((
+            Arc::new(Pipeline::new(&job.data, tokenizer.clone(), one_epoch)?),
+            Cover::Examples(usize::MAX),
+        ));
+    }
     if let Some(eval) = job.data.eval_config() {
         let eval_options = LoaderOptions {
             seed: 0,
@@ -383,8 +505,40 @@ pub(crate) fn precompute_pipelines(
             world_size: 1,
             ..one_epoch
         };
-        pipelines.push(Arc::new(Pipeline::new(&eval, tokenizer.clone(), eval_options)?));
-        limits.push(max_eval_rows);
+        pipelines.push((
+            Arc::new(Pipeline::new(&eval, tokenizer.clone(), eval_options)?),
+            Cover::Examples(max_eval_rows),
+        ));
     }
-    Ok((pipelines, limits))
+    Ok(pipelines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_file_round_trips_and_reads_the_first_version() {
+        let dir = std::env::temp_dir().join(format!("temper-refcache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(CACHE_FILE);
+        let mut cache = RefCache::default();
+        cache.map.insert(7, [-1.5, -2.5]);
+        cache.sequences.extend([(3, -0.25), (9, -4.0)]);
+        cache.save(&path).unwrap();
+        let back = RefCache::load(&path).unwrap();
+        assert_eq!((back.map, back.sequences), (cache.map.clone(), cache.sequences.clone()));
+        // A file from before KTO: pairs only.
+        let mut v1 = CACHE_MAGIC_V1.to_vec();
+        v1.extend(1u64.to_le_bytes());
+        v1.extend(7u64.to_le_bytes());
+        v1.extend((-1.5f32).to_le_bytes());
+        v1.extend((-2.5f32).to_le_bytes());
+        std::fs::write(&path, &v1).unwrap();
+        let back = RefCache::load(&path).unwrap();
+        assert_eq!((back.map, back.sequences.len()), (cache.map, 0));
+        std::fs::write(&path, &v1[..v1.len() - 1]).unwrap();
+        assert!(RefCache::load(&path).unwrap_err().to_string().contains("truncated"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

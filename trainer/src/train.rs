@@ -217,6 +217,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             &model,
             &tokenizer,
             loader_options,
+            total_steps,
             resume_dir.as_deref(),
             main,
             device,
@@ -770,6 +771,7 @@ fn build_reference<B: AutodiffBackend>(
     model: &LlamaForCausalLM<B>,
     tokenizer: &Arc<Tokenizer>,
     loader_options: LoaderOptions,
+    total_steps: u64,
     resume_dir: Option<&Path>,
     main: bool,
     device: &B::Device,
@@ -794,11 +796,12 @@ fn build_reference<B: AutodiffBackend>(
         None => {
             let started = Instant::now();
             let config = &job.config;
-            let (pipelines, limits) =
-                pref::precompute_pipelines(config, tokenizer, loader_options, max_eval_rows(config))?;
-            let cache = RefCache::compute(&reference, &pipelines, &limits, device)?;
+            let micro_batches = (total_steps as usize).saturating_mul(config.training.gradient_accumulation_steps);
+            let pipelines =
+                pref::precompute_pipelines(config, tokenizer, loader_options, micro_batches, max_eval_rows(config))?;
+            let cache = RefCache::compute(&reference, &pipelines, device)?;
             eprintln!(
-                "reference log-probabilities of {} pairs precomputed in {:.1} s",
+                "reference log-probabilities of {} pairs or sequences precomputed in {:.1} s",
                 cache.len(),
                 started.elapsed().as_secs_f64()
             );
