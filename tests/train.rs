@@ -1116,6 +1116,37 @@ fn data_parallel_launch() {
     assert!(ok, "{err}");
     assert_same_run(&dpo_one, &dpo_two, "DPO: 2 workers x 2 pairs vs 1 worker x 4");
 
+    // KTO the same way as TRL's two processes (make_kto_ddp_fixture.py): each worker's KL
+    // estimate averaged over both before the loss, as TRL gathers it.
+    let kto_two = tmp.path().join("kto-two");
+    let kto_job = kto_two.with_extension("yaml");
+    let yaml = preference_yaml(&kto_two, "objective: kto")
+        .replace(
+            &train_dir().join("pref.jsonl").display().to_string(),
+            &train_dir().join("kto_ddp.jsonl").display().to_string(),
+        )
+        .replace("micro_batch_size: 4", "micro_batch_size: 3")
+        .replace("  max_length: 64\n", "  max_length: 64\n  shuffle: false\n");
+    std::fs::write(&kto_job, yaml).unwrap();
+    let mut args = vec!["--nproc-per-node".to_string(), "2".into()];
+    args.extend(port(free_port(5)));
+    let (ok, err) = finish(launch(&kto_job, &args));
+    assert!(ok, "{err}");
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(train_dir().join("kto_ddp_expected.json")).unwrap()).unwrap();
+    let rows = metrics_rows(&kto_two);
+    assert_eq!(rows.len(), 3);
+    for (step, (row, want)) in rows.iter().zip(want.as_array().unwrap()).enumerate() {
+        for key in ["loss", "grad_norm", "kl"] {
+            let (a, b) = (row[key].as_f64().unwrap(), want[key].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1e-2),
+                "KTO, 2 workers, step {}: {key} {a} vs TRL's 2 processes {b}",
+                step + 1
+            );
+        }
+    }
+
     // Full fine-tuning the same way: every weight's gradient is all-reduced (SmolLM2's 538 MB
     // crashed burn-collective before its buffers went in chunks), and every weight must agree.
     let full_job = |out: &Path| {

@@ -11,10 +11,11 @@ use crate::blocks::HiddenFn;
 use crate::error::Result;
 use crate::forward::sft_loss;
 use crate::job::ObjectiveSpec;
-use crate::kto::kto_step_loss;
-use crate::preference::{PreferenceObjective, preference_step_loss};
+use crate::kto::{gathered_kl, kto_step_loss, local_kl};
+use crate::preference::{PreferenceObjective, Reference, preference_step_loss};
 use crate::reward::reward_step_loss;
 use crate::step::{Metric, StepSums};
+use crate::sync::Collective;
 
 #[derive(Debug, Clone)]
 pub(crate) enum Loss {
@@ -52,15 +53,53 @@ impl Loss {
         sums
     }
 
+    /// What a step's micro-batches need before their losses: each one's reference
+    /// log-probabilities (`None` without a reference) and KTO's KL estimate (0 otherwise),
+    /// averaged over the workers as TRL gathers it (one all-reduce per step, `slots` wide, on
+    /// every worker). `model` is the policy without autodiff.
+    pub(crate) fn prepare<B: Backend>(
+        &self,
+        model: &LlamaForCausalLM<B>,
+        batches: &[Batch],
+        reference: &Reference<B>,
+        slots: usize,
+        collective: Option<&dyn Collective>,
+        device: &B::Device,
+    ) -> Result<Vec<(Option<Tensor<B, 1>>, f64)>> {
+        let mut references = Vec::with_capacity(batches.len());
+        let mut local = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let r = reference.logps(batch, device)?;
+            local.push(match (batch, &r) {
+                (Batch::Unpaired(b), Some(r)) => local_kl(model, b, r, device),
+                _ => None,
+            });
+            references.push(r);
+        }
+        let kls = match self {
+            Loss::Kto(p) if p.loss_type.uses_kl() => {
+                gathered_kl(&local, slots, collective).map_err(|source| crate::error::Error::Collective {
+                    rank: collective.map_or(0, |c| c.rank()),
+                    source,
+                })?
+            }
+            _ => vec![0.0; batches.len()],
+        };
+        Ok(references.into_iter().zip(kls).collect())
+    }
+
     /// The summed (not yet divided) loss of one micro-batch, with its metrics added to `sums`;
     /// `None` when it has nothing to learn from. `reference` gives a preference or unpaired
-    /// batch's reference log-probabilities (`Reference::logps`), or `None` without a reference.
+    /// batch's reference log-probabilities (`Reference::logps`), or `None` without a reference;
+    /// `kl` is KTO's KL estimate of this micro-batch (`kto::gathered_kl`).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn micro_batch<B: Backend>(
         &self,
         model: &LlamaForCausalLM<B>,
         hidden: HiddenFn<B>,
         batch: &Batch,
         reference: impl FnOnce(&Batch) -> Result<Option<Tensor<B, 1>>>,
+        kl: f64,
         device: &B::Device,
         sums: &mut StepSums,
     ) -> Result<Option<Tensor<B, 1>>> {
@@ -82,6 +121,7 @@ impl Loss {
                 model,
                 hidden,
                 reference(batch)?.expect("KTO always has a reference (ObjectiveSpec::reference)"),
+                kl,
                 b,
                 *params,
                 device,

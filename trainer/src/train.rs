@@ -304,16 +304,24 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         let denominator: usize = micro.batches.iter().map(Batch::loss_normaliser).sum();
         let mut sums = self.loss.empty_sums();
         let mut accumulator = GradientsAccumulator::<LlamaForCausalLM<B>>::new();
-        for batch in &micro.batches {
+        let prepared = self.loss.prepare(
+            &self.model.valid(),
+            &micro.batches,
+            &self.reference,
+            t.gradient_accumulation_steps,
+            self.collective,
+            device,
+        )?;
+        for (batch, (reference, kl)) in micro.batches.iter().zip(prepared) {
             let blocks = t.gradient_checkpointing.then(Checkpointed::<B>::new);
             let hidden = |m: &LlamaForCausalLM<B>, ids, options| match &blocks {
                 Some(blocks) => blocks.forward_hidden(m, ids, options),
                 None => plain(m, ids, options),
             };
-            let reference = |b: &Batch| Ok(self.reference.logps(b, device)?.map(Tensor::from_inner));
+            let reference = |_: &Batch| Ok(reference.map(Tensor::from_inner));
             let Some(loss) = self
                 .loss
-                .micro_batch(&self.model, &hidden, batch, reference, device, &mut sums)?
+                .micro_batch(&self.model, &hidden, batch, reference, kl, device, &mut sums)?
             else {
                 continue;
             };
@@ -977,8 +985,12 @@ fn evaluate<B: AutodiffBackend>(
             Batch::Unpaired(b) => b.rows,
         };
         count += batch.loss_normaliser();
-        let reference = |b: &Batch| reference.logps(b, device);
-        loss.micro_batch(&model, &plain, &batch, reference, device, &mut sums)?;
+        let batches = [batch];
+        let (r, kl) = loss
+            .prepare(&model, &batches, reference, 1, None, device)?
+            .pop()
+            .expect("one micro-batch");
+        loss.micro_batch(&model, &plain, &batches[0], |_: &Batch| Ok(r), kl, device, &mut sums)?;
         if rows >= max_rows {
             break;
         }

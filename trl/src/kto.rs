@@ -44,7 +44,13 @@ pub struct KtoOutput<B: Backend> {
 /// The KL estimate `z` of TRL: the mean over the batch of `log π(y'|x) - log π_ref(y'|x)` on
 /// mismatched completions `y'`, detached and clamped at 0 (`[]` as a `[1]` tensor).
 pub fn kto_kl<B: Backend>(policy_kl: Tensor<B, 1>, reference_kl: Tensor<B, 1>) -> Tensor<B, 1> {
-    (policy_kl - reference_kl).mean().detach().clamp_min(0.0)
+    kto_kl_mean(policy_kl, reference_kl).clamp_min(0.0)
+}
+
+/// [`kto_kl`] before its clamp: under data parallelism TRL averages this over the processes
+/// first, then clamps.
+pub fn kto_kl_mean<B: Backend>(policy_kl: Tensor<B, 1>, reference_kl: Tensor<B, 1>) -> Tensor<B, 1> {
+    (policy_kl - reference_kl).mean().detach()
 }
 
 /// The KTO loss of each row from the policy's and the reference's summed completion

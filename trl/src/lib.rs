@@ -9,7 +9,7 @@ pub mod sft;
 pub use dpo::{
     DpoLossType, DpoParams, PairLogps, PreferenceOutput, SimpoParams, dpo_loss, orpo_loss, sequence_logps, simpo_loss,
 };
-pub use kto::{KtoLossType, KtoOutput, KtoParams, kto_kl, kto_loss};
+pub use kto::{KtoLossType, KtoOutput, KtoParams, kto_kl, kto_kl_mean, kto_loss};
 pub use logps::{TokenLogps, head_token_logps, log_softmax, token_logps};
 pub use reward::{RewardParams, reward_loss};
 pub use sft::{TokenLoss, token_cross_entropy};
