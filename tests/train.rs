@@ -436,6 +436,20 @@ fn dpo_yaml(out: &Path, loss_type: &str, label_smoothing: f64) -> String {
 
 /// A preference job from the fixture adapter on `pref.jsonl`; `objective` is the lines that
 /// choose and configure the objective under `training:`.
+/// Every metric TRL logged (`want`: one object per step) equals ours within 1e-4, relative,
+/// or absolute below 1e-2 (rewards start at exactly 0, policy == reference).
+fn assert_metrics_match(case: &str, rows: &[serde_json::Value], want: &serde_json::Value) {
+    let want = want.as_array().unwrap();
+    assert_eq!(rows.len(), want.len(), "{case}");
+    for (step, (row, want)) in rows.iter().zip(want).enumerate() {
+        for (key, b) in want.as_object().unwrap() {
+            let (a, b) = (row[key].as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap());
+            let tol = 1e-4 * b.abs().max(1e-2);
+            assert!((a - b).abs() <= tol, "{case} step {}: {key} {a} vs TRL {b}", step + 1);
+        }
+    }
+}
+
 fn preference_yaml(out: &Path, objective: &str) -> String {
     format!(
         r#"
@@ -508,15 +522,9 @@ fn kto_matches_trl() {
             "{case}"
         );
         let rows = metrics_rows(&out);
-        let want = exp[case].as_array().unwrap();
-        assert_eq!(rows.len(), want.len(), "{case}");
-        for (step, (row, want)) in rows.iter().zip(want).enumerate() {
+        assert_metrics_match(case, &rows, &exp[case]);
+        for (step, (row, want)) in rows.iter().zip(exp[case].as_array().unwrap()).enumerate() {
             let want = want.as_object().unwrap();
-            for (key, b) in want {
-                let (a, b) = (row[key].as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap());
-                let tol = 1e-4 * b.abs().max(1e-2);
-                assert!((a - b).abs() <= tol, "{case} step {}: {key} {a} vs TRL {b}", step + 1);
-            }
             // A side with no row in the batch is not logged (TRL's paired case: a batch of
             // chosen completions only).
             for key in ["rewards/rejected", "rewards/margins"] {
@@ -611,16 +619,7 @@ fn reward_matches_trl() {
         let objective = format!("objective: reward\n  reward: {section}");
         let job = load_job(tmp.path(), &preference_yaml(&out, &objective), &set).unwrap();
         run(&job, TrainOptions::default());
-        let rows = metrics_rows(&out);
-        let want = exp[case].as_array().unwrap();
-        assert_eq!(rows.len(), want.len(), "{case}");
-        for (step, (row, want)) in rows.iter().zip(want).enumerate() {
-            for (key, b) in want.as_object().unwrap() {
-                let (a, b) = (row[key].as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap());
-                let tol = 1e-4 * b.abs().max(1e-2);
-                assert!((a - b).abs() <= tol, "{case} step {}: {key} {a} vs TRL {b}", step + 1);
-            }
-        }
+        assert_metrics_match(case, &metrics_rows(&out), &exp[case]);
     }
     // The adapter after three steps equals TRL's, `score` included, in PEFT's SEQ_CLS layout.
     let ours = adapter(&tmp.path().join("lora"));
@@ -756,19 +755,9 @@ fn dpo_matches_trl() {
         let out = tmp.path().join(format!("{i}-{case}"));
         let job = load_job(tmp.path(), &preference_yaml(&out, &objective), set).unwrap();
         run(&job, TrainOptions::default());
-        let rows = metrics_rows(&out);
-        let want = exp[case].as_array().unwrap();
-        assert_eq!(rows.len(), want.len(), "{case}");
-        for (step, (row, want)) in rows.iter().zip(want).enumerate() {
-            // Every metric TRL logged for the case (SimPO's and ORPO's `logits/*` are TRL's means
-            // over all positions and the vocabulary; Temper logs DPO's per-token means).
-            for (key, b) in want.as_object().unwrap() {
-                let (a, b) = (row[key].as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap());
-                // Rewards start at exactly 0 (policy == reference): compare absolutely there.
-                let tol = 1e-4 * b.abs().max(1e-2);
-                assert!((a - b).abs() <= tol, "{case} step {}: {key} {a} vs TRL {b}", step + 1);
-            }
-        }
+        // Every metric TRL logged for the case (SimPO's and ORPO's `logits/*` are TRL's means
+        // over all positions and the vocabulary; Temper logs DPO's per-token means).
+        assert_metrics_match(case, &metrics_rows(&out), &exp[case]);
     }
     // Evaluation logs the same metrics with TRL's `eval_` names: at step 0 the policy is the
     // starting adapter, so on the training pairs they are TRL's first-step values.
