@@ -43,6 +43,7 @@ fn options(batch_size: usize) -> LoaderOptions {
         world_size: 1,
         epochs: Some(1),
         unpaired: None,
+        drop_long_pairs: false,
     }
 }
 
