@@ -117,6 +117,35 @@ fn parity_gemma3_text() {
     check_parity("gemma3_text");
 }
 
+/// Gemma 3 from GGUF as llama.cpp writes and runs it: norms stored as `1 + w`, the norms around
+/// the MLP under llama.cpp's names, every sixth layer global, the local RoPE base 10000 and
+/// `query_pre_attn_scalar` = head_dim. The checkpoint's logits (transformers gives them from
+/// this file too, with llama.cpp's query scale).
+#[test]
+fn parity_gemma3_gguf() {
+    let dir = fixtures().join("models/gemma3_gguf");
+    let gguf = Gguf::open(&dir.join("model.gguf")).unwrap();
+    let config = temper_models::gguf::config_from_gguf(&gguf).unwrap();
+    let hf = temper_models::ModelConfig::from_file(dir.join("config.json")).unwrap();
+    // GGUF holds the epsilon as f32.
+    assert!((config.rms_norm_eps - hf.rms_norm_eps).abs() < 1e-12);
+    assert_eq!(
+        temper_models::ModelConfig {
+            rms_norm_eps: hf.rms_norm_eps,
+            max_position_embeddings: hf.max_position_embeddings,
+            bos_token_id: hf.bos_token_id,
+            eos_token_ids: hf.eos_token_ids.clone(),
+            pad_token_id: hf.pad_token_id,
+            dtype: hf.dtype,
+            ..config.clone()
+        },
+        hf
+    );
+    let model =
+        temper_models::load_weights::<B>(&dir.join("model.gguf"), &config, &Default::default(), DType::F32).unwrap();
+    check_parity_of("gemma3_gguf", &model);
+}
+
 #[test]
 fn parity_llama_sharded_bf16() {
     check_parity("llama_sharded_bf16");
@@ -388,19 +417,27 @@ fn half_precision_on_the_cpu_backend_is_an_error_not_a_panic() {
 /// in the file: the same ids and text as transformers' tokenizer for the same GGUF.
 #[test]
 fn sentencepiece_gguf_tokenizer_matches_transformers() {
-    let gguf = Gguf::open(fixtures().join("tiny_spm.gguf")).unwrap();
+    // Llama's vocabulary, then Gemma's (no dummy prefix, runs of spaces stored as spaces,
+    // merges in vocabulary order).
+    for name in ["tiny_spm", "tiny_gemma_spm"] {
+        sentencepiece_gguf_tokenizer_matches(name);
+    }
+}
+
+fn sentencepiece_gguf_tokenizer_matches(name: &str) {
+    let gguf = Gguf::open(fixtures().join(format!("{name}.gguf"))).unwrap();
     let tok = temper_models::Tokenizer::from_gguf(&gguf).unwrap();
     let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny_spm.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join(format!("{name}.json"))).unwrap()).unwrap();
     let texts = reference["texts"].as_array().unwrap();
     for (i, text) in texts.iter().enumerate() {
         let text = text.as_str().unwrap();
         let want: Vec<u32> = serde_json::from_value(reference["ids"][i].clone()).unwrap();
-        assert_eq!(tok.encode(text, true).unwrap(), want, "ids of {text:?}");
+        assert_eq!(tok.encode(text, true).unwrap(), want, "{name}: ids of {text:?}");
         assert_eq!(
             tok.decode(&want, true).unwrap(),
             reference["decoded"][i].as_str().unwrap(),
-            "decode of {text:?}"
+            "{name}: decode of {text:?}"
         );
     }
 }

@@ -508,8 +508,10 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 // ---------------------------------------------------------------------------------------------
 // GGUF as a model checkpoint.
 
-/// Maps a Hugging Face tensor name to llama.cpp's.
-fn gguf_name(hf: &str) -> Option<String> {
+/// Maps a Hugging Face tensor name to llama.cpp's. Gemma's `post_attention_layernorm`
+/// normalises the attention output (llama.cpp's `post_attention_norm`); the others' is the norm
+/// before the MLP (`ffn_norm`, which is Gemma's `pre_feedforward_layernorm`).
+fn gguf_name(hf: &str, gemma: bool) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -530,7 +532,10 @@ fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.q_norm" => "attn_q_norm",
         "self_attn.k_norm" => "attn_k_norm",
         "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" if gemma => "post_attention_norm",
         "post_attention_layernorm" => "ffn_norm",
+        "pre_feedforward_layernorm" if gemma => "ffn_norm",
+        "post_feedforward_layernorm" if gemma => "post_ffw_norm",
         _ => return None,
     };
     Some(format!("blk.{layer}.{short}.{suffix}"))
@@ -542,13 +547,20 @@ pub struct GgufSource<'a> {
     /// llama.cpp's converter permutes the rows of q/k for the `llama` architecture so that
     /// its RoPE can rotate adjacent pairs; transformers' layout rotates halves. We undo it.
     unpermute: Option<(usize, usize)>,
+    /// Gemma: llama.cpp stores every RMSNorm weight as `1 + w` (its norm multiplies by the
+    /// weight); transformers' `w` comes back by subtracting 1.
+    gemma: bool,
 }
 
 impl<'a> GgufSource<'a> {
     pub fn new(gguf: &'a Gguf, config: &ModelConfig) -> Result<Self> {
         let unpermute =
             (gguf.architecture()? == "llama").then_some((config.num_attention_heads, config.num_key_value_heads));
-        Ok(Self { gguf, unpermute })
+        Ok(Self {
+            gguf,
+            unpermute,
+            gemma: config.family == Family::Gemma3,
+        })
     }
 }
 
@@ -586,12 +598,12 @@ impl WeightSource for GgufSource<'_> {
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        let info = self.gguf.tensors.get(&gguf_name(name)?)?;
+        let info = self.gguf.tensors.get(&gguf_name(name, self.gemma)?)?;
         Some(info.shape.clone())
     }
 
     fn read(&self, name: &str) -> Result<TensorData> {
-        let gname = gguf_name(name).ok_or_else(|| Error::MissingTensor {
+        let gname = gguf_name(name, self.gemma).ok_or_else(|| Error::MissingTensor {
             path: self.gguf.path.clone(),
             tensor: name.to_string(),
         })?;
@@ -602,6 +614,14 @@ impl WeightSource for GgufSource<'_> {
             },
             other => other,
         })?;
+        if self.gemma && name.ends_with("norm.weight") {
+            let shape = data.shape.clone();
+            let values: Vec<f32> = data
+                .convert_dtype(DType::F32)
+                .to_vec()
+                .map_err(|e| Error::tensor(&self.gguf.path, &gname, format!("{e:?}")))?;
+            return Ok(TensorData::new(values.into_iter().map(|w| w - 1.0).collect(), shape));
+        }
         let Some((heads, kv_heads)) = self.unpermute else {
             return Ok(data);
         };
@@ -623,15 +643,7 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
         "llama" => Family::Llama,
         "qwen2" => Family::Qwen2,
         "qwen3" => Family::Qwen3,
-        "gemma3" => {
-            return Err(Error::Config {
-                path: path.to_path_buf(),
-                key: "general.architecture".into(),
-                message: "Gemma 3 from GGUF is not supported yet (llama.cpp stores its norms shifted by 1 and \
-                          its vision tower apart): use the Hugging Face checkpoint"
-                    .into(),
-            });
-        }
+        "gemma3" => Family::Gemma3,
         other => {
             return Err(Error::UnsupportedModelType {
                 path: path.to_path_buf(),
@@ -706,6 +718,15 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
     };
     let id = |k: &str| gguf.get(k).and_then(Value::as_u64).map(|v| v as u32);
     let sliding = uint("attention.sliding_window").ok();
+    let gemma = family == Family::Gemma3;
+    let sliding_window = match gemma {
+        // llama.cpp's Gemma 3: every sixth layer global, the others windowed (its
+        // `set_swa_pattern(6)`), as transformers' `sliding_window_pattern` default.
+        true => (0..layers)
+            .map(|i| ((i + 1) % 6 != 0).then_some(sliding.unwrap_or(4096)))
+            .collect(),
+        false => vec![sliding; layers],
+    };
     Ok(ModelConfig {
         family,
         vocab_size: vocab,
@@ -715,7 +736,7 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
         head_dim,
-        rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(if gemma { 1e-6 } else { 1e-5 }),
         rope_theta: float("rope.freq_base").unwrap_or(10000.0),
         rope_scaling,
         max_position_embeddings: uint("context_length").unwrap_or(2048),
@@ -724,14 +745,23 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
         o_bias: gguf.tensors.contains_key("blk.0.attn_output.bias"),
         mlp_bias: gguf.tensors.contains_key("blk.0.ffn_up.bias"),
         qk_norm: gguf.tensors.contains_key("blk.0.attn_q_norm.weight"),
-        activation: Default::default(),
-        norm_plus_one: false,
-        sandwich_norms: false,
-        embed_scale: None,
-        query_pre_attn_scalar: None,
-        local_rope_theta: None,
-        final_logit_softcapping: None,
-        sliding_window: vec![sliding; layers],
+        activation: match gemma {
+            true => crate::config::Activation::GeluTanh,
+            false => Default::default(),
+        },
+        norm_plus_one: gemma,
+        sandwich_norms: gemma,
+        embed_scale: gemma.then(|| (hidden as f64).sqrt()),
+        // llama.cpp scales Gemma 3's queries by head_dim^-0.5, except the 27B (62 layers), whose
+        // `query_pre_attn_scalar` is hidden / heads; the others' config.json says head_dim.
+        query_pre_attn_scalar: gemma.then(|| match layers {
+            62 => (hidden / heads) as f64,
+            _ => head_dim as f64,
+        }),
+        // llama.cpp's `rope_freq_base_train_swa` for Gemma 3 (`rope_local_base_freq`).
+        local_rope_theta: gemma.then_some(10_000.0),
+        final_logit_softcapping: float("final_logit_softcapping"),
+        sliding_window,
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
         pad_token_id: id("tokenizer.ggml.padding_token_id"),
@@ -747,15 +777,15 @@ mod tests {
     #[test]
     fn names_map_to_llama_cpp() {
         assert_eq!(
-            gguf_name("model.layers.12.self_attn.q_proj.bias").unwrap(),
+            gguf_name("model.layers.12.self_attn.q_proj.bias", false).unwrap(),
             "blk.12.attn_q.bias"
         );
         assert_eq!(
-            gguf_name("model.layers.0.post_attention_layernorm.weight").unwrap(),
+            gguf_name("model.layers.0.post_attention_layernorm.weight", false).unwrap(),
             "blk.0.ffn_norm.weight"
         );
-        assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
-        assert!(gguf_name("model.layers.0.unknown.weight").is_none());
+        assert_eq!(gguf_name("lm_head.weight", false).unwrap(), "output.weight");
+        assert!(gguf_name("model.layers.0.unknown.weight", false).is_none());
     }
 
     #[test]
@@ -878,7 +908,8 @@ pub fn permute_rows(values: &[f32], rows: usize, cols: usize, heads: usize) -> V
 /// llama.cpp's name for a Hugging Face module (`model.layers.3.self_attn.q_proj` ->
 /// `blk.3.attn_q`).
 pub fn gguf_module_name(hf_module: &str) -> Option<String> {
-    gguf_name(&format!("{hf_module}.weight")).map(|n| n.trim_end_matches(".weight").to_string())
+    // Adapters sit on linear layers, whose names do not depend on the family.
+    gguf_name(&format!("{hf_module}.weight"), false).map(|n| n.trim_end_matches(".weight").to_string())
 }
 
 #[cfg(test)]

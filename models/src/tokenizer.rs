@@ -134,6 +134,7 @@ impl Tokenizer {
                 let pre = gguf.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("");
                 byte_level_bpe(&tokens, &merges, &types, pre)
             }
+            "llama" if gguf.architecture().is_ok_and(|a| a.starts_with("gemma")) => gemma_bpe(&tokens, &types),
             "llama" => {
                 let merges = match gguf.get("tokenizer.ggml.merges") {
                     Some(_) => strings("tokenizer.ggml.merges")?
@@ -352,6 +353,33 @@ fn sentencepiece_bpe(tokens: &[String], merges: &[(String, String)], types: &[u6
             "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
             "vocab": vocab, "merges": merges.iter().map(|(a, b)| json!([a, b])).collect::<Vec<_>>()},
     })
+}
+
+/// `tokenizer.json` for Gemma's SentencePiece vocabulary as transformers builds it from GGUF
+/// (`gemma_tokenizer`): tokens made only of spaces respelled with `\u{2581}` (the file stores
+/// real spaces), merges recovered from the vocabulary ranked by position (Gemma's scores do not
+/// follow its merge order), spaces normalised to `\u{2581}` with no prefix, byte fallback.
+fn gemma_bpe(tokens: &[String], types: &[u64]) -> Json {
+    let tokens: Vec<String> = tokens
+        .iter()
+        .map(|t| match t.contains(' ') && t.trim().is_empty() {
+            true => "\u{2581}".repeat(t.chars().count()),
+            false => t.clone(),
+        })
+        .collect();
+    let positions: Vec<f64> = (0..tokens.len()).map(|i| -(i as f64)).collect();
+    let merges = merges_from_scores(&tokens, &positions);
+    let mut spec = sentencepiece_bpe(&tokens, &merges, types);
+    spec["normalizer"] = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    spec["pre_tokenizer"] =
+        json!({"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false});
+    spec["decoder"] = json!({"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+        {"type": "ByteFallback"}, {"type": "Fuse"}]});
+    if let Some(unk) = tokens.iter().zip(types).find(|(_, ty)| **ty == 2).map(|(t, _)| t) {
+        spec["model"]["unk_token"] = json!(unk);
+    }
+    spec
 }
 
 fn added_tokens(tokens: &[String], types: &[u64], special: impl Fn(u64, &str) -> Option<bool>) -> Vec<Json> {
