@@ -539,18 +539,20 @@ fn kto_matches_trl() {
     }
     // Shuffled, into a second epoch (new micro-batches, new KL pairs), and resumed: the
     // precomputed reference covers every micro-batch the run sees, so it trains as the live one.
-    let shuffled = |name: &str, precompute: bool| {
+    // The first part of the precomputed run is a 3-step run, resumed as a 5-step one: the
+    // reference then covers the steps it did not.
+    let shuffled = |name: &str, precompute: bool, steps: &str| {
         let out = tmp.path().join(name);
         let objective = format!("objective: kto\n  kto: {{precompute_ref_log_probs: {precompute}}}");
-        let set = [unpaired.as_str(), "training.micro_batch_size=3", "training.max_steps=5"];
+        let set = [unpaired.as_str(), "training.micro_batch_size=3", steps];
         (
             load_job(tmp.path(), &preference_yaml(&out, &objective), &set).unwrap(),
             out,
         )
     };
-    let (live, live_out) = shuffled("shuffled_live", false);
+    let (live, live_out) = shuffled("shuffled_live", false, "training.max_steps=5");
     run(&live, TrainOptions::default());
-    let (pre, pre_out) = shuffled("shuffled_precompute", true);
+    let (pre, _) = shuffled("shuffled_precompute", true, "training.max_steps=3");
     let first = run(
         &pre,
         TrainOptions {
@@ -559,6 +561,7 @@ fn kto_matches_trl() {
         },
     );
     assert!(first.interrupted);
+    let (pre, pre_out) = shuffled("shuffled_precompute", true, "training.max_steps=5");
     run(
         &pre,
         TrainOptions {

@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::forward::sft_loss;
 use crate::job::ObjectiveSpec;
 use crate::kto::{gathered_kl, kto_step_loss, local_kl};
-use crate::preference::{PreferenceObjective, Reference, preference_step_loss};
+use crate::preference::{PreferenceObjective, preference_step_loss};
 use crate::reward::reward_step_loss;
 use crate::step::{Metric, StepSums};
 use crate::sync::Collective;
@@ -56,12 +56,13 @@ impl Loss {
     /// What a step's micro-batches need before their losses: each one's reference
     /// log-probabilities (`None` without a reference) and KTO's KL estimate (0 otherwise),
     /// averaged over the workers as TRL gathers it (one all-reduce per step, `slots` wide, on
-    /// every worker). `model` is the policy without autodiff.
+    /// every worker). `model` is the policy, untracked (`no_grad`: in training its LoRA dropout
+    /// still applies, as TRL's `no_grad` KL pass keeps train mode).
     pub(crate) fn prepare<B: Backend>(
         &self,
         model: &LlamaForCausalLM<B>,
         batches: &[Batch],
-        reference: &Reference<B>,
+        reference: impl Fn(&Batch) -> Result<Option<Tensor<B, 1>>>,
         slots: usize,
         collective: Option<&dyn Collective>,
         device: &B::Device,
@@ -69,7 +70,7 @@ impl Loss {
         let mut references = Vec::with_capacity(batches.len());
         let mut local = Vec::with_capacity(batches.len());
         for batch in batches {
-            let r = reference.logps(batch, device)?;
+            let r = reference(batch)?;
             local.push(match (batch, &r) {
                 (Batch::Unpaired(b), Some(r)) => local_kl(model, b, r, device),
                 _ => None,

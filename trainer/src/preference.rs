@@ -232,6 +232,8 @@ impl<B: Backend> Reference<B> {
 pub(crate) struct RefCache {
     map: HashMap<u64, [f32; 2]>,
     sequences: HashMap<u64, f32>,
+    /// KTO: the micro-batches per worker the sequences cover.
+    covered: u64,
 }
 
 /// The first version held pairs only; the second adds sequences.
@@ -290,6 +292,15 @@ impl RefCache {
         Ok(cache)
     }
 
+    /// Whether the sequences cover a run of `micro_batches` micro-batches per worker.
+    pub(crate) fn covers(&self, micro_batches: usize) -> bool {
+        self.covered >= micro_batches as u64
+    }
+
+    pub(crate) fn set_covered(&mut self, micro_batches: usize) {
+        self.covered = micro_batches as u64;
+    }
+
     /// Pairs and sequences held.
     pub(crate) fn len(&self) -> usize {
         self.map.len() + self.sequences.len()
@@ -327,10 +338,10 @@ impl RefCache {
     }
 
     /// `magic, count (u64), then (key u64, chosen f32, rejected f32)` per pair, then `count
-    /// (u64), (key u64, value f32)` per sequence, little-endian, written beside and renamed, so
-    /// a reader never sees half a file.
+    /// (u64), (key u64, value f32)` per sequence, then the micro-batches covered (u64),
+    /// little-endian, written beside and renamed, so a reader never sees half a file.
     pub(crate) fn save(&self, path: &Path) -> Result<()> {
-        let mut bytes = Vec::with_capacity(24 + 16 * self.map.len() + 12 * self.sequences.len());
+        let mut bytes = Vec::with_capacity(32 + 16 * self.map.len() + 12 * self.sequences.len());
         bytes.extend_from_slice(CACHE_MAGIC);
         bytes.extend_from_slice(&(self.map.len() as u64).to_le_bytes());
         let mut entries: Vec<_> = self.map.iter().collect();
@@ -347,6 +358,7 @@ impl RefCache {
             bytes.extend_from_slice(&k.to_le_bytes());
             bytes.extend_from_slice(&v.to_le_bytes());
         }
+        bytes.extend_from_slice(&self.covered.to_le_bytes());
         temper_models::atomic::write_file_atomic(path, &bytes).map_err(|e| Error::io(path, e))
     }
 
@@ -378,13 +390,16 @@ impl RefCache {
         } else {
             u64_at(pairs_end).map(|n| n as usize)
         };
+        let sequences_start = pairs_end + if v1 { 0 } else { 8 };
         let expected = sequences_count
             .and_then(|n| n.checked_mul(12))
-            .and_then(|n| n.checked_add(pairs_end + if v1 { 0 } else { 8 }));
+            .and_then(|n| n.checked_add(sequences_start + if v1 { 0 } else { 8 }));
         if expected != Some(bytes.len()) {
             return Err(bad("truncated"));
         }
-        let sequences = bytes[(pairs_end + if v1 { 0 } else { 8 }).min(bytes.len())..]
+        let sequences_end = bytes.len() - if v1 { 0 } else { 8 };
+        let covered = if v1 { 0 } else { u64_at(sequences_end).expect("checked") };
+        let sequences = bytes[sequences_start..sequences_end]
             .chunks_exact(12)
             .map(|e| {
                 (
@@ -403,7 +418,11 @@ impl RefCache {
                 )
             })
             .collect();
-        Ok(RefCache { map, sequences })
+        Ok(RefCache {
+            map,
+            sequences,
+            covered,
+        })
     }
 }
 
@@ -525,8 +544,10 @@ mod tests {
         let mut cache = RefCache::default();
         cache.map.insert(7, [-1.5, -2.5]);
         cache.sequences.extend([(3, -0.25), (9, -4.0)]);
+        cache.set_covered(12);
         cache.save(&path).unwrap();
         let back = RefCache::load(&path).unwrap();
+        assert!(back.covers(12) && !back.covers(13));
         assert_eq!((back.map, back.sequences), (cache.map.clone(), cache.sequences.clone()));
         // A file from before KTO: pairs only.
         let mut v1 = CACHE_MAGIC_V1.to_vec();

@@ -201,7 +201,9 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                 optim.load_state(r.optimizer, r.state.step - skipped, device);
                 let mut state = r.state;
                 state.total_steps = total_steps;
-                if world > 1 {
+                // A checkpoint of several workers needs as many (one worker would go on with
+                // rank 0's cursor over another sharding).
+                if world > 1 || state.rank_cursors.len() > 1 {
                     state.cursor = rank_cursor(&state, rank, world, &r.dir)?;
                 }
                 state
@@ -305,9 +307,9 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         let mut sums = self.loss.empty_sums();
         let mut accumulator = GradientsAccumulator::<LlamaForCausalLM<B>>::new();
         let prepared = self.loss.prepare(
-            &self.model.valid(),
+            &self.model.clone().no_grad(),
             &micro.batches,
-            &self.reference,
+            |b| Ok(self.reference.logps(b, device)?.map(Tensor::from_inner)),
             t.gradient_accumulation_steps,
             self.collective,
             device,
@@ -318,7 +320,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                 Some(blocks) => blocks.forward_hidden(m, ids, options),
                 None => plain(m, ids, options),
             };
-            let reference = |_: &Batch| Ok(reference.map(Tensor::from_inner));
+            let reference = |_: &Batch| Ok(reference);
             let Some(loss) = self
                 .loss
                 .micro_batch(&self.model, &hidden, batch, reference, kl, device, &mut sums)?
@@ -798,16 +800,21 @@ fn build_reference<B: AutodiffBackend>(
     if !precompute {
         return Ok(Reference::Model(Box::new(reference)));
     }
+    let config = &job.config;
+    // KTO's cover is the run's micro-batches: a resumed run given more steps needs more.
+    let micro_batches = (total_steps as usize).saturating_mul(config.training.gradient_accumulation_steps);
     let saved = resume_dir.map(|d| d.join(pref::CACHE_FILE)).filter(|p| p.exists());
+    let saved = saved.map(|path| RefCache::load(&path)).transpose()?;
     let cache = match saved {
-        Some(path) => RefCache::load(&path)?,
-        None => {
+        Some(cache) if loader_options.unpaired.is_none() || cache.covers(micro_batches) => cache,
+        _ => {
             let started = Instant::now();
-            let config = &job.config;
-            let micro_batches = (total_steps as usize).saturating_mul(config.training.gradient_accumulation_steps);
             let pipelines =
                 pref::precompute_pipelines(config, tokenizer, loader_options, micro_batches, max_eval_rows(config))?;
-            let cache = RefCache::compute(&reference, &pipelines, device)?;
+            let mut cache = RefCache::compute(&reference, &pipelines, device)?;
+            if loader_options.unpaired.is_some() {
+                cache.set_covered(micro_batches);
+            }
             eprintln!(
                 "reference log-probabilities of {} pairs or sequences precomputed in {:.1} s",
                 cache.len(),
@@ -987,7 +994,7 @@ fn evaluate<B: AutodiffBackend>(
         count += batch.loss_normaliser();
         let batches = [batch];
         let (r, kl) = loss
-            .prepare(&model, &batches, reference, 1, None, device)?
+            .prepare(&model, &batches, |b| reference.logps(b, device), 1, None, device)?
             .pop()
             .expect("one micro-batch");
         loss.micro_batch(&model, &plain, &batches[0], |_: &Batch| Ok(r), kl, device, &mut sums)?;
