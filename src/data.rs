@@ -37,7 +37,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
     let tokenizer = Arc::new(tokenizer);
     let options = LoaderOptions {
         seed: job.training.seed,
-        ..objective.loader_options(job.training.micro_batch_size)
+        ..objective.loader_options(objective.loader_rows(&job.training))
     };
     let pipeline = Arc::new(Pipeline::new(&job.data, tokenizer.clone(), options)?);
     println!("Text in ⟦…⟧ is masked (no loss); the rest is trained on.\n");
@@ -70,6 +70,17 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             Encoded::UnpairedPair(c, r) => {
                 unpaired_example(&tokenizer, i, c)?;
                 unpaired_example(&tokenizer, i, r)?;
+            }
+            Encoded::Prompt(p) => {
+                let mut columns: Vec<&str> = p.columns.keys().map(String::as_str).collect();
+                columns.sort_unstable();
+                println!(
+                    "── prompt {i}: {} tokens{}; columns for the rewards: {}",
+                    p.prompt_ids.len(),
+                    if p.truncated { ", truncated" } else { "" },
+                    if columns.is_empty() { "none".into() } else { columns.join(", ") }
+                );
+                println!("{:?}\n", tokenizer.decode(&p.prompt_ids, false)?);
             }
             Encoded::Dropped => println!("── example {i}: dropped (no target token left after truncation)\n"),
         }

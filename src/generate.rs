@@ -32,6 +32,9 @@ pub struct GenerateArgs {
     pub temperature: f32,
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
+    /// Sample among the k most likely tokens only (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Print one JSON object: text, token_ids (of the completion), prompt_token_ids.
@@ -47,6 +50,7 @@ impl BackendJob for GenerateArgs {
             max_new_tokens: self.max_new_tokens,
             temperature: self.temperature,
             top_p: self.top_p,
+            top_k: self.top_k,
             seed: self.seed,
             max_length: None,
         };

@@ -62,8 +62,16 @@ impl BackendJob for ScoreArgs {
             epochs: Some(1),
             unpaired: None,
             drop_long_pairs: false,
+            prompts: false,
         };
         let pipeline = Arc::new(Pipeline::new(&data, Arc::new(loaded.tokenizer), options)?);
+        if pipeline.prompts {
+            bail!(
+                "{}: the rows have a prompt and nothing to score: give `prompt` + `completion`, `chosen` + `rejected`, \
+                 or conversations",
+                self.data
+            );
+        }
         // A classifier's own config names the token its scores skip (transformers reads it); a
         // reward adapter pools as it was trained, at the tokenizer's pad (or EOS) token.
         let pad = match loaded.config.pad_token_id {
@@ -104,6 +112,7 @@ impl BackendJob for ScoreArgs {
                     .iter()
                     .map(|&s| serde_json::json!({"row": row, "score": s}))
                     .collect(),
+                Batch::Prompts(_) | Batch::Rollout(_) => unreachable!("scored rows are never prompts alone"),
             };
             for mut line in lines {
                 line["row"] = row.into();

@@ -28,6 +28,9 @@ pub enum Format {
     /// Already tokenized: `input_ids`, with optional `labels` or `completion_mask` (TRL skips
     /// its preparation for such datasets, and so does Temper).
     Tokenized,
+    /// `prompt` alone (a string or a message list): what online objectives (GRPO) complete
+    /// themselves. Every other column of the row goes with it (to the reward functions).
+    Prompt,
 }
 
 impl Format {
@@ -42,6 +45,7 @@ impl Format {
             Self::UnpairedPreference => (&["prompt", "completion", "label"], &[]),
             Self::Alpaca => (&["instruction", "output"], &["input"]),
             Self::Tokenized => (&["input_ids"], &["labels", "completion_mask"]),
+            Self::Prompt => (&["prompt"], &[]),
         }
     }
 
@@ -70,6 +74,8 @@ impl Format {
             Some(Self::Alpaca)
         } else if has("text") {
             Some(Self::Text)
+        } else if has("prompt") {
+            Some(Self::Prompt)
         } else {
             None
         }
@@ -116,6 +122,13 @@ pub enum Sample {
         input_ids: Vec<u32>,
         labels: Option<Vec<i32>>,
         completion_mask: Option<Vec<bool>>,
+    },
+    /// A prompt to complete (GRPO), with the row's other columns (`columns`, the dataset's
+    /// names) and the prompt as the dataset has it (`raw`: a string or a message list).
+    Prompt {
+        prompt: Content,
+        raw: Value,
+        columns: serde_json::Map<String, Value>,
     },
 }
 
@@ -174,8 +187,12 @@ impl RowFormat {
             .map_or(name, |(_, from)| from.as_str())
     }
 
-    /// Dataset columns to read (so the readers skip the rest).
-    pub fn dataset_columns(&self) -> Vec<String> {
+    /// Dataset columns to read (so the readers skip the rest): all of `available` for prompts,
+    /// whose other columns go to the reward functions.
+    pub fn dataset_columns(&self, available: &[String]) -> Vec<String> {
+        if self.format == Format::Prompt {
+            return available.to_vec();
+        }
         let (required, optional) = self.format.columns();
         let mut cols: Vec<String> = required
             .iter()
@@ -256,6 +273,19 @@ impl RowFormat {
                     }
                 },
             },
+            Format::Prompt => {
+                let name = self.column_name("prompt");
+                Sample::Prompt {
+                    prompt: content("prompt")?,
+                    raw: required("prompt")?.clone(),
+                    columns: record
+                        .fields
+                        .iter()
+                        .filter(|(k, _)| k.as_str() != name)
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                }
+            }
             Format::Tokenized => {
                 let ints = |name: &str, v: &Value| -> Result<Vec<i64>> {
                     let Value::Array(items) = v else {

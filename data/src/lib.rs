@@ -8,6 +8,7 @@ pub mod format;
 mod guard;
 pub mod loader;
 pub mod pack;
+pub mod rollout;
 pub mod source;
 pub mod tokenize;
 
@@ -16,7 +17,8 @@ pub use error::{Error, Location, Result};
 pub use format::{Content, Format, RowFormat, Sample};
 pub use loader::{Batch, Cursor, DataLoader, LoadedBatch, LoaderOptions, Pipeline, Stats, Unpaired};
 pub use pack::{PackedRow, PackingStrategy, PreferenceBatch, SftBatch, UnpairedBatch, last_tokens, pack_bfd};
+pub use rollout::{PromptBatch, RolloutBatch};
 pub use source::{DataFile, FileKind, Record, resolve};
 pub use tokenize::{
-    EncodeOptions, Encoded, Encoder, IGNORE_INDEX, PreferenceExample, SftExample, Truncation, UnpairedExample,
+    EncodeOptions, Encoded, Encoder, IGNORE_INDEX, PreferenceExample, PromptExample, SftExample, Truncation, UnpairedExample,
 };

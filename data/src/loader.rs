@@ -22,8 +22,9 @@ use crate::config::{DataConfig, Stopping};
 use crate::error::{Error, Location, Result};
 use crate::format::{Format, RowFormat, Sample};
 use crate::pack::{PackedRow, PreferenceBatch, SftBatch, UnpairedBatch, pack_bfd};
+use crate::rollout::{PromptBatch, RolloutBatch};
 use crate::source::{DataFile, Record, resolve};
-use crate::tokenize::{EncodeOptions, Encoded, Encoder, PreferenceExample, SftExample, UnpairedExample};
+use crate::tokenize::{EncodeOptions, Encoded, Encoder, PreferenceExample, PromptExample, SftExample, UnpairedExample};
 
 /// The position of the next batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -38,6 +39,10 @@ pub enum Batch {
     Sft(SftBatch),
     Preference(PreferenceBatch),
     Unpaired(UnpairedBatch),
+    /// Prompts for an online objective to complete (GRPO), from the loader.
+    Prompts(PromptBatch),
+    /// Completions generated and scored during training (GRPO), made by the trainer.
+    Rollout(RolloutBatch),
 }
 
 impl Batch {
@@ -47,6 +52,8 @@ impl Batch {
             Batch::Sft(b) => b.num_tokens(),
             Batch::Preference(b) => b.num_tokens(),
             Batch::Unpaired(b) => b.num_tokens(),
+            Batch::Prompts(b) => b.num_tokens(),
+            Batch::Rollout(b) => b.num_tokens(),
         }
     }
 
@@ -56,6 +63,8 @@ impl Batch {
             Batch::Sft(b) => b.num_examples(),
             Batch::Preference(b) => b.pairs,
             Batch::Unpaired(b) => b.rows,
+            Batch::Prompts(b) => b.prompts.len(),
+            Batch::Rollout(b) => b.rows,
         }
     }
 
@@ -69,16 +78,20 @@ impl Batch {
             }
             Batch::Preference(b) => b.input_ids.iter().max().copied(),
             Batch::Unpaired(b) => b.input_ids.iter().max().copied(),
+            Batch::Prompts(b) => b.prompts.iter().flat_map(|p| p.prompt_ids.iter()).max().copied(),
+            Batch::Rollout(b) => b.input_ids.iter().max().copied(),
         }
     }
 
-    /// What the loss is averaged over: target tokens (SFT), pairs (preference) or completions
-    /// (unpaired).
+    /// What the loss is averaged over: target tokens (SFT), pairs (preference), completions
+    /// (unpaired), or what the rollout's loss type divides by (GRPO; prompts are never a loss's).
     pub fn loss_normaliser(&self) -> usize {
         match self {
             Batch::Sft(b) => b.num_target_tokens(),
             Batch::Preference(b) => b.pairs,
             Batch::Unpaired(b) => b.rows,
+            Batch::Prompts(_) => 0,
+            Batch::Rollout(b) => b.loss_weight,
         }
     }
 }
@@ -126,6 +139,9 @@ pub struct LoaderOptions {
     pub unpaired: Option<Unpaired>,
     /// Reward models: pairs longer than `max_length` are dropped, not truncated.
     pub drop_long_pairs: bool,
+    /// Online objectives (GRPO): the rows' prompts alone, whatever else the rows hold, in
+    /// [`Batch::Prompts`] of `batch_size` prompts.
+    pub prompts: bool,
 }
 
 /// How KTO batches unpaired completions.
@@ -151,6 +167,8 @@ pub struct Pipeline {
     pub preference: bool,
     /// The rows are unpaired completions (KTO's data, or pairs split for KTO).
     pub unpaired: bool,
+    /// The rows are prompts alone (GRPO's data, or any data with a `prompt` for GRPO).
+    pub prompts: bool,
     pad_id: u32,
     pub stats: Arc<Stats>,
 }
@@ -186,24 +204,43 @@ impl Pipeline {
             if format.format.is_unpaired() && options.unpaired.is_none() && s.format.is_none_or(|f| f == Format::Auto) {
                 format.format = Format::PromptCompletion;
             }
-            let wanted = format.dataset_columns();
+            if options.prompts && format.format != Format::Prompt {
+                // GRPO completes the prompts itself: completions or answers in the data are
+                // columns like any other (for the reward functions).
+                if !columns.iter().any(|c| c == format.column_name("prompt")) {
+                    return Err(Error::MissingColumn {
+                        at: Location::file(&first.path),
+                        column: format.column_name("prompt").to_string(),
+                        available: columns.join(", "),
+                    });
+                }
+                format.format = Format::Prompt;
+            }
+            let wanted = format.dataset_columns(&columns);
             sources.push(PreparedSource {
                 files,
                 columns: wanted,
                 format,
                 weight: s.weight,
             });
-            let kind = |s: &PreparedSource| (s.format.format.is_preference(), s.format.format.is_unpaired());
+            let kind = |s: &PreparedSource| {
+                (
+                    s.format.format.is_preference(),
+                    s.format.format.is_unpaired(),
+                    s.format.format == Format::Prompt,
+                )
+            };
             if kind(&sources[0]) != kind(&sources[i]) {
                 return Err(Error::config(
                     format!("data.sources[{i}]"),
-                    "paired preference, unpaired preference and SFT sources cannot be mixed in one job",
+                    "paired preference, unpaired preference, prompt-only and SFT sources cannot be mixed in one job",
                 ));
             }
         }
         let format = sources[0].format.format;
         let unpaired = format.is_unpaired() || (format.is_preference() && options.unpaired.is_some());
         let preference = format.is_preference() && !unpaired;
+        let prompts = format == Format::Prompt;
         let pad = tokenizer
             .pad_token_id()
             .ok_or_else(|| Error::config("tokenizer", "the tokenizer has neither a pad nor an EOS token"))?;
@@ -227,6 +264,7 @@ impl Pipeline {
             options,
             preference,
             unpaired,
+            prompts,
             pad_id: pad,
             stats: Arc::new(Stats::default()),
         })
@@ -238,7 +276,7 @@ impl Pipeline {
     }
 
     fn window_size(&self) -> usize {
-        if self.config.packing && !self.preference && !self.unpaired {
+        if self.config.packing && !self.preference && !self.unpaired && !self.prompts {
             self.config.packing_window
         } else {
             self.options.batch_size.saturating_mul(16)
@@ -367,6 +405,7 @@ impl Pipeline {
         // `unpair_preference_dataset` orders them, every chosen completion of the window (in
         // order), then every rejected one.
         let (mut unpaired, mut rejected): (Vec<UnpairedExample>, Vec<UnpairedExample>) = (Vec::new(), Vec::new());
+        let mut prompts: Vec<PromptExample> = Vec::new();
         for e in encoded {
             match e {
                 Encoded::Sft(x) => {
@@ -377,6 +416,12 @@ impl Pipeline {
                 }
                 Encoded::Preference(p) => pairs.push(p),
                 Encoded::Unpaired(u) => unpaired.push(u),
+                Encoded::Prompt(p) => {
+                    if p.truncated {
+                        stats.truncated.fetch_add(1, Ordering::Relaxed);
+                    }
+                    prompts.push(p)
+                }
                 Encoded::UnpairedPair(c, r) => {
                     unpaired.push(c);
                     rejected.push(r);
@@ -387,7 +432,12 @@ impl Pipeline {
             }
         }
         unpaired.append(&mut rejected);
-        let batches: Vec<Batch> = if self.unpaired {
+        let batches: Vec<Batch> = if self.prompts {
+            prompts
+                .chunks(bs)
+                .map(|c| Batch::Prompts(PromptBatch { prompts: c.to_vec() }))
+                .collect()
+        } else if self.unpaired {
             let kl = self.options.unpaired.is_some_and(|u| u.kl);
             let mut chunks: Vec<&[UnpairedExample]> = unpaired.chunks(bs).collect();
             if kl && chunks.len() > 1 && chunks.last().is_some_and(|c| c.len() == 1) {
@@ -468,6 +518,8 @@ impl Pipeline {
                         .count(),
                     b.rows * b.seq_len,
                 ),
+                Batch::Prompts(b) => (b.num_tokens(), 0, b.num_tokens()),
+                Batch::Rollout(b) => (b.num_tokens(), 0, b.rows * b.seq_len),
             };
             stats.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
             stats.target_tokens.fetch_add(targets as u64, Ordering::Relaxed);

@@ -85,6 +85,19 @@ pub struct UnpairedExample {
     pub desirable: bool,
 }
 
+/// A tokenized prompt for an online objective (GRPO): its ids (the chat template's generation
+/// prompt included), cut from the left to `max_length`, and what the reward functions read of
+/// its row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptExample {
+    pub prompt_ids: Vec<u32>,
+    /// The prompt as the dataset has it (a string or a message list).
+    pub prompt: serde_json::Value,
+    /// The row's other columns.
+    pub columns: serde_json::Map<String, serde_json::Value>,
+    pub truncated: bool,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Encoded {
     Sft(SftExample),
@@ -92,6 +105,7 @@ pub enum Encoded {
     Unpaired(UnpairedExample),
     /// A preference pair unpaired for KTO: the chosen completion, then the rejected one.
     UnpairedPair(UnpairedExample, UnpairedExample),
+    Prompt(PromptExample),
     /// No target token is left after truncation (TRL drops these too).
     Dropped,
 }
@@ -152,6 +166,7 @@ impl Encoder {
                 completion,
                 desirable,
             } => self.encode_unpaired(prompt, completion, *desirable).map_err(bad),
+            Sample::Prompt { prompt, raw, columns } => self.encode_prompt(prompt, raw, columns).map_err(bad),
             _ => self.encode_sft(sample).map_err(bad),
         }
     }
@@ -205,7 +220,9 @@ impl Encoder {
                 }
                 (input_ids.clone(), completion_mask.clone(), None)
             }
-            Sample::Preference { .. } | Sample::Unpaired { .. } => unreachable!("handled by encode"),
+            Sample::Preference { .. } | Sample::Unpaired { .. } | Sample::Prompt { .. } => {
+                unreachable!("handled by encode")
+            }
         };
         if let Some(mask) = &assistant_mask
             && !mask.iter().any(|&m| m)
@@ -359,6 +376,34 @@ impl Encoder {
             prompt_ids: prompt_ids[..prompt_len].to_vec(),
             completion_ids: full[prompt_len..].to_vec(),
             desirable,
+        }))
+    }
+
+    /// A prompt as TRL's `GRPOTrainer` tokenizes it: a conversation through the chat template
+    /// with the generation prompt, plain text as it is; longer than `max_length` (TRL's
+    /// `max_prompt_length`), its start is cut (the end, next to the completion, is kept).
+    fn encode_prompt(
+        &self,
+        prompt: &Content,
+        raw: &serde_json::Value,
+        columns: &serde_json::Map<String, serde_json::Value>,
+    ) -> std::result::Result<Encoded, String> {
+        if is_empty(prompt) {
+            return Err("`prompt` is empty".into());
+        }
+        let mut ids = match prompt {
+            Content::Messages(p) => self.encode_chat(p, true, false)?.0,
+            Content::Text(p) => self.encode_text(p)?,
+        };
+        let truncated = self.options.max_length.is_some_and(|max| ids.len() > max);
+        if let Some(max) = self.options.max_length.filter(|_| truncated) {
+            ids.drain(..ids.len() - max);
+        }
+        Ok(Encoded::Prompt(PromptExample {
+            prompt_ids: ids,
+            prompt: raw.clone(),
+            columns: columns.clone(),
+            truncated,
         }))
     }
 

@@ -7,7 +7,8 @@ the rejected one a near miss (off by 1 or 10, or digits swapped), so DPO's effec
 the share of greedy answers with the right sum.
 
 python make_arith.py  ->  arith_train.jsonl (400 rows), arith_test.jsonl (50 rows),
-                          arith_pref_train.jsonl (400 pairs), arith_pref_test.jsonl (50 pairs)
+                          arith_pref_train.jsonl (400 pairs), arith_pref_test.jsonl (50 pairs),
+                          arith_prompts_train.jsonl (400 prompts), arith_prompts_test.jsonl (50)
 """
 
 import json
@@ -65,3 +66,13 @@ for name, part in [("arith_pref_train.jsonl", rows[:400]), ("arith_pref_test.jso
                 "rejected": [{"role": "assistant", "content": f"{a} + {b} = {near_miss(a, b)}."}],
             }
             f.write(json.dumps(pair) + "\n")
+
+
+# Prompts for GRPO: the question alone (the policy writes the answers) and the sum, which the
+# `accuracy` reward compares with each completion's final answer.
+for name, part in [("arith_prompts_train.jsonl", rows[:400]), ("arith_prompts_test.jsonl", rows[400:])]:
+    with open(name, "w") as f:
+        for r in part:
+            q = r["messages"][0]["content"]
+            answer = r["messages"][1]["content"].split("#### ")[1]
+            f.write(json.dumps({"prompt": [{"role": "user", "content": q}], "answer": answer}) + "\n")

@@ -17,7 +17,7 @@ pub mod weights;
 
 pub use config::{Family, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
-pub use generate::{Sampling, generate};
+pub use generate::{Sampling, generate, generate_batch};
 pub use llama::{ForwardOptions, KvCache, LlamaForCausalLM};
 pub use load::{Loaded, load_config_and_tokenizer, load_pretrained, load_weights};
 pub use tokenizer::{ChatTemplate, Message, RenderedChat, Tokenizer};

@@ -337,6 +337,51 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The caches of several batches (of one sequence each, or more) as one batch, each
+    /// left-padded with zeros to the longest: attend with an attention mask that is 0 over each
+    /// row's padding.
+    ///
+    /// # Panics
+    /// If the caches are empty or of different models (programmer errors).
+    pub fn stack_left_padded(caches: &[KvCache<B>]) -> Self {
+        let longest = caches.iter().map(KvCache::len).max().expect("at least one cache");
+        let layers = (0..caches[0].layers.len())
+            .map(|i| {
+                let pad = |t: &Tensor<B, 4>| {
+                    let [b, len, h, d] = t.dims();
+                    if len == longest {
+                        return t.clone();
+                    }
+                    let zeros = Tensor::<B, 4>::zeros([b, longest - len, h, d], &t.device()).cast(t.dtype());
+                    Tensor::cat(vec![zeros, t.clone()], 1)
+                };
+                let (ks, vs): (Vec<_>, Vec<_>) = caches
+                    .iter()
+                    .map(|c| {
+                        let (k, v) = c.layers[i].as_ref().expect("a filled cache");
+                        (pad(k), pad(v))
+                    })
+                    .unzip();
+                Some((Tensor::cat(ks, 0), Tensor::cat(vs, 0)))
+            })
+            .collect();
+        Self { layers }
+    }
+
+    /// The cache of rows `rows` (`[n]`, repeats allowed) of this one's batch.
+    pub fn select_rows(&self, rows: Tensor<B, 1, Int>) -> Self {
+        Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| {
+                    l.as_ref()
+                        .map(|(k, v)| (k.clone().select(0, rows.clone()), v.clone().select(0, rows.clone())))
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Module, Debug)]

@@ -35,6 +35,7 @@ fn objective_description(o: Objective) -> &'static str {
         Objective::Orpo => "ORPO (odds ratio preference optimization)",
         Objective::Kto => "KTO (Kahneman-Tversky optimization)",
         Objective::Reward => "reward modelling (a Bradley-Terry sequence scorer)",
+        Objective::Grpo => "GRPO (group relative policy optimization) with online generation",
     }
 }
 
@@ -277,6 +278,25 @@ impl<'a> Card<'a> {
                 if let Some(c) = r.center_rewards_coefficient {
                     row("center_rewards_coefficient", c.to_string());
                 }
+            }
+            ObjectiveSpec::Grpo(g) => {
+                let name = |v: serde_json::Result<String>| v.unwrap_or_default().trim_matches('"').to_string();
+                row(
+                    "grpo generations, max completion length, temperature",
+                    format!("{}, {}, {}", g.num_generations, g.max_completion_length, g.temperature),
+                );
+                row(
+                    "grpo loss, scale_rewards, beta, epsilon",
+                    format!(
+                        "{}, {}, {}, {}",
+                        name(serde_json::to_string(&g.loss_type)),
+                        name(serde_json::to_string(&g.scale_rewards)),
+                        g.beta,
+                        g.epsilon
+                    ),
+                );
+                let rewards: Vec<&str> = g.rewards.iter().map(|r| r.name()).collect();
+                row("rewards", rewards.join(", "));
             }
             ObjectiveSpec::Sft => {}
         }

@@ -354,11 +354,15 @@ pub enum Objective {
     /// A reward model: a scalar score per sequence (a `score` head), trained on chosen/rejected
     /// pairs with the Bradley-Terry loss (`training.reward`).
     Reward,
+    /// Group relative policy optimisation: completions generated during training, scored by
+    /// reward functions, reinforced relative to their group (`training.grpo`).
+    Grpo,
 }
 
 impl Objective {
+    /// Trained on chosen/rejected pairs (or KTO's labelled completions).
     pub fn is_preference(self) -> bool {
-        self != Objective::Sft
+        !matches!(self, Objective::Sft | Objective::Grpo)
     }
 
     /// The name in the config (and the model card's tag).
@@ -370,6 +374,7 @@ impl Objective {
             Objective::Orpo => "orpo",
             Objective::Kto => "kto",
             Objective::Reward => "reward",
+            Objective::Grpo => "grpo",
         }
     }
 }
@@ -520,6 +525,156 @@ fn one() -> f64 {
     1.0
 }
 
+/// GRPO's options, with TRL's `GRPOConfig` names and defaults. The generation round of a step
+/// is `micro_batch_size × gradient_accumulation_steps` completions per worker (TRL's
+/// `steps_per_generation` equal to the accumulation), whole groups of `num_generations`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpoSection {
+    /// Completions per prompt (a group); at least 2.
+    #[serde(default = "default_generations")]
+    pub num_generations: usize,
+    #[serde(default = "default_completion_length")]
+    pub max_completion_length: usize,
+    #[serde(default = "one")]
+    pub temperature: f64,
+    #[serde(default = "one")]
+    pub top_p: f64,
+    /// 0: no top-k filtering.
+    #[serde(default)]
+    pub top_k: usize,
+    /// Weight of the KL term against the reference (the base, adapter off); 0 skips the
+    /// reference pass.
+    #[serde(default)]
+    pub beta: f64,
+    #[serde(default = "default_epsilon")]
+    pub epsilon: f64,
+    /// The upper clip (DAPO's clip-higher); `epsilon` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon_high: Option<f64>,
+    /// Caps the unclipped ratio too (two-sided clipping); TRL recommends > 1 + epsilon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<f64>,
+    /// Updates per generation round (μ): the round's completions serve this many steps.
+    #[serde(default = "default_one")]
+    pub num_iterations: usize,
+    #[serde(default)]
+    pub loss_type: temper_trl::GrpoLossType,
+    #[serde(default)]
+    pub scale_rewards: temper_trl::ScaleRewards,
+    #[serde(default)]
+    pub importance_sampling_level: temper_trl::ImportanceSampling,
+    /// Truncated completions (no EOS within `max_completion_length`) count for nothing.
+    #[serde(default)]
+    pub mask_truncated_completions: bool,
+    /// Weigh the KL term by the importance ratio, as TRL does by default.
+    #[serde(default = "yes")]
+    pub use_bias_correction_kl: bool,
+    /// One weight per reward function (all 1 when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_weights: Option<Vec<f64>>,
+    /// The reward functions; their weighted sum is a completion's reward.
+    pub rewards: Vec<RewardFunction>,
+    /// Write each logged step's completions with their rewards to `completions.jsonl`.
+    #[serde(default = "yes")]
+    pub log_completions: bool,
+}
+
+fn default_generations() -> usize {
+    8
+}
+
+fn default_completion_length() -> usize {
+    512
+}
+
+fn default_epsilon() -> f64 {
+    0.2
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl GrpoSection {
+    pub fn params(&self) -> temper_trl::GrpoParams {
+        temper_trl::GrpoParams {
+            loss_type: self.loss_type,
+            beta: self.beta,
+            epsilon_low: self.epsilon,
+            epsilon_high: self.epsilon_high.unwrap_or(self.epsilon),
+            delta: self.delta,
+            importance_sampling: self.importance_sampling_level,
+            max_completion_length: self.max_completion_length,
+            bias_correction_kl: self.use_bias_correction_kl,
+        }
+    }
+}
+
+/// A GRPO reward function.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RewardFunction {
+    /// 1 when the completion's final answer (`#### N`, `\boxed{}`, or the last number) equals
+    /// the row's `column`, else 0.
+    Accuracy {
+        #[serde(default = "default_answer_column")]
+        column: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// 1 when the regular expression matches in the completion, else 0.
+    Format {
+        pattern: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// Minus `penalty` per completion token beyond `target`.
+    Length {
+        target: usize,
+        #[serde(default = "default_length_penalty")]
+        penalty: f64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// An external program, started once and kept alive: one JSON line per completion on its
+    /// standard input (`prompt`, `completion`, the row's other columns), one number per line on
+    /// its standard output.
+    Command {
+        command: Vec<String>,
+        /// Seconds to wait for each answer.
+        #[serde(default = "default_command_timeout")]
+        timeout_s: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+}
+
+fn default_answer_column() -> String {
+    "answer".into()
+}
+
+fn default_length_penalty() -> f64 {
+    0.01
+}
+
+fn default_command_timeout() -> u64 {
+    60
+}
+
+impl RewardFunction {
+    /// Its name in the metrics (`rewards/<name>/mean`): the one given, else its type.
+    pub fn name(&self) -> &str {
+        let (given, kind) = match self {
+            Self::Accuracy { name, .. } => (name, "accuracy"),
+            Self::Format { name, .. } => (name, "format"),
+            Self::Length { name, .. } => (name, "length"),
+            Self::Command { name, .. } => (name, "command"),
+        };
+        given.as_deref().unwrap_or(kind)
+    }
+}
+
 /// Reward modelling's options, with TRL's `RewardConfig` names.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -599,6 +754,8 @@ pub struct TrainingSection {
     pub kto: Option<KtoSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward: Option<RewardSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpo: Option<GrpoSection>,
     /// Passes over the data; ignored when `max_steps` is set.
     #[serde(default = "default_epochs")]
     pub epochs: u64,
@@ -905,6 +1062,7 @@ impl JobConfig {
             ("training.orpo", t.orpo.is_some(), Objective::Orpo),
             ("training.kto", t.kto.is_some(), Objective::Kto),
             ("training.reward", t.reward.is_some(), Objective::Reward),
+            ("training.grpo", t.grpo.is_some(), Objective::Grpo),
         ] {
             check(
                 !given || t.objective == owner,
@@ -977,6 +1135,9 @@ impl JobConfig {
                     .into(),
             )?;
         }
+        if t.objective == Objective::Grpo {
+            self.validate_grpo()?;
+        }
         check(
             t.save_total_limit != Some(0),
             "training.save_total_limit",
@@ -986,6 +1147,136 @@ impl JobConfig {
             temper_data::Error::Config { key, message } => Error::config(&key, message),
             other => Error::Data(other),
         })?;
+        Ok(())
+    }
+
+    fn validate_grpo(&self) -> Result<()> {
+        let t = &self.training;
+        let Some(g) = &t.grpo else {
+            return Err(Error::config(
+                "training.grpo",
+                "`objective: grpo` needs its section with at least `rewards:` (e.g. `- type: accuracy`)",
+            ));
+        };
+        let check = |ok: bool, key: &str, message: String| if ok { Ok(()) } else { Err(Error::config(key, message)) };
+        check(
+            g.num_generations >= 2,
+            "training.grpo.num_generations",
+            format!(
+                "must be >= 2, got {}: advantages are relative to the other completions of the same prompt",
+                g.num_generations
+            ),
+        )?;
+        let round = t.micro_batch_size * t.gradient_accumulation_steps;
+        check(
+            round.is_multiple_of(g.num_generations),
+            "training.grpo.num_generations",
+            format!(
+                "a step generates micro_batch_size x gradient_accumulation_steps = {round} completions per worker, \
+                 which must be whole groups of {}",
+                g.num_generations
+            ),
+        )?;
+        check(
+            (1..=1 << 16).contains(&g.max_completion_length),
+            "training.grpo.max_completion_length",
+            format!("must be in 1..=65536, got {}", g.max_completion_length),
+        )?;
+        check(
+            g.temperature > 0.0 && g.temperature.is_finite(),
+            "training.grpo.temperature",
+            format!("must be > 0 (GRPO samples), got {}", g.temperature),
+        )?;
+        check(
+            g.top_p > 0.0 && g.top_p <= 1.0,
+            "training.grpo.top_p",
+            format!("must be in (0, 1], got {}", g.top_p),
+        )?;
+        check(
+            g.beta >= 0.0 && g.beta.is_finite(),
+            "training.grpo.beta",
+            format!("must be >= 0, got {}", g.beta),
+        )?;
+        check(
+            g.epsilon >= 0.0 && g.epsilon < 1.0,
+            "training.grpo.epsilon",
+            format!("must be in [0, 1), got {}", g.epsilon),
+        )?;
+        if let Some(e) = g.epsilon_high {
+            check(
+                e >= 0.0 && e.is_finite(),
+                "training.grpo.epsilon_high",
+                format!("must be >= 0, got {e}"),
+            )?;
+        }
+        if let Some(d) = g.delta {
+            check(
+                d > 1.0 && d.is_finite(),
+                "training.grpo.delta",
+                format!("must be > 1 (it caps the ratio from above), got {d}"),
+            )?;
+        }
+        check(
+            g.num_iterations >= 1,
+            "training.grpo.num_iterations",
+            "must be >= 1".into(),
+        )?;
+        check(
+            !g.rewards.is_empty(),
+            "training.grpo.rewards",
+            "is empty: GRPO needs at least one reward function".into(),
+        )?;
+        if let Some(w) = &g.reward_weights {
+            check(
+                w.len() == g.rewards.len(),
+                "training.grpo.reward_weights",
+                format!("has {} weights for {} reward functions", w.len(), g.rewards.len()),
+            )?;
+            check(
+                w.iter().all(|w| w.is_finite()),
+                "training.grpo.reward_weights",
+                "must be numbers".into(),
+            )?;
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in g.rewards.iter().enumerate() {
+            let key = |field: &str| format!("training.grpo.rewards[{i}].{field}");
+            check(
+                names.insert(r.name().to_string()),
+                &key("name"),
+                format!("`{}` names two reward functions: give each its own `name`", r.name()),
+            )?;
+            match r {
+                RewardFunction::Format { pattern, .. } => {
+                    if let Err(e) = regex::Regex::new(pattern) {
+                        return Err(Error::config(&key("pattern"), format!("is not a regular expression: {e}")));
+                    }
+                }
+                RewardFunction::Length { penalty, .. } => check(
+                    penalty.is_finite() && *penalty >= 0.0,
+                    &key("penalty"),
+                    format!("must be >= 0, got {penalty}"),
+                )?,
+                RewardFunction::Command { command, timeout_s, .. } => {
+                    check(
+                        command.first().is_some_and(|c| !c.is_empty()),
+                        &key("command"),
+                        "is empty: the program and its arguments, e.g. [python3, reward.py]".into(),
+                    )?;
+                    check(*timeout_s > 0, &key("timeout_s"), "must be > 0".into())?;
+                }
+                RewardFunction::Accuracy { column, .. } => {
+                    check(!column.is_empty(), &key("column"), "is empty".into())?;
+                }
+            }
+        }
+        check(
+            self.data.eval.is_none(),
+            "data.eval",
+            "GRPO runs do not evaluate on held-out data during training yet: drop `data.eval` and score the \
+             adapter afterwards (`temper generate`, examples/eval_arith.sh)"
+                .into(),
+        )?;
         Ok(())
     }
 

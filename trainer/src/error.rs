@@ -30,6 +30,10 @@ pub enum Error {
     TokenOutOfVocab { during: String, id: u32, vocab: usize },
     #[error("step {step}: the loss is {value}; training stopped (the last good checkpoint is kept)")]
     NonFiniteLoss { step: u64, value: f32 },
+    /// A GRPO reward function failed (a command that exited, hung or printed garbage, a row
+    /// without the column it reads).
+    #[error("reward `{name}`: {message}")]
+    Reward { name: String, message: String },
 }
 
 impl Error {

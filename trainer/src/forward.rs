@@ -66,8 +66,36 @@ pub(crate) fn token_logps_at<B: Backend>(
     hidden: HiddenFn<B>,
     input_ids: Tensor<B, 2, Int>,
     options: ForwardOptions<B>,
+    positions: Vec<i64>,
+    targets: Vec<i64>,
+    device: &B::Device,
+) -> TokenLogps<B> {
+    let scoring = Scoring {
+        temperature: 1.0,
+        entropy: false,
+    };
+    scored_token_logps_at(model, hidden, input_ids, options, positions, targets, scoring, device)
+}
+
+/// How [`scored_token_logps_at`] reads the logits: divided by a sampling temperature (as GRPO
+/// scores its completions), with or without each position's entropy.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scoring {
+    pub temperature: f64,
+    pub entropy: bool,
+}
+
+/// [`token_logps_at`] of the logits divided by `scoring.temperature`, with the entropies when
+/// asked for.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn scored_token_logps_at<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    hidden: HiddenFn<B>,
+    input_ids: Tensor<B, 2, Int>,
+    options: ForwardOptions<B>,
     mut positions: Vec<i64>,
     mut targets: Vec<i64>,
+    scoring: Scoring,
     device: &B::Device,
 ) -> TokenLogps<B> {
     let [rows, s] = input_ids.dims();
@@ -81,15 +109,20 @@ pub(crate) fn token_logps_at<B: Backend>(
     let h = hidden.dims()[2];
     let picked = hidden.reshape([rows * s, h]).select(0, int_vector(positions, device)); // [padded, h]
     let targets = int_vector(targets, device);
+    let inverse = 1.0 / scoring.temperature;
     let out = match frozen_head_weight(model) {
         Some(weight) => {
             let rows_per_chunk = (HEAD_CHUNK_ELEMENTS / weight.dims()[0]).max(64) / 64 * 64;
-            head_token_logps(picked, weight, targets, rows_per_chunk)
+            // The head is linear here: scaling its input scales the logits.
+            let picked = if inverse == 1.0 { picked } else { picked.mul_scalar(inverse) };
+            head_token_logps(picked, weight, targets, rows_per_chunk, scoring.entropy)
         }
         None => {
             let logits = model.head(picked.reshape([1, padded, h])); // [1, padded, vocab]
             let vocab = logits.dims()[2];
-            token_logps(logits.reshape([padded, vocab]), targets)
+            let logits = logits.reshape([padded, vocab]);
+            let logits = if inverse == 1.0 { logits } else { logits.mul_scalar(inverse) };
+            token_logps(logits, targets, scoring.entropy)
         }
     };
     if padded == n {
@@ -99,6 +132,7 @@ pub(crate) fn token_logps_at<B: Backend>(
         logps: out.logps.slice(0..n),
         hits: out.hits.slice(0..n),
         mean_logits: out.mean_logits.slice(0..n),
+        entropy: out.entropy.map(|e| e.slice(0..n)),
     }
 }
 

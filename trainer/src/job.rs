@@ -10,8 +10,8 @@ use burn::tensor::DType;
 use temper_peft::{BaseQuantization, LoraConfig};
 
 use crate::config::{
-    AdapterKind, DeviceSpec, DpoSection, JobConfig, KtoSection, Objective, OrpoSection, Precision, RewardSection,
-    SimpoSection,
+    AdapterKind, DeviceSpec, DpoSection, GrpoSection, JobConfig, KtoSection, Objective, OrpoSection, Precision,
+    RewardSection, SimpoSection, TrainingSection,
 };
 use crate::error::{Error, Result};
 
@@ -36,6 +36,7 @@ pub enum ObjectiveSpec {
     Orpo(OrpoSection),
     Kto(KtoSection),
     Reward(RewardSection),
+    Grpo(GrpoSection),
 }
 
 impl ObjectiveSpec {
@@ -47,6 +48,7 @@ impl ObjectiveSpec {
             Self::Orpo(_) => Objective::Orpo,
             Self::Kto(_) => Objective::Kto,
             Self::Reward(_) => Objective::Reward,
+            Self::Grpo(_) => Objective::Grpo,
         }
     }
 
@@ -60,6 +62,11 @@ impl ObjectiveSpec {
         self.kind().is_preference()
     }
 
+    /// GRPO: completions generated during training.
+    pub fn is_online(&self) -> bool {
+        matches!(self, Self::Grpo(_))
+    }
+
     /// DPO against a reference model (not `reference_free`).
     /// Whether the objective compares with a reference model: `Some(precompute)` (its
     /// log-probabilities computed once before training, or live at each step), `None` without.
@@ -67,6 +74,8 @@ impl ObjectiveSpec {
         match self {
             Self::Dpo(d) if !d.reference_free => Some(d.precompute_ref_log_probs),
             Self::Kto(k) => Some(k.precompute_ref_log_probs),
+            // GRPO's completions are generated during training: nothing to precompute.
+            Self::Grpo(g) if g.beta != 0.0 => Some(false),
             _ => None,
         }
     }
@@ -98,6 +107,17 @@ impl ObjectiveSpec {
             epochs: Some(1),
             unpaired: self.unpaired_batches(),
             drop_long_pairs: matches!(self, Self::Reward(_)),
+            prompts: matches!(self, Self::Grpo(_)),
+        }
+    }
+
+    /// The rows of one loader batch: a micro-batch, or for GRPO the prompts of one step's
+    /// generation round (its completions, `num_generations` per prompt, make the step's
+    /// micro-batches).
+    pub fn loader_rows(&self, t: &TrainingSection) -> usize {
+        match self {
+            Self::Grpo(g) => (t.micro_batch_size * t.gradient_accumulation_steps / g.num_generations).max(1),
+            _ => t.micro_batch_size,
         }
     }
 }
@@ -176,6 +196,7 @@ impl Job {
             Objective::Orpo => ObjectiveSpec::Orpo(t.orpo.get_or_insert_with(Default::default).clone()),
             Objective::Kto => ObjectiveSpec::Kto(t.kto.get_or_insert_with(Default::default).clone()),
             Objective::Reward => ObjectiveSpec::Reward(t.reward.get_or_insert_with(Default::default).clone()),
+            Objective::Grpo => ObjectiveSpec::Grpo(t.grpo.clone().expect("validated: grpo has its section")),
         };
         let a = &config.adapter;
         let adapter = match a.kind {

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 mod forward;
+mod grpo;
 pub mod job;
 mod kto;
 pub mod metrics;

@@ -110,13 +110,19 @@ impl Progress {
             0.0
         };
         let f = |n: &str| row.get(n).unwrap_or(f64::NAN);
-        // SFT's token accuracy, DPO's reward accuracy, KTO's KL estimate, or a reward model's
-        // pairwise accuracy.
-        let (acc_name, acc) = match (row.get("rewards/accuracies"), row.get("kl"), row.get("accuracy")) {
-            (Some(a), _, _) => ("reward acc", a),
-            (None, Some(kl), _) => ("kl", kl),
-            (None, None, Some(a)) => ("pair acc", a),
-            (None, None, None) => ("acc", f("mean_token_accuracy")),
+        // SFT's token accuracy, DPO's reward accuracy, KTO's KL estimate, a reward model's
+        // pairwise accuracy, or GRPO's mean reward (on the steps that generate).
+        let (acc_name, acc) = match (
+            row.get("rewards/accuracies"),
+            row.get("kl"),
+            row.get("accuracy"),
+            row.get("entropy"),
+        ) {
+            (Some(a), _, _, _) => ("reward acc", a),
+            (None, _, _, Some(_)) => ("reward", f("reward")),
+            (None, Some(kl), _, None) => ("kl", kl),
+            (None, None, Some(a), None) => ("pair acc", a),
+            (None, None, None, None) => ("acc", f("mean_token_accuracy")),
         };
         let line = format!(
             "step {}/{} | loss {:.4} | {acc_name} {acc:.3} | lr {:.2e} | grad_norm {:.3} | {:.0} tok/s | ETA {}",

@@ -10,6 +10,7 @@ use temper_models::LlamaForCausalLM;
 use crate::blocks::HiddenFn;
 use crate::error::Result;
 use crate::forward::sft_loss;
+use crate::grpo::grpo_step_loss;
 use crate::job::ObjectiveSpec;
 use crate::kto::{gathered_kl, kto_step_loss, local_kl};
 use crate::preference::{PreferenceObjective, preference_step_loss};
@@ -27,6 +28,12 @@ pub(crate) enum Loss {
     Kto(temper_trl::KtoParams),
     /// A reward model's Bradley-Terry loss over chosen/rejected pairs.
     Reward(temper_trl::RewardParams),
+    /// GRPO's clipped policy-gradient loss over generated completions, their log-probabilities
+    /// read at the sampling `temperature`.
+    Grpo {
+        params: temper_trl::GrpoParams,
+        temperature: f64,
+    },
 }
 
 impl Loss {
@@ -38,6 +45,12 @@ impl Loss {
             ObjectiveSpec::Orpo(o) => PreferenceObjective::Orpo { beta: o.beta },
             ObjectiveSpec::Kto(k) => return Loss::Kto(k.params()),
             ObjectiveSpec::Reward(r) => return Loss::Reward(r.params()),
+            ObjectiveSpec::Grpo(g) => {
+                return Loss::Grpo {
+                    params: g.params(),
+                    temperature: g.temperature,
+                };
+            }
         };
         Loss::Preference(preference)
     }
@@ -131,6 +144,15 @@ impl Loss {
             (Loss::Reward(params), Batch::Preference(b)) => {
                 Some(reward_step_loss(model, hidden, b, *params, device, sums))
             }
+            (Loss::Grpo { params, temperature }, Batch::Rollout(b)) => Some(grpo_step_loss(
+                model,
+                hidden,
+                b,
+                params,
+                *temperature,
+                device,
+                sums,
+            )),
             _ => unreachable!("checked before training: the objective fits the data"),
         };
         if let Some(loss) = &loss {

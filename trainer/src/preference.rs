@@ -206,7 +206,8 @@ impl<B: Backend> Reference<B> {
     /// an unpaired one; `None` without a reference.
     pub(crate) fn logps(&self, batch: &Batch, device: &B::Device) -> Result<Option<Tensor<B, 1>>> {
         Ok(match (self, batch) {
-            (Reference::None, _) | (_, Batch::Sft(_)) => None,
+            // GRPO's rollouts carry their reference log-probabilities (`grpo::Round`).
+            (Reference::None, _) | (_, Batch::Sft(_) | Batch::Prompts(_) | Batch::Rollout(_)) => None,
             (Reference::Model(m), Batch::Preference(b)) => Some(preference_logps(m, &plain, b, false, device).logps),
             (Reference::Model(m), Batch::Unpaired(b)) => {
                 Some(rows_logps(m, &plain, crate::kto::all_rows(b), 0, device).0)
@@ -277,7 +278,7 @@ impl RefCache {
                         cache.sequences.extend(keys.into_iter().zip(logps));
                         pairs += batch.rows;
                     }
-                    Batch::Sft(_) => {}
+                    Batch::Sft(_) | Batch::Prompts(_) | Batch::Rollout(_) => {}
                 }
                 batches += 1;
                 let done = match *cover {

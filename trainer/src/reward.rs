@@ -67,6 +67,17 @@ pub fn batch_scores<B: Backend>(
             let mask: Vec<u8> = b.segment_ids.iter().map(|&s| (s != 0) as u8).collect();
             score_rows(model, &plain, &b.input_ids, &mask, b.seq_len, pad_id, device)
         }
+        // Generated completions: their prompt + completion rows, right-padded.
+        Batch::Rollout(b) => {
+            let mask: Vec<u8> = (0..b.rows)
+                .flat_map(|r| {
+                    let real = b.prompt_lengths[r] + b.completion_lengths[r];
+                    (0..b.seq_len).map(move |t| (t < real) as u8)
+                })
+                .collect();
+            score_rows(model, &plain, &b.input_ids, &mask, b.seq_len, pad_id, device)
+        }
+        Batch::Prompts(_) => panic!("prompts alone have nothing to score"),
     };
     scores.into_data().convert::<f32>().to_vec().expect("f32 scores")
 }

@@ -33,6 +33,14 @@ pub(crate) enum Metric {
     MinReward,
     MeanReward,
     MaxReward,
+    /// GRPO, per micro-batch (divided by their count, as TRL averages its per-micro-batch
+    /// values): the mean entropy per completion token, and the clipped shares of the ratio.
+    Entropy,
+    ClipLowMean,
+    ClipLowMin,
+    ClipHighMean,
+    ClipHighMax,
+    ClipRegionMean,
     /// Completion tokens of the chosen and rejected rows: what divides `logits/*`. Not logged.
     ChosenTokens,
     RejectedTokens,
@@ -45,7 +53,7 @@ pub(crate) enum Metric {
 
 impl Metric {
     /// Every metric, in the order rows show them.
-    const ALL: [Metric; 24] = [
+    const ALL: [Metric; 30] = [
         Metric::Loss,
         Metric::MeanTokenAccuracy,
         Metric::RewardsChosen,
@@ -65,6 +73,12 @@ impl Metric {
         Metric::MinReward,
         Metric::MeanReward,
         Metric::MaxReward,
+        Metric::Entropy,
+        Metric::ClipLowMean,
+        Metric::ClipLowMin,
+        Metric::ClipHighMean,
+        Metric::ClipHighMax,
+        Metric::ClipRegionMean,
         Metric::ChosenTokens,
         Metric::RejectedTokens,
         Metric::DesirableRows,
@@ -94,6 +108,12 @@ impl Metric {
             Metric::MinReward => ("min_reward", Some("eval_min_reward")),
             Metric::MeanReward => ("mean_reward", Some("eval_mean_reward")),
             Metric::MaxReward => ("max_reward", Some("eval_max_reward")),
+            Metric::Entropy => ("entropy", Some("eval_entropy")),
+            Metric::ClipLowMean => ("clip_ratio/low_mean", Some("eval_clip_ratio/low_mean")),
+            Metric::ClipLowMin => ("clip_ratio/low_min", Some("eval_clip_ratio/low_min")),
+            Metric::ClipHighMean => ("clip_ratio/high_mean", Some("eval_clip_ratio/high_mean")),
+            Metric::ClipHighMax => ("clip_ratio/high_max", Some("eval_clip_ratio/high_max")),
+            Metric::ClipRegionMean => ("clip_ratio/region_mean", Some("eval_clip_ratio/region_mean")),
             Metric::ChosenTokens => ("chosen_tokens", None),
             Metric::RejectedTokens => ("rejected_tokens", None),
             Metric::DesirableRows => ("desirable_rows", None),
@@ -161,7 +181,13 @@ impl StepSums {
                     | Metric::Margin
                     | Metric::MinReward
                     | Metric::MeanReward
-                    | Metric::MaxReward => mean(m, Metric::MicroBatches)?,
+                    | Metric::MaxReward
+                    | Metric::Entropy
+                    | Metric::ClipLowMean
+                    | Metric::ClipLowMin
+                    | Metric::ClipHighMean
+                    | Metric::ClipHighMax
+                    | Metric::ClipRegionMean => mean(m, Metric::MicroBatches)?,
                     Metric::RewardsChosen | Metric::LogpsChosen if kto(Metric::DesirableRows).is_some() => {
                         mean(m, Metric::DesirableRows)?
                     }

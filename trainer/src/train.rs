@@ -21,6 +21,7 @@ use crate::blocks::{Checkpointed, plain};
 use crate::checkpoint::{self, TrainerState};
 use crate::config::JobConfig;
 use crate::error::{Error, Result};
+use crate::grpo::{Grpo, ROUND_FILE, Sample, SavedRound};
 use crate::job::{AdapterSpec, Job, ObjectiveSpec};
 use crate::metrics::{MetricsLog, Progress, Row};
 use crate::objective::Loss;
@@ -141,6 +142,13 @@ struct Run<'a, B: AutodiffBackend> {
     last_train: Option<Row>,
     last_eval: Option<Row>,
     interrupted: bool,
+    /// GRPO's reward functions and current round.
+    grpo: Option<Grpo>,
+    /// The epoch of the data the last step read.
+    epoch: u64,
+    /// GRPO: the metrics and samples of the round generated this step (logged with it).
+    round_metrics: Vec<(&'static str, f64)>,
+    samples: Vec<Sample>,
 }
 
 impl<'a, B: AutodiffBackend> Run<'a, B> {
@@ -169,7 +177,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             rank,
             world_size: world,
             epochs: if t.max_steps.is_some() { None } else { Some(t.epochs) },
-            ..job.objective.loader_options(t.micro_batch_size)
+            ..job.objective.loader_options(job.objective.loader_rows(t))
         };
         let pipeline = Arc::new(Pipeline::new(&config.data, tokenizer.clone(), loader_options)?);
         check_objective_fits_data(&job.objective, &pipeline, "data")?;
@@ -234,6 +242,32 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             0 => (t.warmup_ratio * total_steps as f64).ceil() as u64,
             n => n,
         };
+        let grpo = match &job.objective {
+            ObjectiveSpec::Grpo(g) => {
+                let mut eos = model_config.eos_token_ids.clone();
+                eos.extend(tokenizer.eos_token_id().filter(|e| !eos.contains(e)));
+                let mut grpo = Grpo::new(
+                    g,
+                    tokenizer.clone(),
+                    eos,
+                    pipeline.pad_id(),
+                    model_config.max_position_embeddings,
+                    t.seed,
+                    t.micro_batch_size,
+                )?;
+                // A round with steps left continues where the checkpoint left it.
+                if let Some(path) = resume_dir.as_deref().map(|d| d.join(ROUND_FILE)).filter(|p| p.exists()) {
+                    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                    let round: SavedRound = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+                        path: path.clone(),
+                        message: format!("unreadable GRPO round: {e}"),
+                    })?;
+                    grpo.round = Some(round);
+                }
+                Some(grpo)
+            }
+            _ => None,
+        };
         Ok(Run {
             job,
             opts,
@@ -259,6 +293,10 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             last_train: None,
             last_eval: None,
             interrupted: false,
+            grpo,
+            epoch: 0,
+            round_metrics: Vec::new(),
+            samples: Vec::new(),
         })
     }
 
@@ -276,6 +314,9 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
     /// The step's `gradient_accumulation_steps` micro-batches (fewer where the data ends;
     /// `None` when it has ended), each checked against the vocabulary.
     fn next_micro_batches(&mut self) -> Result<Option<MicroBatches>> {
+        if self.grpo.is_some() {
+            return self.next_round();
+        }
         let (vocab, step) = (self.model.vocab_size(), self.state.step + 1);
         let mut micro = MicroBatches {
             batches: Vec::with_capacity(self.job.config.training.gradient_accumulation_steps),
@@ -290,6 +331,43 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             micro.batches.push(b.batch);
         }
         Ok((!micro.batches.is_empty()).then_some(micro))
+    }
+
+    /// GRPO: the current round's micro-batches while it serves steps, else a new round from
+    /// the next batch of prompts (`None` when the data has ended).
+    fn next_round(&mut self) -> Result<Option<MicroBatches>> {
+        let (vocab, step) = (self.model.vocab_size(), self.state.step + 1);
+        let grpo = self.grpo.as_mut().expect("a GRPO run");
+        if let Some(batches) = grpo.reuse() {
+            return Ok(Some(MicroBatches {
+                batches,
+                next: self.state.cursor,
+                epoch: self.epoch,
+            }));
+        }
+        let Some(loaded) = self.loader.next() else {
+            return Ok(None);
+        };
+        let loaded = loaded?;
+        check_vocab(&loaded.batch, vocab, || format!("step {step}"))?;
+        let Batch::Prompts(prompts) = &loaded.batch else {
+            unreachable!("GRPO's loader reads prompts")
+        };
+        let policy = self.model.valid();
+        let reference = match &self.reference {
+            Reference::Model(m) => Some(m.as_ref()),
+            _ => None,
+        };
+        let (batches, metrics, samples) =
+            grpo.new_round(&policy, reference, prompts, step, self.collective, self.device)?;
+        self.round_metrics = metrics;
+        self.samples = samples;
+        self.epoch = loaded.epoch;
+        Ok(Some(MicroBatches {
+            batches,
+            next: loaded.next,
+            epoch: loaded.epoch,
+        }))
     }
 
     /// Each micro-batch's forward and backward, the gradients accumulated (of the loss
@@ -438,8 +516,10 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                 ])
                 .chain(state.loss_scaler.map(|s| ("loss_scale", s.scale)))
                 .chain(self.all_reduce_seconds.map(|s| ("all_reduce_seconds", s)))
+                .chain(std::mem::take(&mut self.round_metrics))
                 .collect(),
         };
+        let samples = std::mem::take(&mut self.samples);
         if let Some(path) = &self.opts.heartbeat {
             std::fs::write(path, state.step.to_string()).map_err(|e| Error::io(path, e))?;
         }
@@ -448,6 +528,9 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         {
             log.write(&row)?;
             self.progress.update(&row);
+            if matches!(&self.job.objective, ObjectiveSpec::Grpo(g) if g.log_completions) && !samples.is_empty() {
+                write_samples(&self.job.config.output_dir, &samples)?;
+            }
         }
         self.last_train = Some(row);
         Ok(())
@@ -531,6 +614,11 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             &self.config_yaml,
             |dir| {
                 save_model(&self.model, &self.save_as, dir)?;
+                if let Some(round) = self.grpo.as_ref().and_then(|g| g.round.as_ref()).filter(|r| r.uses_left > 0) {
+                    let path = dir.join(ROUND_FILE);
+                    let text = serde_json::to_string(round).expect("a round serializes");
+                    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+                }
                 if precomputed {
                     let (from, to) = (out.join(pref::CACHE_FILE), dir.join(pref::CACHE_FILE));
                     std::fs::copy(&from, &to).map_err(|e| Error::io(&to, e))?;
@@ -576,6 +664,23 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             interrupted: self.interrupted,
         })
     }
+}
+
+/// Appends a step's GRPO samples to `completions.jsonl` (TRL's logged completions).
+fn write_samples(out: &Path, samples: &[Sample]) -> Result<()> {
+    use std::io::Write;
+    let path = out.join("completions.jsonl");
+    let mut text = String::new();
+    for s in samples {
+        text.push_str(&serde_json::to_string(s).expect("a sample serializes"));
+        text.push('\n');
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| Error::io(&path, e))
 }
 
 /// The evaluation rows a run scores (`data.eval.max_rows`, else all).
@@ -689,6 +794,16 @@ fn check_kto_balance(job: &Job, tokenizer: &Arc<Tokenizer>, options: LoaderOptio
 /// The objective can train on `data` (the section named `which`).
 fn check_objective_fits_data(objective: &ObjectiveSpec, data: &Pipeline, which: &str) -> Result<()> {
     let wrong = |message: &str| Err(Error::config("training.objective", format!("{which}: {message}")));
+    match (matches!(objective, ObjectiveSpec::Grpo(_)), data.prompts) {
+        (true, true) => return Ok(()),
+        (false, true) => {
+            return wrong(
+                "the data has prompts alone (a `prompt` column and no completion): that is for `objective: grpo`, \
+                 which generates the completions; give SFT or preference data for this objective",
+            );
+        }
+        _ => {}
+    }
     match (
         objective.is_unpaired(),
         objective.is_preference(),
@@ -750,9 +865,13 @@ fn total_steps(
                 let all = all_gather(c, &[batches as f32])?;
                 batches = all.iter().map(|v| v[0] as u64).min().unwrap_or(0);
             }
-            (batches * t.epochs)
-                .div_ceil(t.gradient_accumulation_steps as u64)
-                .max(1)
+            match &t.grpo {
+                // A batch of prompts is one round: `num_iterations` steps.
+                Some(g) => (batches * t.epochs * g.num_iterations as u64).max(1),
+                None => (batches * t.epochs)
+                    .div_ceil(t.gradient_accumulation_steps as u64)
+                    .max(1),
+            }
         }
     })
 }
@@ -990,6 +1109,7 @@ fn evaluate<B: AutodiffBackend>(
             Batch::Sft(b) => b.batch_size,
             Batch::Preference(b) => b.pairs,
             Batch::Unpaired(b) => b.rows,
+            Batch::Prompts(_) | Batch::Rollout(_) => unreachable!("GRPO runs do not evaluate (config check)"),
         };
         count += batch.loss_normaliser();
         let batches = [batch];

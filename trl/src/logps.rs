@@ -30,12 +30,24 @@ pub struct TokenLogps<B: Backend> {
     /// `[n]`, f32, without gradient: the mean logit over the vocabulary at each position
     /// (TRL's `logits/*` metrics).
     pub mean_logits: Tensor<B, 1>,
+    /// `[n]`, f32, without gradient, when asked for: the entropy of the distribution at each
+    /// position (GRPO's `entropy` metric).
+    pub entropy: Option<Tensor<B, 1>>,
 }
 
-/// From logits (`[n, vocab]`) and targets (`[n]`), differentiable through the logits.
-pub fn token_logps<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> TokenLogps<B> {
+/// `-Σ p log p` of each row of probabilities (`[rows, vocab]` -> `[rows]`); a zero
+/// probability adds nothing.
+fn entropy_rows<B: Backend>(probs: Tensor<B, 2>) -> Tensor<B, 1> {
+    let logs = probs.clone().clamp_min(f32::MIN_POSITIVE).log();
+    (probs * logs).sum_dim(1).squeeze_dim::<1>(1).neg()
+}
+
+/// From logits (`[n, vocab]`) and targets (`[n]`), differentiable through the logits; with
+/// `entropy`, each position's entropy too.
+pub fn token_logps<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>, entropy: bool) -> TokenLogps<B> {
     let detached = logits.clone().detach().cast(DType::F32);
     let hits = argmax_hits(detached.clone(), targets.clone());
+    let entropy = entropy.then(|| entropy_rows(log_softmax(detached.clone()).exp()));
     let mean_logits = detached.mean_dim(1).squeeze_dim::<1>(1);
     let logps = log_softmax(logits)
         .gather(1, targets.unsqueeze_dim::<2>(1))
@@ -44,13 +56,15 @@ pub fn token_logps<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>)
         logps,
         hits,
         mean_logits,
+        entropy,
     }
 }
 
 /// From hidden states (`[n, hidden]`) through a frozen output head (`weight: [vocab, hidden]`,
 /// logits = hidden · weightᵀ, computed in the weight's dtype and read in f32) and targets
-/// (`[n]`). The same values as [`token_logps`] on those logits, and the same gradient with
-/// respect to `hidden`; none flows to `weight`, so it must not be trained.
+/// (`[n]`). The same values as [`token_logps`] on those logits (the entropies with
+/// `entropy`), and the same gradient with respect to `hidden`; none flows to `weight`, so it
+/// must not be trained.
 ///
 /// Rows go through the head `rows_per_chunk` at a time. For each chunk the gradient of
 /// log p(target) with respect to the hidden state, `(onehot − softmax) · weight`, is computed
@@ -64,11 +78,13 @@ pub fn head_token_logps<B: Backend>(
     weight: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
     rows_per_chunk: usize,
+    entropy: bool,
 ) -> TokenLogps<B> {
     let [n, _] = hidden.dims();
     let weight = weight.detach();
     let inputs = hidden.clone().detach();
     let (mut logps, mut grads, mut means, mut hits) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut entropies = Vec::new();
     let step = rows_per_chunk.max(1);
     for start in (0..n).step_by(step) {
         let rows = start..(start + step).min(n);
@@ -79,6 +95,9 @@ pub fn head_token_logps<B: Backend>(
         logps.push(stats.logps);
         means.push(stats.mean_logits);
         hits.push(stats.hits.int());
+        if entropy {
+            entropies.push(entropy_rows(stats.probs.clone()));
+        }
         // (onehot − p) · W = W[target] − p · W
         let probs = stats.probs.cast(weight.dtype());
         grads.push(weight.clone().select(0, t) - temper_kernels::matmul(probs, weight.clone())); // [c, hidden]
@@ -91,6 +110,7 @@ pub fn head_token_logps<B: Backend>(
         logps: linear - constant + value,
         hits: Tensor::cat(hits, 0),
         mean_logits: Tensor::cat(means, 0),
+        entropy: entropy.then(|| Tensor::cat(entropies, 0)),
     }
 }
 
@@ -147,13 +167,18 @@ mod tests {
         );
 
         let hidden = hidden0.clone().require_grad();
-        let want = token_logps(hidden.clone().matmul(weight.clone().transpose()), targets.clone());
+        let want = token_logps(hidden.clone().matmul(weight.clone().transpose()), targets.clone(), true);
         let grads = (want.logps.clone() * upstream.clone()).sum().backward();
         let want_grad = vec(hidden.grad(&grads).unwrap());
         for chunk in [1, 3, 7, 100] {
             let hidden = hidden0.clone().require_grad();
-            let got = head_token_logps(hidden.clone(), weight.clone(), targets.clone(), chunk);
+            let got = head_token_logps(hidden.clone(), weight.clone(), targets.clone(), chunk, true);
             close(&vec(got.logps.clone()), &vec(want.logps.clone()), 1e-5);
+            close(
+                &vec(got.entropy.clone().unwrap()),
+                &vec(want.entropy.clone().unwrap()),
+                1e-5,
+            );
             close(&vec(got.mean_logits), &vec(want.mean_logits.clone()), 1e-5);
             assert_eq!(vec(got.hits.float()), vec(want.hits.clone().float()));
             assert!(vec(want.hits.clone().float()).iter().sum::<f32>() >= 4.0);

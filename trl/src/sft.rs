@@ -29,7 +29,7 @@ impl<B: Backend> TokenLoss<B> {
 /// # Shapes
 /// `logits: [n, vocab]`, `targets: [n]`
 pub fn token_cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> TokenLoss<B> {
-    TokenLoss::from_logps(token_logps(logits, targets))
+    TokenLoss::from_logps(token_logps(logits, targets, false))
 }
 
 #[cfg(test)]

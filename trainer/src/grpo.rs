@@ -1,0 +1,700 @@
+//! GRPO on a model: each step's prompts completed `num_generations` times by the policy
+//! (batched, with a KV cache), the completions scored by the reward functions, their
+//! group-relative advantages, and the micro-batches the loss reads (with the log-probabilities
+//! of the policy that generated them and of the reference, when the loss needs them). A round
+//! serves `num_iterations` steps.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use temper_data::{Batch, PromptBatch, RolloutBatch};
+use temper_models::{LlamaForCausalLM, Sampling, Tokenizer};
+use temper_trl::{GrpoParams, group_advantages, grpo_loss, weighted_rewards};
+
+use crate::blocks::{HiddenFn, plain};
+use crate::config::{GrpoSection, RewardFunction};
+use crate::error::{Error, Result};
+use crate::forward::{Scoring, int_matrix, scored_token_logps_at};
+use crate::step::{Metric, StepSums};
+use crate::sync::{Collective, all_gather};
+
+/// The log-probabilities of each completion token of `batch` (`[rows, completion_len]`) at
+/// `temperature`, and with `entropy` their entropies.
+pub(crate) fn rollout_logps<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    hidden: HiddenFn<B>,
+    batch: &RolloutBatch,
+    scoring: Scoring,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+    let shape = [batch.rows, batch.completion_len];
+    let (positions, targets) = batch.positions();
+    let ids = int_matrix(&batch.input_ids, [batch.rows, batch.seq_len], device);
+    // Right padding under a causal mask: real tokens never see the padding after them.
+    let out = scored_token_logps_at(model, hidden, ids, Default::default(), positions, targets, scoring, device);
+    (out.logps.reshape(shape), out.entropy.map(|e| e.reshape(shape)))
+}
+
+fn matrix<B: Backend>(values: &[f32], shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
+}
+
+/// The loss of one rollout micro-batch (its share before the step's division, see
+/// `temper_trl::GrpoOutput::loss`); adds TRL's `kl`, `entropy` and `clip_ratio/*` to `sums`
+/// (averaged over micro-batches at logging).
+pub(crate) fn grpo_step_loss<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    hidden: HiddenFn<B>,
+    batch: &RolloutBatch,
+    params: &GrpoParams,
+    temperature: f64,
+    device: &B::Device,
+    sums: &mut StepSums,
+) -> Tensor<B, 1> {
+    let shape = [batch.rows, batch.completion_len];
+    let scoring = Scoring {
+        temperature,
+        entropy: true,
+    };
+    let (logps, entropy) = rollout_logps(model, hidden, batch, scoring, device);
+    let old = batch.old_logps.as_ref().map(|v| matrix(v, shape, device));
+    let reference = batch.ref_logps.as_ref().map(|v| matrix(v, shape, device));
+    let advantages = Tensor::from_data(TensorData::new(batch.advantages.clone(), [batch.rows]), device);
+    let mask = matrix(&batch.mask, shape, device);
+    let out = grpo_loss(logps, old, reference, advantages, mask, entropy, params);
+    if let Some(kl) = out.kl {
+        sums.add(Metric::Kl, kl);
+    }
+    if let Some(e) = out.entropy {
+        sums.add(Metric::Entropy, e);
+    }
+    sums.add(Metric::ClipLowMean, out.clip_low);
+    sums.add(Metric::ClipHighMean, out.clip_high);
+    sums.add(Metric::ClipRegionMean, out.clip_region);
+    // TRL's nanmean at logging leaves out micro-batches without a counted token.
+    if !out.clip_low_min.is_nan() {
+        sums.add(Metric::ClipLowMin, out.clip_low_min);
+        sums.add(Metric::ClipHighMax, out.clip_high_max);
+    }
+    sums.add(Metric::MicroBatches, 1.0);
+    out.loss
+}
+
+/// A round's completions with their rewards, as `completions.jsonl` shows them.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Sample {
+    pub step: u64,
+    pub prompt: Value,
+    pub completion: String,
+    pub rewards: Map<String, Value>,
+    pub reward: f32,
+    pub advantage: f32,
+}
+
+/// What a checkpoint keeps of a round that has steps left (`num_iterations` > 1), so a resumed
+/// run continues it rather than generating from a policy that has moved on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SavedRound {
+    pub uses_left: usize,
+    pub batches: Vec<RolloutBatch>,
+}
+
+pub(crate) const ROUND_FILE: &str = "grpo_round.json";
+
+/// GRPO's state across steps: the reward functions (a command stays alive between rounds),
+/// and the round being used.
+pub(crate) struct Grpo {
+    section: GrpoSection,
+    params: GrpoParams,
+    scorers: Vec<Scorer>,
+    /// Each function's `rewards/<name>/mean` and `/std` (named once per run).
+    metric_names: Vec<(&'static str, &'static str)>,
+    weights: Vec<f32>,
+    eos: Vec<u32>,
+    pad: u32,
+    context: usize,
+    seed: u64,
+    micro_batch_size: usize,
+    tokenizer: Arc<Tokenizer>,
+    /// The current round's micro-batches and the steps it still serves.
+    pub round: Option<SavedRound>,
+}
+
+impl Grpo {
+    /// Starts the reward functions (a command's program is spawned here, so a wrong path fails
+    /// before the first step).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        section: &GrpoSection,
+        tokenizer: Arc<Tokenizer>,
+        eos: Vec<u32>,
+        pad: u32,
+        context: usize,
+        seed: u64,
+        micro_batch_size: usize,
+    ) -> Result<Self> {
+        let scorers = section
+            .rewards
+            .iter()
+            .map(Scorer::new)
+            .collect::<Result<Vec<_>>>()?;
+        let metric_names = section
+            .rewards
+            .iter()
+            .map(|r| {
+                let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+                (
+                    leak(format!("rewards/{}/mean", r.name())),
+                    leak(format!("rewards/{}/std", r.name())),
+                )
+            })
+            .collect();
+        let weights = match &section.reward_weights {
+            Some(w) => w.iter().map(|&w| w as f32).collect(),
+            None => vec![1.0; section.rewards.len()],
+        };
+        Ok(Self {
+            params: section.params(),
+            section: section.clone(),
+            scorers,
+            metric_names,
+            weights,
+            eos,
+            pad,
+            context,
+            seed,
+            micro_batch_size,
+            tokenizer,
+            round: None,
+        })
+    }
+
+    /// Takes a use of the current round: its micro-batches, when it has steps left.
+    pub(crate) fn reuse(&mut self) -> Option<Vec<Batch>> {
+        let round = self.round.as_mut().filter(|r| r.uses_left > 0)?;
+        round.uses_left -= 1;
+        Some(round.batches.iter().cloned().map(Batch::Rollout).collect())
+    }
+
+    /// A new round from `prompts` at optimizer step `step` (1-based): generation with
+    /// `policy` (no autodiff, no dropout), rewards, advantages (over every worker's
+    /// completions with batch scaling), the micro-batches with the log-probabilities the loss
+    /// needs (`old` from `policy` when the round serves several steps; `reference` with a KL
+    /// term). Returns the micro-batches (this use included), the round's metrics and its
+    /// samples.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new_round<B: Backend>(
+        &mut self,
+        policy: &LlamaForCausalLM<B>,
+        reference: Option<&LlamaForCausalLM<B>>,
+        prompts: &PromptBatch,
+        step: u64,
+        collective: Option<&dyn Collective>,
+        device: &B::Device,
+    ) -> Result<(Vec<Batch>, Vec<(&'static str, f64)>, Vec<Sample>)> {
+        let g = self.section.num_generations;
+        let rank = collective.map_or(0, |c| c.rank());
+        let rows: Vec<(usize, &[u32])> = prompts
+            .prompts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| std::iter::repeat_n((i, p.prompt_ids.as_slice()), g))
+            .collect();
+        let n = rows.len();
+        // Each completion's own seed: the same samples whatever the batching, and again after
+        // a resume.
+        let seeds: Vec<u64> = (0..n as u64)
+            .map(|i| mix(self.seed, step, rank as u64, i))
+            .collect();
+        let sampling = Sampling {
+            max_new_tokens: self.section.max_completion_length,
+            temperature: self.section.temperature as f32,
+            top_p: self.section.top_p as f32,
+            top_k: self.section.top_k,
+            seed: 0,
+            max_length: Some(self.context),
+        };
+        let started = Instant::now();
+        let ids: Vec<&[u32]> = rows.iter().map(|(_, p)| *p).collect();
+        let completions = temper_models::generate::generate_batch(policy, &ids, &self.eos, &sampling, &seeds, device)?;
+        let generation_seconds = started.elapsed().as_secs_f64();
+        let generated: usize = completions.iter().map(Vec::len).sum();
+        let truncated: Vec<bool> = completions
+            .iter()
+            .map(|c| c.last().is_none_or(|t| !self.eos.contains(t) && *t != self.pad))
+            .collect();
+        let texts = completions
+            .iter()
+            .map(|c| self.tokenizer.decode(c, true))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+
+        // Rewards, [n, functions].
+        let f = self.scorers.len();
+        let mut per_func = vec![0.0f32; n * f];
+        for (j, scorer) in self.scorers.iter_mut().enumerate() {
+            let items: Vec<Item> = rows
+                .iter()
+                .zip(&texts)
+                .zip(&completions)
+                .map(|(((p, _), text), ids)| Item {
+                    prompt: &prompts.prompts[*p].prompt,
+                    completion: text,
+                    tokens: ids.len(),
+                    columns: &prompts.prompts[*p].columns,
+                })
+                .collect();
+            let values = scorer.score(&items).map_err(|message| Error::Reward {
+                name: self.section.rewards[j].name().to_string(),
+                message,
+            })?;
+            for (i, v) in values.into_iter().enumerate() {
+                per_func[i * f + j] = v;
+            }
+        }
+
+        // What TRL gathers over the processes: rewards, lengths, truncation.
+        let mut local = per_func.clone();
+        local.extend(completions.iter().map(|c| c.len() as f32));
+        local.extend(truncated.iter().map(|&t| t as u8 as f32));
+        let gathered: Vec<f32> = match collective {
+            Some(c) if c.world_size() > 1 => all_gather(c, &local)?.concat(),
+            _ => local,
+        };
+        let chunk = n * f + 2 * n;
+        let (mut all_funcs, mut lengths, mut clipped) = (Vec::new(), Vec::new(), Vec::new());
+        for w in gathered.chunks(chunk) {
+            all_funcs.extend_from_slice(&w[..n * f]);
+            lengths.extend_from_slice(&w[n * f..n * f + n]);
+            clipped.extend(w[n * f + n..].iter().map(|&t| t > 0.0));
+        }
+        let all_rewards = weighted_rewards(&all_funcs, &self.weights);
+        let adv = group_advantages(&all_rewards, g, self.section.scale_rewards);
+        let mine = rank * n..(rank + 1) * n;
+        let advantages = &adv.advantages[mine.clone()];
+        let rewards = &all_rewards[mine];
+
+        let mut metrics = vec![
+            ("reward", adv.reward),
+            ("reward_std", adv.reward_std),
+            ("frac_reward_zero_std", adv.frac_reward_zero_std),
+        ];
+        for (j, (mean_name, std_name)) in self.metric_names.iter().enumerate() {
+            let column: Vec<f32> = all_funcs.chunks(f).map(|r| r[j]).collect();
+            metrics.push((mean_name, temper_trl::grpo::nanmean(&column) as f64));
+            metrics.push((std_name, temper_trl::grpo::nanstd(&column) as f64));
+        }
+        metrics.extend(length_metrics(&lengths, &clipped));
+        metrics.push(("completions/tokens_per_second", generated as f64 / generation_seconds.max(1e-9)));
+
+        let samples = rows
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _))| Sample {
+                step,
+                prompt: prompts.prompts[*p].prompt.clone(),
+                completion: texts[i].clone(),
+                rewards: self
+                    .section
+                    .rewards
+                    .iter()
+                    .enumerate()
+                    .map(|(j, r)| (r.name().to_string(), json!(finite_or_null(per_func[i * f + j]))))
+                    .collect(),
+                reward: rewards[i],
+                advantage: advantages[i],
+            })
+            .collect();
+
+        // The round shuffled once, then cut into micro-batches (TRL's shuffle_sequence_dict
+        // and split_tensor_dict).
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(mix(self.seed, step, rank as u64, u64::MAX)));
+        let counts = |i: usize| !(self.section.mask_truncated_completions && truncated[i]);
+        let mut batches = Vec::new();
+        for part in order.chunks(self.micro_batch_size) {
+            let prompts_of: Vec<&[u32]> = part.iter().map(|&i| rows[i].1).collect();
+            let completions_of: Vec<&[u32]> = part.iter().map(|&i| completions[i].as_slice()).collect();
+            let counted: Vec<bool> = part.iter().map(|&i| counts(i)).collect();
+            let mut b = RolloutBatch::collate(&prompts_of, &completions_of, &counted, self.pad);
+            b.advantages = part.iter().map(|&i| advantages[i]).collect();
+            b.loss_weight = temper_trl::grpo::loss_weight(self.params.loss_type, b.rows, b.counted_tokens());
+            let scoring = Scoring {
+                temperature: self.section.temperature,
+                entropy: false,
+            };
+            let values = |m: &LlamaForCausalLM<B>, b: &RolloutBatch| -> Vec<f32> {
+                let (logps, _) = rollout_logps(m, &plain, b, scoring, device);
+                logps.into_data().convert::<f32>().to_vec().expect("f32 log-probabilities")
+            };
+            if self.section.num_iterations > 1 {
+                b.old_logps = Some(values(policy, &b));
+            }
+            if let Some(r) = reference {
+                b.ref_logps = Some(values(r, &b));
+            }
+            batches.push(b);
+        }
+        self.round = Some(SavedRound {
+            uses_left: self.section.num_iterations - 1,
+            batches: batches.clone(),
+        });
+        Ok((batches.into_iter().map(Batch::Rollout).collect(), metrics, samples))
+    }
+}
+
+fn finite_or_null(v: f32) -> Option<f32> {
+    v.is_finite().then_some(v)
+}
+
+/// TRL's `completions/*` metrics over every worker's completions: lengths (EOS included), the
+/// share cut at `max_completion_length`, and the lengths of those that ended.
+fn length_metrics(lengths: &[f32], clipped: &[bool]) -> Vec<(&'static str, f64)> {
+    let stats = |xs: &[f32]| -> (f64, f64, f64) {
+        if xs.is_empty() {
+            return (0.0, 0.0, 0.0);
+        }
+        let mean = xs.iter().map(|&x| x as f64).sum::<f64>() / xs.len() as f64;
+        let min = xs.iter().copied().fold(f32::INFINITY, f32::min) as f64;
+        let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        (mean, min, max)
+    };
+    let (mean, min, max) = stats(lengths);
+    let ended: Vec<f32> = lengths
+        .iter()
+        .zip(clipped)
+        .filter(|(_, c)| !**c)
+        .map(|(&l, _)| l)
+        .collect();
+    let (t_mean, t_min, t_max) = stats(&ended);
+    vec![
+        ("completions/mean_length", mean),
+        ("completions/min_length", min),
+        ("completions/max_length", max),
+        (
+            "completions/clipped_ratio",
+            clipped.iter().filter(|&&c| c).count() as f64 / clipped.len().max(1) as f64,
+        ),
+        ("completions/mean_terminated_length", t_mean),
+        ("completions/min_terminated_length", t_min),
+        ("completions/max_terminated_length", t_max),
+    ]
+}
+
+/// A seed from a run's seed and a completion's coordinates (SplitMix64's finaliser).
+fn mix(seed: u64, step: u64, rank: u64, i: u64) -> u64 {
+    let mut z = seed
+        ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ rank.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        ^ i.wrapping_mul(0x1656_67B1_9E37_79F9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// One completion as a reward function sees it.
+struct Item<'a> {
+    prompt: &'a Value,
+    completion: &'a str,
+    tokens: usize,
+    columns: &'a Map<String, Value>,
+}
+
+/// A reward function, ready to score.
+enum Scorer {
+    Accuracy { column: String },
+    Format { pattern: Regex },
+    Length { target: usize, penalty: f32 },
+    Command(Box<CommandReward>),
+}
+
+impl Scorer {
+    fn new(f: &RewardFunction) -> Result<Self> {
+        Ok(match f {
+            RewardFunction::Accuracy { column, .. } => Scorer::Accuracy { column: column.clone() },
+            RewardFunction::Format { pattern, .. } => Scorer::Format {
+                pattern: Regex::new(pattern).expect("validated with the config"),
+            },
+            RewardFunction::Length { target, penalty, .. } => Scorer::Length {
+                target: *target,
+                penalty: *penalty as f32,
+            },
+            RewardFunction::Command { command, timeout_s, .. } => Scorer::Command(Box::new(
+                CommandReward::start(command, Duration::from_secs(*timeout_s)).map_err(|message| Error::Reward {
+                    name: f.name().to_string(),
+                    message,
+                })?,
+            )),
+        })
+    }
+
+    /// One value per item; an error says which row and why.
+    fn score(&mut self, items: &[Item]) -> std::result::Result<Vec<f32>, String> {
+        match self {
+            Scorer::Accuracy { column } => items
+                .iter()
+                .enumerate()
+                .map(|(row, item)| {
+                    let reference = match item.columns.get(column.as_str()) {
+                        Some(Value::String(s)) => s.clone(),
+                        Some(Value::Number(x)) => x.to_string(),
+                        Some(other) => {
+                            return Err(format!(
+                                "completion {row}: column `{column}` holds {other}, not an answer (a string or a number)"
+                            ));
+                        }
+                        None => {
+                            let mut names: Vec<&str> = item.columns.keys().map(String::as_str).collect();
+                            names.sort_unstable();
+                            return Err(format!(
+                                "completion {row}: the row has no column `{column}` (its columns: {}); set the \
+                                 reward's `column`",
+                                names.join(", ")
+                            ));
+                        }
+                    };
+                    Ok(temper_trl::rewards::accuracy(item.completion, &reference))
+                })
+                .collect(),
+            Scorer::Format { pattern } => Ok(items
+                .iter()
+                .map(|i| temper_trl::rewards::format(i.completion, pattern))
+                .collect()),
+            Scorer::Length { target, penalty } => Ok(items
+                .iter()
+                .map(|i| temper_trl::rewards::length(i.tokens, *target, *penalty))
+                .collect()),
+            Scorer::Command(c) => c.score(items),
+        }
+    }
+}
+
+/// A reward program kept alive for the run: JSON lines in, one number per line out.
+struct CommandReward {
+    shown: String,
+    timeout: Duration,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<std::io::Result<String>>,
+    /// The end of what the program wrote to its standard error, for the error message.
+    stderr: Arc<Mutex<String>>,
+}
+
+impl CommandReward {
+    fn start(argv: &[String], timeout: Duration) -> std::result::Result<Self, String> {
+        let shown = argv.join(" ");
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start `{shown}`: {e}"))?;
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, lines) = channel();
+        std::thread::Builder::new()
+            .name("temper-reward-out".into())
+            .spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    if tx.send(line).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start a thread: {e}"))?;
+        let tail = Arc::new(Mutex::new(String::new()));
+        let keep = tail.clone();
+        std::thread::Builder::new()
+            .name("temper-reward-err".into())
+            .spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(std::result::Result::ok) {
+                    let mut t = keep.lock().expect("not poisoned");
+                    t.push_str(&line);
+                    t.push('\n');
+                    if t.len() > 2000 {
+                        let cut = t.len() - 2000;
+                        let cut = (cut..t.len()).find(|&i| t.is_char_boundary(i)).unwrap_or(cut);
+                        t.drain(..cut);
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start a thread: {e}"))?;
+        Ok(Self {
+            shown,
+            timeout,
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            stderr: tail,
+        })
+    }
+
+    /// Why the program stopped answering: its exit status and the end of its standard error.
+    fn gone(&mut self, row: usize) -> String {
+        // The stderr thread may still be reading the program's last words.
+        std::thread::sleep(Duration::from_millis(100));
+        let status = match self.child.try_wait() {
+            Ok(Some(s)) => format!("it exited ({s})"),
+            _ => "it closed its output".to_string(),
+        };
+        let err = self.stderr.lock().expect("not poisoned").trim().to_string();
+        format!(
+            "`{}` gave no answer for completion {row}: {status}{}",
+            self.shown,
+            if err.is_empty() {
+                String::new()
+            } else {
+                format!("; its standard error ends with:\n{err}")
+            }
+        )
+    }
+
+    fn score(&mut self, items: &[Item]) -> std::result::Result<Vec<f32>, String> {
+        let mut input = String::new();
+        for item in items {
+            let mut line = item.columns.clone();
+            line.insert("prompt".into(), item.prompt.clone());
+            line.insert("completion".into(), Value::String(item.completion.to_string()));
+            input.push_str(&Value::Object(line).to_string());
+            input.push('\n');
+        }
+        let written = match self.stdin.as_mut() {
+            Some(stdin) => stdin.write_all(input.as_bytes()).and_then(|_| stdin.flush()),
+            None => Err(std::io::ErrorKind::BrokenPipe.into()),
+        };
+        if written.is_err() {
+            return Err(self.gone(0));
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for row in 0..items.len() {
+            let line = match self.lines.recv_timeout(self.timeout) {
+                Ok(Ok(line)) => line,
+                Ok(Err(e)) => return Err(format!("`{}`: reading its output: {e}", self.shown)),
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    return Err(format!(
+                        "`{}` gave no answer for completion {row} within {} s (timeout_s); it was stopped",
+                        self.shown,
+                        self.timeout.as_secs()
+                    ));
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(self.gone(row)),
+            };
+            let text = line.trim();
+            let value = match text {
+                // A function with nothing to say about this completion (TRL's `None`).
+                "null" | "None" | "nan" | "NaN" => f32::NAN,
+                _ => match text.parse::<f32>() {
+                    Ok(v) if v.is_finite() => v,
+                    _ => {
+                        return Err(format!(
+                            "`{}` answered {text:?} for completion {row}: expected one number per line (or `null`)",
+                            self.shown
+                        ));
+                    }
+                },
+            };
+            out.push(value);
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for CommandReward {
+    fn drop(&mut self) {
+        // Closing its input lets a well-behaved program end; then it is stopped regardless.
+        self.stdin.take();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item<'a>(prompt: &'a Value, completion: &'a str, columns: &'a Map<String, Value>) -> Item<'a> {
+        Item {
+            prompt,
+            completion,
+            tokens: 3,
+            columns,
+        }
+    }
+
+    #[test]
+    fn a_command_scores_json_lines_and_its_failures_are_errors() {
+        let prompt = json!("What is 2 + 2?");
+        let mut columns = Map::new();
+        columns.insert("answer".into(), json!("4"));
+        let items = [item(&prompt, "#### 4", &columns), item(&prompt, "#### 5", &columns)];
+        let sh = |script: &str| vec!["sh".to_string(), "-c".to_string(), script.to_string()];
+        // Echoes 1 for a line containing the answer 4, else 0; kept alive across calls.
+        let mut good = CommandReward::start(
+            &sh(r#"while read -r line; do case "$line" in *'#### 4'*) echo 1;; *) echo 0.5;; esac; done"#),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(good.score(&items).unwrap(), [1.0, 0.5]);
+        assert_eq!(good.score(&items).unwrap(), [1.0, 0.5]);
+
+        let garbage = CommandReward::start(&sh("while read -r l; do echo yes; done"), Duration::from_secs(10))
+            .unwrap()
+            .score(&items)
+            .unwrap_err();
+        assert!(garbage.contains("answered \"yes\" for completion 0"), "{garbage}");
+
+        let exits = CommandReward::start(&sh("read -r l; echo oops >&2; exit 3"), Duration::from_secs(10))
+            .unwrap()
+            .score(&items)
+            .unwrap_err();
+        assert!(exits.contains("gave no answer for completion 0"), "{exits}");
+        assert!(exits.contains("oops"), "{exits}");
+
+        let hangs = CommandReward::start(&sh("sleep 30"), Duration::from_secs(1))
+            .unwrap()
+            .score(&items)
+            .unwrap_err();
+        assert!(hangs.contains("within 1 s"), "{hangs}");
+
+        let missing = CommandReward::start(&["/no/such/program".to_string()], Duration::from_secs(1)).err();
+        assert!(missing.unwrap().contains("cannot start `/no/such/program`"));
+    }
+
+    #[test]
+    fn accuracy_reads_its_column_and_names_a_missing_one() {
+        let prompt = json!("q");
+        let mut columns = Map::new();
+        columns.insert("answer".into(), json!(4));
+        let mut acc = Scorer::Accuracy { column: "answer".into() };
+        assert_eq!(
+            acc.score(&[item(&prompt, "so #### 4", &columns), item(&prompt, "5", &columns)])
+                .unwrap(),
+            [1.0, 0.0]
+        );
+        let mut other = Scorer::Accuracy { column: "solution".into() };
+        let e = other.score(&[item(&prompt, "4", &columns)]).unwrap_err();
+        assert!(e.contains("no column `solution` (its columns: answer)"), "{e}");
+    }
+
+    #[test]
+    fn lengths_count_ended_completions_apart() {
+        let m = length_metrics(&[2.0, 4.0, 6.0], &[false, true, false]);
+        let get = |k: &str| m.iter().find(|(n, _)| *n == k).unwrap().1;
+        assert_eq!(get("completions/mean_length"), 4.0);
+        assert!((get("completions/clipped_ratio") - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(get("completions/mean_terminated_length"), 4.0);
+        assert_eq!(get("completions/max_terminated_length"), 6.0);
+    }
+}
