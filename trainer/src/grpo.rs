@@ -91,6 +91,36 @@ pub(crate) fn grpo_step_loss<B: Backend>(
     out.loss
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Completions and rewards a test gives instead of sampling and scoring (as TRL's
+    /// `rollout_func` does in its fixture).
+    pub(crate) static REPLAY: std::cell::RefCell<Option<Replay>> = const { std::cell::RefCell::new(None) };
+}
+
+/// For each prompt (its ids), its completions in order with their rewards per function.
+#[cfg(test)]
+pub(crate) struct Replay {
+    pub by_prompt: std::collections::HashMap<Vec<u32>, Vec<(Vec<u32>, Vec<f32>)>>,
+}
+
+#[cfg(test)]
+impl Replay {
+    /// The `k`-th copy of a prompt in the round gets its `k`-th completion.
+    fn answer(&self, prompts: &[&[u32]]) -> (Vec<Vec<u32>>, Vec<f32>) {
+        let mut seen: std::collections::HashMap<&[u32], usize> = std::collections::HashMap::new();
+        let (mut completions, mut rewards) = (Vec::new(), Vec::new());
+        for p in prompts {
+            let k = seen.entry(p).or_default();
+            let (ids, r) = &self.by_prompt[*p][*k];
+            *k += 1;
+            completions.push(ids.clone());
+            rewards.extend_from_slice(r);
+        }
+        (completions, rewards)
+    }
+}
+
 /// A round's completions with their rewards, as `completions.jsonl` shows them.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Sample {
@@ -227,7 +257,17 @@ impl Grpo {
         };
         let started = Instant::now();
         let ids: Vec<&[u32]> = rows.iter().map(|(_, p)| *p).collect();
-        let completions = temper_models::generate::generate_batch(policy, &ids, &self.eos, &sampling, &seeds, device)?;
+        #[cfg(test)]
+        let replayed = REPLAY.with(|r| r.borrow().as_ref().map(|r| r.answer(&ids)));
+        #[cfg(not(test))]
+        let replayed: Option<(Vec<Vec<u32>>, Vec<f32>)> = None;
+        let (completions, given) = match replayed {
+            Some((completions, rewards)) => (completions, Some(rewards)),
+            None => (
+                temper_models::generate::generate_batch(policy, &ids, &self.eos, &sampling, &seeds, device)?,
+                None,
+            ),
+        };
         let generation_seconds = started.elapsed().as_secs_f64();
         let generated: usize = completions.iter().map(Vec::len).sum();
         let truncated: Vec<bool> = completions
@@ -242,7 +282,7 @@ impl Grpo {
         // Rewards, [n, functions].
         let f = self.scorers.len();
         let mut per_func = vec![0.0f32; n * f];
-        for (j, scorer) in self.scorers.iter_mut().enumerate() {
+        for (j, scorer) in self.scorers.iter_mut().enumerate().filter(|_| given.is_none()) {
             let items: Vec<Item> = rows
                 .iter()
                 .zip(&texts)
@@ -263,6 +303,9 @@ impl Grpo {
             }
         }
 
+        if let Some(given) = given {
+            per_func = given;
+        }
         // What TRL gathers over the processes: rewards, lengths, truncation.
         let mut local = per_func.clone();
         local.extend(completions.iter().map(|c| c.len() as f32));
@@ -686,6 +729,96 @@ mod tests {
         let mut other = Scorer::Accuracy { column: "solution".into() };
         let e = other.score(&[item(&prompt, "4", &columns)]).unwrap_err();
         assert!(e.contains("no column `solution` (its columns: answer)"), "{e}");
+    }
+
+    /// Two steps of each case equal TRL 1.16's `GRPOTrainer` given the same completions and
+    /// rewards (`make_grpo_fixtures.py`, through TRL's `rollout_func`): losses, grad norms and
+    /// every metric it logs, for each loss type, group / batch / no scaling, a KL term against
+    /// the base, rounds reused (`num_iterations` 2) with clipped and capped ratios, token- and
+    /// sequence-level ratios, and truncated completions masked.
+    #[test]
+    fn grpo_matches_trl() {
+        use burn::backend::{Autodiff, NdArray};
+
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/train");
+        let exp: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixtures.join("grpo_expected.json")).unwrap()).unwrap();
+        let tmp = std::env::temp_dir().join(format!("temper-grpo-parity-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let data = tmp.join("prompts.jsonl");
+        let prompts: Vec<String> = exp["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| json!({ "prompt": p }).to_string() + "\n")
+            .collect();
+        std::fs::write(&data, prompts.concat()).unwrap();
+        let ids = |v: &Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+        let mut by_prompt = std::collections::HashMap::new();
+        for p in exp["prompts"].as_array().unwrap() {
+            let p = p.as_str().unwrap();
+            let rows = exp["completions"][p]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(exp["rewards"][p].as_array().unwrap())
+                .map(|(c, r)| {
+                    let r = r.as_array().unwrap().iter().map(|x| x.as_f64().map_or(f32::NAN, |x| x as f32));
+                    (ids(c), r.collect())
+                })
+                .collect::<Vec<_>>();
+            by_prompt.insert(ids(&exp["prompt_ids"][p]), rows);
+        }
+        REPLAY.with(|r| *r.borrow_mut() = Some(Replay { by_prompt }));
+        for (case, spec) in exp["cases"].as_object().unwrap() {
+            let out = tmp.join(case);
+            let mut section: Map<String, Value> = spec["config"].as_object().unwrap().clone();
+            section.insert("num_generations".into(), json!(4));
+            section.insert("max_completion_length".into(), json!(5));
+            section.insert("temperature".into(), json!(0.7));
+            // Stand-ins: the replay gives the rewards.
+            section.insert(
+                "rewards".into(),
+                json!([{"type": "length", "target": 0, "name": "first"}, {"type": "length", "target": 0, "name": "second"}]),
+            );
+            let yaml = format!(
+                "model:\n  path: {tiny}\nadapter:\n  type: lora\n  path: {init}\ndata:\n  path: {data}\n  shuffle: false\n  max_length: null\n\
+                 training:\n  objective: grpo\n  grpo: {section}\n  max_steps: 2\n  micro_batch_size: 8\n  \
+                 learning_rate: 1.0e-2\n  lr_scheduler: constant\n  precision: f32\n  logging_steps: 1\n\
+                 output_dir: {out}\n",
+                tiny = fixtures.join("tiny").display(),
+                init = fixtures.join("init_adapter").display(),
+                data = data.display(),
+                section = Value::Object(section),
+                out = out.display(),
+            );
+            let file = tmp.join(format!("{case}.yaml"));
+            std::fs::write(&file, yaml).unwrap();
+            let job = crate::job::Job::load(&file, &[]).unwrap();
+            crate::train::train::<Autodiff<NdArray>>(
+                &job,
+                &Default::default(),
+                burn::tensor::DType::F32,
+                Default::default(),
+            )
+            .unwrap();
+            let rows: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            let want = spec["steps"].as_array().unwrap();
+            assert_eq!(rows.len(), want.len(), "{case}");
+            for (step, (row, want)) in rows.iter().zip(want).enumerate() {
+                for (key, b) in want.as_object().unwrap() {
+                    let (a, b) = (row[key].as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap());
+                    let tol = 1e-4 * b.abs().max(1e-2);
+                    assert!((a - b).abs() <= tol, "{case} step {}: {key} {a} vs TRL {b}", step + 1);
+                }
+            }
+        }
+        REPLAY.with(|r| *r.borrow_mut() = None);
+        let _ = std::fs::remove_dir_all(&tmp);
     }
 
     #[test]

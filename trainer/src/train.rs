@@ -794,7 +794,7 @@ fn check_kto_balance(job: &Job, tokenizer: &Arc<Tokenizer>, options: LoaderOptio
 /// The objective can train on `data` (the section named `which`).
 fn check_objective_fits_data(objective: &ObjectiveSpec, data: &Pipeline, which: &str) -> Result<()> {
     let wrong = |message: &str| Err(Error::config("training.objective", format!("{which}: {message}")));
-    match (matches!(objective, ObjectiveSpec::Grpo(_)), data.prompts) {
+    match (objective.is_online(), data.prompts) {
         (true, true) => return Ok(()),
         (false, true) => {
             return wrong(
