@@ -44,6 +44,7 @@ fn options(batch_size: usize) -> LoaderOptions {
         epochs: Some(1),
         unpaired: None,
         drop_long_pairs: false,
+        prompts: false,
     }
 }
 

@@ -460,7 +460,7 @@ proptest! {
             "path": path, "max_length": 16, "skip_bad_rows": skip, "shuffle": false,
         }))
         .unwrap();
-        let options = temper_data::LoaderOptions { batch_size: 2, seed: 0, rank: 0, world_size: 1, epochs: Some(2), unpaired: None, drop_long_pairs: false };
+        let options = temper_data::LoaderOptions { batch_size: 2, seed: 0, rank: 0, world_size: 1, epochs: Some(2), unpaired: None, drop_long_pairs: false, prompts: false };
         if let Ok(pipeline) = temper_data::Pipeline::new(&config, std::sync::Arc::new(tokenizer), options) {
             let pipeline = std::sync::Arc::new(pipeline);
             let (tx, rx) = mpsc::channel();

@@ -68,6 +68,19 @@ fn check_parity_of(name: &str, model: &temper_models::LlamaForCausalLM<B>) {
         let got = temper_models::generate(model, &prompt, &[], &sampling, &device).unwrap();
         let got: Vec<i64> = got.iter().map(|&i| i as i64).collect();
         assert_eq!(got, want, "{name}: greedy ids");
+
+        // Batched (GRPO's generation): prompts of different lengths (left-padded caches), one
+        // prompt twice (read once), a row that stops at its EOS while the others go on: each
+        // row as it is alone.
+        let short = &prompt[..prompt.len() / 2];
+        let alone = |p: &[u32], eos: &[u32]| temper_models::generate(model, p, eos, &sampling, &device).unwrap();
+        let eos = [alone(short, &[])[0]];
+        let prompts: Vec<&[u32]> = vec![&prompt, short, &prompt];
+        let batch = temper_models::generate_batch(model, &prompts, &eos, &sampling, &[1, 2, 3], &device).unwrap();
+        for (i, (p, got)) in prompts.iter().zip(&batch).enumerate() {
+            assert_eq!(got, &alone(p, &eos), "{name}: batched row {i}");
+        }
+        assert_eq!(batch[1].len(), 1, "{name}: the short prompt's row stops at its EOS");
     }
 }
 

@@ -177,7 +177,8 @@ impl Grpo {
         let scorers = section
             .rewards
             .iter()
-            .map(Scorer::new)
+            .enumerate()
+            .map(|(i, r)| Scorer::new(r, i))
             .collect::<Result<Vec<_>>>()?;
         let metric_names = section
             .rewards
@@ -295,7 +296,7 @@ impl Grpo {
                 })
                 .collect();
             let values = scorer.score(&items).map_err(|message| Error::Reward {
-                name: self.section.rewards[j].name().to_string(),
+                name: reward_name(&self.section.rewards[j], j),
                 message,
             })?;
             for (i, v) in values.into_iter().enumerate() {
@@ -396,6 +397,11 @@ impl Grpo {
     }
 }
 
+/// A reward function as errors name it: its name and its place in the config.
+fn reward_name(f: &RewardFunction, index: usize) -> String {
+    format!("{}` (training.grpo.rewards[{index}]", f.name())
+}
+
 fn finite_or_null(v: f32) -> Option<f32> {
     v.is_finite().then_some(v)
 }
@@ -462,7 +468,7 @@ enum Scorer {
 }
 
 impl Scorer {
-    fn new(f: &RewardFunction) -> Result<Self> {
+    fn new(f: &RewardFunction, index: usize) -> Result<Self> {
         Ok(match f {
             RewardFunction::Accuracy { column, .. } => Scorer::Accuracy { column: column.clone() },
             RewardFunction::Format { pattern, .. } => Scorer::Format {
@@ -474,7 +480,7 @@ impl Scorer {
             },
             RewardFunction::Command { command, timeout_s, .. } => Scorer::Command(Box::new(
                 CommandReward::start(command, Duration::from_secs(*timeout_s)).map_err(|message| Error::Reward {
-                    name: f.name().to_string(),
+                    name: reward_name(f, index),
                     message,
                 })?,
             )),
