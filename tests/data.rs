@@ -202,6 +202,8 @@ fn first_ids(batch: &Batch) -> Vec<Vec<u32>> {
         Batch::Sft(b) => b.input_ids.chunks(b.seq_len).map(|r| r.to_vec()).collect(),
         Batch::Preference(b) => b.input_ids.chunks(b.seq_len).map(|r| r.to_vec()).collect(),
         Batch::Unpaired(b) => b.input_ids.chunks(b.seq_len).map(|r| r.to_vec()).collect(),
+        Batch::Rollout(b) => b.input_ids.chunks(b.seq_len).map(|r| r.to_vec()).collect(),
+        Batch::Prompts(b) => b.prompts.iter().map(|p| p.prompt_ids.clone()).collect(),
     }
 }
 
@@ -461,4 +463,47 @@ fn formats_and_splits_are_detected() {
     );
     assert_eq!(pairs.input_ids, vec![1, 2, 3, 4, 1, 2, 3, 6]);
     let _ = (IGNORE_INDEX, Path::new("."));
+}
+
+/// GRPO's prompts: a prompt-only dataset, or any with a `prompt` (the rest are columns for the
+/// rewards), in whole batches; a conversational prompt ends with the generation prompt.
+#[test]
+fn prompts_for_grpo() {
+    let tok = tokenizer();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data");
+    let opts = LoaderOptions {
+        prompts: true,
+        ..options(8)
+    };
+    let cfg = |file: &str| {
+        let mut c = config(serde_json::json!({"path": examples.join(file)}));
+        c.shuffle = false;
+        c
+    };
+    let batches = run(&cfg("arith_prompts_test.jsonl"), &tok, opts, Cursor::default());
+    // 50 prompts: six whole batches of 8, the last 2 dropped (as TRL's sampler drops them).
+    assert_eq!(batches.len(), 6);
+    let Batch::Prompts(first) = &batches[0].0 else {
+        panic!("prompt batches")
+    };
+    assert_eq!(first.prompts.len(), 8);
+    let p = &first.prompts[0];
+    assert_eq!(p.columns["answer"], "83");
+    assert_eq!(p.prompt[0]["content"], "Compute 28 plus 55.");
+    let text = tok.decode(&p.prompt_ids, false).unwrap();
+    assert!(text.ends_with("<|im_start|>assistant\n"), "{text:?}");
+    assert!(text.contains("Compute 28 plus 55."), "{text:?}");
+
+    // Pairs read as prompts: the chosen and rejected answers are columns like any other.
+    let pipeline = Pipeline::new(&cfg("arith_pref_test.jsonl"), tok.clone(), opts).unwrap();
+    assert!(pipeline.prompts && !pipeline.preference);
+    let Encoded::Prompt(p) = &pipeline.preview(1).unwrap()[0].1 else {
+        panic!("a prompt")
+    };
+    let mut columns: Vec<&str> = p.columns.keys().map(String::as_str).collect();
+    columns.sort_unstable();
+    assert_eq!(columns, ["chosen", "rejected"]);
+    // Without GRPO, a prompt-only dataset is detected as such (and refused by the trainer).
+    let plain = Pipeline::new(&cfg("arith_prompts_test.jsonl"), tok, options(8)).unwrap();
+    assert!(plain.prompts);
 }

@@ -433,8 +433,10 @@ impl Pipeline {
         }
         unpaired.append(&mut rejected);
         let batches: Vec<Batch> = if self.prompts {
+            // Whole batches only, as TRL's sampler drops an incomplete one: every round has the
+            // same size on every worker (their rewards are gathered).
             prompts
-                .chunks(bs)
+                .chunks_exact(bs)
                 .map(|c| Batch::Prompts(PromptBatch { prompts: c.to_vec() }))
                 .collect()
         } else if self.unpaired {

@@ -827,6 +827,88 @@ mod tests {
         let _ = std::fs::remove_dir_all(&tmp);
     }
 
+    /// Generation on the tiny model, rounds serving two steps: a run stopped mid-round and
+    /// resumed (the round read back from the checkpoint, the next one regenerated from the same
+    /// seeds) logs the uninterrupted run's losses and rewards, and the completions log has each
+    /// generating step's completions.
+    #[test]
+    fn a_resumed_run_continues_its_round_and_draws_the_same_samples() {
+        use burn::backend::{Autodiff, NdArray};
+
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let tmp = std::env::temp_dir().join(format!("temper-grpo-resume-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let yaml = |out: &std::path::Path| {
+            format!(
+                "model:\n  path: {tiny}\nadapter:\n  type: lora\n  r: 4\n  target_modules: all-linear\n\
+                 data:\n  path: {data}\n  max_length: 64\ntraining:\n  objective: grpo\n  grpo: {{num_generations: 2, \
+                 max_completion_length: 6, num_iterations: 2, rewards: [{{type: length, target: 2, penalty: 0.5}}, \
+                 {{type: format, pattern: 'w1[0-9] '}}]}}\n  max_steps: 5\n  micro_batch_size: 2\n  \
+                 gradient_accumulation_steps: 2\n  learning_rate: 1.0e-2\n  precision: f32\n  logging_steps: 1\n  \
+                 save_steps: 1\noutput_dir: {out}\n",
+                tiny = fixtures.join("train/tiny").display(),
+                data = fixtures.join("bad/prompts_only.jsonl").display(),
+                out = out.display(),
+            )
+        };
+        let run = |name: &str, opts: crate::train::TrainOptions| {
+            let out = tmp.join(name);
+            let file = tmp.join(format!("{name}.yaml"));
+            std::fs::write(&file, yaml(&out)).unwrap();
+            let job = crate::job::Job::load(&file, &[]).unwrap();
+            crate::train::train::<Autodiff<NdArray>>(&job, &Default::default(), burn::tensor::DType::F32, opts)
+                .unwrap();
+            out
+        };
+        let rows = |out: &std::path::Path| -> Vec<Vec<Option<f64>>> {
+            std::fs::read_to_string(out.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let v: Value = serde_json::from_str(l).unwrap();
+                    ["loss", "grad_norm", "reward", "rewards/length/mean"]
+                        .iter()
+                        .map(|k| v[k].as_f64())
+                        .collect()
+                })
+                .collect()
+        };
+        let whole = run("whole", Default::default());
+        let want = rows(&whole);
+        assert_eq!(want.len(), 5);
+        // Something to learn: the rewards differ within groups, so the policy moves.
+        assert!(want.iter().all(|r| r[1].unwrap() > 0.0), "{want:?}");
+        // Rounds at steps 1, 3 and 5: their metrics on those steps only.
+        let generated: Vec<bool> = want.iter().map(|r| r[2].is_some()).collect();
+        assert_eq!(generated, [true, false, true, false, true]);
+        let samples = std::fs::read_to_string(whole.join("completions.jsonl")).unwrap();
+        assert_eq!(samples.lines().count(), 3 * 4);
+
+        let opts = |stop: Option<u64>, resume: bool| crate::train::TrainOptions {
+            stop_after_steps: stop,
+            resume: resume.then_some(crate::train::Resume::Latest),
+            ..Default::default()
+        };
+        // Stopped after step 2 (a fresh round next) and after step 3 (mid-round).
+        for stop in [2, 3] {
+            let name = format!("stopped{stop}");
+            run(&name, opts(Some(stop), false));
+            let out = run(&name, opts(None, true));
+            assert!(out.join("checkpoint-3").join(ROUND_FILE).exists() || stop == 2);
+            let got = rows(&out);
+            assert_eq!(got.len(), want.len(), "stopped at {stop}");
+            for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+                for (a, b) in g.iter().zip(w) {
+                    match (a, b) {
+                        (Some(a), Some(b)) => assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "stopped at {stop}, step {}: {a} vs {b}", step + 1),
+                        _ => assert_eq!(a.is_some(), b.is_some(), "stopped at {stop}, step {}", step + 1),
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
     #[test]
     fn lengths_count_ended_completions_apart() {
         let m = length_metrics(&[2.0, 4.0, 6.0], &[false, true, false]);

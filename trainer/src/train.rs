@@ -512,6 +512,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                     ("grad_norm", grad_norm),
                     ("num_tokens", state.num_tokens as f64),
                     ("tokens_per_second", step.tokens as f64 / took.as_secs_f64()),
+                    ("step_time", took.as_secs_f64()),
                     ("epoch", epoch as f64),
                 ])
                 .chain(state.loss_scaler.map(|s| ("loss_scale", s.scale)))
