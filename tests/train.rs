@@ -1139,6 +1139,26 @@ fn data_parallel_launch() {
         }
     }
 
+    // GRPO the same way: each worker completes its own prompts (a completion's seed comes from
+    // its prompt, so both draw what one worker would), the rewards are gathered, and `dapo`
+    // divides by the completion tokens of both workers' rounds.
+    let grpo_job = |out: &Path| {
+        let path = job(out, 3);
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        let data = train_dir().join("data.jsonl").display().to_string();
+        assert!(yaml.contains(&data));
+        let yaml = yaml
+            .replace(&data, &train_dir().join("../bad/prompts_only.jsonl").display().to_string())
+            .replace(
+                "training:\n",
+                "training:\n  objective: grpo\n  grpo: {num_generations: 2, max_completion_length: 6, \
+                 rewards: [{type: length, target: 2, penalty: 0.5}]}\n",
+            );
+        std::fs::write(&path, yaml).unwrap();
+        path
+    };
+    one_and_two("GRPO", &grpo_job, 3);
+
     // Full fine-tuning the same way: every weight's gradient is all-reduced (SmolLM2's 538 MB
     // crashed burn-collective before its buffers went in chunks), and every weight must agree.
     let full_job = |out: &Path| {

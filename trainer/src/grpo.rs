@@ -243,10 +243,17 @@ impl Grpo {
             .flat_map(|(i, p)| std::iter::repeat_n((i, p.prompt_ids.as_slice()), g))
             .collect();
         let n = rows.len();
-        // Each completion's own seed: the same samples whatever the batching, and again after
-        // a resume.
-        let seeds: Vec<u64> = (0..n as u64)
-            .map(|i| mix(self.seed, step, rank as u64, i))
+        // Each completion's own seed, from the step, its prompt and its place among that
+        // prompt's copies: the same samples whatever the batching or the worker (N workers draw
+        // what one worker with their rounds together would), and again after a resume.
+        let mut copies: std::collections::HashMap<&[u32], u64> = std::collections::HashMap::new();
+        let seeds: Vec<u64> = rows
+            .iter()
+            .map(|(_, p)| {
+                let k = copies.entry(p).or_default();
+                *k += 1;
+                mix(self.seed, step, content_hash(p), *k - 1)
+            })
             .collect();
         let sampling = Sampling {
             max_new_tokens: self.section.max_completion_length,
@@ -438,6 +445,13 @@ fn length_metrics(lengths: &[f32], clipped: &[bool]) -> Vec<(&'static str, f64)>
         ("completions/min_terminated_length", t_min),
         ("completions/max_terminated_length", t_max),
     ]
+}
+
+/// FNV-1a over token ids: a prompt's identity for its seeds.
+fn content_hash(ids: &[u32]) -> u64 {
+    ids.iter().fold(0xCBF2_9CE4_8422_2325u64, |h, &t| {
+        (h ^ t as u64).wrapping_mul(0x0000_0100_0000_01B3)
+    })
 }
 
 /// A seed from a run's seed and a completion's coordinates (SplitMix64's finaliser).
