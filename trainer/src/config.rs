@@ -648,6 +648,16 @@ pub enum RewardFunction {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
+    /// A reward model's score of prompt + completion: a `*ForSequenceClassification` directory,
+    /// or its base with a reward adapter (`objective: reward`). It must share the policy's
+    /// tokenizer (it reads the policy's token ids).
+    Model {
+        path: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        adapter: Option<PathBuf>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
 }
 
 fn default_answer_column() -> String {
@@ -670,6 +680,7 @@ impl RewardFunction {
             Self::Format { name, .. } => (name, "format"),
             Self::Length { name, .. } => (name, "length"),
             Self::Command { name, .. } => (name, "command"),
+            Self::Model { name, .. } => (name, "model"),
         };
         given.as_deref().unwrap_or(kind)
     }
@@ -948,6 +959,14 @@ impl JobConfig {
         if let Some(eval) = &mut data.eval {
             eval.path = eval.path.as_deref().map(expand);
             eval.sources.iter_mut().for_each(|s| s.path = expand(&s.path));
+        }
+        for r in self.training.grpo.iter_mut().flat_map(|g| g.rewards.iter_mut()) {
+            if let RewardFunction::Model { path, adapter, .. } = r {
+                *path = PathBuf::from(expand(&path.display().to_string()));
+                if let Some(a) = adapter {
+                    *a = PathBuf::from(expand(&a.display().to_string()));
+                }
+            }
         }
     }
 
@@ -1267,6 +1286,9 @@ impl JobConfig {
                 }
                 RewardFunction::Accuracy { column, .. } => {
                     check(!column.is_empty(), &key("column"), "is empty".into())?;
+                }
+                RewardFunction::Model { path, .. } => {
+                    check(!path.as_os_str().is_empty(), &key("path"), "is empty".into())?;
                 }
             }
         }

@@ -142,12 +142,12 @@ pub(crate) struct SavedRound {
 
 pub(crate) const ROUND_FILE: &str = "grpo_round.json";
 
-/// GRPO's state across steps: the reward functions (a command stays alive between rounds),
-/// and the round being used.
-pub(crate) struct Grpo {
+/// GRPO's state across steps: the reward functions (a command stays alive between rounds, a
+/// reward model stays loaded), and the round being used.
+pub(crate) struct Grpo<B: Backend> {
     section: GrpoSection,
     params: GrpoParams,
-    scorers: Vec<Scorer>,
+    scorers: Vec<Scorer<B>>,
     /// Each function's `rewards/<name>/mean` and `/std` (named once per run).
     metric_names: Vec<(&'static str, &'static str)>,
     weights: Vec<f32>,
@@ -161,9 +161,9 @@ pub(crate) struct Grpo {
     pub round: Option<SavedRound>,
 }
 
-impl Grpo {
-    /// Starts the reward functions (a command's program is spawned here, so a wrong path fails
-    /// before the first step).
+impl<B: Backend> Grpo<B> {
+    /// Starts the reward functions (a command's program is spawned and a reward model loaded
+    /// here, so a wrong path fails before the first step). `vocab`: the policy's.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         section: &GrpoSection,
@@ -173,12 +173,14 @@ impl Grpo {
         context: usize,
         seed: u64,
         micro_batch_size: usize,
+        vocab: usize,
+        device: &B::Device,
     ) -> Result<Self> {
         let scorers = section
             .rewards
             .iter()
             .enumerate()
-            .map(|(i, r)| Scorer::new(r, i))
+            .map(|(i, r)| Scorer::new(r, i, pad, vocab, device))
             .collect::<Result<Vec<_>>>()?;
         let metric_names = section
             .rewards
@@ -225,7 +227,7 @@ impl Grpo {
     /// term). Returns the micro-batches (this use included), the round's metrics and its
     /// samples.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new_round<B: Backend>(
+    pub(crate) fn new_round(
         &mut self,
         policy: &LlamaForCausalLM<B>,
         reference: Option<&LlamaForCausalLM<B>>,
@@ -295,14 +297,16 @@ impl Grpo {
                 .iter()
                 .zip(&texts)
                 .zip(&completions)
-                .map(|(((p, _), text), ids)| Item {
+                .map(|(((p, prompt_ids), text), ids)| Item {
                     prompt: &prompts.prompts[*p].prompt,
                     completion: text,
                     tokens: ids.len(),
                     columns: &prompts.prompts[*p].columns,
+                    prompt_ids,
+                    completion_ids: ids,
                 })
                 .collect();
-            let values = scorer.score(&items).map_err(|message| Error::Reward {
+            let values = scorer.score(&items, device).map_err(|message| Error::Reward {
                 name: reward_name(&self.section.rewards[j], j),
                 message,
             })?;
@@ -471,18 +475,68 @@ struct Item<'a> {
     completion: &'a str,
     tokens: usize,
     columns: &'a Map<String, Value>,
+    prompt_ids: &'a [u32],
+    completion_ids: &'a [u32],
 }
 
 /// A reward function, ready to score.
-enum Scorer {
+enum Scorer<B: Backend> {
     Accuracy { column: String },
     Format { pattern: Regex },
     Length { target: usize, penalty: f32 },
     Command(Box<CommandReward>),
+    /// A reward model, and the token its scores are read before (its padding).
+    Model { model: Box<LlamaForCausalLM<B>>, pad: u32 },
 }
 
-impl Scorer {
-    fn new(f: &RewardFunction, index: usize) -> Result<Self> {
+/// Rows scored by a reward model at once.
+const REWARD_MODEL_ROWS: usize = 16;
+
+impl<B: Backend> Scorer<B> {
+    fn new(f: &RewardFunction, index: usize, pad: u32, vocab: usize, device: &B::Device) -> Result<Self> {
+        let fail = |message: String| Error::Reward {
+            name: reward_name(f, index),
+            message,
+        };
+        Ok(match f {
+            RewardFunction::Model { path, adapter, .. } => {
+                let mut loaded = temper_models::load_pretrained::<B>(path, device, burn::tensor::DType::F32)?;
+                if let Some(dir) = adapter {
+                    loaded.model = temper_peft::load_adapter(loaded.model, dir)?.0;
+                }
+                let shown = match adapter {
+                    Some(a) => format!("{} with {}", path.display(), a.display()),
+                    None => path.display().to_string(),
+                };
+                if loaded.model.score.is_none() {
+                    return Err(fail(format!(
+                        "{shown} has no reward head (`score`): give a reward model (a `*ForSequenceClassification` \
+                         directory), or its base with `adapter:` trained with `objective: reward`"
+                    )));
+                }
+                if loaded.model.vocab_size() != vocab {
+                    return Err(fail(format!(
+                        "{shown} has a vocabulary of {} tokens and the policy {vocab}: a reward model reads the \
+                         policy's tokens, so it must share its tokenizer (train it from the same base)",
+                        loaded.model.vocab_size()
+                    )));
+                }
+                // A classifier's own config names the token its scores skip; a reward adapter
+                // pools as it was trained, at the tokenizer's pad (or EOS) token.
+                let pad = match loaded.config.pad_token_id {
+                    Some(id) if loaded.config.score_head => id,
+                    _ => pad,
+                };
+                Scorer::Model {
+                    model: Box::new(loaded.model),
+                    pad,
+                }
+            }
+            _ => Self::new_host(f, index)?,
+        })
+    }
+
+    fn new_host(f: &RewardFunction, index: usize) -> Result<Self> {
         Ok(match f {
             RewardFunction::Accuracy { column, .. } => Scorer::Accuracy { column: column.clone() },
             RewardFunction::Format { pattern, .. } => Scorer::Format {
@@ -498,12 +552,23 @@ impl Scorer {
                     message,
                 })?,
             )),
+            RewardFunction::Model { .. } => unreachable!("loaded by Scorer::new"),
         })
     }
 
     /// One value per item; an error says which row and why.
-    fn score(&mut self, items: &[Item]) -> std::result::Result<Vec<f32>, String> {
+    fn score(&mut self, items: &[Item], device: &B::Device) -> std::result::Result<Vec<f32>, String> {
         match self {
+            Scorer::Model { model, pad } => {
+                let mut out = Vec::with_capacity(items.len());
+                for chunk in items.chunks(REWARD_MODEL_ROWS) {
+                    let prompts: Vec<&[u32]> = chunk.iter().map(|i| i.prompt_ids).collect();
+                    let completions: Vec<&[u32]> = chunk.iter().map(|i| i.completion_ids).collect();
+                    let rows = RolloutBatch::collate(&prompts, &completions, &vec![true; chunk.len()], *pad);
+                    out.extend(crate::reward::batch_scores(model, &Batch::Rollout(rows), *pad, device));
+                }
+                Ok(out)
+            }
             Scorer::Accuracy { column } => items
                 .iter()
                 .enumerate()
@@ -687,12 +752,16 @@ impl Drop for CommandReward {
 mod tests {
     use super::*;
 
+    type H = burn::backend::NdArray;
+
     fn item<'a>(prompt: &'a Value, completion: &'a str, columns: &'a Map<String, Value>) -> Item<'a> {
         Item {
             prompt,
             completion,
             tokens: 3,
             columns,
+            prompt_ids: &[],
+            completion_ids: &[],
         }
     }
 
@@ -740,14 +809,15 @@ mod tests {
         let prompt = json!("q");
         let mut columns = Map::new();
         columns.insert("answer".into(), json!(4));
-        let mut acc = Scorer::Accuracy { column: "answer".into() };
+        let device = Default::default();
+        let mut acc = Scorer::<H>::Accuracy { column: "answer".into() };
         assert_eq!(
-            acc.score(&[item(&prompt, "so #### 4", &columns), item(&prompt, "5", &columns)])
+            acc.score(&[item(&prompt, "so #### 4", &columns), item(&prompt, "5", &columns)], &device)
                 .unwrap(),
             [1.0, 0.0]
         );
-        let mut other = Scorer::Accuracy { column: "solution".into() };
-        let e = other.score(&[item(&prompt, "4", &columns)]).unwrap_err();
+        let mut other = Scorer::<H>::Accuracy { column: "solution".into() };
+        let e = other.score(&[item(&prompt, "4", &columns)], &device).unwrap_err();
         assert!(e.contains("no column `solution` (its columns: answer)"), "{e}");
     }
 
@@ -921,6 +991,59 @@ mod tests {
             }
         }
         let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    /// A reward model as a GRPO reward: the adapter TRL's `RewardTrainer` trained
+    /// (`make_reward_fixtures.py`) scores prompt + completion as transformers does; a model
+    /// without a score head, or with another vocabulary, is refused when training starts.
+    #[test]
+    fn a_reward_model_scores_completions_as_transformers() {
+        let train = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/train");
+        let exp: Value =
+            serde_json::from_str(&std::fs::read_to_string(train.join("reward_expected.json")).unwrap()).unwrap();
+        let (_, tok) = temper_models::load_config_and_tokenizer(&train.join("tiny")).unwrap();
+        let encode = |t: &str| tok.encode(t, true).unwrap();
+        let rows: Vec<Value> = std::fs::read_to_string(train.join("pref.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let ids: Vec<(Vec<u32>, Vec<u32>)> = rows
+            .iter()
+            .map(|r| {
+                let p = r["prompt"].as_str().unwrap();
+                (encode(p), encode(&format!("{}</s>", r["chosen"].as_str().unwrap())))
+            })
+            .collect();
+        let (prompt, columns) = (json!(""), Map::new());
+        let items: Vec<Item> = ids
+            .iter()
+            .map(|(p, c)| Item {
+                prompt_ids: p,
+                completion_ids: c,
+                ..item(&prompt, "", &columns)
+            })
+            .collect();
+        let device = Default::default();
+        let model = |path: &str, adapter: Option<&str>| RewardFunction::Model {
+            path: train.join(path),
+            adapter: adapter.map(|a| train.join(a)),
+            name: None,
+        };
+        let mut scorer = Scorer::<H>::new(&model("tiny", Some("final_reward_adapter")), 0, 2, 128, &device).unwrap();
+        let got = scorer.score(&items, &device).unwrap();
+        for (i, (g, want)) in got.iter().zip(exp["scores"].as_array().unwrap()).enumerate() {
+            let want = want[0].as_f64().unwrap() as f32;
+            assert!((g - want).abs() < 1e-4, "pair {i}: {g} vs transformers {want}");
+        }
+        let error = |f: RewardFunction, vocab: usize| match Scorer::<H>::new(&f, 1, 2, vocab, &device) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("accepted"),
+        };
+        let e = error(model("tiny", None), 128);
+        assert!(e.contains("training.grpo.rewards[1]") && e.contains("no reward head"), "{e}");
+        let e = error(model("tiny_rm", None), 1000);
+        assert!(e.contains("vocabulary of 128 tokens and the policy 1000"), "{e}");
     }
 
     #[test]

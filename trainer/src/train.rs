@@ -143,7 +143,7 @@ struct Run<'a, B: AutodiffBackend> {
     last_eval: Option<Row>,
     interrupted: bool,
     /// GRPO's reward functions and current round.
-    grpo: Option<Grpo>,
+    grpo: Option<Grpo<B::InnerBackend>>,
     /// The epoch of the data the last step read.
     epoch: u64,
     /// GRPO: the metrics and samples of the round generated this step (logged with it).
@@ -254,6 +254,8 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                     model_config.max_position_embeddings,
                     t.seed,
                     t.micro_batch_size,
+                    model_config.vocab_size,
+                    device,
                 )?;
                 // A round with steps left continues where the checkpoint left it.
                 if let Some(path) = resume_dir.as_deref().map(|d| d.join(ROUND_FILE)).filter(|p| p.exists()) {
