@@ -185,7 +185,7 @@ fn generation_refuses_what_it_cannot_do_well() {
     // A prompt id from another tokenizer.
     let err = run(&loaded.model, &[5, 128], bounded.clone()).unwrap_err();
     assert!(
-        err.contains("prompt token id 128 is outside the model's vocabulary (128 tokens)"),
+        err.contains("the prompt's token id 128 is outside the model's vocabulary (128 tokens)"),
         "{err}"
     );
     // Far beyond the context: stops at its end instead of running past the positions.

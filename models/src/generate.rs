@@ -61,24 +61,7 @@ pub fn generate<B: Backend>(
     device: &B::Device,
 ) -> Result<Vec<u32>> {
     sampling.validate()?;
-    let vocab = model.vocab_size();
-    if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
-        return Err(Error::Generate(format!(
-            "prompt token id {id} is outside the model's vocabulary ({vocab} tokens): \
-             the tokenizer does not belong to this model"
-        )));
-    }
-    let room = match sampling.max_length {
-        Some(max) if prompt.len() >= max => {
-            return Err(Error::Generate(format!(
-                "the prompt is {} tokens, which fills the model's context ({max})",
-                prompt.len()
-            )));
-        }
-        Some(max) => max - prompt.len(),
-        None => usize::MAX,
-    };
-    let max_new = sampling.max_new_tokens.min(room);
+    let max_new = new_tokens(prompt, model.vocab_size(), sampling).map_err(|m| Error::Generate(format!("the {m}")))?;
     let mut rng = StdRng::seed_from_u64(sampling.seed);
     let mut cache = KvCache::new(model.num_layers());
     let mut out = Vec::new();
@@ -109,6 +92,26 @@ pub fn generate<B: Backend>(
     Ok(out)
 }
 
+/// How many tokens may follow `prompt`: `max_new_tokens`, or fewer where the context ends.
+/// Refuses (with the message's subject first) an id outside the vocabulary and a prompt that
+/// fills the context.
+fn new_tokens(prompt: &[u32], vocab: usize, sampling: &Sampling) -> std::result::Result<usize, String> {
+    if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
+        return Err(format!(
+            "prompt's token id {id} is outside the model's vocabulary ({vocab} tokens): the tokenizer does not \
+             belong to this model"
+        ));
+    }
+    match sampling.max_length {
+        Some(max) if prompt.len() >= max => Err(format!(
+            "prompt is {} tokens, which fills the model's context ({max})",
+            prompt.len()
+        )),
+        Some(max) => Ok(sampling.max_new_tokens.min(max - prompt.len())),
+        None => Ok(sampling.max_new_tokens),
+    }
+}
+
 /// Completes several prompts at once with one KV cache, each row sampled with its own seed
 /// (`seeds[i]`: a row draws the same tokens whatever else is in the batch), stopping each row
 /// after its first token in `eos` (included) or at `max_new_tokens` / `max_length`. Identical
@@ -130,23 +133,7 @@ pub fn generate_batch<B: Backend>(
         if prompt.is_empty() {
             return Err(Error::Generate(format!("prompt {i} has no token")));
         }
-        if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::Generate(format!(
-                "prompt {i}: token id {id} is outside the model's vocabulary ({vocab} tokens): \
-                 the tokenizer does not belong to this model"
-            )));
-        }
-        let room = match sampling.max_length {
-            Some(max) if prompt.len() >= max => {
-                return Err(Error::Generate(format!(
-                    "prompt {i} is {} tokens, which fills the model's context ({max})",
-                    prompt.len()
-                )));
-            }
-            Some(max) => max - prompt.len(),
-            None => usize::MAX,
-        };
-        limits.push(sampling.max_new_tokens.min(room));
+        limits.push(new_tokens(prompt, vocab, sampling).map_err(|m| Error::Generate(format!("{m} (prompt {i})")))?);
     }
     let n = prompts.len();
     // Each distinct prompt once (batch of one, no padding), then every row's cache from its

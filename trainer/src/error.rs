@@ -32,8 +32,8 @@ pub enum Error {
     NonFiniteLoss { step: u64, value: f32 },
     /// A GRPO reward function failed (a command that exited, hung or printed garbage, a row
     /// without the column it reads).
-    #[error("reward `{name}): {message}")]
-    Reward { name: String, message: String },
+    #[error("reward `{name}` (training.grpo.rewards[{index}]): {message}")]
+    Reward { name: String, index: usize, message: String },
 }
 
 impl Error {

@@ -86,6 +86,7 @@ pub(crate) fn grpo_step_loss<B: Backend>(
     if !out.clip_low_min.is_nan() {
         sums.add(Metric::ClipLowMin, out.clip_low_min);
         sums.add(Metric::ClipHighMax, out.clip_high_max);
+        sums.add(Metric::CountedMicroBatches, 1.0);
     }
     sums.add(Metric::MicroBatches, 1.0);
     out.loss
@@ -307,7 +308,8 @@ impl<B: Backend> Grpo<B> {
                 })
                 .collect();
             let values = scorer.score(&items, device).map_err(|message| Error::Reward {
-                name: reward_name(&self.section.rewards[j], j),
+                name: self.section.rewards[j].name().to_string(),
+                index: j,
                 message,
             })?;
             for (i, v) in values.into_iter().enumerate() {
@@ -408,11 +410,6 @@ impl<B: Backend> Grpo<B> {
     }
 }
 
-/// A reward function as errors name it: its name and its place in the config.
-fn reward_name(f: &RewardFunction, index: usize) -> String {
-    format!("{}` (training.grpo.rewards[{index}]", f.name())
-}
-
 fn finite_or_null(v: f32) -> Option<f32> {
     v.is_finite().then_some(v)
 }
@@ -495,7 +492,8 @@ const REWARD_MODEL_ROWS: usize = 16;
 impl<B: Backend> Scorer<B> {
     fn new(f: &RewardFunction, index: usize, pad: u32, vocab: usize, device: &B::Device) -> Result<Self> {
         let fail = |message: String| Error::Reward {
-            name: reward_name(f, index),
+            name: f.name().to_string(),
+            index,
             message,
         };
         Ok(match f {
@@ -548,7 +546,8 @@ impl<B: Backend> Scorer<B> {
             },
             RewardFunction::Command { command, timeout_s, .. } => Scorer::Command(Box::new(
                 CommandReward::start(command, Duration::from_secs(*timeout_s)).map_err(|message| Error::Reward {
-                    name: reward_name(f, index),
+                    name: f.name().to_string(),
+                    index,
                     message,
                 })?,
             )),
@@ -646,10 +645,15 @@ impl CommandReward {
         std::thread::Builder::new()
             .name("temper-reward-err".into())
             .spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(std::result::Result::ok) {
+                // Bytes, decoded leniently: a program's stderr need not be UTF-8, and it must be
+                // drained to its end (a full pipe would stop the program).
+                let mut reader = BufReader::new(stderr);
+                let mut bytes = Vec::new();
+                while reader.read_until(b'\n', &mut bytes).is_ok_and(|n| n > 0) {
+                    let line = String::from_utf8_lossy(&bytes).into_owned();
+                    bytes.clear();
                     let mut t = keep.lock().expect("not poisoned");
                     t.push_str(&line);
-                    t.push('\n');
                     if t.len() > 2000 {
                         let cut = t.len() - 2000;
                         let cut = (cut..t.len()).find(|&i| t.is_char_boundary(i)).unwrap_or(cut);
@@ -697,15 +701,45 @@ impl CommandReward {
             input.push_str(&Value::Object(line).to_string());
             input.push('\n');
         }
-        let written = match self.stdin.as_mut() {
-            Some(stdin) => stdin.write_all(input.as_bytes()).and_then(|_| stdin.flush()),
-            None => Err(std::io::ErrorKind::BrokenPipe.into()),
-        };
-        if written.is_err() {
+        // Written from a thread: a program that stops reading must not block training past its
+        // timeout (a stopped program closes the pipe and the write ends).
+        let Some(mut stdin) = self.stdin.take() else {
             return Err(self.gone(0));
+        };
+        let writer = std::thread::Builder::new()
+            .name("temper-reward-in".into())
+            .spawn(move || {
+                let written = stdin.write_all(input.as_bytes()).and_then(|_| stdin.flush());
+                written.map(|_| stdin)
+            })
+            .map_err(|e| format!("cannot start a thread: {e}"))?;
+        let answers = self.answers(items.len());
+        if answers.is_err() {
+            // Training stops here: the program too, so the writer cannot wait on it.
+            let _ = self.child.kill();
         }
-        let mut out = Vec::with_capacity(items.len());
-        for row in 0..items.len() {
+        match writer.join() {
+            Ok(Ok(stdin)) => self.stdin = Some(stdin),
+            _ if answers.is_ok() => return Err(self.gone(items.len())),
+            _ => {}
+        }
+        let answers = answers?;
+        // One line per completion: a line more is a program out of step with its input.
+        if let Ok(Ok(extra)) = self.lines.recv_timeout(Duration::from_millis(50)) {
+            return Err(format!(
+                "`{}` printed more lines than the {} completions it was given (next: {extra:?}): it must print \
+                 exactly one number per input line, and nothing else on its standard output",
+                self.shown,
+                items.len()
+            ));
+        }
+        Ok(answers)
+    }
+
+    /// The program's next `n` answers, each within the timeout.
+    fn answers(&mut self, n: usize) -> std::result::Result<Vec<f32>, String> {
+        let mut out = Vec::with_capacity(n);
+        for row in 0..n {
             let line = match self.lines.recv_timeout(self.timeout) {
                 Ok(Ok(line)) => line,
                 Ok(Err(e)) => return Err(format!("`{}`: reading its output: {e}", self.shown)),
@@ -793,6 +827,22 @@ mod tests {
             .unwrap_err();
         assert!(exits.contains("gave no answer for completion 0"), "{exits}");
         assert!(exits.contains("oops"), "{exits}");
+
+        let chatty = CommandReward::start(&sh("while read -r l; do echo 1; echo 2; echo 3; done"), Duration::from_secs(10))
+            .unwrap()
+            .score(&items)
+            .unwrap_err();
+        assert!(chatty.contains("printed more lines than the 2 completions"), "{chatty}");
+
+        // A program that never reads: the input (over a pipe's 64 KiB) cannot block training
+        // past the timeout.
+        let long = "x".repeat(100_000);
+        let big = [item(&prompt, &long, &columns)];
+        let deaf = CommandReward::start(&sh("sleep 30"), Duration::from_secs(1))
+            .unwrap()
+            .score(&big)
+            .unwrap_err();
+        assert!(deaf.contains("within 1 s"), "{deaf}");
 
         let hangs = CommandReward::start(&sh("sleep 30"), Duration::from_secs(1))
             .unwrap()

@@ -206,7 +206,7 @@ impl<B: Backend> Reference<B> {
     /// an unpaired one; `None` without a reference.
     pub(crate) fn logps(&self, batch: &Batch, device: &B::Device) -> Result<Option<Tensor<B, 1>>> {
         Ok(match (self, batch) {
-            // GRPO's rollouts carry their reference log-probabilities (`grpo::Round`).
+            // GRPO's rollouts carry their reference log-probabilities (`RolloutBatch::ref_logps`).
             (Reference::None, _) | (_, Batch::Sft(_) | Batch::Prompts(_) | Batch::Rollout(_)) => None,
             (Reference::Model(m), Batch::Preference(b)) => Some(preference_logps(m, &plain, b, false, device).logps),
             (Reference::Model(m), Batch::Unpaired(b)) => {

@@ -49,11 +49,14 @@ pub(crate) enum Metric {
     DesirableRows,
     UndesirableRows,
     MicroBatches,
+    /// GRPO: micro-batches with a completion token that counts (what divides
+    /// `clip_ratio/low_min` and `/high_max`). Not logged.
+    CountedMicroBatches,
 }
 
 impl Metric {
     /// Every metric, in the order rows show them.
-    const ALL: [Metric; 30] = [
+    const ALL: [Metric; 31] = [
         Metric::Loss,
         Metric::MeanTokenAccuracy,
         Metric::RewardsChosen,
@@ -84,6 +87,7 @@ impl Metric {
         Metric::DesirableRows,
         Metric::UndesirableRows,
         Metric::MicroBatches,
+        Metric::CountedMicroBatches,
     ];
 
     /// The training name, and the evaluation's (`eval_` + it) where evaluation reports it.
@@ -119,6 +123,7 @@ impl Metric {
             Metric::DesirableRows => ("desirable_rows", None),
             Metric::UndesirableRows => ("undesirable_rows", None),
             Metric::MicroBatches => ("micro_batches", None),
+            Metric::CountedMicroBatches => ("counted_micro_batches", None),
         }
     }
 
@@ -169,6 +174,7 @@ impl StepSums {
                         | Metric::DesirableRows
                         | Metric::UndesirableRows
                         | Metric::MicroBatches
+                        | Metric::CountedMicroBatches
                 )
             })
             .filter_map(|m| {
@@ -184,10 +190,9 @@ impl StepSums {
                     | Metric::MaxReward
                     | Metric::Entropy
                     | Metric::ClipLowMean
-                    | Metric::ClipLowMin
                     | Metric::ClipHighMean
-                    | Metric::ClipHighMax
                     | Metric::ClipRegionMean => mean(m, Metric::MicroBatches)?,
+                    Metric::ClipLowMin | Metric::ClipHighMax => mean(m, Metric::CountedMicroBatches)?,
                     Metric::RewardsChosen | Metric::LogpsChosen if kto(Metric::DesirableRows).is_some() => {
                         mean(m, Metric::DesirableRows)?
                     }

@@ -146,8 +146,10 @@ struct Run<'a, B: AutodiffBackend> {
     grpo: Option<Grpo<B::InnerBackend>>,
     /// The epoch of the data the last step read.
     epoch: u64,
-    /// GRPO: the metrics and samples of the round generated this step (logged with it).
-    round_metrics: Vec<(&'static str, f64)>,
+    /// GRPO: the metrics and samples of the rounds generated since the last logged step
+    /// (their metrics are averaged into the next logged row, as TRL averages its logging
+    /// window's).
+    round_metrics: Vec<Vec<(&'static str, f64)>>,
     samples: Vec<Sample>,
 }
 
@@ -257,19 +259,35 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                     model_config.vocab_size,
                     device,
                 )?;
-                // A round with steps left continues where the checkpoint left it.
-                if let Some(path) = resume_dir.as_deref().map(|d| d.join(ROUND_FILE)).filter(|p| p.exists()) {
-                    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                // A round with steps left continues where the checkpoint left it: rank 0's in
+                // the checkpoint, the other workers' beside it.
+                if let Some(dir) = resume_dir.as_deref().filter(|d| d.join(ROUND_FILE).exists()) {
+                    let path = match rank {
+                        0 => dir.join(ROUND_FILE),
+                        _ => rank_round_file(out, state.step, rank),
+                    };
+                    let text = std::fs::read_to_string(&path).map_err(|e| Error::Checkpoint {
+                        path: path.clone(),
+                        message: format!(
+                            "{} stopped in the middle of a GRPO round, and this worker's part of it cannot be \
+                             read ({e}): resume from a checkpoint at the end of a round",
+                            dir.display()
+                        ),
+                    })?;
                     let round: SavedRound = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
                         path: path.clone(),
                         message: format!("unreadable GRPO round: {e}"),
                     })?;
                     grpo.round = Some(round);
                 }
+                if main {
+                    trim_samples(out, resume_dir.is_some().then_some(state.step))?;
+                }
                 Some(grpo)
             }
             _ => None,
         };
+        let epoch = state.cursor.epoch;
         Ok(Run {
             job,
             opts,
@@ -296,7 +314,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             last_eval: None,
             interrupted: false,
             grpo,
-            epoch: 0,
+            epoch,
             round_metrics: Vec::new(),
             samples: Vec::new(),
         })
@@ -362,8 +380,8 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         };
         let (batches, metrics, samples) =
             grpo.new_round(&policy, reference, prompts, step, self.collective, self.device)?;
-        self.round_metrics = metrics;
-        self.samples = samples;
+        self.round_metrics.push(metrics);
+        self.samples.extend(samples);
         self.epoch = loaded.epoch;
         Ok(Some(MicroBatches {
             batches,
@@ -504,6 +522,14 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
     /// the terminal.
     fn report(&mut self, step: &StepResult, epoch: u64, lr: f64, grad_norm: f64, took: Duration) -> Result<()> {
         let state = &self.state;
+        let logged = state.step.is_multiple_of(self.job.config.training.logging_steps) || state.step == state.total_steps;
+        let (rounds, samples) = match logged {
+            true => (
+                mean_rows(&std::mem::take(&mut self.round_metrics)),
+                std::mem::take(&mut self.samples),
+            ),
+            false => (Vec::new(), Vec::new()),
+        };
         let row = Row {
             step: state.step,
             values: [("loss", step.loss())]
@@ -519,15 +545,14 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                 ])
                 .chain(state.loss_scaler.map(|s| ("loss_scale", s.scale)))
                 .chain(self.all_reduce_seconds.map(|s| ("all_reduce_seconds", s)))
-                .chain(std::mem::take(&mut self.round_metrics))
+                .chain(rounds)
                 .collect(),
         };
-        let samples = std::mem::take(&mut self.samples);
         if let Some(path) = &self.opts.heartbeat {
             std::fs::write(path, state.step.to_string()).map_err(|e| Error::io(path, e))?;
         }
         if let Some(log) = self.log.as_mut()
-            && (state.step.is_multiple_of(self.job.config.training.logging_steps) || state.step == state.total_steps)
+            && logged
         {
             log.write(&row)?;
             self.progress.update(&row);
@@ -604,6 +629,19 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             let dir = self.save_checkpoint()?;
             self.progress.note(&format!("saved {}", dir.display()));
         }
+        if !self.main
+            && (due || self.interrupted)
+            && let Some(round) = self.grpo.as_ref().and_then(|g| g.round.as_ref()).filter(|r| r.uses_left > 0)
+        {
+            // The other workers' parts of an unfinished round, beside rank 0's checkpoint.
+            let out = &self.job.config.output_dir;
+            let rank = self.collective.map_or(0, |c| c.rank());
+            let path = rank_round_file(out, step, rank);
+            let dir = path.parent().expect("a file in a folder");
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            let text = serde_json::to_string(round).expect("a round serializes");
+            temper_models::atomic::write_file_atomic(&path, text.as_bytes()).map_err(|e| Error::io(&path, e))?;
+        }
         Ok(self.interrupted)
     }
 
@@ -667,6 +705,46 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             interrupted: self.interrupted,
         })
     }
+}
+
+/// Where worker `rank` (> 0) keeps its part of a GRPO round unfinished at checkpoint `step`.
+fn rank_round_file(out: &Path, step: u64, rank: usize) -> PathBuf {
+    out.join("grpo_rounds").join(format!("step-{step}-rank-{rank}.json"))
+}
+
+/// `completions.jsonl` without the rows of steps after `step` (a resumed run logs them again),
+/// or gone for a fresh run (`None`).
+fn trim_samples(out: &Path, step: Option<u64>) -> Result<()> {
+    let path = out.join("completions.jsonl");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let Some(step) = step else {
+        return std::fs::remove_file(&path).map_err(|e| Error::io(&path, e));
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    temper_models::atomic::write_file_atomic(&path, kept.as_bytes()).map_err(|e| Error::io(&path, e))
+}
+
+/// Each name's mean over `rows` (which name the same quantities, in the same order).
+fn mean_rows(rows: &[Vec<(&'static str, f64)>]) -> Vec<(&'static str, f64)> {
+    let Some(first) = rows.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| (*name, rows.iter().map(|r| r[i].1).sum::<f64>() / rows.len() as f64))
+        .collect()
 }
 
 /// Appends a step's GRPO samples to `completions.jsonl` (TRL's logged completions).

@@ -165,11 +165,9 @@ pub fn group_advantages(rewards: &[f32], group: usize, scale: ScaleRewards) -> A
 /// One micro-batch's loss and TRL's metrics of it.
 pub struct GrpoOutput<B: Backend> {
     /// `[1]`: the micro-batch's share of the step's loss before the division by
-    /// [`GrpoOutput::weight`] summed over the step's micro-batches (and workers): the step's
-    /// loss is `Σ loss / Σ weight`, which is TRL's for every loss type.
+    /// [`loss_weight`] summed over the step's micro-batches (and workers): the step's loss is
+    /// `Σ loss / Σ weight`, which is TRL's for every loss type.
     pub loss: Tensor<B, 1>,
-    /// What this micro-batch adds to the step's divisor ([`loss_weight`]).
-    pub weight: usize,
     /// The mean KL term (k3, times the ratio with `bias_correction_kl`) per completion token;
     /// `None` without a reference (`beta` 0).
     pub kl: Option<f64>,
@@ -286,7 +284,6 @@ pub fn grpo_loss<B: Backend>(
     };
     GrpoOutput {
         loss,
-        weight: loss_weight(params.loss_type, rows, tokens as usize),
         kl: kl.map(|kl| batch_mean(kl.detach())),
         entropy: entropy.map(|e| batch_mean(e.detach())),
         clip_low: batch_mean(low.clone().float()),
@@ -356,7 +353,7 @@ mod tests {
         let adv = t1(&[1.0, -2.0]);
         let value = |ty| {
             let out = grpo_loss(logps.clone(), None, None, adv.clone(), mask.clone(), None, &params(ty));
-            (out.loss.into_scalar(), out.weight)
+            (out.loss.into_scalar(), loss_weight(ty, 2, 4))
         };
         // grpo: per row means -1 and 2, summed; divided by 2 rows.
         assert_eq!(value(GrpoLossType::Grpo), (1.0, 2));
@@ -393,9 +390,10 @@ mod tests {
         assert_eq!((out.clip_low_min, out.clip_high_max), (0.0, 0.5));
         assert_eq!(out.kl, Some(0.0));
 
-        // Sequence level: each row's mean log-ratio, 0.25 and -0.25, inside the clip range.
+        // Sequence level: each row's mean log-ratio, 0.25 and -0.25, inside a clip range of 0.3.
         p.importance_sampling = ImportanceSampling::Sequence;
         p.beta = 0.0;
+        (p.epsilon_low, p.epsilon_high) = (0.3, 0.3);
         let out = grpo_loss(
             t2(&[0.0, 0.0, 0.0, 0.0], 2),
             Some(t2(&[-0.5, 0.0, 0.5, 0.0], 2)),
