@@ -27,6 +27,10 @@ path = os.environ.get("TEMPER_SMOLLM2_GGUF", os.path.expanduser("~/.cache/temper
 folder, name = os.path.split(path)
 tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
 model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+# transformers dequantizes a GGUF file's weights to `dtype` on load but leaves the model marked
+# as GGUF-quantized, and Trainer refuses to train such a model: the weights are plain f32 here.
+model.hf_quantizer = None
+model.is_quantized = False
 rows = [json.loads(line) for line in open(data)]
 
 
