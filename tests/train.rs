@@ -1158,6 +1158,38 @@ fn data_parallel_launch() {
         path
     };
     one_and_two("GRPO", &grpo_job, 3);
+    // Rounds serving two steps, the group stopped mid-round (its checkpoint at step 3, the
+    // second round's first step) and launched again for 5 steps: each worker continues its own
+    // part of the round (rank 1's beside the checkpoint), as the uninterrupted group does.
+    let grpo_rounds = |out: &Path, steps: u64| {
+        let path = grpo_job(out);
+        let yaml = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("max_completion_length: 6,", "max_completion_length: 6, num_iterations: 2,")
+            .replace("  lr_scheduler: linear\n", "  lr_scheduler: constant\n")
+            .replace(
+                "  max_steps: 3\n  save_steps: 5\n",
+                &format!("  max_steps: {steps}\n  save_steps: 3\n"),
+            );
+        assert!(yaml.contains("num_iterations: 2") && yaml.contains("save_steps: 3"));
+        std::fs::write(&path, yaml).unwrap();
+        path
+    };
+    let two_workers = |job: &Path| {
+        let mut args = vec!["--nproc-per-node".to_string(), "2".into()];
+        args.extend(port(free_port(5)));
+        finish(launch(job, &args))
+    };
+    let whole = tmp.path().join("grpo-rounds-whole");
+    let (ok, err) = two_workers(&grpo_rounds(&whole, 5));
+    assert!(ok, "{err}");
+    let parts = tmp.path().join("grpo-rounds-parts");
+    let (ok, err) = two_workers(&grpo_rounds(&parts, 3));
+    assert!(ok, "{err}");
+    assert!(parts.join("grpo_rounds/step-3-rank-1.json").exists());
+    let (ok, err) = two_workers(&grpo_rounds(&parts, 5));
+    assert!(ok, "{err}");
+    assert_same_run(&whole, &parts, "GRPO, 2 workers, resumed in the middle of a round");
 
     // Full fine-tuning the same way: every weight's gradient is all-reduced (SmolLM2's 538 MB
     // crashed burn-collective before its buffers went in chunks), and every weight must agree.
