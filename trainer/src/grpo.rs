@@ -143,6 +143,13 @@ pub(crate) struct SavedRound {
 
 pub(crate) const ROUND_FILE: &str = "grpo_round.json";
 
+/// A round just generated: its micro-batches for this step, its metrics and its samples.
+pub(crate) struct NewRound {
+    pub batches: Vec<Batch>,
+    pub metrics: Vec<(&'static str, f64)>,
+    pub samples: Vec<Sample>,
+}
+
 /// GRPO's state across steps: the reward functions (a command stays alive between rounds, a
 /// reward model stays loaded), and the round being used.
 pub(crate) struct Grpo<B: Backend> {
@@ -225,8 +232,7 @@ impl<B: Backend> Grpo<B> {
     /// `policy` (no autodiff, no dropout), rewards, advantages (over every worker's
     /// completions with batch scaling), the micro-batches with the log-probabilities the loss
     /// needs (`old` from `policy` when the round serves several steps; `reference` with a KL
-    /// term). Returns the micro-batches (this use included), the round's metrics and its
-    /// samples.
+    /// term), for this step (its first use).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new_round(
         &mut self,
@@ -236,7 +242,7 @@ impl<B: Backend> Grpo<B> {
         step: u64,
         collective: Option<&dyn Collective>,
         device: &B::Device,
-    ) -> Result<(Vec<Batch>, Vec<(&'static str, f64)>, Vec<Sample>)> {
+    ) -> Result<NewRound> {
         let g = self.section.num_generations;
         let rank = collective.map_or(0, |c| c.rank());
         let rows: Vec<(usize, &[u32])> = prompts
@@ -406,7 +412,11 @@ impl<B: Backend> Grpo<B> {
             uses_left: self.section.num_iterations - 1,
             batches: batches.clone(),
         });
-        Ok((batches.into_iter().map(Batch::Rollout).collect(), metrics, samples))
+        Ok(NewRound {
+            batches: batches.into_iter().map(Batch::Rollout).collect(),
+            metrics,
+            samples,
+        })
     }
 }
 

@@ -378,13 +378,12 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             Reference::Model(m) => Some(m.as_ref()),
             _ => None,
         };
-        let (batches, metrics, samples) =
-            grpo.new_round(&policy, reference, prompts, step, self.collective, self.device)?;
-        self.round_metrics.push(metrics);
-        self.samples.extend(samples);
+        let round = grpo.new_round(&policy, reference, prompts, step, self.collective, self.device)?;
+        self.round_metrics.push(round.metrics);
+        self.samples.extend(round.samples);
         self.epoch = loaded.epoch;
         Ok(Some(MicroBatches {
-            batches,
+            batches: round.batches,
             next: loaded.next,
             epoch: loaded.epoch,
         }))
