@@ -299,20 +299,20 @@ impl<B: Backend> Grpo<B> {
         // Rewards, [n, functions].
         let f = self.scorers.len();
         let mut per_func = vec![0.0f32; n * f];
+        let items: Vec<Item> = rows
+            .iter()
+            .zip(&texts)
+            .zip(&completions)
+            .map(|(((p, prompt_ids), text), ids)| Item {
+                prompt: &prompts.prompts[*p].prompt,
+                completion: text,
+                tokens: ids.len(),
+                columns: &prompts.prompts[*p].columns,
+                prompt_ids,
+                completion_ids: ids,
+            })
+            .collect();
         for (j, scorer) in self.scorers.iter_mut().enumerate().filter(|_| given.is_none()) {
-            let items: Vec<Item> = rows
-                .iter()
-                .zip(&texts)
-                .zip(&completions)
-                .map(|(((p, prompt_ids), text), ids)| Item {
-                    prompt: &prompts.prompts[*p].prompt,
-                    completion: text,
-                    tokens: ids.len(),
-                    columns: &prompts.prompts[*p].columns,
-                    prompt_ids,
-                    completion_ids: ids,
-                })
-                .collect();
             let values = scorer.score(&items, device).map_err(|message| Error::Reward {
                 name: self.section.rewards[j].name().to_string(),
                 index: j,
@@ -540,12 +540,6 @@ impl<B: Backend> Scorer<B> {
                     pad,
                 }
             }
-            _ => Self::new_host(f, index)?,
-        })
-    }
-
-    fn new_host(f: &RewardFunction, index: usize) -> Result<Self> {
-        Ok(match f {
             RewardFunction::Accuracy { column, .. } => Scorer::Accuracy { column: column.clone() },
             RewardFunction::Format { pattern, .. } => Scorer::Format {
                 pattern: Regex::new(pattern).expect("validated with the config"),
@@ -555,13 +549,8 @@ impl<B: Backend> Scorer<B> {
                 penalty: *penalty as f32,
             },
             RewardFunction::Command { command, timeout_s, .. } => Scorer::Command(Box::new(
-                CommandReward::start(command, Duration::from_secs(*timeout_s)).map_err(|message| Error::Reward {
-                    name: f.name().to_string(),
-                    index,
-                    message,
-                })?,
+                CommandReward::start(command, Duration::from_secs(*timeout_s)).map_err(fail)?,
             )),
-            RewardFunction::Model { .. } => unreachable!("loaded by Scorer::new"),
         })
     }
 
@@ -825,39 +814,31 @@ mod tests {
         assert_eq!(good.score(&items).unwrap(), [1.0, 0.5]);
         assert_eq!(good.score(&items).unwrap(), [1.0, 0.5]);
 
-        let garbage = CommandReward::start(&sh("while read -r l; do echo yes; done"), Duration::from_secs(10))
-            .unwrap()
-            .score(&items)
-            .unwrap_err();
+        // The error of a program that fails on `items` within `secs`.
+        let fails = |script: &str, secs: u64, items: &[Item]| {
+            CommandReward::start(&sh(script), Duration::from_secs(secs))
+                .unwrap()
+                .score(items)
+                .unwrap_err()
+        };
+        let garbage = fails("while read -r l; do echo yes; done", 10, &items);
         assert!(garbage.contains("answered \"yes\" for completion 0"), "{garbage}");
 
-        let exits = CommandReward::start(&sh("read -r l; echo oops >&2; exit 3"), Duration::from_secs(10))
-            .unwrap()
-            .score(&items)
-            .unwrap_err();
+        let exits = fails("read -r l; echo oops >&2; exit 3", 10, &items);
         assert!(exits.contains("gave no answer for completion 0"), "{exits}");
         assert!(exits.contains("oops"), "{exits}");
 
-        let chatty = CommandReward::start(&sh("while read -r l; do echo 1; echo 2; echo 3; done"), Duration::from_secs(10))
-            .unwrap()
-            .score(&items)
-            .unwrap_err();
+        let chatty = fails("while read -r l; do echo 1; echo 2; echo 3; done", 10, &items);
         assert!(chatty.contains("printed more lines than the 2 completions"), "{chatty}");
 
         // A program that never reads: the input (over a pipe's 64 KiB) cannot block training
         // past the timeout.
         let long = "x".repeat(100_000);
         let big = [item(&prompt, &long, &columns)];
-        let deaf = CommandReward::start(&sh("sleep 30"), Duration::from_secs(1))
-            .unwrap()
-            .score(&big)
-            .unwrap_err();
+        let deaf = fails("sleep 30", 1, &big);
         assert!(deaf.contains("within 1 s"), "{deaf}");
 
-        let hangs = CommandReward::start(&sh("sleep 30"), Duration::from_secs(1))
-            .unwrap()
-            .score(&items)
-            .unwrap_err();
+        let hangs = fails("sleep 30", 1, &items);
         assert!(hangs.contains("within 1 s"), "{hangs}");
 
         let missing = CommandReward::start(&["/no/such/program".to_string()], Duration::from_secs(1)).err();
