@@ -56,6 +56,17 @@ fn check_parity_of(name: &str, model: &temper_models::LlamaForCausalLM<B>) {
         "{name}: padded logits differ from transformers: rel err {err:e}"
     );
 
+    // Long-RoPE fixtures: an input past the pretraining length takes the long factors.
+    if expected.names().iter().any(|n| n == "logits_long") {
+        let long: Vec<f32> = model
+            .forward(int("long_input_ids"), ForwardOptions::default(), None)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let err = rel_err(&long, &expected.f32("logits_long"), |_| true);
+        assert!(err < 1e-4, "{name}: logits past the long-RoPE switch differ: rel err {err:e}");
+    }
+
     // Greedy decoding with the KV cache gives transformers' `generate` ids (newer fixtures).
     if expected.names().iter().any(|n| n == "greedy_ids") {
         let ids: Vec<i64> = expected.get("input_ids").1.to_vec().unwrap();
@@ -120,6 +131,25 @@ fn parity_qwen3_qk_norm_hf_and_gguf() {
     );
     let model = temper_models::load_weights::<B>(&path, &config, &Default::default(), DType::F32).unwrap();
     check_parity_of("qwen3_qk_norm", &model);
+}
+
+/// Phi-3 / Phi-4-mini: fused `qkv_proj` and `gate_up_proj`, RoPE on half of each head, and
+/// long-RoPE whose short factors serve the prompt and long ones the positions past the
+/// pretraining length (the greedy run crosses it), with the attention factor; from the HF
+/// checkpoint and from the same weights as llama.cpp writes them (GGUF architecture `phi3`).
+#[test]
+fn parity_phi3_fused_partial_rotary_longrope_hf_and_gguf() {
+    check_parity("phi3_longrope");
+    let dir = fixtures().join("models/phi3_longrope");
+    let gguf = Gguf::open(&dir.join("model.gguf")).unwrap();
+    let config = temper_models::gguf::config_from_gguf(&gguf).unwrap();
+    let hf = temper_models::ModelConfig::from_file(dir.join("config.json")).unwrap();
+    assert_eq!(
+        (config.family, config.rotary_dim, config.fused_projections, &config.rope_scaling),
+        (hf.family, 8, true, &hf.rope_scaling)
+    );
+    let model = temper_models::load_weights::<B>(&dir.join("model.gguf"), &config, &Default::default(), DType::F32).unwrap();
+    check_parity_of("phi3_longrope", &model);
 }
 
 /// Gemma 3's text model: scaled embeddings, `(1 + w)` norms around attention and MLP, q/k norms,
@@ -392,6 +422,7 @@ fn random_weights_from_config_alone() {
         "llama_sharded_bf16",
         "qwen3_qk_norm",
         "gemma3_text",
+        "phi3_longrope",
     ] {
         let dir = fixtures().join("models").join(name);
         let config = temper_models::ModelConfig::from_file(dir.join("config.json")).unwrap();

@@ -19,7 +19,7 @@ type B = CpuBackend;
 type AD = Autodiff<CpuBackend>;
 
 /// adapter fixture -> base model fixture
-const CASES: [(&str, &str); 8] = [
+const CASES: [(&str, &str); 9] = [
     ("pissa", "llama_gqa_llama3"),
     ("lora_list", "llama_gqa_llama3"),
     ("rslora_all_linear", "qwen2_bias_tied"),
@@ -28,6 +28,7 @@ const CASES: [(&str, &str); 8] = [
     ("modules_to_save", "llama_gqa_llama3"),
     ("qwen3_all_linear", "qwen3_qk_norm"),
     ("gemma3_dora", "gemma3_text"),
+    ("phi3_all_linear", "phi3_longrope"),
 ];
 
 fn adapter_dir(name: &str) -> PathBuf {
@@ -509,6 +510,7 @@ fn gguf_export_matches_peft_updates() {
         ("lora_list", "llama_gqa_llama3"),
         ("rank_pattern_regex", "mistral_window"),
         ("rslora_all_linear", "qwen2_bias_tied"),
+        ("phi3_all_linear", "phi3_longrope"),
     ] {
         let base_config =
             temper_models::ModelConfig::from_file(fixtures().join("models").join(base).join("config.json")).unwrap();
@@ -566,6 +568,13 @@ fn gguf_export_matches_peft_updates() {
             seen += 1;
         }
         assert_eq!(seen, pairs, "{adapter}");
+        if base == "phi3_longrope" {
+            // llama.cpp's fused Phi-3 layers.
+            assert_eq!(gguf.get("general.architecture").and_then(|v| v.as_str()), Some("phi3"));
+            for name in ["blk.1.attn_qkv.weight.lora_a", "blk.1.ffn_up.weight.lora_b"] {
+                assert!(gguf.read(name).is_ok(), "{name}");
+            }
+        }
     }
     let base_config =
         temper_models::ModelConfig::from_file(fixtures().join("models/llama_gqa_llama3/config.json")).unwrap();

@@ -67,12 +67,14 @@ fn adapter(dir: &Path) -> Vec<(String, Vec<f32>)> {
     out
 }
 
-/// The first three steps of the same LoRA run on Qwen3 and Gemma 3 equal PyTorch + PEFT's:
-/// losses, grad norms, learning rates (`make_train_fixtures.py --families`).
+/// The first three steps of the same LoRA run on Qwen3, Gemma 3 and Phi-3 (fused projections,
+/// partial rotary, long-RoPE: rows longer than its pretraining length take the long factors)
+/// equal PyTorch + PEFT's: losses, grad norms, learning rates
+/// (`make_train_fixtures.py --families`).
 #[test]
 fn lora_sft_on_each_family_matches_peft() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in ["qwen3_qk_norm", "gemma3_text"] {
+    for name in ["qwen3_qk_norm", "gemma3_text", "phi3_longrope"] {
         let dir = train_dir().join("families").join(name);
         let out = tmp.path().join(name);
         let yaml = job_yaml(&out)

@@ -23,6 +23,9 @@ pub enum Family {
     /// larger ones): scaled embeddings, `(1 + w)` RMSNorms around attention and MLP, q/k norms,
     /// GeGLU, interleaved sliding-window and global layers with their own RoPE bases.
     Gemma3,
+    /// Phi-3 and Phi-4-mini (`phi3`): q/k/v fused into one `qkv_proj` and gate/up into one
+    /// `gate_up_proj`, RoPE on a fraction of each head (`partial_rotary_factor`), long-RoPE.
+    Phi3,
 }
 
 /// The MLP's gate activation.
@@ -53,6 +56,7 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
             Family::Gemma3 => "gemma3_text",
+            Family::Phi3 => "phi3",
         }
     }
 
@@ -64,6 +68,7 @@ impl Family {
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
             Family::Gemma3 => "Gemma3ForCausalLM",
+            Family::Phi3 => "Phi3ForCausalLM",
         }
     }
 
@@ -75,6 +80,7 @@ impl Family {
             Family::Qwen2 => "Qwen2ForSequenceClassification",
             Family::Qwen3 => "Qwen3ForSequenceClassification",
             Family::Gemma3 => "Gemma3TextForSequenceClassification",
+            Family::Phi3 => "Phi3ForSequenceClassification",
         }
     }
 }
@@ -96,6 +102,18 @@ pub enum RopeScaling {
     /// Per-frequency divisors, as llama.cpp stores them in GGUF's `rope_freqs.weight`
     /// (which is how a Llama 3.1 GGUF carries the `llama3` scaling).
     FreqFactors(Vec<f32>),
+    /// Phi-3's long-RoPE (transformers' `longrope`): per-frequency divisors, `short_factor` for a
+    /// forward whose positions stay within `original_max_position_embeddings` and `long_factor`
+    /// past it (chosen per forward, as transformers does), and cos/sin scaled by
+    /// `attention_factor`.
+    LongRope {
+        short_factor: Vec<f32>,
+        long_factor: Vec<f32>,
+        original_max_position_embeddings: usize,
+        attention_factor: f64,
+        /// Whether config.json gave `attention_factor` (else it follows from the context lengths).
+        explicit_attention_factor: bool,
+    },
 }
 
 /// Storage dtype named by the checkpoint (`torch_dtype` / `dtype`).
@@ -128,6 +146,12 @@ pub struct ModelConfig {
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
     pub head_dim: usize,
+    /// The leading dimensions of each head that RoPE rotates (`head_dim` times Phi-3's
+    /// `partial_rotary_factor`); the rest pass through.
+    pub rotary_dim: usize,
+    /// Phi-3: q/k/v are one `qkv_proj` (queries, keys, values along its output) and gate/up one
+    /// `gate_up_proj` (gate first), as in the checkpoint; adapters sit on the fused layers.
+    pub fused_projections: bool,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
@@ -178,6 +202,8 @@ struct RawConfig {
     num_attention_heads: Option<usize>,
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
+    partial_rotary_factor: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<Value>,
@@ -242,6 +268,20 @@ impl ModelConfig {
             } => serde_json::json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
                 "high_freq_factor": high_freq_factor,
                 "original_max_position_embeddings": *original_max_position_embeddings as u64}),
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                attention_factor,
+                explicit_attention_factor,
+                ..
+            } => {
+                let mut rope = serde_json::json!({"type": "longrope", "short_factor": short_factor,
+                    "long_factor": long_factor});
+                if *explicit_attention_factor {
+                    rope["attention_factor"] = serde_json::json!(attention_factor);
+                }
+                rope
+            }
             RopeScaling::FreqFactors(_) => {
                 return Err(
                     "this model's rope scaling came from GGUF rope_freqs, which config.json cannot express".into(),
@@ -278,9 +318,8 @@ impl ModelConfig {
             "torch_dtype": dtype.torch_name(),
         });
         let obj = c.as_object_mut().expect("object");
-        if let Some(pad) = self.pad_token_id {
-            obj.insert("pad_token_id".into(), serde_json::json!(pad));
-        }
+        // Written when absent too: `Phi3Config`'s default (32000) is outside small vocabularies.
+        obj.insert("pad_token_id".into(), serde_json::json!(self.pad_token_id));
         if self.score_head {
             obj.insert("id2label".into(), serde_json::json!({"0": "LABEL_0"}));
             obj.insert("label2id".into(), serde_json::json!({"LABEL_0": 0}));
@@ -340,6 +379,28 @@ impl ModelConfig {
                     })
                     .collect();
                 obj.insert("layer_types".into(), serde_json::json!(types));
+            }
+            Family::Phi3 => {
+                // `Phi3Config` derives the head size from hidden_size / heads.
+                obj.remove("head_dim");
+                obj.insert(
+                    "partial_rotary_factor".into(),
+                    serde_json::json!(self.rotary_dim as f64 / self.head_dim as f64),
+                );
+                if let RopeScaling::LongRope {
+                    original_max_position_embeddings,
+                    ..
+                } = &self.rope_scaling
+                {
+                    obj.insert(
+                        "original_max_position_embeddings".into(),
+                        serde_json::json!(original_max_position_embeddings),
+                    );
+                }
+                obj.insert(
+                    "sliding_window".into(),
+                    serde_json::json!(self.sliding_window.first().copied().flatten()),
+                );
             }
         }
         Ok(c)
@@ -457,11 +518,14 @@ fn get_f64(path: &Path, key: &str, obj: &serde_json::Map<String, Value>, name: &
 /// Reads the rope section in either form: transformers-4 `rope_scaling` (with `type` or
 /// `rope_type`) beside a top-level `rope_theta`, or transformers-5 `rope_parameters` which
 /// also holds `rope_theta`.
+/// `lengths`: config.json's top-level `original_max_position_embeddings` (Phi-3 keeps it there
+/// in the transformers-4 spelling) and `max_position_embeddings`, for long-RoPE.
 fn parse_rope(
     path: &Path,
     key: &str,
     section: Option<&Value>,
     theta: Option<f64>,
+    lengths: (Option<usize>, usize),
 ) -> Result<(Option<f64>, RopeScaling)> {
     let obj = match section {
         None | Some(Value::Null) => return Ok((theta, RopeScaling::Default)),
@@ -488,6 +552,47 @@ fn parse_rope(
             high_freq_factor: factor("high_freq_factor")?,
             original_max_position_embeddings: factor("original_max_position_embeddings")?,
         },
+        // "su" is long-RoPE's first name (Phi-3-128k's early config.json).
+        "longrope" | "su" => {
+            let factors = |name: &str| -> Result<Vec<f32>> {
+                let k = format!("{key}.{name}");
+                match obj.get(name) {
+                    Some(Value::Array(items)) if !items.is_empty() => items
+                        .iter()
+                        .map(|v| match v.as_f64() {
+                            Some(f) if f > 0.0 && f.is_finite() => Ok(f as f32),
+                            _ => Err(config_err(path, &k, format!("expected positive numbers, got {v}"))),
+                        })
+                        .collect(),
+                    Some(other) => Err(config_err(path, &k, format!("expected a list of numbers, got {other}"))),
+                    None => Err(config_err(path, &k, "missing")),
+                }
+            };
+            let original = match get_f64(path, key, obj, "original_max_position_embeddings")? {
+                Some(v) => v as usize,
+                None => lengths.0.ok_or_else(|| {
+                    config_err(path, "original_max_position_embeddings", "missing (long-RoPE needs it)")
+                })?,
+            };
+            if original < 2 {
+                return Err(config_err(path, "original_max_position_embeddings", format!("must be > 1, got {original}")));
+            }
+            // transformers' `_compute_longrope_parameters`: the factor defaults to the ratio of
+            // the context lengths, and the attention factor to sqrt(1 + ln(factor) / ln(original)).
+            let scale = get_f64(path, key, obj, "factor")?.unwrap_or(lengths.1 as f64 / original as f64);
+            let explicit = get_f64(path, key, obj, "attention_factor")?;
+            let attention_factor = explicit.unwrap_or(match scale <= 1.0 {
+                true => 1.0,
+                false => (1.0 + scale.ln() / (original as f64).ln()).sqrt(),
+            });
+            RopeScaling::LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor,
+                explicit_attention_factor: explicit.is_some(),
+            }
+        }
         other => {
             return Err(Error::UnsupportedRope {
                 path: path.to_path_buf(),
@@ -516,6 +621,7 @@ impl RawConfig {
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
             "gemma3_text" => Family::Gemma3,
+            "phi3" => Family::Phi3,
             "gemma3" => {
                 return Err(config_err(
                     path,
@@ -594,6 +700,8 @@ impl RawConfig {
                 format!("must be even for RoPE, got {head_dim}"),
             ));
         }
+        let max_position_embeddings = self.max_position_embeddings.unwrap_or(2048);
+        let lengths = (self.original_max_position_embeddings, max_position_embeddings);
         let per_layer_type = self
             .rope_parameters
             .as_ref()
@@ -602,9 +710,9 @@ impl RawConfig {
             // transformers 5 writes Gemma 3's RoPE per layer type.
             (Family::Gemma3, Some((full, sliding))) => {
                 let key = "rope_parameters.full_attention";
-                let (theta, scaling) = parse_rope(path, key, Some(full), self.rope_theta)?;
+                let (theta, scaling) = parse_rope(path, key, Some(full), self.rope_theta, lengths)?;
                 let key = "rope_parameters.sliding_attention";
-                let (local, local_scaling) = parse_rope(path, key, sliding, None)?;
+                let (local, local_scaling) = parse_rope(path, key, sliding, None, lengths)?;
                 if local_scaling != RopeScaling::Default {
                     return Err(config_err(path, key, "only the default rope type is supported here"));
                 }
@@ -620,24 +728,82 @@ impl RawConfig {
                     Some(p) => ("rope_parameters", Some(p)),
                     None => ("rope_scaling", self.rope_scaling.as_ref()),
                 };
-                let (theta, scaling) = parse_rope(path, key, section, self.rope_theta)?;
+                let (theta, scaling) = parse_rope(path, key, section, self.rope_theta, lengths)?;
                 let local = self.rope_local_base_freq.unwrap_or(GEMMA3_LOCAL_ROPE_THETA);
                 (theta.or(Some(GEMMA3_ROPE_THETA)), scaling, Some(local))
             }
             (_, _) if self.rope_parameters.is_some() => {
                 let (theta, scaling) =
-                    parse_rope(path, "rope_parameters", self.rope_parameters.as_ref(), self.rope_theta)?;
+                    parse_rope(path, "rope_parameters", self.rope_parameters.as_ref(), self.rope_theta, lengths)?;
                 (theta, scaling, None)
             }
             _ => {
-                let (theta, scaling) = parse_rope(path, "rope_scaling", self.rope_scaling.as_ref(), self.rope_theta)?;
+                let (theta, scaling) =
+                    parse_rope(path, "rope_scaling", self.rope_scaling.as_ref(), self.rope_theta, lengths)?;
                 (theta, scaling, None)
             }
         };
+        // transformers 5 keeps `partial_rotary_factor` in `rope_parameters`, 4 at the top level.
+        let (factor_key, partial) = match self.rope_parameters.as_ref().and_then(|p| p.get("partial_rotary_factor")) {
+            Some(v) => (
+                "rope_parameters.partial_rotary_factor",
+                Some(v.as_f64().ok_or_else(|| {
+                    config_err(path, "rope_parameters.partial_rotary_factor", format!("expected a number, got {v}"))
+                })?),
+            ),
+            None => ("partial_rotary_factor", self.partial_rotary_factor),
+        };
+        let rotary_dim = match partial {
+            None => head_dim,
+            Some(f) if f == 1.0 => head_dim,
+            Some(f) if family != Family::Phi3 => {
+                return Err(config_err(
+                    path,
+                    factor_key,
+                    format!("{f}: partial rotary embeddings are implemented for Phi-3 only"),
+                ));
+            }
+            Some(f) => {
+                // transformers: `int(head_dim * partial_rotary_factor)`.
+                let dim = (head_dim as f64 * f) as usize;
+                if !(f > 0.0 && f <= 1.0) || dim == 0 || dim % 2 != 0 {
+                    return Err(config_err(
+                        path,
+                        factor_key,
+                        format!("{f} of head_dim {head_dim} is not an even number of rotated dimensions"),
+                    ));
+                }
+                dim
+            }
+        };
+        if let RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } = &rope_scaling
+        {
+            let key = if self.rope_parameters.is_some() { "rope_parameters" } else { "rope_scaling" };
+            if family != Family::Phi3 {
+                return Err(Error::UnsupportedRope {
+                    path: path.to_path_buf(),
+                    rope_type: format!("longrope (implemented for Phi-3, not {})", family.model_type()),
+                });
+            }
+            for (name, f) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+                if f.len() != rotary_dim / 2 {
+                    return Err(config_err(
+                        path,
+                        &format!("{key}.{name}"),
+                        format!("has {} entries; the {rotary_dim} rotated dimensions need {}", f.len(), rotary_dim / 2),
+                    ));
+                }
+            }
+        }
         let layers = required(path, "num_hidden_layers", self.num_hidden_layers)?;
         let sliding_window = match family {
             Family::Llama => vec![None; layers],
-            Family::Mistral => vec![self.sliding_window; layers],
+            // Phi-3 windows every layer when config.json has a window (Phi-3-mini's 2047).
+            Family::Mistral | Family::Phi3 => vec![self.sliding_window; layers],
             Family::Gemma3 => {
                 // `Gemma3TextConfig`'s default window; its sliding layers use the local RoPE.
                 let window = Some(self.sliding_window.unwrap_or(4096));
@@ -701,10 +867,12 @@ impl RawConfig {
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
+            rotary_dim,
+            fused_projections: family == Family::Phi3,
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: theta.unwrap_or(10000.0),
             rope_scaling,
-            max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
+            max_position_embeddings,
             // `Gemma3TextConfig` ties by default, and transformers 4 leaves defaults out of
             // config.json (gemma-3-1b's has no `tie_word_embeddings`).
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(family == Family::Gemma3),
@@ -897,6 +1065,67 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.to_string().contains("rope_scaling.low_freq_factor: missing"), "{e}");
+    }
+
+    /// Phi-4-mini's config.json (transformers 4: `rope_scaling` with `type`, the partial factor
+    /// and the pretraining length at the top level) and transformers 5's spelling agree, and
+    /// survive `to_hf_json`.
+    #[test]
+    fn phi3_longrope_in_both_spellings() {
+        let factors = |f: f64| format!("[{f}, {f}, {f}, {f}, {f}, {f}]");
+        let old = parse(&format!(
+            r#"{{"model_type": "phi3", {BASE}, "max_position_embeddings": 131072, "tie_word_embeddings": true,
+            "original_max_position_embeddings": 4096, "partial_rotary_factor": 0.75, "rope_theta": 10000.0,
+            "rope_scaling": {{"type": "longrope", "short_factor": {}, "long_factor": {}}}}}"#,
+            factors(1.0),
+            factors(2.5)
+        ))
+        .unwrap();
+        assert_eq!((old.family, old.head_dim, old.rotary_dim, old.fused_projections), (Family::Phi3, 16, 12, true));
+        let RopeScaling::LongRope {
+            attention_factor,
+            original_max_position_embeddings,
+            ..
+        } = &old.rope_scaling
+        else {
+            panic!("{:?}", old.rope_scaling)
+        };
+        // transformers: sqrt(1 + ln(131072 / 4096) / ln(4096)).
+        assert!((attention_factor - 1.1902380714238083).abs() < 1e-12, "{attention_factor}");
+        assert_eq!(*original_max_position_embeddings, 4096);
+        let new = parse(&format!(
+            r#"{{"model_type": "phi3", {BASE}, "max_position_embeddings": 131072, "tie_word_embeddings": true,
+            "original_max_position_embeddings": 4096, "rope_parameters": {{"rope_type": "longrope",
+            "rope_theta": 10000.0, "partial_rotary_factor": 0.75, "short_factor": {}, "long_factor": {},
+            "original_max_position_embeddings": 4096}}}}"#,
+            factors(1.0),
+            factors(2.5)
+        ))
+        .unwrap();
+        assert_eq!(old, new);
+        let again = parse(&old.to_hf_json(CheckpointDtype::BF16).unwrap().to_string()).unwrap();
+        assert_eq!(ModelConfig { dtype: None, ..again }, ModelConfig { dtype: None, ..old });
+    }
+
+    #[test]
+    fn phi3_options_are_checked_by_name() {
+        let phi3 = |extra: &str| parse(&format!(r#"{{"model_type": "phi3", {BASE}, {extra}}}"#));
+        let e = phi3(r#""rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}, "original_max_position_embeddings": 8"#).unwrap_err();
+        assert!(e.to_string().contains("rope_scaling.short_factor: has 1 entries; the 16 rotated dimensions need 8"), "{e}");
+        let e = phi3(r#""rope_scaling": {"type": "longrope", "short_factor": [1, 1, 1, 1, 1, 1, 1, 1], "long_factor": [1, 1, 1, 1, 1, 1, 1, 1]}"#).unwrap_err();
+        assert!(e.to_string().contains("original_max_position_embeddings: missing"), "{e}");
+        let e = phi3(r#""rope_scaling": {"type": "longrope", "short_factor": [1, 1, 1, 1, 1, 1, 1, 0], "long_factor": [1, 1, 1, 1, 1, 1, 1, 1]}, "original_max_position_embeddings": 8"#).unwrap_err();
+        assert!(e.to_string().contains("rope_scaling.short_factor: expected positive numbers"), "{e}");
+        let e = phi3(r#""partial_rotary_factor": 0.2"#).unwrap_err();
+        assert!(e.to_string().contains("partial_rotary_factor: 0.2 of head_dim 16"), "{e}");
+        let e = phi3(r#""rope_scaling": {"type": "yarn", "factor": 4.0}"#).unwrap_err();
+        assert!(e.to_string().contains("yarn"), "{e}");
+        // Options of Phi-3 on another family are refused, not ignored.
+        let llama = |extra: &str| parse(&format!(r#"{{"model_type": "llama", {BASE}, {extra}}}"#));
+        let e = llama(r#""partial_rotary_factor": 0.5"#).unwrap_err();
+        assert!(e.to_string().contains("partial rotary embeddings are implemented for Phi-3 only"), "{e}");
+        let e = llama(r#""rope_scaling": {"type": "longrope", "short_factor": [1, 1, 1, 1, 1, 1, 1, 1], "long_factor": [1, 1, 1, 1, 1, 1, 1, 1]}, "original_max_position_embeddings": 8"#).unwrap_err();
+        assert!(e.to_string().contains("longrope (implemented for Phi-3, not llama)"), "{e}");
     }
 
     #[test]

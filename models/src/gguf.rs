@@ -529,6 +529,9 @@ fn gguf_name(hf: &str, gemma: bool) -> Option<String> {
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
+        // Phi-3's fused layers (llama.cpp keeps them fused; `ffn_up` holds gate then up).
+        "self_attn.qkv_proj" => "attn_qkv",
+        "mlp.gate_up_proj" => "ffn_up",
         "self_attn.q_norm" => "attn_q_norm",
         "self_attn.k_norm" => "attn_k_norm",
         "input_layernorm" => "attn_norm",
@@ -644,6 +647,7 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
         "qwen2" => Family::Qwen2,
         "qwen3" => Family::Qwen3,
         "gemma3" => Family::Gemma3,
+        "phi3" => Family::Phi3,
         other => {
             return Err(Error::UnsupportedModelType {
                 path: path.to_path_buf(),
@@ -687,6 +691,20 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
         });
     }
     let head_dim = uint("attention.key_length").unwrap_or(hidden / heads);
+    let rotary_dim = match uint("rope.dimension_count") {
+        Err(_) => head_dim,
+        Ok(d) if d == head_dim => d,
+        Ok(d) if family == Family::Phi3 && d < head_dim && d % 2 == 0 => d,
+        Ok(d) => {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                key: key("rope.dimension_count"),
+                message: format!(
+                    "{d} rotated dimensions of heads of {head_dim}: partial rotary embeddings are implemented for Phi-3 only"
+                ),
+            });
+        }
+    };
     let vocab = match uint("vocab_size") {
         Ok(v) => v,
         Err(_) => gguf
@@ -696,7 +714,40 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
             .ok_or_else(|| missing(&key("vocab_size")))?,
     };
     let layers = uint("block_count")?;
-    let rope_scaling = if gguf.tensors.contains_key("rope_freqs.weight") {
+    let phi3 = family == Family::Phi3;
+    let context = uint("context_length").unwrap_or(2048);
+    let rope_scaling = if phi3 && gguf.tensors.contains_key("rope_factors_long.weight") {
+        let factors = |name: &str| -> Result<Vec<f32>> {
+            let data = gguf.read(name)?.convert_dtype(DType::F32);
+            let values = data
+                .to_vec::<f32>()
+                .map_err(|e| Error::tensor(path, name, format!("{e:?}")))?;
+            if values.len() != rotary_dim / 2 || values.iter().any(|f| !(*f > 0.0 && f.is_finite())) {
+                return Err(Error::tensor(
+                    path,
+                    name,
+                    format!("expected {} positive factors (rope.dimension_count / 2)", rotary_dim / 2),
+                ));
+            }
+            Ok(values)
+        };
+        let original = uint("rope.scaling.original_context_length")?;
+        // transformers' default attention factor, which the converter writes (as an f32): a
+        // written value that differs from it is the checkpoint's own.
+        let scale = context as f64 / original as f64;
+        let default = match scale <= 1.0 {
+            true => 1.0,
+            false => (1.0 + scale.ln() / (original as f64).ln()).sqrt(),
+        };
+        let written = float("rope.scaling.attn_factor").filter(|f| (f - default).abs() > 1e-6 * default);
+        RopeScaling::LongRope {
+            short_factor: factors("rope_factors_short.weight")?,
+            long_factor: factors("rope_factors_long.weight")?,
+            original_max_position_embeddings: original,
+            attention_factor: written.unwrap_or(default),
+            explicit_attention_factor: written.is_some(),
+        }
+    } else if gguf.tensors.contains_key("rope_freqs.weight") {
         let data = gguf.read("rope_freqs.weight")?.convert_dtype(DType::F32);
         RopeScaling::FreqFactors(
             data.to_vec::<f32>()
@@ -717,6 +768,7 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
         }
     };
     let id = |k: &str| gguf.get(k).and_then(Value::as_u64).map(|v| v as u32);
+    // Phi-4's converter writes a window of 0 for "none" (`uint` refuses 0).
     let sliding = uint("attention.sliding_window").ok();
     let gemma = family == Family::Gemma3;
     let sliding_window = match gemma {
@@ -736,10 +788,12 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
         head_dim,
+        rotary_dim,
+        fused_projections: phi3,
         rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(if gemma { 1e-6 } else { 1e-5 }),
         rope_theta: float("rope.freq_base").unwrap_or(10000.0),
         rope_scaling,
-        max_position_embeddings: uint("context_length").unwrap_or(2048),
+        max_position_embeddings: context,
         tie_word_embeddings: !gguf.tensors.contains_key("output.weight"),
         qkv_bias: gguf.tensors.contains_key("blk.0.attn_q.bias"),
         o_bias: gguf.tensors.contains_key("blk.0.attn_output.bias"),

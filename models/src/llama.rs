@@ -6,7 +6,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
-use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, ElementConversion, Int, Tensor, TensorData};
 
 use crate::config::{Activation, ModelConfig, RopeScaling};
 use crate::error::Result;
@@ -18,9 +18,43 @@ use crate::weights::{WeightLoader, WeightSource};
 // RoPE (Hugging Face's `rotate_half` layout: the two halves of each head are the pair, not
 // interleaved neighbours as in burn's `RotaryEncoding`).
 
-/// Inverse frequencies, `head_dim / 2` of them, after rope scaling.
+/// Inverse frequencies, `rotary_dim / 2` of them, after rope scaling (long-RoPE's short set).
 pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
-    inv_freq(config.head_dim, config.rope_theta, &config.rope_scaling)
+    inv_freq(config.rotary_dim, config.rope_theta, &config.rope_scaling)
+}
+
+/// Long-RoPE's inverse frequencies for a forward whose positions go past the pretraining
+/// length, with that length; `None` for other scalings.
+pub fn rope_inv_freq_long(config: &ModelConfig) -> Option<(Vec<f32>, usize)> {
+    let RopeScaling::LongRope {
+        long_factor,
+        original_max_position_embeddings,
+        ..
+    } = &config.rope_scaling
+    else {
+        return None;
+    };
+    Some((
+        long_rope_freq(config.rotary_dim, config.rope_theta, long_factor),
+        *original_max_position_embeddings,
+    ))
+}
+
+/// The factor cos and sin are multiplied by (long-RoPE's `attention_factor`; 1 elsewhere).
+pub fn rope_attention_factor(config: &ModelConfig) -> f64 {
+    match &config.rope_scaling {
+        RopeScaling::LongRope { attention_factor, .. } => *attention_factor,
+        _ => 1.0,
+    }
+}
+
+/// `1 / (factor_i * theta^(2i/d))`, in transformers' order of f32 operations.
+fn long_rope_freq(dim: usize, theta: f64, factors: &[f32]) -> Vec<f32> {
+    factors
+        .iter()
+        .enumerate()
+        .map(|(i, f)| 1.0 / (f * (theta as f32).powf((2 * i) as f32 / dim as f32)))
+        .collect()
 }
 
 fn inv_freq(dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
@@ -32,6 +66,7 @@ fn inv_freq(dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
         RopeScaling::Default => base,
         RopeScaling::Linear { factor } => base.iter().map(|f| f / *factor as f32).collect(),
         RopeScaling::FreqFactors(factors) => base.iter().zip(factors).map(|(f, d)| f / d).collect(),
+        RopeScaling::LongRope { short_factor, .. } => long_rope_freq(dim, theta, short_factor),
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -65,34 +100,46 @@ fn inv_freq(dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
 
 /// Precomputed `cos`/`sin` for the positions of one forward pass.
 pub struct Rope<B: Backend> {
-    cos: Tensor<B, 3>, // [batch, seq, head_dim]
-    sin: Tensor<B, 3>, // [batch, seq, head_dim]
+    cos: Tensor<B, 3>, // [batch, seq, rotary_dim]
+    sin: Tensor<B, 3>, // [batch, seq, rotary_dim]
 }
 
 impl<B: Backend> Rope<B> {
-    /// `position_ids`: `[batch, seq]`. Computed in f32 (as transformers does), then cast to
-    /// the activations' dtype.
-    pub fn new(inv_freq: &Tensor<B, 1>, position_ids: Tensor<B, 2, Int>, dtype: DType) -> Self {
+    /// `position_ids`: `[batch, seq]`. Computed in f32 (as transformers does), multiplied by
+    /// `scale` (long-RoPE's attention factor; 1 elsewhere), then cast to the activations' dtype.
+    pub fn new(inv_freq: &Tensor<B, 1>, position_ids: Tensor<B, 2, Int>, dtype: DType, scale: f64) -> Self {
         let [batch, seq] = position_ids.dims();
         let half = inv_freq.dims()[0];
         let pos = position_ids.float().cast(DType::F32).reshape([batch, seq, 1]);
         let freqs = pos * inv_freq.clone().reshape([1, 1, half]); // [batch, seq, half]
-        let emb = Tensor::cat(vec![freqs.clone(), freqs], 2); // [batch, seq, head_dim]
+        let emb = Tensor::cat(vec![freqs.clone(), freqs], 2); // [batch, seq, rotary_dim]
+        let (cos, sin) = (emb.clone().cos(), emb.sin());
+        let (cos, sin) = match scale == 1.0 {
+            true => (cos, sin),
+            false => (cos.mul_scalar(scale), sin.mul_scalar(scale)),
+        };
         Self {
-            cos: emb.clone().cos().cast(dtype),
-            sin: emb.sin().cast(dtype),
+            cos: cos.cast(dtype),
+            sin: sin.cast(dtype),
         }
     }
 
-    /// `x`: `[batch, seq, heads, head_dim]`.
+    /// `x`: `[batch, seq, heads, head_dim]`. When the rotary dimension is smaller than the head
+    /// (Phi-3's `partial_rotary_factor`), the leading dimensions rotate and the rest pass through.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        temper_kernels::rope(x, self.cos.clone(), self.sin.clone())
+        let (head_dim, rotary) = (x.dims()[3], self.cos.dims()[2]);
+        if rotary == head_dim {
+            return temper_kernels::rope(x, self.cos.clone(), self.sin.clone());
+        }
+        let rotated = temper_kernels::rope(x.clone().narrow(3, 0, rotary), self.cos.clone(), self.sin.clone());
+        Tensor::cat(vec![rotated, x.narrow(3, rotary, head_dim - rotary)], 3)
     }
 }
 
 /// A decoder layer's linear layers under `model.layers.N.`, in checkpoint order. Every walk
 /// over a model's named linears (loading, shapes, adapters, saving, merging) goes through this
-/// list and [`LlamaForCausalLM::linears`].
+/// list (or [`FUSED_LAYER_LINEARS`], as [`layer_linears`] picks) and
+/// [`LlamaForCausalLM::linears`].
 pub const LAYER_LINEARS: [&str; 7] = [
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -103,6 +150,22 @@ pub const LAYER_LINEARS: [&str; 7] = [
     "mlp.down_proj",
 ];
 
+/// Phi-3's: queries, keys and values from one `qkv_proj`, gate and up from one `gate_up_proj`.
+pub const FUSED_LAYER_LINEARS: [&str; 4] = [
+    "self_attn.qkv_proj",
+    "self_attn.o_proj",
+    "mlp.gate_up_proj",
+    "mlp.down_proj",
+];
+
+/// The layer's linear names for models with (`fused`) or without fused projections.
+pub fn layer_linears(fused: bool) -> &'static [&'static str] {
+    match fused {
+        true => &FUSED_LAYER_LINEARS,
+        false => &LAYER_LINEARS,
+    }
+}
+
 /// A decoder layer's norms under `model.layers.N.`.
 pub const LAYER_NORMS: [&str; 2] = ["input_layernorm", "post_attention_layernorm"];
 
@@ -112,23 +175,31 @@ pub const HEAD_NORMS: [&str; 2] = ["self_attn.q_norm", "self_attn.k_norm"];
 /// Gemma's norms around the MLP under `model.layers.N.`.
 pub const SANDWICH_NORMS: [&str; 2] = ["pre_feedforward_layernorm", "post_feedforward_layernorm"];
 
-/// [`LAYER_LINEARS`]'s `[in, out]` sizes and whether each has a bias.
-fn layer_linear_shapes(c: &ModelConfig) -> [([usize; 2], bool); 7] {
+/// [`layer_linears`]'s `[in, out]` sizes and whether each has a bias.
+fn layer_linear_shapes(c: &ModelConfig) -> Vec<([usize; 2], bool)> {
     let (h, q, kv, is) = (
         c.hidden_size,
         c.num_attention_heads * c.head_dim,
         c.num_key_value_heads * c.head_dim,
         c.intermediate_size,
     );
-    [
-        ([h, q], c.qkv_bias),
-        ([h, kv], c.qkv_bias),
-        ([h, kv], c.qkv_bias),
-        ([q, h], c.o_bias),
-        ([h, is], c.mlp_bias),
-        ([h, is], c.mlp_bias),
-        ([is, h], c.mlp_bias),
-    ]
+    match c.fused_projections {
+        true => vec![
+            ([h, q + 2 * kv], c.qkv_bias),
+            ([q, h], c.o_bias),
+            ([h, 2 * is], c.mlp_bias),
+            ([is, h], c.mlp_bias),
+        ],
+        false => vec![
+            ([h, q], c.qkv_bias),
+            ([h, kv], c.qkv_bias),
+            ([h, kv], c.qkv_bias),
+            ([q, h], c.o_bias),
+            ([h, is], c.mlp_bias),
+            ([h, is], c.mlp_bias),
+            ([is, h], c.mlp_bias),
+        ],
+    }
 }
 
 /// Random weights of the model a config describes (benchmarks: speed does not depend on the
@@ -145,7 +216,7 @@ pub fn checkpoint_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let mut out = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h])];
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        for (name, ([inp, o], bias)) in LAYER_LINEARS.iter().zip(layer_linear_shapes(c)) {
+        for (name, ([inp, o], bias)) in layer_linears(c.fused_projections).iter().zip(layer_linear_shapes(c)) {
             out.push((format!("{p}.{name}.weight"), vec![o, inp]));
             if bias {
                 out.push((format!("{p}.{name}.bias"), vec![o]));
@@ -287,8 +358,8 @@ impl<B: Backend> RmsNorm<B> {
 /// SwiGLU, `down(silu(gate(x)) * up(x))`, or Gemma's GeGLU with gelu's tanh approximation.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub gate_proj: Linear<B>,
-    pub up_proj: Linear<B>,
+    /// `gate_proj` and `up_proj`, or Phi-3's one `gate_up_proj` (gate, then up, along its output).
+    pub gate_up: Vec<Linear<B>>,
     pub down_proj: Linear<B>,
     #[module(skip)]
     pub activation: Activation,
@@ -296,7 +367,15 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        let (gate, up) = match self.gate_up.as_slice() {
+            [gate, up] => (gate.forward(x.clone()), up.forward(x)),
+            [fused] => {
+                let both = fused.forward(x);
+                let half = both.dims()[2] / 2;
+                (both.clone().narrow(2, 0, half), both.narrow(2, half, half))
+            }
+            other => unreachable!("an MLP has 1 or 2 input projections, not {}", other.len()),
+        };
         let gated = match self.activation {
             Activation::Silu => temper_kernels::swiglu(gate, up),
             // In f32 and rounded once, as PyTorch's gelu computes on bf16 inputs.
@@ -386,9 +465,9 @@ impl<B: Backend> KvCache<B> {
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    pub q_proj: Linear<B>,
-    pub k_proj: Linear<B>,
-    pub v_proj: Linear<B>,
+    /// `q_proj`, `k_proj` and `v_proj`, or Phi-3's one `qkv_proj` (queries, keys, values along
+    /// its output).
+    pub qkv: Vec<Linear<B>>,
     pub o_proj: Linear<B>,
     /// Qwen3, Gemma 3: RMSNorm over each query / key head (`head_dim` weights), before RoPE.
     pub q_norm: Option<RmsNorm<B>>,
@@ -413,12 +492,22 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = temper_kernels::reshape(head_norm(&self.q_norm, self.q_proj.forward(x.clone()), d), [b, s, h, d]);
-        let k = temper_kernels::reshape(
-            head_norm(&self.k_norm, self.k_proj.forward(x.clone()), d),
-            [b, s, kvh, d],
-        );
-        let v = temper_kernels::reshape(self.v_proj.forward(x), [b, s, kvh, d]);
+        let (q, k, v) = match self.qkv.as_slice() {
+            [q, k, v] => (q.forward(x.clone()), k.forward(x.clone()), v.forward(x)),
+            [fused] => {
+                let qkv = fused.forward(x);
+                let (qw, kvw) = (h * d, kvh * d);
+                (
+                    qkv.clone().narrow(2, 0, qw),
+                    qkv.clone().narrow(2, qw, kvw),
+                    qkv.narrow(2, qw + kvw, kvw),
+                )
+            }
+            other => unreachable!("attention has 1 or 3 input projections, not {}", other.len()),
+        };
+        let q = temper_kernels::reshape(head_norm(&self.q_norm, q, d), [b, s, h, d]);
+        let k = temper_kernels::reshape(head_norm(&self.k_norm, k, d), [b, s, kvh, d]);
+        let v = temper_kernels::reshape(v, [b, s, kvh, d]);
         let q = rope.apply(q);
         let q = if self.query_scale == 1.0 {
             q
@@ -526,22 +615,20 @@ pub struct LayerInputs<B: Backend> {
 
 /// The walk over a model's linear layers and their Hugging Face names, written once for `&`
 /// (`named_linears!(model, iter, as_ref)`) and `&mut` (`..., iter_mut, as_mut, mut`). The
-/// fields are listed in [`LAYER_LINEARS`]'s order.
+/// fields are listed in [`layer_linears`]'s order.
 macro_rules! named_linears {
     ($model:expr, $iter:ident, $as:ident $(, $mut:tt)?) => {{
         let mut out = Vec::new();
         for (i, layer) in $model.model.layers.$iter().enumerate() {
             let (a, m) = (&$($mut)? layer.self_attn, &$($mut)? layer.mlp);
-            let fields = [
-                &$($mut)? a.q_proj,
-                &$($mut)? a.k_proj,
-                &$($mut)? a.v_proj,
-                &$($mut)? a.o_proj,
-                &$($mut)? m.gate_proj,
-                &$($mut)? m.up_proj,
-                &$($mut)? m.down_proj,
-            ];
-            for (name, linear) in LAYER_LINEARS.iter().zip(fields) {
+            let names = layer_linears(a.qkv.len() == 1);
+            let fields = a
+                .qkv
+                .$iter()
+                .chain([&$($mut)? a.o_proj])
+                .chain(m.gate_up.$iter())
+                .chain([&$($mut)? m.down_proj]);
+            for (name, linear) in names.iter().zip(fields) {
                 out.push((format!("model.layers.{i}.{name}"), linear));
             }
         }
@@ -564,8 +651,14 @@ pub struct LlamaForCausalLM<B: Backend> {
     /// A reward model's head, `[hidden, 1]`, no bias (transformers' `*ForSequenceClassification`
     /// `score`): from the checkpoint, or added by [`LlamaForCausalLM::add_score_head`].
     pub score: Option<Linear<B>>,
-    /// `[head_dim / 2]`, f32.
+    /// `[rotary_dim / 2]`, f32.
     pub inv_freq: Tensor<B, 1>,
+    /// Long-RoPE: the frequencies for a forward whose positions reach past `long_rope_after`
+    /// (the pretraining length).
+    pub inv_freq_long: Option<Tensor<B, 1>>,
+    pub long_rope_after: usize,
+    /// Long-RoPE's attention factor, applied to cos and sin; 1 elsewhere.
+    pub rope_scale: f64,
     /// Gemma 3: the sliding-window layers' RoPE (`rope_local_base_freq`, unscaled).
     pub inv_freq_local: Option<Tensor<B, 1>>,
     /// Gemma: embeddings times `sqrt(hidden_size)`.
@@ -591,11 +684,17 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut shapes = layer_linear_shapes(c).into_iter();
-            let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] = LAYER_LINEARS.map(|name| {
-                let ([in_f, out_f], bias) = shapes.next().expect("one shape per linear");
-                Linear::load(&mut w, &format!("{p}.{name}"), in_f, out_f, bias)
-            });
+            let names = layer_linears(c.fused_projections);
+            let mut linears = names
+                .iter()
+                .zip(layer_linear_shapes(c))
+                .map(|(name, ([in_f, out_f], bias))| Linear::load(&mut w, &format!("{p}.{name}"), in_f, out_f, bias))
+                .collect::<Result<Vec<_>>>()?;
+            // [q, k, v, o, gate, up, down] or [qkv, o, gate_up, down].
+            let mlp_inputs = if c.fused_projections { 1 } else { 2 };
+            let down_proj = linears.pop().expect("down_proj");
+            let gate_up = linears.split_off(linears.len() - mlp_inputs);
+            let o_proj = linears.pop().expect("o_proj");
             let [q_norm, k_norm] = HEAD_NORMS.map(|name| {
                 c.qk_norm
                     .then(|| RmsNorm::load(&mut w, &format!("{p}.{name}"), c.head_dim, c))
@@ -610,10 +709,8 @@ impl<B: Backend> LlamaForCausalLM<B> {
             });
             layers.push(DecoderLayer {
                 self_attn: Attention {
-                    q_proj: q_proj?,
-                    k_proj: k_proj?,
-                    v_proj: v_proj?,
-                    o_proj: o_proj?,
+                    qkv: linears,
+                    o_proj,
                     q_norm: q_norm?,
                     k_norm: k_norm?,
                     query_scale: c.query_pre_attn_scalar.map_or(1.0, |s| (c.head_dim as f64 / s).sqrt()),
@@ -622,9 +719,8 @@ impl<B: Backend> LlamaForCausalLM<B> {
                     head_dim: c.head_dim,
                 },
                 mlp: Mlp {
-                    gate_proj: gate_proj?,
-                    up_proj: up_proj?,
-                    down_proj: down_proj?,
+                    gate_up,
+                    down_proj,
                     activation: c.activation,
                 },
                 input_layernorm: input_layernorm?,
@@ -656,6 +752,9 @@ impl<B: Backend> LlamaForCausalLM<B> {
             lm_head,
             score,
             inv_freq: upload(rope_inv_freq(c)),
+            inv_freq_long: rope_inv_freq_long(c).map(|(f, _)| upload(f)),
+            long_rope_after: rope_inv_freq_long(c).map_or(usize::MAX, |(_, after)| after),
+            rope_scale: rope_attention_factor(c),
             inv_freq_local: c
                 .local_rope_theta
                 .map(|theta| upload(inv_freq(c.head_dim, theta, &RopeScaling::Default))),
@@ -781,6 +880,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
     ) -> (Tensor<B, 3>, LayerInputs<B>) {
         let device = input_ids.device();
         let [batch, seq] = input_ids.dims();
+        let explicit_positions = options.position_ids.is_some();
         let position_ids = options.position_ids.unwrap_or_else(|| {
             Tensor::<B, 1, Int>::arange(past as i64..(past + seq) as i64, &device)
                 .unsqueeze::<2>()
@@ -791,8 +891,20 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let local_rope = self
             .inv_freq_local
             .as_ref()
-            .map(|f| Rope::new(f, position_ids.clone(), dtype));
-        let rope = Rope::new(&self.inv_freq, position_ids, dtype);
+            .map(|f| Rope::new(f, position_ids.clone(), dtype, 1.0));
+        // Long-RoPE picks its factors per forward from the largest position, as transformers'
+        // `longrope_frequency_update` does (one read of the positions when they are given).
+        let inv_freq = match &self.inv_freq_long {
+            Some(long) => {
+                let longest = match explicit_positions {
+                    true => position_ids.clone().max().into_scalar().elem::<i64>() as usize + 1,
+                    false => past + seq,
+                };
+                if longest > self.long_rope_after { long } else { &self.inv_freq }
+            }
+            None => &self.inv_freq,
+        };
+        let rope = Rope::new(inv_freq, position_ids, dtype, self.rope_scale);
         let x = embedding(weight, input_ids); // [batch, seq, hidden]
         let x = match self.embed_scale {
             // transformers multiplies by the scale cast to the weights' dtype.

@@ -80,6 +80,7 @@ pub fn export_gguf(adapter_dir: &Path, base: &ModelConfig, out: &Path) -> Result
         Family::Qwen2 => ("qwen2", false),
         Family::Qwen3 => ("qwen3", false),
         Family::Gemma3 => ("gemma3", false),
+        Family::Phi3 => ("phi3", false),
     };
     let mut w = GgufWriter::new();
     w.add("general.architecture", WriteValue::String(arch.into()));
