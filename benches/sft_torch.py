@@ -1,5 +1,5 @@
-"""The PyTorch + PEFT peer of `temper train` in benches/run-sft.sh: SmolLM2-135M, LoRA r=16 on
-all linear layers, AdamW, micro-batches of BATCH x SEQ tokens from the same JSONL, 2 threads.
+"""The PyTorch + PEFT peer of `temper train` in benches/run-sft.sh: SmolLM2-135M (or $MODEL_DIR), LoRA
+r=16 on all linear layers (or the comma-separated $TARGETS), AdamW, micro-batches of BATCH x SEQ tokens from the same JSONL, 2 threads.
 Prints tokens/s (median step, first step excluded) and peak RSS."""
 import json
 import os
@@ -13,10 +13,15 @@ from transformers import AutoModelForCausalLM
 
 data, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-path = os.environ.get("TEMPER_SMOLLM2_GGUF", os.path.expanduser("~/.cache/temper/SmolLM2-135M-Instruct.Q4_1.gguf"))
-folder, name = os.path.split(path)
-model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+if os.environ.get("MODEL_DIR"):  # a Hugging Face directory (benches/run-moe.sh)
+    model = AutoModelForCausalLM.from_pretrained(os.environ["MODEL_DIR"], dtype=torch.float32)
+else:
+    path = os.environ.get("TEMPER_SMOLLM2_GGUF", os.path.expanduser("~/.cache/temper/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    folder, name = os.path.split(path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+targets = os.environ.get("TARGETS", "all-linear")
+targets = targets if targets == "all-linear" else targets.split(",")
+model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets))
 model.train()
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 rows = [json.loads(line)["input_ids"] for line in open(data)]

@@ -152,6 +152,14 @@ fn parity_phi3_fused_partial_rotary_longrope_hf_and_gguf() {
     check_parity_of("phi3_longrope", &model);
 }
 
+/// Mixtures of experts: Qwen3-MoE (top-2 of 4, renormalised, a dense middle layer) and Mixtral
+/// (`block_sparse_moe`, f32 router scores); each expert runs on its routed tokens only.
+#[test]
+fn parity_qwen3_moe_and_mixtral() {
+    check_parity("qwen3_moe");
+    check_parity("mixtral");
+}
+
 /// Gemma 3's text model: scaled embeddings, `(1 + w)` norms around attention and MLP, q/k norms,
 /// GeGLU, a sliding layer with its own RoPE base then a global one with linear scaling,
 /// `query_pre_attn_scalar`, logit soft-capping.
@@ -423,6 +431,8 @@ fn random_weights_from_config_alone() {
         "qwen3_qk_norm",
         "gemma3_text",
         "phi3_longrope",
+        "qwen3_moe",
+        "mixtral",
     ] {
         let dir = fixtures().join("models").join(name);
         let config = temper_models::ModelConfig::from_file(dir.join("config.json")).unwrap();

@@ -19,7 +19,7 @@ type B = CpuBackend;
 type AD = Autodiff<CpuBackend>;
 
 /// adapter fixture -> base model fixture
-const CASES: [(&str, &str); 9] = [
+const CASES: [(&str, &str); 11] = [
     ("pissa", "llama_gqa_llama3"),
     ("lora_list", "llama_gqa_llama3"),
     ("rslora_all_linear", "qwen2_bias_tied"),
@@ -29,6 +29,8 @@ const CASES: [(&str, &str); 9] = [
     ("qwen3_all_linear", "qwen3_qk_norm"),
     ("gemma3_dora", "gemma3_text"),
     ("phi3_all_linear", "phi3_longrope"),
+    ("qwen3_moe_all_linear", "qwen3_moe"),
+    ("mixtral_experts", "mixtral"),
 ];
 
 fn adapter_dir(name: &str) -> PathBuf {
@@ -104,8 +106,8 @@ fn adapter_off_is_the_base_model() {
 fn saved_adapters_have_peft_keys_shapes_and_dtypes() {
     let out_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peft-roundtrip");
     for (adapter, base) in CASES {
-        let model = load::<B>(adapter, base);
-        let config = LoraConfig::from_file(&adapter_dir(adapter).join("adapter_config.json")).unwrap();
+        let base_model = load_hf_dir::<B>(&fixtures().join("models").join(base)).unwrap();
+        let (model, config) = load_adapter(base_model, &adapter_dir(adapter)).unwrap();
         let out = out_root.join(adapter);
         save_adapter(&model, &config, &out).unwrap();
         let ours = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
@@ -132,11 +134,38 @@ fn saved_adapters_have_peft_keys_shapes_and_dtypes() {
                 .map(String::as_str),
             Some("pt")
         );
-        // And the config reads back to the same settings.
-        assert_eq!(
-            LoraConfig::from_file(&out.join("adapter_config.json")).unwrap().r,
-            config.r
-        );
+        // And the config reads back to the same settings; a mixture of experts' stacked
+        // parameters are named as PEFT names them.
+        let base_model = load_hf_dir::<B>(&fixtures().join("models").join(base)).unwrap();
+        assert_eq!(load_adapter(base_model, &out).unwrap().1.r, config.r);
+        let json = |dir: &Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap()
+        };
+        let (ours, theirs) = (json(&out), json(&adapter_dir(adapter)));
+        let set = |v: &serde_json::Value, key: &str| -> Vec<String> {
+            let mut items: Vec<String> =
+                v[key].as_array().into_iter().flatten().map(|s| s.as_str().unwrap().to_string()).collect();
+            items.sort();
+            items
+        };
+        for key in ["target_parameters", "rank_pattern", "alpha_pattern"] {
+            match key {
+                "target_parameters" => assert_eq!(set(&ours, key), set(&theirs, key), "{adapter}: {key}"),
+                _ => {
+                    let numbers = |v: &serde_json::Value| -> Vec<(String, f64)> {
+                        let mut items: Vec<(String, f64)> = v[key]
+                            .as_object()
+                            .into_iter()
+                            .flatten()
+                            .map(|(k, n)| (k.clone(), n.as_f64().unwrap()))
+                            .collect();
+                        items.sort_by(|a, b| a.0.cmp(&b.0));
+                        items
+                    };
+                    assert_eq!(numbers(&ours), numbers(&theirs), "{adapter}: {key}");
+                }
+            }
+        }
     }
 }
 
@@ -174,16 +203,53 @@ fn gradients_match_peft() {
             let err = rel_err(&got, &grad_of(&key), |_| true);
             assert!(err < 1e-4, "{adapter}: gradient of {key}: rel err {err:e}");
         };
+        // PEFT's stacked expert adapters (transformers 5): expert e's rows of A and columns
+        // k·experts + e of B.
+        let mut stacked: std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> = Default::default();
         for (name, linear) in model.linears_mut() {
             assert!(
                 linear.weight.grad(&grads).is_none() || (name == "lm_head" && adapter == "modules_to_save"),
                 "{adapter}: {name} base weight got a gradient"
             );
+            if let (Some(lora), Some((layer, rest))) = (&linear.adapter, name.split_once(".experts.")) {
+                let (e, proj) = rest.split_once('.').unwrap();
+                let e: usize = e.parse().unwrap();
+                let layer = layer.replace("block_sparse_moe", "mlp");
+                let gate_up = proj == "gate_up_proj";
+                // Both fixtures have 4 experts; `out_f` is the layer's output width.
+                let (experts, out_f) = (4, linear.dims()[1]);
+                let at = match gate_up {
+                    true => format!("{layer}.experts.base_layer"),
+                    false => format!("{layer}.experts"),
+                };
+                let a: Vec<f32> = lora.lora_a.grad(&grads).unwrap().transpose().into_data().to_vec().unwrap();
+                let b: Vec<f32> = lora.lora_b.grad(&grads).unwrap().transpose().into_data().to_vec().unwrap();
+                let r = lora.rank();
+                let in_f = a.len() / r;
+                let entry = stacked
+                    .entry(format!("{at}.lora_A.weight"))
+                    .or_insert_with(|| (vec![experts * r, in_f], vec![0.0; experts * r * in_f]));
+                for (i, v) in a.iter().enumerate() {
+                    entry.1[e * r * in_f + i] += v;
+                }
+                let (rows, offset) = (out_f, 0);
+                let entry = stacked
+                    .entry(format!("{at}.lora_B.weight"))
+                    .or_insert_with(|| (vec![rows, experts * r], vec![0.0; rows * experts * r]));
+                for row in 0..out_f {
+                    for k in 0..r {
+                        entry.1[(offset + row) * experts * r + k * experts + e] = b[row * r + k];
+                    }
+                }
+                continue;
+            }
             if name == "lm_head" && adapter == "modules_to_save" {
                 check(format!("{name}.weight"), linear.weight.grad(&grads), true);
                 checked += 1;
             }
             let Some(lora) = &linear.adapter else { continue };
+            // PEFT 0.21 names Mixtral's router as transformers 5 does.
+            let name = name.replace("block_sparse_moe.gate", "mlp.gate");
             check(format!("{name}.lora_A.weight"), lora.lora_a.grad(&grads), true);
             check(format!("{name}.lora_B.weight"), lora.lora_b.grad(&grads), true);
             checked += 2;
@@ -197,6 +263,11 @@ fn gradients_match_peft() {
             model.model.embed_tokens.grad(&grads).is_none(),
             "{adapter}: embeddings got a gradient"
         );
+        for (key, (_, got)) in &stacked {
+            let err = rel_err(got, &grad_of(key), |_| true);
+            assert!(err < 1e-4, "{adapter}: gradient of {key}: rel err {err:e}");
+            checked += 1;
+        }
         let expected_count = expected.names().iter().filter(|n| n.starts_with("grad.")).count();
         assert_eq!(checked, expected_count, "{adapter}: every PEFT gradient was compared");
     }

@@ -26,6 +26,33 @@ pub enum Family {
     /// Phi-3 and Phi-4-mini (`phi3`): q/k/v fused into one `qkv_proj` and gate/up into one
     /// `gate_up_proj`, RoPE on a fraction of each head (`partial_rotary_factor`), long-RoPE.
     Phi3,
+    /// Qwen3's mixture of experts (`qwen3_moe`: Qwen3-30B-A3B, 235B-A22B): Qwen3's attention, and
+    /// in (most) layers a router choosing `num_experts_per_tok` of `num_experts` SwiGLU experts.
+    Qwen3Moe,
+    /// Mixtral (`mixtral`): Mistral's attention, experts under `block_sparse_moe` (`w1`, `w3`,
+    /// `w2`), top-k weights renormalised.
+    Mixtral,
+}
+
+/// A mixture-of-experts model's feed-forward layers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    /// Experts each token is routed to (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// Whether the chosen experts' probabilities are renormalised to sum to 1 (Qwen3-MoE's
+    /// `norm_topk_prob`; always for Mixtral).
+    pub norm_topk_prob: bool,
+    /// Each expert's hidden size (Qwen3-MoE's `moe_intermediate_size`, Mixtral's
+    /// `intermediate_size`).
+    pub expert_intermediate_size: usize,
+    /// Per layer: experts (`true`) or a dense MLP of `intermediate_size` (Qwen3-MoE's
+    /// `mlp_only_layers` and `decoder_sparse_step`).
+    pub sparse_layers: Vec<bool>,
+    /// The weight of the load-balancing loss in training, when `output_router_logits` (as
+    /// transformers adds it).
+    pub router_aux_loss_coef: f64,
+    pub output_router_logits: bool,
 }
 
 /// The MLP's gate activation.
@@ -57,6 +84,8 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Gemma3 => "gemma3_text",
             Family::Phi3 => "phi3",
+            Family::Qwen3Moe => "qwen3_moe",
+            Family::Mixtral => "mixtral",
         }
     }
 
@@ -69,6 +98,8 @@ impl Family {
             Family::Qwen3 => "Qwen3ForCausalLM",
             Family::Gemma3 => "Gemma3ForCausalLM",
             Family::Phi3 => "Phi3ForCausalLM",
+            Family::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Family::Mixtral => "MixtralForCausalLM",
         }
     }
 
@@ -81,6 +112,8 @@ impl Family {
             Family::Qwen3 => "Qwen3ForSequenceClassification",
             Family::Gemma3 => "Gemma3TextForSequenceClassification",
             Family::Phi3 => "Phi3ForSequenceClassification",
+            Family::Qwen3Moe => "Qwen3MoeForSequenceClassification",
+            Family::Mixtral => "MixtralForSequenceClassification",
         }
     }
 }
@@ -152,6 +185,8 @@ pub struct ModelConfig {
     /// Phi-3: q/k/v are one `qkv_proj` (queries, keys, values along its output) and gate/up one
     /// `gate_up_proj` (gate first), as in the checkpoint; adapters sit on the fused layers.
     pub fused_projections: bool,
+    /// Qwen3-MoE, Mixtral: the experts.
+    pub moe: Option<MoeConfig>,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
@@ -204,6 +239,17 @@ struct RawConfig {
     head_dim: Option<usize>,
     partial_rotary_factor: Option<f64>,
     original_max_position_embeddings: Option<usize>,
+    #[serde(alias = "num_local_experts")]
+    num_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    moe_intermediate_size: Option<usize>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
+    router_aux_loss_coef: Option<f64>,
+    output_router_logits: Option<bool>,
+    router_jitter_noise: Option<f64>,
+    shared_expert_intermediate_size: Option<usize>,
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<Value>,
@@ -329,14 +375,14 @@ impl ModelConfig {
                 obj.insert("attention_bias".into(), Value::Bool(self.qkv_bias));
                 obj.insert("mlp_bias".into(), Value::Bool(self.mlp_bias));
             }
-            Family::Mistral => {
+            Family::Mistral | Family::Mixtral => {
                 obj.insert(
                     "sliding_window".into(),
                     serde_json::json!(self.sliding_window.first().copied().flatten()),
                 );
             }
-            Family::Qwen2 | Family::Qwen3 => {
-                if self.family == Family::Qwen3 {
+            Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe => {
+                if self.family != Family::Qwen2 {
                     obj.insert("attention_bias".into(), Value::Bool(self.qkv_bias));
                 }
                 let window = self.sliding_window.iter().flatten().next().copied();
@@ -403,6 +449,23 @@ impl ModelConfig {
                 );
             }
         }
+        if let Some(moe) = &self.moe {
+            let experts_key = match self.family {
+                Family::Mixtral => "num_local_experts",
+                _ => "num_experts",
+            };
+            obj.insert(experts_key.into(), serde_json::json!(moe.num_experts));
+            obj.insert("num_experts_per_tok".into(), serde_json::json!(moe.top_k));
+            obj.insert("router_aux_loss_coef".into(), serde_json::json!(moe.router_aux_loss_coef));
+            obj.insert("output_router_logits".into(), Value::Bool(moe.output_router_logits));
+            if self.family == Family::Qwen3Moe {
+                obj.insert("norm_topk_prob".into(), Value::Bool(moe.norm_topk_prob));
+                obj.insert("moe_intermediate_size".into(), serde_json::json!(moe.expert_intermediate_size));
+                obj.insert("decoder_sparse_step".into(), serde_json::json!(1));
+                let dense: Vec<usize> = (0..self.num_hidden_layers).filter(|&i| !moe.sparse_layers[i]).collect();
+                obj.insert("mlp_only_layers".into(), serde_json::json!(dense));
+            }
+        }
         Ok(c)
     }
 
@@ -417,13 +480,19 @@ impl ModelConfig {
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
         let attn = h * q + 2 * h * kv + q * h;
-        let mlp = 3 * h * self.intermediate_size;
+        let dense_mlp = 3 * h * self.intermediate_size;
         let qk_norms = if self.qk_norm { 2 * self.head_dim } else { 0 };
         let norms = if self.sandwich_norms { 4 * h } else { 2 * h };
-        let per_layer = attn + mlp + norms + qk_norms;
+        let per_layer = attn + norms + qk_norms;
+        let mlps: usize = (0..self.num_hidden_layers)
+            .map(|i| match &self.moe {
+                Some(m) if m.sparse_layers[i] => m.num_experts * (3 * h * m.expert_intermediate_size + h),
+                _ => dense_mlp,
+            })
+            .sum();
         let embed = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
-        embed + head + h + self.num_hidden_layers * per_layer
+        embed + head + h + self.num_hidden_layers * per_layer + mlps
     }
 }
 
@@ -611,9 +680,64 @@ fn parse_dtype(path: &Path, key: &str, s: &str) -> Result<CheckpointDtype> {
 }
 
 impl RawConfig {
+    /// The experts of a Qwen3-MoE or Mixtral config.json, with `transformers`' defaults.
+    fn moe_config(&self, path: &Path, family: Family, layers: usize, intermediate_size: usize) -> Result<MoeConfig> {
+        let (experts_key, default_experts) = match family {
+            Family::Mixtral => ("num_local_experts", 8),
+            _ => ("num_experts", 128),
+        };
+        let num_experts = required(path, experts_key, Some(self.num_experts.unwrap_or(default_experts)))?;
+        let top_k = required(path, "num_experts_per_tok", Some(self.num_experts_per_tok.unwrap_or(2)))?;
+        if top_k > num_experts {
+            return Err(config_err(
+                path,
+                "num_experts_per_tok",
+                format!("{top_k} experts per token of {num_experts}"),
+            ));
+        }
+        if self.router_jitter_noise.is_some_and(|n| n != 0.0) {
+            return Err(config_err(
+                path,
+                "router_jitter_noise",
+                "router jitter (noise on the router's input in training) is not supported; set it to 0",
+            ));
+        }
+        if self.shared_expert_intermediate_size.is_some_and(|n| n > 0) {
+            return Err(config_err(
+                path,
+                "shared_expert_intermediate_size",
+                "shared experts (Qwen2-MoE) are not supported",
+            ));
+        }
+        let sparse_layers = match family {
+            Family::Mixtral => vec![true; layers],
+            _ => {
+                let step = required(path, "decoder_sparse_step", Some(self.decoder_sparse_step.unwrap_or(1)))?;
+                let dense = self.mlp_only_layers.clone().unwrap_or_default();
+                if let Some(bad) = dense.iter().find(|&&l| l >= layers) {
+                    return Err(config_err(path, "mlp_only_layers", format!("layer {bad} of {layers}")));
+                }
+                (0..layers).map(|i| !dense.contains(&i) && (i + 1) % step == 0).collect()
+            }
+        };
+        Ok(MoeConfig {
+            num_experts,
+            top_k,
+            norm_topk_prob: family == Family::Mixtral || self.norm_topk_prob.unwrap_or(false),
+            expert_intermediate_size: match family {
+                Family::Mixtral => intermediate_size,
+                _ => required(path, "moe_intermediate_size", Some(self.moe_intermediate_size.unwrap_or(768)))?,
+            },
+            sparse_layers,
+            router_aux_loss_coef: self.router_aux_loss_coef.unwrap_or(0.001),
+            output_router_logits: self.output_router_logits.unwrap_or(false),
+        })
+    }
+
     fn validate(self, path: &Path) -> Result<ModelConfig> {
         let model_type = self
             .model_type
+            .clone()
             .ok_or_else(|| config_err(path, "model_type", "missing"))?;
         let family = match model_type.as_str() {
             "llama" => Family::Llama,
@@ -622,6 +746,8 @@ impl RawConfig {
             "qwen3" => Family::Qwen3,
             "gemma3_text" => Family::Gemma3,
             "phi3" => Family::Phi3,
+            "qwen3_moe" => Family::Qwen3Moe,
+            "mixtral" => Family::Mixtral,
             "gemma3" => {
                 return Err(config_err(
                     path,
@@ -680,7 +806,7 @@ impl RawConfig {
         let head_dim = match self.head_dim {
             Some(d) => required(path, "head_dim", Some(d))?,
             // `Qwen3Config`'s and `Gemma3TextConfig`'s defaults, whatever the hidden size.
-            None if family == Family::Qwen3 => QWEN3_HEAD_DIM,
+            None if matches!(family, Family::Qwen3 | Family::Qwen3Moe) => QWEN3_HEAD_DIM,
             None if family == Family::Gemma3 => GEMMA3_HEAD_DIM,
             None => {
                 if hidden_size % heads != 0 {
@@ -800,10 +926,15 @@ impl RawConfig {
             }
         }
         let layers = required(path, "num_hidden_layers", self.num_hidden_layers)?;
+        let intermediate_size = required(path, "intermediate_size", self.intermediate_size)?;
+        let moe = match family {
+            Family::Qwen3Moe | Family::Mixtral => Some(self.moe_config(path, family, layers, intermediate_size)?),
+            _ => None,
+        };
         let sliding_window = match family {
             Family::Llama => vec![None; layers],
             // Phi-3 windows every layer when config.json has a window (Phi-3-mini's 2047).
-            Family::Mistral | Family::Phi3 => vec![self.sliding_window; layers],
+            Family::Mistral | Family::Phi3 | Family::Mixtral => vec![self.sliding_window; layers],
             Family::Gemma3 => {
                 // `Gemma3TextConfig`'s default window; its sliding layers use the local RoPE.
                 let window = Some(self.sliding_window.unwrap_or(4096));
@@ -817,7 +948,7 @@ impl RawConfig {
                     }
                 }
             }
-            Family::Qwen2 | Family::Qwen3 => match (&self.layer_types, self.use_sliding_window.unwrap_or(false)) {
+            Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe => match (&self.layer_types, self.use_sliding_window.unwrap_or(false)) {
                 (Some(types), _) => layer_windows(path, types, layers, self.sliding_window)?,
                 (None, false) => vec![None; layers],
                 (None, true) => {
@@ -862,13 +993,14 @@ impl RawConfig {
             family,
             vocab_size: required(path, "vocab_size", self.vocab_size)?,
             hidden_size,
-            intermediate_size: required(path, "intermediate_size", self.intermediate_size)?,
+            intermediate_size,
             num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
             rotary_dim,
             fused_projections: family == Family::Phi3,
+            moe,
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: theta.unwrap_or(10000.0),
             rope_scaling,
@@ -879,9 +1011,9 @@ impl RawConfig {
             qkv_bias: family == Family::Qwen2 || attention_bias,
             // Qwen3's and Gemma's `attention_bias` cover o_proj too, as Llama's does; Qwen2's
             // o_proj has none.
-            o_bias: family != Family::Qwen2 && family != Family::Mistral && attention_bias,
+            o_bias: !matches!(family, Family::Qwen2 | Family::Mistral | Family::Mixtral) && attention_bias,
             mlp_bias: family == Family::Llama && self.mlp_bias.unwrap_or(false),
-            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
+            qk_norm: matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3),
             activation,
             norm_plus_one: gemma,
             sandwich_norms: gemma,
@@ -1126,6 +1258,34 @@ mod tests {
         assert!(e.to_string().contains("partial rotary embeddings are implemented for Phi-3 only"), "{e}");
         let e = llama(r#""rope_scaling": {"type": "longrope", "short_factor": [1, 1, 1, 1, 1, 1, 1, 1], "long_factor": [1, 1, 1, 1, 1, 1, 1, 1]}, "original_max_position_embeddings": 8"#).unwrap_err();
         assert!(e.to_string().contains("longrope (implemented for Phi-3, not llama)"), "{e}");
+    }
+
+    #[test]
+    fn mixtures_of_experts_and_their_refusals() {
+        let moe = |model_type: &str, extra: &str| parse(&format!(r#"{{"model_type": "{model_type}", {BASE}, {extra}}}"#));
+        let q = moe("qwen3_moe", r#""num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "mlp_only_layers": [0]"#).unwrap();
+        let m = q.moe.as_ref().unwrap();
+        assert_eq!((m.num_experts, m.top_k, m.expert_intermediate_size, m.norm_topk_prob), (8, 2, 32, false));
+        assert_eq!(m.sparse_layers, vec![false, true]);
+        assert!(!m.output_router_logits && m.router_aux_loss_coef == 0.001);
+        let again = parse(&q.to_hf_json(CheckpointDtype::F32).unwrap().to_string()).unwrap();
+        assert_eq!(ModelConfig { dtype: None, ..again }, ModelConfig { dtype: None, ..q.clone() });
+        let x = moe("mixtral", r#""num_local_experts": 4, "output_router_logits": true"#).unwrap();
+        let m = x.moe.as_ref().unwrap();
+        assert_eq!((m.num_experts, m.top_k, m.expert_intermediate_size, m.norm_topk_prob), (4, 2, 128, true));
+        assert!(m.output_router_logits);
+        let again = parse(&x.to_hf_json(CheckpointDtype::F32).unwrap().to_string()).unwrap();
+        assert_eq!(ModelConfig { dtype: None, ..again }, ModelConfig { dtype: None, ..x });
+        for (model_type, extra, want) in [
+            ("mixtral", r#""num_local_experts": 2, "num_experts_per_tok": 3"#, "num_experts_per_tok: 3 experts per token of 2"),
+            ("mixtral", r#""router_jitter_noise": 0.1"#, "router_jitter_noise: router jitter"),
+            ("qwen3_moe", r#""shared_expert_intermediate_size": 64"#, "shared experts (Qwen2-MoE) are not supported"),
+            ("qwen3_moe", r#""mlp_only_layers": [2]"#, "mlp_only_layers: layer 2 of 2"),
+            ("qwen3_moe", r#""num_experts": 0"#, "num_experts: must be > 0"),
+        ] {
+            let e = moe(model_type, extra).unwrap_err().to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
     }
 
     #[test]

@@ -790,6 +790,7 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
         head_dim,
         rotary_dim,
         fused_projections: phi3,
+        moe: None,
         rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(if gemma { 1e-6 } else { 1e-5 }),
         rope_theta: float("rope.freq_base").unwrap_or(10000.0),
         rope_scaling,

@@ -10,6 +10,7 @@ pub mod gguf;
 pub mod llama;
 pub mod load;
 pub mod lora;
+pub mod moe;
 pub mod quant;
 pub mod save;
 pub mod tokenizer;

@@ -6,9 +6,10 @@
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
-use burn::tensor::{Bool, DType, ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, DType, ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData};
 
-use crate::config::{Activation, ModelConfig, RopeScaling};
+use crate::config::{Activation, Family, ModelConfig, MoeConfig, RopeScaling};
 use crate::error::Result;
 use crate::lora::Lora;
 use crate::quant::QuantizedWeight;
@@ -209,6 +210,46 @@ pub fn random_weights(c: &ModelConfig, seed: u64) -> crate::weights::RandomSourc
     crate::weights::RandomSource::new(checkpoint_shapes(c), seed).with_norm_value(identity)
 }
 
+/// The name of an expert's fused gate and up projections (transformers 5's stacked parameter's
+/// name): `model.layers.N.mlp.experts.E.gate_up_proj`. Checkpoints hold the two separately.
+pub const EXPERT_GATE_UP: &str = "gate_up_proj";
+
+/// A mixture-of-experts block's checkpoint names: the block, and each expert's gate, up and
+/// down projections (`mlp.experts.E.gate_proj`; Mixtral's `block_sparse_moe.experts.E.w1`).
+fn moe_names(family: Family) -> [&'static str; 4] {
+    match family {
+        Family::Mixtral => ["block_sparse_moe", "w1", "w3", "w2"],
+        _ => ["mlp", "gate_proj", "up_proj", "down_proj"],
+    }
+}
+
+/// Decoder layer `i`'s linear layers under `model.layers.N.`: name, `[in, out]`, bias; in the
+/// order loading and [`LlamaForCausalLM::linears`] walk them (attention, then the MLP, or the
+/// router and each expert's gate, up and down projections).
+fn layer_linear_specs(c: &ModelConfig, i: usize) -> Vec<(String, [usize; 2], bool)> {
+    let attention = if c.fused_projections { 2 } else { 4 };
+    let dense = layer_linears(c.fused_projections)
+        .iter()
+        .zip(layer_linear_shapes(c))
+        .map(|(name, (shape, bias))| (name.to_string(), shape, bias));
+    match &c.moe {
+        Some(moe) if moe.sparse_layers[i] => {
+            let [block, gate, up, down] = moe_names(c.family);
+            let (h, is) = (c.hidden_size, moe.expert_intermediate_size);
+            let mut out: Vec<_> = dense.take(attention).collect();
+            out.push((format!("{block}.gate"), [h, moe.num_experts], false));
+            for e in 0..moe.num_experts {
+                let p = format!("{block}.experts.{e}");
+                out.push((format!("{p}.{gate}"), [h, is], false));
+                out.push((format!("{p}.{up}"), [h, is], false));
+                out.push((format!("{p}.{down}"), [is, h], false));
+            }
+            out
+        }
+        _ => dense.collect(),
+    }
+}
+
 /// The checkpoint tensors this architecture reads, by Hugging Face name, with their shapes
 /// (`[out, in]` for linear weights), in the order [`LlamaForCausalLM::load`] reads them.
 pub fn checkpoint_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
@@ -216,7 +257,7 @@ pub fn checkpoint_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let mut out = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h])];
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        for (name, ([inp, o], bias)) in layer_linears(c.fused_projections).iter().zip(layer_linear_shapes(c)) {
+        for (name, [inp, o], bias) in layer_linear_specs(c, i) {
             out.push((format!("{p}.{name}.weight"), vec![o, inp]));
             if bias {
                 out.push((format!("{p}.{name}.bias"), vec![o]));
@@ -385,6 +426,88 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
+/// A mixture-of-experts block (Qwen3-MoE's `mlp`, Mixtral's `block_sparse_moe`): the router
+/// (`gate`) scores the experts for each token, the `top_k` most probable are chosen, and each
+/// expert (a SwiGLU MLP) runs on the tokens routed to it only; its outputs are summed, weighted by
+/// the chosen probabilities (renormalised over the chosen when `norm_topk_prob`).
+#[derive(Module, Debug)]
+pub struct SparseMoe<B: Backend> {
+    /// `[hidden, experts]`, no bias.
+    pub gate: Linear<B>,
+    pub experts: Vec<Mlp<B>>,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+    /// Mixtral weighs the experts' outputs in f32 (its router keeps f32 scores); Qwen3-MoE casts
+    /// the scores to the model's dtype first.
+    pub f32_scores: bool,
+    /// The block's and the experts' checkpoint names ([`moe_names`]).
+    #[module(skip)]
+    pub names: [&'static str; 4],
+}
+
+impl<B: Backend> SparseMoe<B> {
+    /// The block's output and the router logits (`[batch * seq, experts]`, model dtype).
+    pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 2>) {
+        let [b, s, h] = x.dims();
+        let (rows, k, device, dtype) = (b * s, self.top_k, x.device(), x.dtype());
+        let x = temper_kernels::reshape(x, [rows, h]);
+        let logits = self.gate.forward(x.clone()); // [rows, experts]
+        let experts = logits.dims()[1];
+        let probs = softmax(logits.clone().cast(DType::F32), 1);
+        // The choice happens on the host (one read per layer): only routed tokens are computed.
+        let host: Vec<f32> = probs
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("f32 probabilities");
+        let chosen = crate::moe::top_k_rows(&host, experts, k);
+        let index: Vec<i64> = chosen.iter().map(|&e| e as i64).collect();
+        let index = Tensor::<B, 2, Int>::from_data(TensorData::new(index, [rows, k]), &device);
+        let mut weights = probs.gather(1, index); // [rows, k], f32, differentiable (router training)
+        if self.norm_topk_prob {
+            weights = weights.clone() / weights.sum_dim(1);
+        }
+        let weights = match self.f32_scores {
+            true => weights,
+            false => weights.cast(dtype),
+        }
+        .reshape([rows * k]);
+        let mut out = Tensor::<B, 2>::zeros([rows, h], &device).cast(dtype);
+        for (e, expert) in self.experts.iter().enumerate() {
+            let slots: Vec<i64> = (0..rows * k).filter(|&i| chosen[i] == e).map(|i| i as i64).collect();
+            if slots.is_empty() {
+                continue;
+            }
+            let n = slots.len();
+            let tokens: Vec<i64> = slots.iter().map(|&i| i / k as i64).collect();
+            let tokens = Tensor::<B, 1, Int>::from_data(TensorData::new(tokens, [n]), &device);
+            let slots = Tensor::<B, 1, Int>::from_data(TensorData::new(slots, [n]), &device);
+            let y = expert.forward(temper_kernels::reshape(x.clone().select(0, tokens.clone()), [1, n, h]));
+            let y = temper_kernels::reshape(y, [n, h]);
+            let w = weights.clone().select(0, slots).reshape([n, 1]);
+            let y = match self.f32_scores {
+                true => (y.cast(DType::F32) * w).cast(dtype),
+                false => y * w,
+            };
+            out = out.select_assign(0, tokens, y, IndexingUpdateOp::Add);
+        }
+        (temper_kernels::reshape(out, [b, s, h]), logits)
+    }
+
+    /// The router's and the experts' linear layers' names under the layer, in walk order: each
+    /// expert's fused [`EXPERT_GATE_UP`] and its down projection.
+    fn linear_names(&self) -> Vec<String> {
+        let [block, _, _, down] = self.names;
+        let mut out = vec![format!("{block}.gate")];
+        for e in 0..self.experts.len() {
+            out.push(format!("{block}.experts.{e}.{EXPERT_GATE_UP}"));
+            out.push(format!("{block}.experts.{e}.{down}"));
+        }
+        out
+    }
+}
+
 /// `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))` (PyTorch's `gelu(approximate="tanh")`).
 fn gelu_tanh<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
     let inner =
@@ -542,7 +665,9 @@ fn head_norm<B: Backend>(norm: &Option<RmsNorm<B>>, x: Tensor<B, 3>, head_dim: u
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
     pub self_attn: Attention<B>,
-    pub mlp: Mlp<B>,
+    /// The feed-forward part: a dense MLP, or (MoE models) experts.
+    pub mlp: Option<Mlp<B>>,
+    pub moe: Option<SparseMoe<B>>,
     pub input_layernorm: RmsNorm<B>,
     /// Before the MLP (Llama), or on the attention's output (Gemma, with the two below).
     pub post_attention_layernorm: RmsNorm<B>,
@@ -552,26 +677,95 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
+    /// The layer's output, and an MoE layer's router logits (`[batch * seq, experts]`).
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
         mask: Option<Tensor<B, 4, Bool>>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
-    ) -> Tensor<B, 3> {
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 2>>) {
         let attn = self
             .self_attn
             .forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
+        let feed_forward = |h: Tensor<B, 3>| match (&self.mlp, &self.moe) {
+            (Some(mlp), _) => (mlp.forward(h), None),
+            (None, Some(moe)) => {
+                let (y, logits) = moe.forward(h);
+                (y, Some(logits))
+            }
+            (None, None) => unreachable!("a decoder layer has an MLP or experts"),
+        };
         match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
             (Some(pre), Some(post)) => {
                 let h = x + self.post_attention_layernorm.forward(attn);
-                h.clone() + post.forward(self.mlp.forward(pre.forward(h)))
+                let (y, logits) = feed_forward(pre.forward(h.clone()));
+                (h + post.forward(y), logits)
             }
             _ => {
                 let h = x + attn;
-                h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+                let (y, logits) = feed_forward(self.post_attention_layernorm.forward(h.clone()));
+                (h + y, logits)
             }
         }
+    }
+
+    /// The layer's linear layers' names under `model.layers.N.`, in the order
+    /// `named_linears!` walks them.
+    fn linear_names(&self) -> Vec<String> {
+        let mut out: Vec<String> = layer_linears(self.self_attn.qkv.len() == 1)
+            .iter()
+            .take(self.self_attn.qkv.len() + 1)
+            .map(|n| n.to_string())
+            .collect();
+        if let Some(mlp) = &self.mlp {
+            let names = match mlp.gate_up.len() {
+                1 => &FUSED_LAYER_LINEARS[2..],
+                _ => &LAYER_LINEARS[4..],
+            };
+            out.extend(names.iter().map(|n| n.to_string()));
+        }
+        if let Some(moe) = &self.moe {
+            out.extend(moe.linear_names());
+        }
+        out
+    }
+}
+
+/// An MoE block from its loaded linears: the router, then each expert's gate, up and down. Each
+/// expert's gate and up become one `gate_up_proj` layer (gate columns first), as transformers 5
+/// stacks them and PEFT adapts them: one adapter on both.
+fn sparse_moe<B: Backend>(c: &ModelConfig, moe: &MoeConfig, mut linears: Vec<Linear<B>>) -> SparseMoe<B> {
+    let experts = linears.split_off(1);
+    let mut experts = experts.into_iter();
+    let experts = (0..moe.num_experts)
+        .map(|_| {
+            let (gate, up) = (experts.next().expect("gate"), experts.next().expect("up"));
+            // Through the host, so that the parameter is a leaf, as the loaded ones are (autodiff
+            // refuses to track a concatenation's output as a parameter).
+            let (g, u) = (gate.weight.val(), up.weight.val());
+            let (device, dtype) = (g.device(), g.dtype());
+            let weight = Tensor::from_data(Tensor::cat(vec![g, u], 1).into_data(), (&device, dtype));
+            let fused = Linear {
+                weight: Param::from_tensor(weight),
+                bias: None,
+                adapter: None,
+                quantized: None,
+            };
+            Mlp {
+                gate_up: vec![fused],
+                down_proj: experts.next().expect("down"),
+                activation: c.activation,
+            }
+        })
+        .collect();
+    SparseMoe {
+        gate: linears.pop().expect("router"),
+        experts,
+        top_k: moe.top_k,
+        norm_topk_prob: moe.norm_topk_prob,
+        f32_scores: c.family == Family::Mixtral,
+        names: moe_names(c.family),
     }
 }
 
@@ -620,14 +814,17 @@ macro_rules! named_linears {
     ($model:expr, $iter:ident, $as:ident $(, $mut:tt)?) => {{
         let mut out = Vec::new();
         for (i, layer) in $model.model.layers.$iter().enumerate() {
-            let (a, m) = (&$($mut)? layer.self_attn, &$($mut)? layer.mlp);
-            let names = layer_linears(a.qkv.len() == 1);
+            let names = layer.linear_names();
+            let a = &$($mut)? layer.self_attn;
             let fields = a
                 .qkv
                 .$iter()
                 .chain([&$($mut)? a.o_proj])
-                .chain(m.gate_up.$iter())
-                .chain([&$($mut)? m.down_proj]);
+                .chain(layer.mlp.$iter().flat_map(|m| m.gate_up.$iter().chain([&$($mut)? m.down_proj])))
+                .chain(layer.moe.$iter().flat_map(|moe| {
+                    let experts = moe.experts.$iter().flat_map(|m| m.gate_up.$iter().chain([&$($mut)? m.down_proj]));
+                    [&$($mut)? moe.gate].into_iter().chain(experts)
+                }));
             for (name, linear) in names.iter().zip(fields) {
                 out.push((format!("model.layers.{i}.{name}"), linear));
             }
@@ -684,17 +881,26 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let names = layer_linears(c.fused_projections);
-            let mut linears = names
-                .iter()
-                .zip(layer_linear_shapes(c))
-                .map(|(name, ([in_f, out_f], bias))| Linear::load(&mut w, &format!("{p}.{name}"), in_f, out_f, bias))
+            let mut linears = layer_linear_specs(c, i)
+                .into_iter()
+                .map(|(name, [in_f, out_f], bias)| Linear::load(&mut w, &format!("{p}.{name}"), in_f, out_f, bias))
                 .collect::<Result<Vec<_>>>()?;
-            // [q, k, v, o, gate, up, down] or [qkv, o, gate_up, down].
-            let mlp_inputs = if c.fused_projections { 1 } else { 2 };
-            let down_proj = linears.pop().expect("down_proj");
-            let gate_up = linears.split_off(linears.len() - mlp_inputs);
+            // [q, k, v, o] or [qkv, o], then [gate, up, down], [gate_up, down], or the router
+            // and each expert's [gate, up, down].
+            let mut feed_forward = linears.split_off(if c.fused_projections { 2 } else { 4 });
             let o_proj = linears.pop().expect("o_proj");
+            let (mlp, moe) = match &c.moe {
+                Some(moe) if moe.sparse_layers[i] => (None, Some(sparse_moe(c, moe, feed_forward))),
+                _ => {
+                    let down_proj = feed_forward.pop().expect("down_proj");
+                    let mlp = Mlp {
+                        gate_up: feed_forward,
+                        down_proj,
+                        activation: c.activation,
+                    };
+                    (Some(mlp), None)
+                }
+            };
             let [q_norm, k_norm] = HEAD_NORMS.map(|name| {
                 c.qk_norm
                     .then(|| RmsNorm::load(&mut w, &format!("{p}.{name}"), c.head_dim, c))
@@ -718,11 +924,8 @@ impl<B: Backend> LlamaForCausalLM<B> {
                     num_kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
                 },
-                mlp: Mlp {
-                    gate_up,
-                    down_proj,
-                    activation: c.activation,
-                },
+                mlp,
+                moe,
                 input_layernorm: input_layernorm?,
                 post_attention_layernorm: post_attention_layernorm?,
                 pre_feedforward_layernorm: pre_feedforward_layernorm?,
@@ -829,7 +1032,18 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 .into_iter()
                 .map(|(name, n)| (format!("{name}.weight"), vec(n.weight.val()))),
         );
+        let fused = self.fused_expert_names();
         for (name, linear) in self.linears() {
+            if let Some([gate, up]) = fused.get(&name) {
+                // An expert's gate and up, as the checkpoint holds them.
+                let w = linear.weight.val();
+                let [h, both] = w.dims();
+                for (half, at) in [(gate, 0), (up, both / 2)] {
+                    let part = w.clone().slice([0..h, at..at + both / 2]);
+                    out.push((format!("{half}.weight"), crate::weights::transpose_2d(data(part))));
+                }
+                continue;
+            }
             // Stored [in, out]; checkpoints hold [out, in].
             out.push((
                 format!("{name}.weight"),
@@ -837,6 +1051,22 @@ impl<B: Backend> LlamaForCausalLM<B> {
             ));
             if let Some(b) = &linear.bias {
                 out.push((format!("{name}.bias"), vec(b.val())));
+            }
+        }
+        out
+    }
+
+    /// Each expert's fused gate-up layer's name (`model.layers.N.mlp.experts.E.gate_up_proj`)
+    /// with the checkpoint names of its gate and up projections (`...experts.E.gate_proj`,
+    /// Mixtral's `...experts.E.w1` and `w3`).
+    pub fn fused_expert_names(&self) -> std::collections::HashMap<String, [String; 2]> {
+        let mut out = std::collections::HashMap::new();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let Some(moe) = &layer.moe else { continue };
+            let [block, gate, up, _] = moe.names;
+            for e in 0..moe.experts.len() {
+                let p = format!("model.layers.{i}.{block}.experts.{e}");
+                out.insert(format!("{p}.{EXPERT_GATE_UP}"), [format!("{p}.{gate}"), format!("{p}.{up}")]);
             }
         }
         out
@@ -967,7 +1197,20 @@ impl<B: Backend> LlamaForCausalLM<B> {
             (Some(local), Some(_)) => local,
             _ => &inputs.rope,
         };
-        layer.forward(x, rope, mask, cache)
+        let (y, router_logits) = layer.forward(x, rope, mask, cache);
+        if let Some(logits) = router_logits.filter(|_| crate::moe::recording()) {
+            // Real tokens only count in the load-balancing loss (transformers' attention mask).
+            let valid = inputs.padding.as_ref().map(|p| {
+                let total = p.dims()[1];
+                p.clone()
+                    .slice([0..batch, total - seq..total])
+                    .bool_not()
+                    .float()
+                    .reshape([batch * seq])
+            });
+            crate::moe::record(crate::moe::RouterLogits { logits, valid });
+        }
+        y
     }
 
     /// Gives a model without one a reward head, `[hidden, 1]` with no bias, drawn as

@@ -1,6 +1,6 @@
 //! Placing adapters on a model, and PEFT's on-disk format for them.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::module::{Module, Param};
@@ -111,16 +111,23 @@ pub fn inject<B: Backend>(
     let mut rng = StdRng::seed_from_u64(seed);
     let mut targets = Vec::new();
     let mut example = String::new();
+    let experts = crate::experts::ExpertTargets::of(&model);
     for (name, linear) in model.linears_mut() {
         if example.is_empty() {
             example = name.clone();
         }
-        if !config.targets(&name, temper_models::llama::is_output_head(&name)) {
+        if !experts.targets(config, &name)? {
             continue;
+        }
+        if config.use_dora && experts.is_expert(&name) {
+            return Err(Error::Invalid {
+                key: "use_dora".into(),
+                message: format!("DoRA on a mixture of experts' experts ({name}) is not supported (nor by PEFT)"),
+            });
         }
         let device = linear.weight.device();
         let [in_f, out_f] = linear.dims();
-        let r = config.rank_for(&name);
+        let (r, scaling) = experts.rank_and_scaling(config, &name);
         if r > in_f.min(out_f) {
             // B·A cannot have a rank above the smaller side: the extra rows are memory (an
             // absurd rank would abort in the allocator) and nothing else.
@@ -139,7 +146,6 @@ pub fn inject<B: Backend>(
             });
         }
         let bound = 1.0 / (in_f as f32).sqrt(); // kaiming_uniform_(a=sqrt(5)) on [r, in]
-        let scaling = config.scaling_for(&name);
         let (a, b): (Vec<f32>, Vec<f32>) = match config.init_lora_weights {
             InitLoraWeights::KaimingZero => (uniform(&mut rng, in_f * r, bound), vec![0.0; r * out_f]),
             InitLoraWeights::Gaussian => (
@@ -272,9 +278,13 @@ pub fn adapter_tensors<B: Backend>(
     config: &LoraConfig,
 ) -> BTreeMap<String, (Vec<usize>, Vec<u8>)> {
     let mut out = BTreeMap::new();
+    let experts = crate::experts::ExpertTargets::of(model);
     for (name, linear) in model.linears() {
         if config.modules_to_save.iter().any(|m| m.path() == name) {
             out.insert(format!("{PREFIX}{name}.weight"), to_bytes(linear.weight().transpose()));
+        }
+        if experts.is_stacked(&name) {
+            continue;
         }
         let Some(lora) = &linear.adapter else { continue };
         out.insert(
@@ -294,6 +304,11 @@ pub fn adapter_tensors<B: Backend>(
             format!("{PREFIX}model.embed_tokens.weight"),
             to_bytes(model.model.embed_tokens.val()),
         );
+    }
+    // Mixtures of experts: the experts and routers as PEFT 0.21 stacks them (transformers 5).
+    for (key, shape, values) in crate::experts::stacked(model, PREFIX).0 {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        out.insert(key, (shape, bytes));
     }
     out
 }
@@ -332,7 +347,10 @@ pub fn save_adapter<B: Backend>(model: &LlamaForCausalLM<B>, config: &LoraConfig
         message: e.to_string(),
     })?;
     let config_path = dir.join(CONFIG_FILE);
-    let text = serde_json::to_string_pretty(&config.to_json(&targets)).expect("JSON values serialize");
+    let mut json = config.to_json(&targets);
+    let stacked = crate::experts::stacked(model, PREFIX).1;
+    crate::experts::ExpertTargets::of(model).peft_config(config, &mut json, &targets, &stacked);
+    let text = serde_json::to_string_pretty(&json).expect("JSON values serialize");
     write_file_atomic(&config_path, (text + "\n").as_bytes()).map_err(|source| Error::Io {
         path: config_path,
         error: source,
@@ -378,7 +396,35 @@ pub(crate) fn float_data(view: &safetensors::tensor::TensorView<'_>, key: &str, 
 /// an adapter this config places, with the shape it implies, and every adapter must be filled.
 pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Result<(LlamaForCausalLM<B>, LoraConfig)> {
     let config_path = dir.join(CONFIG_FILE);
-    let config = LoraConfig::from_file(&config_path)?;
+    let text = std::fs::read_to_string(&config_path).map_err(|error| Error::Io {
+        path: config_path.clone(),
+        error,
+    })?;
+    let mut json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
+        path: config_path.clone(),
+        message: format!("invalid JSON: {e}"),
+    })?;
+    let stacked = crate::experts::take_target_parameters(&mut json, &config_path)?;
+    let mut config = LoraConfig::from_json(&json, &config_path)?;
+    let path = dir.join(WEIGHTS_FILE);
+    let bytes = read_bytes(&path)?;
+    let st = parse_weights(&bytes, &path)?;
+    // A transformers-5 mixture of experts' stacked expert adapters, as per-expert ones.
+    let (converted, mut used) = match stacked {
+        Some(targets) => {
+            let read = |key: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+                let view = st.tensor(key).map_err(|_| Error::Tensor {
+                    path: path.clone(),
+                    key: key.to_string(),
+                    message: "missing from the adapter file".into(),
+                })?;
+                let data = float_data(&view, key, &path)?.convert_dtype(DType::F32);
+                Ok((view.shape().to_vec(), data.to_vec().expect("f32 after conversion")))
+            };
+            crate::experts::per_expert(&model, &mut config, targets, &read, PREFIX, &path)?
+        }
+        None => Default::default(),
+    };
     let mut model = model;
     if config.modules_to_save.contains(&SavedModule::Score) {
         // A reward adapter on a causal-LM base brings its head (read from the file below).
@@ -392,15 +438,21 @@ pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Resul
         },
         other => other,
     })?;
-    let path = dir.join(WEIGHTS_FILE);
-    let bytes = read_bytes(&path)?;
-    let st = parse_weights(&bytes, &path)?;
     let tensor_err = |key: &str, message: String| Error::Tensor {
         path: path.clone(),
         key: key.to_string(),
         message,
     };
     let read = |key: &str, expected: &[usize]| -> Result<TensorData> {
+        if let Some(data) = converted.get(key) {
+            if data.shape != burn::tensor::Shape::from(expected.to_vec()) {
+                return Err(tensor_err(
+                    key,
+                    format!("shape {:?} does not fit the model, which needs {expected:?}", data.shape),
+                ));
+            }
+            return Ok(data.clone());
+        }
         let view = st
             .tensor(key)
             .map_err(|_| tensor_err(key, "missing from the adapter file".into()))?;
@@ -415,7 +467,6 @@ pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Resul
         }
         float_data(&view, key, &path)
     };
-    let mut used = HashSet::new();
     for (name, linear) in model.linears_mut() {
         let device = linear.weight.device();
         let [in_f, out_f] = linear.dims();

@@ -187,6 +187,11 @@ impl LoraConfig {
             .map(|(_, v)| v)
     }
 
+    /// Whether a rank or alpha pattern names `key`.
+    pub fn has_pattern_for(&self, key: &str) -> bool {
+        Self::pattern(&self.rank_pattern, key).is_some() || Self::pattern(&self.alpha_pattern, key).is_some()
+    }
+
     pub fn rank_for(&self, key: &str) -> usize {
         Self::pattern(&self.rank_pattern, key).copied().unwrap_or(self.r)
     }

@@ -81,6 +81,10 @@ pub fn export_gguf(adapter_dir: &Path, base: &ModelConfig, out: &Path) -> Result
         Family::Qwen3 => ("qwen3", false),
         Family::Gemma3 => ("gemma3", false),
         Family::Phi3 => ("phi3", false),
+        // Adapters on attention only: llama.cpp holds the experts as 3-D tensors, which an
+        // expert's adapter has no name in (the export stops at the first such module).
+        Family::Qwen3Moe => ("qwen3moe", false),
+        Family::Mixtral => ("llama", true),
     };
     let mut w = GgufWriter::new();
     w.add("general.architecture", WriteValue::String(arch.into()));

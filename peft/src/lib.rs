@@ -10,6 +10,7 @@ pub mod adapter;
 pub mod config;
 pub mod error;
 pub mod export;
+mod experts;
 
 pub use adapter::{
     BaseQuantization, Injected, QuantReport, count_parameters, inject, load_adapter, merge_adapters, quantize_base,

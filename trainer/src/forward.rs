@@ -37,10 +37,16 @@ pub(crate) fn sft_loss<B: Backend>(
     if positions.is_empty() {
         return None;
     }
+    // Right padding needs no mask under causal attention: real tokens never look ahead. A
+    // mixture of experts gets one all the same, so that padding stays out of its
+    // load-balancing loss (as transformers' attention mask keeps it out).
+    let moe = model.model.layers.iter().any(|l| l.moe.is_some());
     let options = ForwardOptions {
-        // Right padding needs no mask under causal attention: real tokens never look ahead.
         position_ids: Some(int_matrix(&batch.position_ids, [b, s], device)),
-        attention_mask: None,
+        attention_mask: moe.then(|| {
+            let real: Vec<u32> = batch.segment_ids.iter().map(|&id| (id != 0) as u32).collect();
+            int_matrix(&real, [b, s], device)
+        }),
         segment_ids: batch
             .is_packed()
             .then(|| int_matrix(&batch.segment_ids, [b, s], device)),

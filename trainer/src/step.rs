@@ -52,11 +52,15 @@ pub(crate) enum Metric {
     /// GRPO: micro-batches with a completion token that counts (what divides
     /// `clip_ratio/low_min` and `/high_max`). Not logged.
     CountedMicroBatches,
+    /// Mixtures of experts: the load-balancing loss (before its coefficient), per micro-batch,
+    /// and the micro-batches that had one (what divides it; not logged).
+    AuxLoss,
+    RoutedMicroBatches,
 }
 
 impl Metric {
     /// Every metric, in the order rows show them.
-    const ALL: [Metric; 31] = [
+    const ALL: [Metric; 33] = [
         Metric::Loss,
         Metric::MeanTokenAccuracy,
         Metric::RewardsChosen,
@@ -88,6 +92,8 @@ impl Metric {
         Metric::UndesirableRows,
         Metric::MicroBatches,
         Metric::CountedMicroBatches,
+        Metric::AuxLoss,
+        Metric::RoutedMicroBatches,
     ];
 
     /// The training name, and the evaluation's (`eval_` + it) where evaluation reports it.
@@ -124,6 +130,8 @@ impl Metric {
             Metric::UndesirableRows => ("undesirable_rows", None),
             Metric::MicroBatches => ("micro_batches", None),
             Metric::CountedMicroBatches => ("counted_micro_batches", None),
+            Metric::AuxLoss => ("aux_loss", None),
+            Metric::RoutedMicroBatches => ("routed_micro_batches", None),
         }
     }
 
@@ -141,9 +149,18 @@ impl Metric {
 }
 
 /// Per-step sums of the logged quantities; a metric no micro-batch added is absent (not 0).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct StepSums {
     values: [Option<f64>; Metric::ALL.len()],
+}
+
+// By hand: the standard library derives `Default` for arrays of up to 32 elements.
+impl Default for StepSums {
+    fn default() -> Self {
+        Self {
+            values: [None; Metric::ALL.len()],
+        }
+    }
 }
 
 impl StepSums {
@@ -175,6 +192,7 @@ impl StepSums {
                         | Metric::UndesirableRows
                         | Metric::MicroBatches
                         | Metric::CountedMicroBatches
+                        | Metric::RoutedMicroBatches
                 )
             })
             .filter_map(|m| {
@@ -193,6 +211,7 @@ impl StepSums {
                     | Metric::ClipHighMean
                     | Metric::ClipRegionMean => mean(m, Metric::MicroBatches)?,
                     Metric::ClipLowMin | Metric::ClipHighMax => mean(m, Metric::CountedMicroBatches)?,
+                    Metric::AuxLoss => mean(m, Metric::RoutedMicroBatches)?,
                     Metric::RewardsChosen | Metric::LogpsChosen if kto(Metric::DesirableRows).is_some() => {
                         mean(m, Metric::DesirableRows)?
                     }

@@ -151,6 +151,9 @@ struct Run<'a, B: AutodiffBackend> {
     /// window's).
     round_metrics: Vec<Vec<(&'static str, f64)>>,
     samples: Vec<Sample>,
+    /// A mixture of experts with `output_router_logits`: the load-balancing loss's coefficient
+    /// and the experts chosen per token.
+    router_aux_loss: Option<(f64, usize)>,
 }
 
 impl<'a, B: AutodiffBackend> Run<'a, B> {
@@ -313,6 +316,11 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             last_train: None,
             last_eval: None,
             interrupted: false,
+            router_aux_loss: model_config
+                .moe
+                .as_ref()
+                .filter(|m| m.output_router_logits && m.router_aux_loss_coef != 0.0)
+                .map(|m| (m.router_aux_loss_coef, m.top_k)),
             grpo,
             epoch,
             round_metrics: Vec::new(),
@@ -418,12 +426,24 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                 None => plain(m, ids, options),
             };
             let reference = |_: &Batch| Ok(reference);
-            let Some(loss) = self
-                .loss
-                .micro_batch(&self.model, &hidden, batch, reference, kl, device, &mut sums)?
-            else {
+            let (loss, routers) = temper_models::moe::record_router_logits::<B, _>(|| {
+                self.loss
+                    .micro_batch(&self.model, &hidden, batch, reference, kl, device, &mut sums)
+            });
+            let Some(mut loss) = loss? else {
                 continue;
             };
+            // A mixture of experts with `output_router_logits`: transformers adds
+            // `router_aux_loss_coef` times the load-balancing loss to each forward's loss; here
+            // the step's objective gets the micro-batches' mean of it.
+            if let Some((coef, top_k)) = self.router_aux_loss
+                && let Some(aux) = temper_models::moe::load_balancing_loss(&routers, top_k)
+            {
+                sums.add(Metric::AuxLoss, aux.clone().into_scalar().elem::<f32>() as f64);
+                sums.add(Metric::RoutedMicroBatches, 1.0);
+                let weight = coef * denominator.max(1) as f64 / micro.batches.len() as f64;
+                loss = loss + aux.mul_scalar(weight);
+            }
             let grads = (loss * self.loss_scale() as f32 / denominator.max(1) as f32).backward();
             let grads = match &blocks {
                 Some(blocks) => blocks.gradients(&self.model, grads),
@@ -788,6 +808,20 @@ fn resume_dir(out: &Path, resume: &Option<Resume>) -> Result<Option<PathBuf>> {
 }
 
 fn check_context(job: &JobConfig, model: &ModelConfig) -> Result<()> {
+    if job.training.gradient_checkpointing
+        && model
+            .moe
+            .as_ref()
+            .is_some_and(|m| m.output_router_logits && m.router_aux_loss_coef != 0.0)
+    {
+        // The checkpointed forward runs the blocks outside the graph first: the routers'
+        // logits it records could not carry the load-balancing loss's gradient.
+        return Err(Error::config(
+            "training.gradient_checkpointing",
+            "is not supported with a mixture of experts' load-balancing loss (the model's config.json sets \
+             output_router_logits); turn one of them off",
+        ));
+    }
     match job.data.max_length {
         Some(max) if max > model.max_position_embeddings => Err(Error::config(
             "data.max_length",
