@@ -67,14 +67,15 @@ fn adapter(dir: &Path) -> Vec<(String, Vec<f32>)> {
     out
 }
 
-/// The first three steps of the same LoRA run on Qwen3, Gemma 3 and Phi-3 (fused projections,
-/// partial rotary, long-RoPE: rows longer than its pretraining length take the long factors)
-/// equal PyTorch + PEFT's: losses, grad norms, learning rates
-/// (`make_train_fixtures.py --families`).
+/// The first three steps of the same LoRA run on Qwen3, Gemma 3, Phi-3 (fused projections,
+/// partial rotary, long-RoPE: rows longer than its pretraining length take the long factors),
+/// Qwen3-MoE and Mixtral (all-linear: attention, routers and PEFT's stacked experts, with the
+/// load-balancing loss) equal PyTorch + PEFT's: losses, grad norms, learning rates, and the
+/// mixtures' `aux_loss` (`make_train_fixtures.py --families`).
 #[test]
 fn lora_sft_on_each_family_matches_peft() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in ["qwen3_qk_norm", "gemma3_text", "phi3_longrope"] {
+    for name in ["qwen3_qk_norm", "gemma3_text", "phi3_longrope", "qwen3_moe", "mixtral"] {
         let dir = train_dir().join("families").join(name);
         let out = tmp.path().join(name);
         let yaml = job_yaml(&out)
@@ -97,8 +98,13 @@ fn lora_sft_on_each_family_matches_peft() {
         let exp: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
         for (i, row) in metrics_rows(&out).iter().enumerate() {
-            for key in ["loss", "grad_norm", "learning_rate"] {
-                let (got, want) = (row[key].as_f64().unwrap(), exp[key][i].as_f64().unwrap());
+            for key in ["loss", "grad_norm", "learning_rate", "aux_loss"] {
+                if exp.get(key).is_none() {
+                    assert!(row.get(key).is_none(), "{name}: {key} logged without a mixture of experts");
+                    continue;
+                }
+                let got = row[key].as_f64().unwrap_or_else(|| panic!("{name}: no {key} in {row}"));
+                let want = exp[key][i].as_f64().unwrap();
                 assert!(
                     (got - want).abs() <= 1e-4 * want.abs().max(1e-12),
                     "{name}, step {}: {key} {got} vs PEFT's {want}",
