@@ -155,9 +155,22 @@ fn parity_phi3_fused_partial_rotary_longrope_hf_and_gguf() {
 /// Mixtures of experts: Qwen3-MoE (top-2 of 4, renormalised, a dense middle layer) and Mixtral
 /// (`block_sparse_moe`, f32 router scores); each expert runs on its routed tokens only.
 #[test]
-fn parity_qwen3_moe_and_mixtral() {
+fn parity_qwen3_moe_and_mixtral_hf_and_gguf() {
     check_parity("qwen3_moe");
     check_parity("mixtral");
+    // As llama.cpp writes them: Mixtral under `llama` (q/k permuted), Qwen3-MoE as `qwen3moe`,
+    // the experts stacked per layer.
+    for (name, family) in [
+        ("mixtral", temper_models::Family::Mixtral),
+        ("qwen3_moe_gguf", temper_models::Family::Qwen3Moe),
+    ] {
+        let path = fixtures().join("models").join(name).join("model.gguf");
+        let config = temper_models::gguf::config_from_gguf(&Gguf::open(&path).unwrap()).unwrap();
+        let moe = config.moe.as_ref().unwrap();
+        assert_eq!((config.family, moe.num_experts, moe.top_k), (family, 4, 2), "{name}");
+        let model = temper_models::load_weights::<B>(&path, &config, &Default::default(), DType::F32).unwrap();
+        check_parity_of(name, &model);
+    }
 }
 
 /// Gemma 3's text model: scaled embeddings, `(1 + w)` norms around attention and MLP, q/k norms,

@@ -400,6 +400,37 @@ fn pissa_starts_at_the_base() {
     );
 }
 
+/// `all-linear` on a mixture of experts means what it means to PEFT 0.21: attention, routers and
+/// each expert's stacked gate-up (twice the rank) and down, not the dense MLP of
+/// `mlp_only_layers`; an expert's gate without its up is refused, as PEFT refuses it.
+#[test]
+fn all_linear_on_experts_is_peft_s() {
+    let base = || load_hf_dir::<B>(&fixtures().join("models/qwen3_moe")).unwrap();
+    let config = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: TargetModules::AllLinear,
+        ..LoraConfig::default()
+    };
+    let (model, injected) = inject(base(), &config, 0).unwrap();
+    let rank = |name: &str| {
+        let linears = model.linears();
+        let (_, l) = linears.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name}"));
+        l.adapter.as_ref().map(|a| (a.rank(), a.scaling))
+    };
+    assert_eq!(rank("model.layers.0.mlp.experts.3.gate_up_proj"), Some((8, 2.0)));
+    assert_eq!(rank("model.layers.0.mlp.experts.3.down_proj"), Some((4, 2.0)));
+    assert_eq!(rank("model.layers.2.mlp.gate"), Some((4, 2.0)));
+    assert_eq!(rank("model.layers.1.mlp.gate_proj"), None, "the dense layer");
+    assert!(injected.targets.iter().all(|n| !n.starts_with("model.layers.1.mlp.")));
+    let gate_only = LoraConfig {
+        target_modules: TargetModules::Names(vec!["gate_proj".into()]),
+        ..config
+    };
+    let err = inject(base(), &gate_only, 0).err().expect("refused").to_string();
+    assert!(err.contains("targets one of") && err.contains("experts.0.gate_proj"), "{err}");
+}
+
 #[test]
 fn new_adapters_start_at_the_base_and_train_only_adapters() {
     let base = load_hf_dir::<B>(&fixtures().join("models/qwen2_bias_tied")).unwrap();
@@ -653,6 +684,11 @@ fn gguf_export_matches_peft_updates() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("DoRA"), "{err}");
+    let moe = temper_models::ModelConfig::from_file(&fixtures().join("models/mixtral/config.json")).unwrap();
+    let err = temper_peft::export_gguf(&adapter_dir("mixtral_experts"), &moe, &tmp.path().join("x.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("target_parameters") && err.contains("temper merge"), "{err}");
     let err = temper_peft::export_gguf(&adapter_dir("pissa"), &base_config, &tmp.path().join("x.gguf"))
         .unwrap_err()
         .to_string();

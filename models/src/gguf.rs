@@ -532,6 +532,8 @@ fn gguf_name(hf: &str, gemma: bool) -> Option<String> {
         // Phi-3's fused layers (llama.cpp keeps them fused; `ffn_up` holds gate then up).
         "self_attn.qkv_proj" => "attn_qkv",
         "mlp.gate_up_proj" => "ffn_up",
+        // A mixture of experts' router (Qwen3-MoE's `mlp.gate`, Mixtral's).
+        "mlp.gate" | "block_sparse_moe.gate" => "ffn_gate_inp",
         "self_attn.q_norm" => "attn_q_norm",
         "self_attn.k_norm" => "attn_k_norm",
         "input_layernorm" => "attn_norm",
@@ -544,6 +546,22 @@ fn gguf_name(hf: &str, gemma: bool) -> Option<String> {
     Some(format!("blk.{layer}.{short}.{suffix}"))
 }
 
+/// llama.cpp's stacked tensor and the expert for one expert's Hugging Face weight
+/// (`model.layers.3.mlp.experts.5.gate_proj.weight` -> `blk.3.ffn_gate_exps.weight`, 5).
+fn gguf_expert(hf: &str) -> Option<(String, usize)> {
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (_, rest) = rest.split_once(".experts.")?;
+    let (expert, rest) = rest.split_once('.')?;
+    let kind = match rest {
+        "gate_proj.weight" | "w1.weight" => "gate",
+        "up_proj.weight" | "w3.weight" => "up",
+        "down_proj.weight" | "w2.weight" => "down",
+        _ => return None,
+    };
+    Some((format!("blk.{layer}.ffn_{kind}_exps.weight"), expert.parse().ok()?))
+}
+
 /// A GGUF file seen as a Hugging Face checkpoint.
 pub struct GgufSource<'a> {
     gguf: &'a Gguf,
@@ -553,6 +571,9 @@ pub struct GgufSource<'a> {
     /// Gemma: llama.cpp stores every RMSNorm weight as `1 + w` (its norm multiplies by the
     /// weight); transformers' `w` comes back by subtracting 1.
     gemma: bool,
+    /// The stacked expert tensors of the layer being read (each is read once, then sliced
+    /// expert by expert).
+    experts: std::cell::RefCell<std::collections::HashMap<String, TensorData>>,
 }
 
 impl<'a> GgufSource<'a> {
@@ -563,6 +584,7 @@ impl<'a> GgufSource<'a> {
             gguf,
             unpermute,
             gemma: config.family == Family::Gemma3,
+            experts: Default::default(),
         })
     }
 }
@@ -601,11 +623,43 @@ impl WeightSource for GgufSource<'_> {
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        if let Some((stacked, expert)) = gguf_expert(name) {
+            let shape = &self.gguf.tensors.get(&stacked)?.shape;
+            return (shape.len() == 3 && expert < shape[0]).then(|| shape[1..].to_vec());
+        }
         let info = self.gguf.tensors.get(&gguf_name(name, self.gemma)?)?;
         Some(info.shape.clone())
     }
 
     fn read(&self, name: &str) -> Result<TensorData> {
+        if let Some((stacked, expert)) = gguf_expert(name) {
+            let mut cache = self.experts.borrow_mut();
+            if !cache.contains_key(&stacked) {
+                // One layer's stacked tensors at a time.
+                let layer = stacked.split('.').nth(1).map(str::to_string);
+                cache.retain(|k, _| k.split('.').nth(1).map(str::to_string) == layer);
+                let data = self.gguf.read(&stacked).map_err(|e| match e {
+                    Error::MissingTensor { path, .. } => Error::MissingTensor {
+                        path,
+                        tensor: format!("{stacked} (for {name})"),
+                    },
+                    other => other,
+                })?;
+                cache.insert(stacked.clone(), data);
+            }
+            let data = &cache[&stacked];
+            let shape = data.shape.to_vec();
+            if shape.len() != 3 || expert >= shape[0] {
+                return Err(Error::tensor(
+                    &self.gguf.path,
+                    &stacked,
+                    format!("shape {shape:?} has no expert {expert} ([experts, out, in] expected)"),
+                ));
+            }
+            let per = data.dtype.size() * shape[1] * shape[2];
+            let bytes = data.as_bytes()[expert * per..(expert + 1) * per].to_vec();
+            return Ok(TensorData::from_bytes_vec(bytes, vec![shape[1], shape[2]], data.dtype));
+        }
         let gname = gguf_name(name, self.gemma).ok_or_else(|| Error::MissingTensor {
             path: self.gguf.path.clone(),
             tensor: name.to_string(),
@@ -648,6 +702,7 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
         "qwen3" => Family::Qwen3,
         "gemma3" => Family::Gemma3,
         "phi3" => Family::Phi3,
+        "qwen3moe" => Family::Qwen3Moe,
         other => {
             return Err(Error::UnsupportedModelType {
                 path: path.to_path_buf(),
@@ -656,6 +711,11 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
         }
     };
     let key = |k: &str| format!("{arch}.{k}");
+    // llama.cpp converts Mixtral under its `llama` architecture, with experts.
+    let family = match gguf.get(&key("expert_count")).and_then(Value::as_u64) {
+        Some(n) if n > 0 && family == Family::Llama => Family::Mixtral,
+        _ => family,
+    };
     let missing = |k: &str| Error::Config {
         path: path.to_path_buf(),
         key: k.to_string(),
@@ -768,6 +828,34 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
         }
     };
     let id = |k: &str| gguf.get(k).and_then(Value::as_u64).map(|v| v as u32);
+    let intermediate_size = uint("feed_forward_length")?;
+    let moe = match family {
+        Family::Qwen3Moe | Family::Mixtral => {
+            let experts = uint("expert_count")?;
+            let top_k = uint("expert_used_count")?;
+            if top_k > experts {
+                return Err(Error::Config {
+                    path: path.to_path_buf(),
+                    key: key("expert_used_count"),
+                    message: format!("{top_k} experts per token of {experts}"),
+                });
+            }
+            Some(crate::config::MoeConfig {
+                num_experts: experts,
+                top_k,
+                // llama.cpp renormalises the chosen experts' weights for both.
+                norm_topk_prob: true,
+                expert_intermediate_size: match family {
+                    Family::Qwen3Moe => uint("expert_feed_forward_length")?,
+                    _ => intermediate_size,
+                },
+                sparse_layers: vec![true; layers],
+                router_aux_loss_coef: 0.001,
+                output_router_logits: false,
+            })
+        }
+        _ => None,
+    };
     // Phi-4's converter writes a window of 0 for "none" (`uint` refuses 0).
     let sliding = uint("attention.sliding_window").ok();
     let gemma = family == Family::Gemma3;
@@ -783,14 +871,14 @@ pub fn config_from_gguf(gguf: &Gguf) -> Result<ModelConfig> {
         family,
         vocab_size: vocab,
         hidden_size: hidden,
-        intermediate_size: uint("feed_forward_length")?,
+        intermediate_size,
         num_hidden_layers: layers,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
         head_dim,
         rotary_dim,
         fused_projections: phi3,
-        moe: None,
+        moe,
         rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(if gemma { 1e-6 } else { 1e-5 }),
         rope_theta: float("rope.freq_base").unwrap_or(10000.0),
         rope_scaling,

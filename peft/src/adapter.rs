@@ -591,7 +591,10 @@ pub fn quantize_base<B: Backend>(
             continue;
         }
         report.bytes_before += dense_bytes;
-        if temper_models::llama::is_output_head(&name) || !in_f.is_multiple_of(temper_models::quant::BLOCK) {
+        // Routers stay dense too: they choose the experts (bitsandbytes leaves transformers 5's
+        // routers, which are not `nn.Linear`, unquantized).
+        let router = name.ends_with(".gate");
+        if temper_models::llama::is_output_head(&name) || router || !in_f.is_multiple_of(temper_models::quant::BLOCK) {
             report.bytes_after += dense_bytes;
             report.dense_layers.push(name);
             continue;

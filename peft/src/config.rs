@@ -300,6 +300,17 @@ impl LoraConfig {
             ("use_qalora", get("use_qalora").is_none_or(|v| v == &json!(false))),
         ] {
             if !ok {
+                if key == "target_parameters" {
+                    // `load_adapter` reads them with the model it places them on.
+                    return Err(err(
+                        key,
+                        format!(
+                            "{}: a mixture of experts' stacked experts, read only with their model; llama.cpp \
+                             adapters cannot name experts (`temper merge` the adapter, then convert the model)",
+                            obj[key]
+                        ),
+                    ));
+                }
                 return Err(err(key, format!("{} is not supported", obj[key])));
             }
         }

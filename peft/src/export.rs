@@ -101,6 +101,15 @@ pub fn export_gguf(adapter_dir: &Path, base: &ModelConfig, out: &Path) -> Result
         let (b_shape, mut b) = b
             .clone()
             .ok_or_else(|| err(&key_b, "missing (its lora_A is present)".into()))?;
+        if module.contains(".experts") {
+            return Err(err(
+                &key_a,
+                format!(
+                    "{module}: llama.cpp holds experts as stacked 3-D tensors, which its adapters cannot name; \
+                     `temper merge` the adapter, then convert the merged model"
+                ),
+            ));
+        }
         let base_shape = shapes
             .get(&format!("{module}.weight"))
             .ok_or_else(|| err(&key_a, format!("the base model has no linear layer {module}")))?;
