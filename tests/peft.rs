@@ -368,6 +368,28 @@ fn bad_adapters_give_clear_errors() {
     );
     let err = run("type", cfg(serde_json::json!({"peft_type": "LOHA"})), ok_tensors());
     assert!(err.contains("adapter_config.json") && err.contains("LOHA"), "{err}");
+    // PEFT's stacked expert parameters: on a model without experts, an unknown parameter, and
+    // a stacked tensor that is not experts x rank rows.
+    let err = run("no-experts", cfg(serde_json::json!({"target_parameters": ["gate_up_proj"]})), ok_tensors());
+    assert!(err.contains("target_parameters") && err.contains("this model has no experts"), "{err}");
+    let err = run("param", cfg(serde_json::json!({"target_parameters": ["experts.w9"]})), ok_tensors());
+    assert!(err.contains("\"experts.w9\" is not supported"), "{err}");
+    let dir = tmp.path().join("stacked-shape");
+    let stacked = "base_model.model.model.layers.0.mlp.experts";
+    write_adapter(
+        &dir,
+        serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+            "target_parameters": ["down_proj"], "layers_to_transform": [0]}),
+        vec![
+            (format!("{q}.lora_A.weight").as_str(), vec![2, 64]),
+            (format!("{q}.lora_B.weight").as_str(), vec![64, 2]),
+            (format!("{stacked}.lora_A.weight").as_str(), vec![7, 48]),
+            (format!("{stacked}.lora_B.weight").as_str(), vec![64, 7]),
+        ],
+    );
+    let mixtral = load_hf_dir::<B>(&fixtures().join("models/mixtral")).unwrap();
+    let err = load_adapter(mixtral, &dir).err().expect("refused").to_string();
+    assert!(err.contains("experts.lora_A.weight") && err.contains("[4 experts x rank, 48]"), "{err}");
 }
 
 /// PiSSA moves the top singular directions of W into the adapter: the model is unchanged at
