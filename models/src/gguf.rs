@@ -617,6 +617,19 @@ fn reorder_rows<T: Copy + Default>(src: &[T], rows: usize, row_len: usize, heads
     out
 }
 
+impl GgufSource<'_> {
+    /// GGUF tensor `gname`, read for Hugging Face tensor `name` (which a missing one's error names).
+    fn read_for(&self, gname: &str, name: &str) -> Result<TensorData> {
+        self.gguf.read(gname).map_err(|e| match e {
+            Error::MissingTensor { path, .. } => Error::MissingTensor {
+                path,
+                tensor: format!("{gname} (for {name})"),
+            },
+            other => other,
+        })
+    }
+}
+
 impl WeightSource for GgufSource<'_> {
     fn path_of(&self, _name: &str) -> PathBuf {
         self.gguf.path.clone()
@@ -638,14 +651,7 @@ impl WeightSource for GgufSource<'_> {
                 // One layer's stacked tensors at a time.
                 let layer = stacked.split('.').nth(1).map(str::to_string);
                 cache.retain(|k, _| k.split('.').nth(1).map(str::to_string) == layer);
-                let data = self.gguf.read(&stacked).map_err(|e| match e {
-                    Error::MissingTensor { path, .. } => Error::MissingTensor {
-                        path,
-                        tensor: format!("{stacked} (for {name})"),
-                    },
-                    other => other,
-                })?;
-                cache.insert(stacked.clone(), data);
+                cache.insert(stacked.clone(), self.read_for(&stacked, name)?);
             }
             let data = &cache[&stacked];
             let shape = data.shape.to_vec();
@@ -664,13 +670,7 @@ impl WeightSource for GgufSource<'_> {
             path: self.gguf.path.clone(),
             tensor: name.to_string(),
         })?;
-        let data = self.gguf.read(&gname).map_err(|e| match e {
-            Error::MissingTensor { path, .. } => Error::MissingTensor {
-                path,
-                tensor: format!("{gname} (for {name})"),
-            },
-            other => other,
-        })?;
+        let data = self.read_for(&gname, name)?;
         if self.gemma && name.ends_with("norm.weight") {
             let shape = data.shape.clone();
             let values: Vec<f32> = data
