@@ -451,6 +451,14 @@ fn all_linear_on_experts_is_peft_s() {
     };
     let err = inject(base(), &gate_only, 0).err().expect("refused").to_string();
     assert!(err.contains("targets one of") && err.contains("experts.0.gate_proj"), "{err}");
+    // What PEFT 0.21 could not load: dropout or DoRA on experts and routers.
+    let dropout = LoraConfig {
+        target_modules: TargetModules::Names(vec!["gate".into()]),
+        lora_dropout: 0.05,
+        ..gate_only
+    };
+    let err = inject(base(), &dropout, 0).err().expect("refused").to_string();
+    assert!(err.contains("lora_dropout") && err.contains("mlp.gate"), "{err}");
 }
 
 #[test]

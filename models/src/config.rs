@@ -687,7 +687,9 @@ impl RawConfig {
             _ => ("num_experts", 128),
         };
         let num_experts = required(path, experts_key, Some(self.num_experts.unwrap_or(default_experts)))?;
-        let top_k = required(path, "num_experts_per_tok", Some(self.num_experts_per_tok.unwrap_or(2)))?;
+        // `MixtralConfig`'s default is 2, `Qwen3MoeConfig`'s 8.
+        let default_top_k = if family == Family::Mixtral { 2 } else { 8 };
+        let top_k = required(path, "num_experts_per_tok", Some(self.num_experts_per_tok.unwrap_or(default_top_k)))?;
         if top_k > num_experts {
             return Err(config_err(
                 path,

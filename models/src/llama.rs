@@ -224,8 +224,9 @@ fn moe_names(family: Family) -> [&'static str; 4] {
 }
 
 /// Decoder layer `i`'s linear layers under `model.layers.N.`: name, `[in, out]`, bias; in the
-/// order loading and [`LlamaForCausalLM::linears`] walk them (attention, then the MLP, or the
-/// router and each expert's gate, up and down projections).
+/// order loading reads them (attention, then the MLP, or the router and each expert's gate, up
+/// and down projections as the checkpoint names them; [`LlamaForCausalLM::linears`] then walks
+/// each expert's fused [`EXPERT_GATE_UP`] and its down projection).
 fn layer_linear_specs(c: &ModelConfig, i: usize) -> Vec<(String, [usize; 2], bool)> {
     let attention = if c.fused_projections { 2 } else { 4 };
     let dense = layer_linears(c.fused_projections)

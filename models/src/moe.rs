@@ -70,8 +70,9 @@ pub(crate) fn record<B: Backend>(logits: RouterLogits<B>) {
 
 /// The Switch Transformer load-balancing loss, as transformers' `load_balancing_loss_func`:
 /// over every layer's rows together (padding left out), `experts · Σₑ fₑ · Pₑ`, with `fₑ` the
-/// share of top-`k` choices that went to expert `e` (a count, outside the graph) and `Pₑ` its mean
-/// router probability. `None` without records.
+/// top-`k` choices that went to expert `e` per row (a count outside the graph; the `fₑ` sum to
+/// `k`, as transformers counts them) and `Pₑ` its mean router probability. `None` without
+/// records.
 pub fn load_balancing_loss<B: Backend>(records: &[RouterLogits<B>], top_k: usize) -> Option<Tensor<B, 1>> {
     let experts = records.first()?.logits.dims()[1];
     let device = records[0].logits.device();

@@ -119,10 +119,16 @@ pub fn inject<B: Backend>(
         if !experts.targets(config, &name)? {
             continue;
         }
-        if config.use_dora && experts.is_expert(&name) {
+        // PEFT adapts transformers 5's experts and routers as parameters (`ParamWrapper`),
+        // which refuses DoRA and dropout: what it could not load is refused here too.
+        if experts.is_stacked(&name) && (config.use_dora || config.lora_dropout != 0.0) {
+            let key = if config.use_dora { "use_dora" } else { "lora_dropout" };
             return Err(Error::Invalid {
-                key: "use_dora".into(),
-                message: format!("DoRA on a mixture of experts' experts ({name}) is not supported (nor by PEFT)"),
+                key: key.into(),
+                message: format!(
+                    "{name} is a mixture of experts' expert or router, which PEFT 0.21 adapts without DoRA or \
+                     dropout (set lora_dropout: 0, or leave experts and routers out of target_modules)"
+                ),
             });
         }
         let device = linear.weight.device();
@@ -191,6 +197,7 @@ pub fn inject<B: Backend>(
         });
         targets.push(name);
     }
+    crate::experts::check_whole_layers(&model)?;
     if targets.is_empty() {
         let targets = match &config.target_modules {
             TargetModules::Names(n) => format!("{n:?}"),

@@ -64,10 +64,6 @@ impl ExpertTargets {
         }
     }
 
-    pub(crate) fn is_expert(&self, name: &str) -> bool {
-        self.experts.contains(name)
-    }
-
     /// Whether `name` is saved in [`stacked`]'s form (an expert or a router).
     pub(crate) fn is_stacked(&self, name: &str) -> bool {
         self.experts.contains(name) || self.routers.contains(name)
@@ -141,6 +137,37 @@ impl ExpertTargets {
         };
         (r, scaling)
     }
+}
+
+/// PEFT stacks a layer's expert adapters into one: every expert of a layer adapted, or none,
+/// at one rank and scaling (the targets or patterns that would pick some experts, or give them
+/// different ranks, have no stacked form).
+pub(crate) fn check_whole_layers<B: Backend>(model: &LlamaForCausalLM<B>) -> Result<()> {
+    for (i, layer) in model.model.layers.iter().enumerate() {
+        let Some(moe) = &layer.moe else { continue };
+        let kinds: [(&str, Vec<Option<(usize, f64)>>); 2] = [
+            (
+                EXPERT_GATE_UP,
+                moe.experts.iter().map(|m| m.gate_up[0].adapter.as_ref().map(|a| (a.rank(), a.scaling))).collect(),
+            ),
+            (
+                moe.names[3],
+                moe.experts.iter().map(|m| m.down_proj.adapter.as_ref().map(|a| (a.rank(), a.scaling))).collect(),
+            ),
+        ];
+        for (kind, adapters) in kinds {
+            if adapters.iter().any(|a| a != &adapters[0]) {
+                return Err(Error::Invalid {
+                    key: "target_modules".into(),
+                    message: format!(
+                        "layer {i}'s experts' {kind} layers would get adapters of different ranks or scalings, or \
+                         only some of them one: PEFT stacks a layer's experts into one parameter, adapted alike"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Which stacked parameters an adapter's `target_parameters` names.
@@ -231,7 +258,7 @@ pub(crate) fn per_expert<B: Backend>(
             let (key_a, key_b) = (format!("{at}.lora_A.weight"), format!("{at}.lora_B.weight"));
             let (a_shape, a) = read(&key_a)?;
             let (b_shape, b) = read(&key_b)?;
-            let total = a_shape[0];
+            let total = a_shape.first().copied().unwrap_or(0);
             if a_shape.len() != 2 || a_shape[1] != cols || total == 0 || !total.is_multiple_of(experts) {
                 return Err(tensor_err(
                     &key_a,

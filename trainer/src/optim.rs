@@ -135,18 +135,82 @@ impl<B: Backend> AdamW<B> {
         out
     }
 
-    /// Restores moments written by [`Self::state_tensors`].
-    pub fn load_state(&mut self, tensors: HashMap<String, Vec<f32>>, steps: u64, device: &B::Device) {
+    /// Restores moments written by [`Self::state_tensors`], for the trainable parameters
+    /// `trainable` (their module paths). A checkpoint written before q/k/v and gate/up became
+    /// lists (`self_attn.q_proj` -> `self_attn.qkv.0`, `mlp.gate_proj` -> `mlp.gate_up.0`) is
+    /// read under the new names. Returns the moments no parameter takes (empty when the
+    /// checkpoint fits): their parameters would restart from fresh moments at the resumed step
+    /// count, a step of about `lr` times the gradient's sign. (A parameter without moments is
+    /// normal: an expert no token was routed to has had no gradient yet.)
+    pub fn load_state(
+        &mut self,
+        tensors: HashMap<String, Vec<f32>>,
+        steps: u64,
+        trainable: &[String],
+        device: &B::Device,
+    ) -> Vec<String> {
         self.steps = steps;
         self.moments.clear();
+        let renamed = |name: &str| {
+            [
+                ("self_attn.q_proj.", "self_attn.qkv.0."),
+                ("self_attn.k_proj.", "self_attn.qkv.1."),
+                ("self_attn.v_proj.", "self_attn.qkv.2."),
+                ("mlp.gate_proj.", "mlp.gate_up.0."),
+                ("mlp.up_proj.", "mlp.gate_up.1."),
+            ]
+            .iter()
+            .fold(name.to_string(), |n, (old, new)| n.replace(old, new))
+        };
+        let mut unused = Vec::new();
         for (key, values) in &tensors {
             if let Some(name) = key.strip_suffix(".exp_avg") {
-                let v = &tensors[&format!("{name}.exp_avg_sq")];
+                let Some(v) = tensors.get(&format!("{name}.exp_avg_sq")) else {
+                    unused.push(name.to_string());
+                    continue;
+                };
+                let name = match trainable.iter().any(|t| t == name) {
+                    true => name.to_string(),
+                    false => renamed(name),
+                };
+                if !trainable.contains(&name) {
+                    unused.push(name);
+                    continue;
+                }
                 let t = |x: &Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(x.clone(), [x.len()]), device);
-                self.moments.insert(name.to_string(), Moments { m: t(values), v: t(v) });
+                self.moments.insert(name, Moments { m: t(values), v: t(v) });
+            }
+        }
+        unused.sort();
+        unused
+    }
+}
+
+/// The module paths of `module`'s trainable parameters, as [`AdamW`] names their moments.
+pub fn trainable_names<AB: AutodiffBackend, M: Module<AB>>(module: &M) -> Vec<String> {
+    struct Names {
+        path: Vec<String>,
+        out: Vec<String>,
+    }
+    impl<AB: AutodiffBackend> ModuleVisitor<AB> for Names {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+            if param.is_require_grad() {
+                self.out.push(self.path.join("."));
             }
         }
     }
+    let mut names = Names {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    module.visit(&mut names);
+    names.out
 }
 
 /// Walks the module, updating trainable parameters in place; tracks the path for names.
@@ -275,6 +339,40 @@ impl LossScaler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A checkpoint written before q/k/v and gate/up became lists resumes under the new names;
+    /// moments for no parameter at all are reported.
+    #[test]
+    fn moments_of_earlier_names_follow_their_parameters() {
+        type B = burn::backend::NdArray;
+        let mut optim = AdamW::<B>::new(AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            loraplus_lr_ratio: None,
+        });
+        let old = |name: &str| [(format!("{name}.exp_avg"), vec![1.0]), (format!("{name}.exp_avg_sq"), vec![2.0])];
+        let tensors: HashMap<String, Vec<f32>> = old("model.layers.0.self_attn.k_proj.adapter.lora_a")
+            .into_iter()
+            .chain(old("model.layers.0.mlp.up_proj.adapter.lora_b"))
+            .chain(old("model.layers.0.self_attn.o_proj.adapter.lora_a"))
+            .chain(old("model.layers.9.self_attn.o_proj.adapter.lora_a"))
+            .collect();
+        let trainable = [
+            "model.layers.0.self_attn.qkv.1.adapter.lora_a",
+            "model.layers.0.mlp.gate_up.1.adapter.lora_b",
+            "model.layers.0.self_attn.o_proj.adapter.lora_a",
+        ]
+        .map(String::from);
+        let unused = optim.load_state(tensors, 3, &trainable, &Default::default());
+        assert_eq!(unused, ["model.layers.9.self_attn.o_proj.adapter.lora_a"]);
+        let mut names: Vec<&String> = optim.moments.keys().collect();
+        names.sort();
+        let mut want: Vec<&String> = trainable.iter().collect();
+        want.sort();
+        assert_eq!(names, want);
+    }
 
     #[test]
     fn schedules_match_transformers() {

@@ -211,7 +211,21 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             None => TrainerState::new(total_steps, loss_scaler),
             Some(r) => {
                 let skipped = r.state.loss_scaler.map_or(0, |s| s.skipped);
-                optim.load_state(r.optimizer, r.state.step - skipped, device);
+                let trainable = crate::optim::trainable_names(&model);
+                let unused = optim.load_state(r.optimizer, r.state.step - skipped, &trainable, device);
+                if let Some(first) = unused.first() {
+                    return Err(Error::Checkpoint {
+                        path: r.dir.clone(),
+                        message: format!(
+                            "optimizer state for {first}{}, which this model has no trainable parameter for \
+                             (written for another model or adapter?); resuming would restart its moments",
+                            match unused.len() {
+                                1 => String::new(),
+                                n => format!(" and {} more", n - 1),
+                            }
+                        ),
+                    });
+                }
                 let mut state = r.state;
                 state.total_steps = total_steps;
                 // A checkpoint of several workers needs as many (one worker would go on with
@@ -316,10 +330,12 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             last_train: None,
             last_eval: None,
             interrupted: false,
+            // transformers' sequence classifiers (reward models) add no load-balancing loss.
             router_aux_loss: model_config
                 .moe
                 .as_ref()
                 .filter(|m| m.output_router_logits && m.router_aux_loss_coef != 0.0)
+                .filter(|_| job.objective.name() != "reward")
                 .map(|m| (m.router_aux_loss_coef, m.top_k)),
             grpo,
             epoch,
