@@ -34,6 +34,14 @@ pub enum Family {
     Mixtral,
 }
 
+impl MoeConfig {
+    /// The load-balancing loss's weight in training: `router_aux_loss_coef` when config.json
+    /// turns the loss on (`output_router_logits`), `None` when it adds nothing.
+    pub fn aux_loss_coef(&self) -> Option<f64> {
+        (self.output_router_logits && self.router_aux_loss_coef != 0.0).then_some(self.router_aux_loss_coef)
+    }
+}
+
 /// A mixture-of-experts model's feed-forward layers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MoeConfig {

@@ -447,14 +447,14 @@ pub struct SparseMoe<B: Backend> {
 }
 
 impl<B: Backend> SparseMoe<B> {
-    /// The block's output and the router logits (`[batch * seq, experts]`, model dtype).
-    pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 2>) {
+    /// The block's output and how it routed the tokens (`batch * seq` of them).
+    pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, crate::moe::Routing<B>) {
         let [b, s, h] = x.dims();
         let (rows, k, device, dtype) = (b * s, self.top_k, x.device(), x.dtype());
         let x = temper_kernels::reshape(x, [rows, h]);
         let logits = self.gate.forward(x.clone()); // [rows, experts]
         let experts = logits.dims()[1];
-        let probs = softmax(logits.clone().cast(DType::F32), 1);
+        let probs = softmax(logits.cast(DType::F32), 1);
         // The choice happens on the host (one read per layer): only routed tokens are computed.
         let host: Vec<f32> = probs
             .clone()
@@ -465,7 +465,7 @@ impl<B: Backend> SparseMoe<B> {
         let chosen = crate::moe::top_k_rows(&host, experts, k);
         let index: Vec<i64> = chosen.iter().map(|&e| e as i64).collect();
         let index = Tensor::<B, 2, Int>::from_data(TensorData::new(index, [rows, k]), &device);
-        let mut weights = probs.gather(1, index); // [rows, k], f32, differentiable (router training)
+        let mut weights = probs.clone().gather(1, index); // [rows, k], f32, differentiable (router training)
         if self.norm_topk_prob {
             weights = weights.clone() / weights.sum_dim(1);
         }
@@ -474,9 +474,13 @@ impl<B: Backend> SparseMoe<B> {
             false => weights.cast(dtype),
         }
         .reshape([rows * k]);
+        // Each expert's slots (`token * k + rank`), in token order, from one pass over the choices.
+        let mut slots_of: Vec<Vec<i64>> = vec![Vec::new(); experts];
+        for (slot, &e) in chosen.iter().enumerate() {
+            slots_of[e].push(slot as i64);
+        }
         let mut out = Tensor::<B, 2>::zeros([rows, h], &device).cast(dtype);
-        for (e, expert) in self.experts.iter().enumerate() {
-            let slots: Vec<i64> = (0..rows * k).filter(|&i| chosen[i] == e).map(|i| i as i64).collect();
+        for (expert, slots) in self.experts.iter().zip(slots_of) {
             if slots.is_empty() {
                 continue;
             }
@@ -493,7 +497,7 @@ impl<B: Backend> SparseMoe<B> {
             };
             out = out.select_assign(0, tokens, y, IndexingUpdateOp::Add);
         }
-        (temper_kernels::reshape(out, [b, s, h]), logits)
+        (temper_kernels::reshape(out, [b, s, h]), crate::moe::Routing { probs, chosen })
     }
 
     /// The router's and the experts' linear layers' names under the layer, in walk order: each
@@ -678,35 +682,35 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    /// The layer's output, and an MoE layer's router logits (`[batch * seq, experts]`).
+    /// The layer's output, and how an MoE layer routed the tokens.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
         mask: Option<Tensor<B, 4, Bool>>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
-    ) -> (Tensor<B, 3>, Option<Tensor<B, 2>>) {
+    ) -> (Tensor<B, 3>, Option<crate::moe::Routing<B>>) {
         let attn = self
             .self_attn
             .forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
         let feed_forward = |h: Tensor<B, 3>| match (&self.mlp, &self.moe) {
             (Some(mlp), _) => (mlp.forward(h), None),
             (None, Some(moe)) => {
-                let (y, logits) = moe.forward(h);
-                (y, Some(logits))
+                let (y, routing) = moe.forward(h);
+                (y, Some(routing))
             }
             (None, None) => unreachable!("a decoder layer has an MLP or experts"),
         };
         match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
             (Some(pre), Some(post)) => {
                 let h = x + self.post_attention_layernorm.forward(attn);
-                let (y, logits) = feed_forward(pre.forward(h.clone()));
-                (h + post.forward(y), logits)
+                let (y, routing) = feed_forward(pre.forward(h.clone()));
+                (h + post.forward(y), routing)
             }
             _ => {
                 let h = x + attn;
-                let (y, logits) = feed_forward(self.post_attention_layernorm.forward(h.clone()));
-                (h + y, logits)
+                let (y, routing) = feed_forward(self.post_attention_layernorm.forward(h.clone()));
+                (h + y, routing)
             }
         }
     }
@@ -1198,8 +1202,8 @@ impl<B: Backend> LlamaForCausalLM<B> {
             (Some(local), Some(_)) => local,
             _ => &inputs.rope,
         };
-        let (y, router_logits) = layer.forward(x, rope, mask, cache);
-        if let Some(logits) = router_logits.filter(|_| crate::moe::recording()) {
+        let (y, routing) = layer.forward(x, rope, mask, cache);
+        if let Some(routing) = routing.filter(|_| crate::moe::recording()) {
             // Real tokens only count in the load-balancing loss (transformers' attention mask).
             let valid = inputs.padding.as_ref().map(|p| {
                 let total = p.dims()[1];
@@ -1209,7 +1213,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
                     .float()
                     .reshape([batch * seq])
             });
-            crate::moe::record(crate::moe::RouterLogits { logits, valid });
+            crate::moe::record(crate::moe::RecordedRouting { routing, valid });
         }
         y
     }

@@ -1,11 +1,10 @@
 //! Mixture-of-experts routing shared by the decoder (which routes) and the trainer (which adds
-//! the load-balancing loss): top-k choice per token, and the router logits of a forward,
-//! recorded on demand.
+//! the load-balancing loss): top-k choice per token, and the routing of a forward, recorded on
+//! demand.
 
 use std::any::Any;
 use std::cell::RefCell;
 
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
@@ -27,43 +26,50 @@ pub fn top_k_rows(values: &[f32], width: usize, k: usize) -> Vec<usize> {
     out
 }
 
-/// One MoE layer's router logits in one forward, with which rows are real tokens.
-pub struct RouterLogits<B: Backend> {
-    /// `[tokens, experts]`, in the model's dtype, in the autodiff graph.
-    pub logits: Tensor<B, 2>,
+/// How one MoE layer routed one forward's tokens.
+pub struct Routing<B: Backend> {
+    /// `[tokens, experts]`, the router's softmax in f32, in the autodiff graph.
+    pub probs: Tensor<B, 2>,
+    /// `[tokens * top_k]`: each token's chosen experts, most probable first.
+    pub chosen: Vec<usize>,
+}
+
+/// One MoE layer's routing in one forward, with which rows are real tokens.
+pub struct RecordedRouting<B: Backend> {
+    pub routing: Routing<B>,
     /// `[tokens]`, 1 for real tokens and 0 for padding; `None`: every row counts.
     pub valid: Option<Tensor<B, 1>>,
 }
 
 thread_local! {
-    /// The router logits recorded by [`record_router_logits`] (type-erased: the backend is
-    /// generic), `None` when nothing records.
+    /// The routings recorded by [`record_routing`] (type-erased: the backend is generic),
+    /// `None` when nothing records.
     static RECORDED: RefCell<Option<Vec<Box<dyn Any>>>> = const { RefCell::new(None) };
 }
 
-/// Runs `f` and returns, with its result, the router logits of every MoE layer that ran in it
-/// on this thread, in order (the trainer's forward, for the load-balancing loss).
-pub fn record_router_logits<B: Backend, R>(f: impl FnOnce() -> R) -> (R, Vec<RouterLogits<B>>) {
+/// Runs `f` and returns, with its result, the routing of every MoE layer that ran in it on this
+/// thread, in order (the trainer's forward, for the load-balancing loss).
+pub fn record_routing<B: Backend, R>(f: impl FnOnce() -> R) -> (R, Vec<RecordedRouting<B>>) {
     let outer = RECORDED.with(|r| r.borrow_mut().replace(Vec::new()));
     let result = f();
     let recorded = RECORDED.with(|r| std::mem::replace(&mut *r.borrow_mut(), outer)).unwrap_or_default();
-    let logits = recorded
+    let routings = recorded
         .into_iter()
-        .filter_map(|b| b.downcast::<RouterLogits<B>>().ok().map(|b| *b))
+        .filter_map(|b| b.downcast::<RecordedRouting<B>>().ok().map(|b| *b))
         .collect();
-    (result, logits)
+    (result, routings)
 }
 
-/// Whether a [`record_router_logits`] is running on this thread.
+/// Whether a [`record_routing`] is running on this thread.
 pub(crate) fn recording() -> bool {
     RECORDED.with(|r| r.borrow().is_some())
 }
 
-/// Adds one layer's logits to the running record (when there is one).
-pub(crate) fn record<B: Backend>(logits: RouterLogits<B>) {
+/// Adds one layer's routing to the running record (when there is one).
+pub(crate) fn record<B: Backend>(routing: RecordedRouting<B>) {
     RECORDED.with(|r| {
         if let Some(v) = r.borrow_mut().as_mut() {
-            v.push(Box::new(logits));
+            v.push(Box::new(routing));
         }
     });
 }
@@ -71,31 +77,31 @@ pub(crate) fn record<B: Backend>(logits: RouterLogits<B>) {
 /// The Switch Transformer load-balancing loss, as transformers' `load_balancing_loss_func`:
 /// over every layer's rows together (padding left out), `experts · Σₑ fₑ · Pₑ`, with `fₑ` the
 /// top-`k` choices that went to expert `e` per row (a count outside the graph; the `fₑ` sum to
-/// `k`, as transformers counts them) and `Pₑ` its mean router probability. `None` without
-/// records.
-pub fn load_balancing_loss<B: Backend>(records: &[RouterLogits<B>], top_k: usize) -> Option<Tensor<B, 1>> {
-    let experts = records.first()?.logits.dims()[1];
-    let device = records[0].logits.device();
+/// `k`, as transformers counts them) and `Pₑ` its mean router probability. It uses the forward's
+/// own softmax and choices (transformers computes them again from the logits, to the same
+/// values). `None` without records.
+pub fn load_balancing_loss<B: Backend>(records: &[RecordedRouting<B>]) -> Option<Tensor<B, 1>> {
+    let [_, experts] = records.first()?.routing.probs.dims();
+    let device = records[0].routing.probs.device();
     let mut counts = vec![0f32; experts];
     let mut rows = 0f32;
     let mut prob_sum: Option<Tensor<B, 1>> = None;
     for r in records {
-        let probs = softmax(r.logits.clone().cast(DType::F32), 1); // [tokens, experts]
+        let Routing { probs, chosen } = &r.routing;
         let tokens = probs.dims()[0];
-        let host: Vec<f32> = probs.clone().into_data().convert::<f32>().to_vec().expect("f32 probabilities");
         let valid: Vec<f32> = match &r.valid {
             Some(v) => v.clone().into_data().convert::<f32>().to_vec().expect("f32 mask"),
             None => vec![1.0; tokens],
         };
-        for (t, chosen) in top_k_rows(&host, experts, top_k).chunks_exact(top_k).enumerate() {
+        for (t, chosen) in chosen.chunks_exact(chosen.len() / tokens).enumerate() {
             for &e in chosen {
                 counts[e] += valid[t];
             }
         }
         rows += valid.iter().sum::<f32>();
         let weighted = match &r.valid {
-            Some(v) => probs * v.clone().cast(DType::F32).unsqueeze_dim::<2>(1),
-            None => probs,
+            Some(v) => probs.clone() * v.clone().cast(DType::F32).unsqueeze_dim::<2>(1),
+            None => probs.clone(),
         };
         let sum = weighted.sum_dim(0).reshape([experts]);
         prob_sum = Some(match prob_sum {

@@ -313,7 +313,7 @@ pub fn adapter_tensors<B: Backend>(
         );
     }
     // Mixtures of experts: the experts and routers as PEFT 0.21 stacks them (transformers 5).
-    for (key, shape, values) in crate::experts::stacked(model, PREFIX).0 {
+    for (key, shape, values) in crate::experts::stacked(model, PREFIX) {
         let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         out.insert(key, (shape, bytes));
     }
@@ -355,7 +355,7 @@ pub fn save_adapter<B: Backend>(model: &LlamaForCausalLM<B>, config: &LoraConfig
     })?;
     let config_path = dir.join(CONFIG_FILE);
     let mut json = config.to_json(&targets);
-    let stacked = crate::experts::stacked(model, PREFIX).1;
+    let stacked = crate::experts::stacked_targets(model);
     crate::experts::ExpertTargets::of(model).peft_config(config, &mut json, &targets, &stacked);
     let text = serde_json::to_string_pretty(&json).expect("JSON values serialize");
     write_file_atomic(&config_path, (text + "\n").as_bytes()).map_err(|source| Error::Io {
@@ -403,14 +403,7 @@ pub(crate) fn float_data(view: &safetensors::tensor::TensorView<'_>, key: &str, 
 /// an adapter this config places, with the shape it implies, and every adapter must be filled.
 pub fn load_adapter<B: Backend>(model: LlamaForCausalLM<B>, dir: &Path) -> Result<(LlamaForCausalLM<B>, LoraConfig)> {
     let config_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path).map_err(|error| Error::Io {
-        path: config_path.clone(),
-        error,
-    })?;
-    let mut json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
-        path: config_path.clone(),
-        message: format!("invalid JSON: {e}"),
-    })?;
+    let mut json = LoraConfig::read_json(&config_path)?;
     let stacked = crate::experts::take_target_parameters(&mut json, &config_path)?;
     let mut config = LoraConfig::from_json(&json, &config_path)?;
     let path = dir.join(WEIGHTS_FILE);
@@ -583,6 +576,7 @@ pub fn quantize_base<B: Backend>(
     quantization: BaseQuantization,
 ) -> Result<(LlamaForCausalLM<B>, QuantReport)> {
     let bits = quantization.bits();
+    let experts = crate::experts::ExpertTargets::of(&model);
     let mut report = QuantReport {
         quantized_layers: 0,
         dense_layers: vec![],
@@ -600,8 +594,10 @@ pub fn quantize_base<B: Backend>(
         report.bytes_before += dense_bytes;
         // Routers stay dense too: they choose the experts (bitsandbytes leaves transformers 5's
         // routers, which are not `nn.Linear`, unquantized).
-        let router = name.ends_with(".gate");
-        if temper_models::llama::is_output_head(&name) || router || !in_f.is_multiple_of(temper_models::quant::BLOCK) {
+        if temper_models::llama::is_output_head(&name)
+            || experts.is_router(&name)
+            || !in_f.is_multiple_of(temper_models::quant::BLOCK)
+        {
             report.bytes_after += dense_bytes;
             report.dense_layers.push(name);
             continue;

@@ -255,15 +255,19 @@ impl LoraConfig {
     /// Reads PEFT's `adapter_config.json`. Unknown keys are ignored, as PEFT does; keys that
     /// would change the math in ways Temper does not implement are errors.
     pub fn from_file(path: &Path) -> Result<Self> {
+        Self::from_json(&Self::read_json(path)?, path)
+    }
+
+    /// `adapter_config.json` as JSON, before [`Self::from_json`] reads it.
+    pub(crate) fn read_json(path: &Path) -> Result<Value> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             error: source,
         })?;
-        let json: Value = serde_json::from_str(&text).map_err(|e| Error::Format {
+        serde_json::from_str(&text).map_err(|e| Error::Format {
             path: path.to_path_buf(),
             message: format!("invalid JSON: {e}"),
-        })?;
-        Self::from_json(&json, path)
+        })
     }
 
     pub fn from_json(json: &Value, path: &Path) -> Result<Self> {

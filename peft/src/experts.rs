@@ -18,7 +18,8 @@ use burn::tensor::TensorData;
 use burn::tensor::backend::Backend;
 use serde_json::Value;
 use temper_models::LlamaForCausalLM;
-use temper_models::llama::EXPERT_GATE_UP;
+use temper_models::llama::{EXPERT_GATE_UP, SparseMoe};
+use temper_models::lora::Lora;
 
 use crate::config::{LoraConfig, TargetModules};
 use crate::error::{Error, Result};
@@ -31,7 +32,7 @@ use crate::error::{Error, Result};
 /// `mlp_only_layers` (which PEFT's resolution leaves out).
 pub(crate) struct ExpertTargets {
     /// Fused gate-up layer -> its gate's and up's checkpoint names.
-    fused: std::collections::HashMap<String, [String; 2]>,
+    fused: HashMap<String, [String; 2]>,
     /// Dense MLP layers of a mixture of experts (`all-linear` leaves them out).
     dense_mlps: HashSet<String>,
     /// Every expert layer (fused gate-up and down).
@@ -62,6 +63,10 @@ impl ExpertTargets {
             experts,
             routers,
         }
+    }
+
+    pub(crate) fn is_router(&self, name: &str) -> bool {
+        self.routers.contains(name)
     }
 
     /// Whether `name` is saved in [`stacked`]'s form (an expert or a router).
@@ -349,34 +354,59 @@ pub(crate) fn per_expert<B: Backend>(
     Ok((out, used))
 }
 
+/// One MoE layer's adapters as PEFT stacks them: the router's, and every expert's gate-up and
+/// down when every expert of the layer has one (PEFT has no stacked form for some experts;
+/// `check_whole_layers` keeps `inject` from placing such adapters).
+type LayerStacks<'a, B> = (Option<&'a Lora<B>>, Option<Vec<&'a Lora<B>>>, Option<Vec<&'a Lora<B>>>);
+
+fn layer_stacks<B: Backend>(moe: &SparseMoe<B>) -> LayerStacks<'_, B> {
+    let experts = moe.experts.len();
+    fn all<'a, B: Backend>(loras: Vec<&'a Lora<B>>, experts: usize) -> Option<Vec<&'a Lora<B>>> {
+        (loras.len() == experts).then_some(loras)
+    }
+    (
+        moe.gate.adapter.as_ref(),
+        all(moe.experts.iter().filter_map(|m| m.gate_up[0].adapter.as_ref()).collect(), experts),
+        all(moe.experts.iter().filter_map(|m| m.down_proj.adapter.as_ref()).collect(), experts),
+    )
+}
+
+/// The `target_parameters` of `model`'s stacked adapters ([`stacked`]'s tensors).
+pub(crate) fn stacked_targets<B: Backend>(model: &LlamaForCausalLM<B>) -> Vec<&'static str> {
+    let (mut gate_up, mut down, mut router) = (false, false, false);
+    for moe in model.model.layers.iter().filter_map(|l| l.moe.as_ref()) {
+        let (r, g, d) = layer_stacks(moe);
+        router |= r.is_some();
+        gate_up |= g.is_some();
+        down |= d.is_some();
+    }
+    [(gate_up, "gate_up_proj"), (down, "down_proj"), (router, "gate.weight")]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
+}
+
 /// The experts' and routers' adapters of `model` in PEFT 0.21's stacked form (what
-/// [`per_expert`] reads): tensors by key (under `prefix`) as `[shape]` and f32 values, and the
-/// `target_parameters` they make. The router's key is `mlp.gate` (transformers 5's name, also
-/// Mixtral's).
-pub(crate) fn stacked<B: Backend>(
-    model: &LlamaForCausalLM<B>,
-    prefix: &str,
-) -> (Vec<(String, Vec<usize>, Vec<f32>)>, Vec<&'static str>) {
+/// [`per_expert`] reads): tensors by key (under `prefix`) as `[shape]` and f32 values. The
+/// router's key is `mlp.gate` (transformers 5's name, also Mixtral's).
+pub(crate) fn stacked<B: Backend>(model: &LlamaForCausalLM<B>, prefix: &str) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let host = |t: burn::tensor::Tensor<B, 2>| -> Vec<f32> {
         t.into_data().convert::<f32>().to_vec().expect("f32 adapter")
     };
     let mut out = Vec::new();
-    let (mut any_gate_up, mut any_down, mut any_router) = (false, false, false);
     for (i, layer) in model.model.layers.iter().enumerate() {
         let Some(moe) = &layer.moe else { continue };
         let stacked = format!("{prefix}model.layers.{i}.mlp.experts");
-        if let Some(lora) = &moe.gate.adapter {
-            any_router = true;
+        let (router, gate_up, down) = layer_stacks(moe);
+        if let Some(lora) = router {
             let at = format!("{prefix}model.layers.{i}.mlp.gate");
             let [h, r] = lora.lora_a.dims();
             let [_, e] = lora.lora_b.dims();
             out.push((format!("{at}.lora_A.weight"), vec![r, h], host(lora.lora_a.val().transpose())));
             out.push((format!("{at}.lora_B.weight"), vec![e, r], host(lora.lora_b.val().transpose())));
         }
-        let gate_up: Vec<_> = moe.experts.iter().filter_map(|m| m.gate_up[0].adapter.as_ref()).collect();
-        let down: Vec<_> = moe.experts.iter().filter_map(|m| m.down_proj.adapter.as_ref()).collect();
         let experts = moe.experts.len();
-        let mut join = |at: String, loras: &[&temper_models::lora::Lora<B>]| {
+        let mut join = |at: String, loras: &[&Lora<B>]| {
             // A: expert e's rows e·R..(e+1)·R; B: expert e's columns k·experts + e.
             let [cols, r] = loras[0].lora_a.dims();
             let [_, rows] = loras[0].lora_b.dims();
@@ -394,29 +424,16 @@ pub(crate) fn stacked<B: Backend>(
             out.push((format!("{at}.lora_A.weight"), vec![experts * r, cols], a));
             out.push((format!("{at}.lora_B.weight"), vec![rows, experts * r], b));
         };
-        // Every expert of a layer or none (the targets name them all alike).
-        if gate_up.len() == experts {
-            any_gate_up = true;
-            let at = match down.len() == experts {
+        if let Some(loras) = gate_up {
+            let at = match down.is_some() {
                 true => format!("{stacked}.base_layer"),
                 false => stacked.clone(),
             };
-            join(at, &gate_up);
+            join(at, &loras);
         }
-        if down.len() == experts {
-            any_down = true;
-            join(stacked, &down);
+        if let Some(loras) = down {
+            join(stacked, &loras);
         }
     }
-    let mut targets = Vec::new();
-    if any_gate_up {
-        targets.push("gate_up_proj");
-    }
-    if any_down {
-        targets.push("down_proj");
-    }
-    if any_router {
-        targets.push("gate.weight");
-    }
-    (out, targets)
+    out
 }

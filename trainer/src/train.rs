@@ -12,7 +12,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, Tensor};
 use temper_data::{Batch, Cursor, DataConfig, DataLoader, LoaderOptions, Pipeline};
-use temper_models::config::CheckpointDtype;
+use temper_models::config::{CheckpointDtype, MoeConfig};
 use temper_models::save::{DEFAULT_SHARD_BYTES, save_pretrained};
 use temper_models::{LlamaForCausalLM, ModelConfig, Tokenizer};
 use temper_peft::{LoraConfig, SavedModule};
@@ -151,9 +151,8 @@ struct Run<'a, B: AutodiffBackend> {
     /// window's).
     round_metrics: Vec<Vec<(&'static str, f64)>>,
     samples: Vec<Sample>,
-    /// A mixture of experts with `output_router_logits`: the load-balancing loss's coefficient
-    /// and the experts chosen per token.
-    router_aux_loss: Option<(f64, usize)>,
+    /// A mixture of experts with `output_router_logits`: the load-balancing loss's coefficient.
+    router_aux_loss: Option<f64>,
 }
 
 impl<'a, B: AutodiffBackend> Run<'a, B> {
@@ -334,9 +333,8 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             router_aux_loss: model_config
                 .moe
                 .as_ref()
-                .filter(|m| m.output_router_logits && m.router_aux_loss_coef != 0.0)
-                .filter(|_| job.objective.name() != "reward")
-                .map(|m| (m.router_aux_loss_coef, m.top_k)),
+                .and_then(MoeConfig::aux_loss_coef)
+                .filter(|_| job.objective.name() != "reward"),
             grpo,
             epoch,
             round_metrics: Vec::new(),
@@ -442,7 +440,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                 None => plain(m, ids, options),
             };
             let reference = |_: &Batch| Ok(reference);
-            let (loss, routers) = temper_models::moe::record_router_logits::<B, _>(|| {
+            let (loss, routings) = temper_models::moe::record_routing::<B, _>(|| {
                 self.loss
                     .micro_batch(&self.model, &hidden, batch, reference, kl, device, &mut sums)
             });
@@ -452,8 +450,8 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             // A mixture of experts with `output_router_logits`: transformers adds
             // `router_aux_loss_coef` times the load-balancing loss to each forward's loss; here
             // the step's objective gets the micro-batches' mean of it.
-            if let Some((coef, top_k)) = self.router_aux_loss
-                && let Some(aux) = temper_models::moe::load_balancing_loss(&routers, top_k)
+            if let Some(coef) = self.router_aux_loss
+                && let Some(aux) = temper_models::moe::load_balancing_loss(&routings)
             {
                 sums.add(Metric::AuxLoss, aux.clone().into_scalar().elem::<f32>() as f64);
                 sums.add(Metric::RoutedMicroBatches, 1.0);
@@ -828,7 +826,8 @@ fn check_context(job: &JobConfig, model: &ModelConfig) -> Result<()> {
         && model
             .moe
             .as_ref()
-            .is_some_and(|m| m.output_router_logits && m.router_aux_loss_coef != 0.0)
+            .and_then(MoeConfig::aux_loss_coef)
+            .is_some()
     {
         // The checkpointed forward runs the blocks outside the graph first: the routers'
         // logits it records could not carry the load-balancing loss's gradient.
