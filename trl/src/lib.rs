@@ -6,6 +6,7 @@ pub mod kto;
 pub mod logps;
 pub mod reward;
 pub mod rewards;
+pub mod scores;
 pub mod sft;
 
 pub use dpo::{
