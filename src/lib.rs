@@ -3,11 +3,13 @@
 
 pub mod backend;
 pub mod data;
+pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod launch;
 pub mod merge;
 pub mod push;
+pub mod review;
 pub mod score;
 pub mod stop;
 pub mod train;

@@ -2,11 +2,13 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use temper::backend::{DeviceSpec, dispatch};
 use temper::data::DataCommand;
+use temper::eval::EvalArgs;
 use temper::export::ExportArgs;
 use temper::generate::GenerateArgs;
 use temper::launch::LaunchArgs;
 use temper::merge::MergeArgs;
 use temper::push::PushArgs;
+use temper::review::ReviewArgs;
 use temper::score::ScoreArgs;
 use temper::train::TrainArgs;
 
@@ -30,6 +32,11 @@ enum Command {
     Data(DataCommand),
     /// Generate text from a prompt.
     Generate(GenerateArgs),
+    /// Evaluate a model and its adapters on held-out rows: loss, scores of generated answers,
+    /// multiple choice, a regression set (eval.json, eval.md, eval_samples.jsonl).
+    Eval(EvalArgs),
+    /// Compare two models' answers on a local page; choices become DPO and KTO data.
+    Review(ReviewArgs),
     /// Score rows with a reward model (JSON lines: each pair's chosen and rejected scores).
     Score(ScoreArgs),
     /// Fold a LoRA adapter into its base model and write a Hugging Face model directory.
@@ -58,6 +65,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(args) => temper::train::run(args, cli.device),
         Command::Data(cmd) => temper::data::run(cmd),
+        Command::Eval(args) => temper::eval::run(args, cli.device),
+        Command::Review(args) => temper::review::run(args),
         Command::Generate(args) => dispatch(device, args).map_err(anyhow::Error::msg)?,
         Command::Merge(args) => dispatch(device, args).map_err(anyhow::Error::msg)?,
         Command::Score(args) => dispatch(device, args).map_err(anyhow::Error::msg)?,

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod format;
 mod guard;
 pub mod loader;
@@ -14,6 +15,7 @@ pub mod tokenize;
 
 pub use config::{DataConfig, EvalDataConfig, SourceConfig, Stopping};
 pub use error::{Error, Location, Result};
+pub use eval::{EvalRow, read_rows};
 pub use format::{Content, Format, RowFormat, Sample};
 pub use loader::{Batch, Cursor, DataLoader, LoadedBatch, LoaderOptions, Pipeline, Stats, Unpaired};
 pub use pack::{PackedRow, PackingStrategy, PreferenceBatch, SftBatch, UnpairedBatch, last_tokens, pack_bfd};

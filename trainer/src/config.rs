@@ -860,27 +860,7 @@ impl JobConfig {
     /// The first stage of reading a job: the YAML file with `key.path=value` overrides applied,
     /// unchecked (`Job::load` checks and resolves it).
     pub fn parse(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        let mut value: Value = serde_yaml::from_str(&text).map_err(|e| Error::Config {
-            file: path.to_path_buf(),
-            key: e.location().map(|l| format!("line {}", l.line())).unwrap_or_default(),
-            message: e.to_string(),
-        })?;
-        for o in overrides {
-            apply_override(&mut value, o).map_err(|message| Error::Config {
-                file: path.to_path_buf(),
-                key: format!("--set {o}"),
-                message,
-            })?;
-        }
-        let mut config: Self = serde_path_to_error::deserialize(value).map_err(|e| Error::Config {
-            file: path.to_path_buf(),
-            key: e.path().to_string(),
-            message: e.into_inner().to_string(),
-        })?;
+        let mut config: Self = read_yaml(path, overrides)?;
         config.file = path.to_path_buf();
         config.expand_home();
         Ok(config)
@@ -1336,6 +1316,45 @@ fn looks_local(p: &str) -> bool {
     let extension = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     let first = p.split('/').next().unwrap_or_default();
     extension.is_some_and(|e| EXTENSIONS.contains(&e.as_str())) || Path::new(first).is_dir()
+}
+
+/// A YAML file with `key.path=value` overrides applied, into `T`; errors name the file and
+/// the key (or line).
+pub(crate) fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path, overrides: &[String]) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let value: Value = serde_yaml::from_str(&text).map_err(|e| Error::Config {
+        file: path.to_path_buf(),
+        key: e.location().map(|l| format!("line {}", l.line())).unwrap_or_default(),
+        message: e.to_string(),
+    })?;
+    with_overrides(value, path, overrides)
+}
+
+/// `value` (read from `path`, for the errors) with `key.path=value` overrides applied, into `T`.
+pub(crate) fn with_overrides<T: serde::de::DeserializeOwned>(mut value: Value, path: &Path, overrides: &[String]) -> Result<T> {
+    for o in overrides {
+        apply_override(&mut value, o).map_err(|message| Error::Config {
+            file: path.to_path_buf(),
+            key: format!("--set {o}"),
+            message,
+        })?;
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| Error::Config {
+        file: path.to_path_buf(),
+        key: e.path().to_string(),
+        message: e.into_inner().to_string(),
+    })
+}
+
+/// `~/` at the start of a path means the home directory, as in a shell.
+pub(crate) fn expand_home(p: &str) -> String {
+    match (p.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest).display().to_string(),
+        _ => p.to_string(),
+    }
 }
 
 /// `a.b.c=value`: sets a key (creating maps on the way); the value is parsed as YAML, so

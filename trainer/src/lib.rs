@@ -7,6 +7,7 @@ pub mod card;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod eval;
 mod forward;
 mod grpo;
 pub mod job;

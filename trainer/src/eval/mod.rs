@@ -1,0 +1,714 @@
+//! Evaluation of a model and its adapters on held-out rows: loss and perplexity, scores of
+//! generated answers (exact match, regex, contains, ROUGE, BLEU, chrF, refusals), multiple
+//! choice by log-likelihood, and a regression set of fixed cases, each with a 95% interval.
+//! `temper eval` runs it; training's `eval_generation` scores a few rows the same way.
+
+pub mod config;
+mod report;
+pub mod review;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::DType;
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use temper_data::{
+    Batch, Content, Cursor, DataConfig, EncodeOptions, Encoded, Encoder, EvalRow, LoaderOptions, Pipeline, Sample,
+    read_rows,
+};
+use temper_models::{ForwardOptions, LlamaForCausalLM, Sampling, Tokenizer};
+use temper_trl::scores;
+
+pub use config::{EvalConfig, GenerationSection, Scorer};
+pub use report::{Report, VariantReport, markdown, update_model_card};
+
+use crate::blocks::plain;
+use crate::error::{Error, Result};
+use crate::forward::{int_matrix, sft_loss, token_logps_at};
+
+/// A metric's value, how many rows (or tokens) it is over, and its 95% interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Measure {
+    pub value: f64,
+    pub count: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci: Option<[f64; 2]>,
+}
+
+impl Measure {
+    /// A share of rows (each row's value in [0, 1]) with its Wilson interval.
+    fn share(values: &[f64]) -> Self {
+        let hits: f64 = values.iter().sum();
+        Self {
+            value: hits / values.len().max(1) as f64,
+            count: values.len(),
+            ci: scores::wilson(hits, values.len()).map(|(a, b)| [a, b]),
+        }
+    }
+
+    /// A mean of per-row values with its normal-approximation interval.
+    fn mean(values: &[f64]) -> Self {
+        let (value, ci) = scores::mean_interval(values);
+        Self {
+            value,
+            count: values.len(),
+            ci: ci.map(|(a, b)| [a, b]),
+        }
+    }
+}
+
+/// Resamples of the bootstrap intervals of corpus BLEU and chrF.
+const BOOTSTRAP_RESAMPLES: usize = 1000;
+
+/// Every scorer's per-row values and summary measures over a set of answers.
+#[derive(Debug, Clone, Default)]
+pub struct Scored {
+    /// Per row: metric name to value.
+    pub rows: Vec<BTreeMap<String, f64>>,
+    /// In the scorers' order.
+    pub measures: Vec<(String, Measure)>,
+}
+
+/// The text a scorer compares an answer with: the scorer's `reference` column, else the row's
+/// own answer. Errors name the row.
+fn reference(row: &EvalRow, scorer: &Scorer) -> Result<String> {
+    let at = || row.at.to_string();
+    match scorer.reference_column() {
+        Some(column) => match row.columns.get(column) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            Some(Value::Null) | None => Err(Error::config(
+                &format!("scorers ({})", scorer.name()),
+                format!("{}: the row has no `{column}` column (its reference)", at()),
+            )),
+            Some(other) => Err(Error::config(
+                &format!("scorers ({})", scorer.name()),
+                format!("{}: column `{column}` is not a string or number: {other}", at()),
+            )),
+        },
+        None => row.answer.clone().ok_or_else(|| {
+            Error::config(
+                &format!("scorers ({})", scorer.name()),
+                format!(
+                    "{}: the row has no answer to compare with (a prompt alone): name a column with `reference`",
+                    at()
+                ),
+            )
+        }),
+    }
+}
+
+/// Scores `answers` (one per row) with every generating scorer. `seed` seeds the bootstrap
+/// intervals.
+pub fn score_answers(scorers: &[Scorer], rows: &[EvalRow], answers: &[String], seed: u64) -> Result<Scored> {
+    assert_eq!(rows.len(), answers.len(), "one answer per row");
+    let n = rows.len();
+    let mut out = Scored {
+        rows: vec![BTreeMap::new(); n],
+        measures: Vec::new(),
+    };
+    for scorer in scorers.iter().filter(|s| s.generates()) {
+        let refs: Vec<String> = if scorer.needs_reference() {
+            rows.iter().map(|r| reference(r, scorer)).collect::<Result<_>>()?
+        } else {
+            vec![String::new(); n]
+        };
+        let name = scorer.name().to_string();
+        let mut per_row = |metric: &str, values: Vec<f64>, measure: Measure| {
+            for (row, v) in out.rows.iter_mut().zip(&values) {
+                row.insert(metric.to_string(), *v);
+            }
+            out.measures.push((metric.to_string(), measure));
+        };
+        let each = |f: &dyn Fn(&str, &str) -> f64| -> Vec<f64> {
+            answers.iter().zip(&refs).map(|(a, r)| f(a, r)).collect()
+        };
+        match scorer {
+            Scorer::ExactMatch { .. } => {
+                let v = each(&|a, r| scores_accuracy(a, r));
+                per_row(&name, v.clone(), Measure::share(&v));
+            }
+            Scorer::Regex { pattern, .. } => {
+                let re = Regex::new(pattern).expect("checked with the config");
+                let v = each(&|a, _| re.is_match(a) as u8 as f64);
+                per_row(&name, v.clone(), Measure::share(&v));
+            }
+            Scorer::Contains { .. } => {
+                let v = each(&|a, r| scores::contains(a, r) as u8 as f64);
+                per_row(&name, v.clone(), Measure::share(&v));
+            }
+            Scorer::Refusal { .. } => {
+                let v = each(&|a, _| scores::refuses(a) as u8 as f64);
+                per_row(&name, v.clone(), Measure::share(&v));
+            }
+            Scorer::Rouge { name: given, .. } => {
+                let all: Vec<scores::Rouge> = answers.iter().zip(&refs).map(|(a, r)| scores::rouge(a, r)).collect();
+                let metric = |m: &str| given.as_ref().map_or_else(|| m.to_string(), |g| format!("{g}_{m}"));
+                for (m, get) in [
+                    ("rouge1", (|r: &scores::Rouge| r.rouge1) as fn(&scores::Rouge) -> f64),
+                    ("rouge2", |r| r.rouge2),
+                    ("rougeL", |r| r.rouge_l),
+                ] {
+                    let v: Vec<f64> = all.iter().map(get).collect();
+                    per_row(&metric(m), v.clone(), Measure::mean(&v));
+                }
+            }
+            Scorer::Bleu { .. } => {
+                let stats: Vec<_> = answers.iter().zip(&refs).map(|(a, r)| scores::bleu_stats(a, r)).collect();
+                let v: Vec<f64> = stats.iter().map(|s| scores::bleu([s])).collect();
+                let corpus = |idx: &[usize]| scores::bleu(idx.iter().map(|&i| &stats[i]));
+                let measure = Measure {
+                    value: scores::bleu(&stats),
+                    count: n,
+                    ci: scores::bootstrap(n, BOOTSTRAP_RESAMPLES, seed, corpus).map(|(a, b)| [a, b]),
+                };
+                per_row(&name, v, measure);
+            }
+            Scorer::Chrf { .. } => {
+                let stats: Vec<_> = answers.iter().zip(&refs).map(|(a, r)| scores::chrf_stats(a, r)).collect();
+                let v: Vec<f64> = stats.iter().map(|s| scores::chrf([s])).collect();
+                let corpus = |idx: &[usize]| scores::chrf(idx.iter().map(|&i| &stats[i]));
+                let measure = Measure {
+                    value: scores::chrf(&stats),
+                    count: n,
+                    ci: scores::bootstrap(n, BOOTSTRAP_RESAMPLES, seed, corpus).map(|(a, b)| [a, b]),
+                };
+                per_row(&name, v, measure);
+            }
+            Scorer::Choice { .. } => unreachable!("filtered: generates nothing"),
+        }
+    }
+    Ok(out)
+}
+
+fn scores_accuracy(answer: &str, reference: &str) -> f64 {
+    temper_trl::rewards::accuracy(answer, reference) as f64
+}
+
+/// How prompts become token ids: the data config's chat template and truncation, as the
+/// trainer encodes GRPO's prompts.
+pub(crate) fn prompt_encoder(data: &DataConfig, tokenizer: Arc<Tokenizer>) -> Result<Encoder> {
+    let options = EncodeOptions {
+        max_length: data.max_length,
+        truncation: data.truncation,
+        completion_only_loss: None,
+        assistant_only_loss: false,
+        packing: false,
+        chat_template: data.chat_template.clone(),
+        unpair: false,
+        drop_long_pairs: false,
+    };
+    Encoder::new(tokenizer, options).map_err(|e| Error::from(e).in_file(Path::new("")))
+}
+
+/// The token ids the model is asked to complete for `row`.
+pub(crate) fn prompt_ids(encoder: &Encoder, row: &EvalRow) -> Result<Vec<u32>> {
+    let sample = Sample::Prompt {
+        prompt: row.prompt.clone(),
+        raw: row.raw_prompt.clone(),
+        columns: row.columns.clone(),
+    };
+    match encoder.encode(&sample, &row.at)? {
+        Encoded::Prompt(p) => Ok(p.prompt_ids),
+        other => unreachable!("a prompt encodes as a prompt, got {other:?}"),
+    }
+}
+
+/// The answers of `model` to each row, batched; row `i` samples with seed `seed + i`.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_answers<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    generation: &GenerationSection,
+    eos: &[u32],
+    context: usize,
+    device: &B::Device,
+) -> Result<Vec<String>> {
+    let sampling = Sampling {
+        max_new_tokens: generation.max_new_tokens,
+        temperature: generation.temperature,
+        top_p: generation.top_p,
+        top_k: generation.top_k,
+        seed: generation.seed,
+        max_length: Some(context),
+    };
+    let mut out = Vec::with_capacity(prompts.len());
+    for (chunk_at, chunk) in prompts.chunks(generation.batch_size.max(1)).enumerate() {
+        let first = chunk_at * generation.batch_size.max(1);
+        let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+        let seeds: Vec<u64> = (0..chunk.len()).map(|i| generation.seed + (first + i) as u64).collect();
+        let ids = temper_models::generate_batch(model, &refs, eos, &sampling, &seeds, device)?;
+        for ids in ids {
+            // The final end-of-turn token is the model's stop, not part of its answer.
+            out.push(tokenizer.decode(&ids, true)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The mean negative log-likelihood per target token over the rows' answers (the trainer's
+/// SFT masks: completions, assistant turns), and the number of target tokens. `None` when
+/// the rows have no answers to score (prompts alone, preference pairs).
+pub fn held_out_loss<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    data: &DataConfig,
+    tokenizer: Arc<Tokenizer>,
+    batch_size: usize,
+    max_rows: usize,
+    device: &B::Device,
+) -> Result<Option<(f64, usize)>> {
+    let mut data = data.clone();
+    data.shuffle = false;
+    data.packing = false;
+    let options = LoaderOptions {
+        batch_size,
+        seed: 0,
+        rank: 0,
+        world_size: 1,
+        epochs: Some(1),
+        unpaired: None,
+        drop_long_pairs: false,
+        prompts: false,
+    };
+    let pipeline = Arc::new(Pipeline::new(&data, tokenizer, options)?);
+    if pipeline.prompts {
+        return Ok(None);
+    }
+    let (mut nll, mut tokens, mut rows) = (0.0f64, 0usize, 0usize);
+    let vocab = model.vocab_size();
+    for batch in pipeline.spawn(Cursor::default()) {
+        let batch = match batch?.batch {
+            Batch::Sft(b) => b,
+            _ => return Ok(None),
+        };
+        if let Some(id) = batch.input_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::TokenOutOfVocab {
+                during: "evaluation data".into(),
+                id: *id,
+                vocab,
+            });
+        }
+        // A full last batch may run past max_rows: only its first rows count.
+        let keep = batch.batch_size.min(max_rows - rows);
+        let batch = truncate_rows(batch, keep);
+        rows += keep;
+        tokens += batch.num_target_tokens();
+        if let Some(loss) = sft_loss(model, &plain::<B>, &batch, device) {
+            nll += loss.sum.into_data().convert::<f64>().to_vec::<f64>().expect("f64")[0];
+        }
+        if rows >= max_rows {
+            break;
+        }
+    }
+    Ok((tokens > 0).then(|| (nll / tokens as f64, tokens)))
+}
+
+fn truncate_rows(mut batch: temper_data::SftBatch, keep: usize) -> temper_data::SftBatch {
+    if keep < batch.batch_size {
+        let n = keep * batch.seq_len;
+        batch.batch_size = keep;
+        batch.input_ids.truncate(n);
+        batch.labels.truncate(n);
+        batch.position_ids.truncate(n);
+        batch.segment_ids.truncate(n);
+    }
+    batch
+}
+
+/// Multiple choice by log-likelihood: per row, whether the most likely option (summed
+/// log-likelihood; and per byte, `norm`) is the answer. As lm-evaluation-harness: the
+/// context's trailing spaces move to the continuation, the continuation's tokens are those of
+/// context + option past the context's. Conversations are rendered with the generation prompt.
+#[allow(clippy::too_many_arguments)]
+pub fn choice_scores<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    tokenizer: &Tokenizer,
+    chat_template: Option<&str>,
+    rows: &[EvalRow],
+    options_column: &str,
+    answer_column: &str,
+    batch_size: usize,
+    device: &B::Device,
+) -> Result<(Vec<f64>, Vec<f64>, Vec<Vec<f64>>)> {
+    let key = "scorers (choice)";
+    let tok = tokenizer;
+    let render = |messages: &[temper_models::Message]| -> Result<String> {
+        match chat_template {
+            Some(t) => temper_models::tokenizer::render_chat_template(
+                t,
+                messages,
+                true,
+                tok.bos_token.as_deref().unwrap_or(""),
+                tok.eos_token.as_deref().unwrap_or(""),
+            )
+            .map_err(|m| Error::config("data.chat_template", m)),
+            None => Ok(tok.apply_chat_template(messages, true)?),
+        }
+    };
+    // (row, option) -> (whole ids, context length, continuation bytes)
+    let mut seqs: Vec<(usize, Vec<u32>, usize, usize)> = Vec::new();
+    let mut answers = Vec::with_capacity(rows.len());
+    let mut counts = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        let at = &row.at;
+        let options: Vec<String> = match row.columns.get(options_column) {
+            Some(Value::Array(items)) if items.len() >= 2 => items
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) if !s.is_empty() => Ok(s.clone()),
+                    Value::Number(n) => Ok(n.to_string()),
+                    other => Err(Error::config(key, format!("{at}: option {other} of `{options_column}` is not a non-empty string"))),
+                })
+                .collect::<Result<_>>()?,
+            other => {
+                return Err(Error::config(
+                    key,
+                    format!(
+                        "{at}: column `{options_column}` must be a list of at least two options, got {}",
+                        other.map_or("nothing".into(), |v| v.to_string())
+                    ),
+                ));
+            }
+        };
+        let answer = match row.columns.get(answer_column) {
+            Some(Value::Number(n)) => n.as_u64().map(|x| x as usize).filter(|&x| x < options.len()),
+            Some(Value::String(s)) => options.iter().position(|o| o == s).or_else(|| {
+                // "A", "B", ... as ARC's answerKey.
+                let c = s.trim();
+                (c.len() == 1 && c.as_bytes()[0].is_ascii_uppercase())
+                    .then(|| (c.as_bytes()[0] - b'A') as usize)
+                    .filter(|&x| x < options.len())
+            }),
+            _ => None,
+        }
+        .ok_or_else(|| {
+            Error::config(
+                key,
+                format!(
+                    "{at}: column `{answer_column}` must be the right option's index (0-{}), letter or text, got {}",
+                    options.len() - 1,
+                    row.columns.get(answer_column).map_or("nothing".into(), |v| v.to_string())
+                ),
+            )
+        })?;
+        answers.push(answer);
+        counts.push(options.len());
+        let (mut context, special) = match &row.prompt {
+            Content::Text(t) => (t.clone(), true),
+            Content::Messages(m) => (render(m)?, false),
+        };
+        for option in &options {
+            let mut continuation = option.clone();
+            let trailing = context.len() - context.trim_end().len();
+            if trailing > 0 {
+                continuation = format!("{}{continuation}", &context[context.len() - trailing..]);
+                context.truncate(context.len() - trailing);
+            }
+            let whole = tok.encode(&format!("{context}{continuation}"), special)?;
+            let ctx = tok.encode(&context, special)?.len();
+            if whole.len() <= ctx || ctx == 0 {
+                return Err(Error::config(key, format!("{at}: option {option:?} adds no token to the prompt")));
+            }
+            seqs.push((i, whole, ctx, continuation.len()));
+        }
+    }
+    let vocab = model.vocab_size();
+    if let Some(id) = seqs.iter().flat_map(|s| &s.1).find(|&&id| id as usize >= vocab) {
+        return Err(Error::TokenOutOfVocab {
+            during: "choice scoring".into(),
+            id: *id,
+            vocab,
+        });
+    }
+    let moe = model.model.layers.iter().any(|l| l.moe.is_some());
+    let mut lls = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(batch_size.max(1)) {
+        let s = chunk.iter().map(|c| c.1.len()).max().expect("a chunk is not empty");
+        let b = chunk.len();
+        let mut ids = vec![0u32; b * s];
+        let mut real = vec![0u32; b * s];
+        let (mut positions, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+        for (r, (_, whole, ctx, _)) in chunk.iter().enumerate() {
+            ids[r * s..r * s + whole.len()].copy_from_slice(whole);
+            real[r * s..r * s + whole.len()].fill(1);
+            for t in *ctx..whole.len() {
+                positions.push((r * s + t - 1) as i64);
+                targets.push(whole[t] as i64);
+                owner.push(r);
+            }
+        }
+        let options = ForwardOptions {
+            position_ids: None,
+            // Right padding needs no mask under causal attention, but a mixture of experts
+            // would route the padding: keep it out, as the trainer does.
+            attention_mask: moe.then(|| int_matrix(&real, [b, s], device)),
+            segment_ids: None,
+        };
+        let logps = token_logps_at(model, &plain::<B>, int_matrix(&ids, [b, s], device), options, positions, targets, device);
+        let logps: Vec<f32> = logps.logps.cast(DType::F32).into_data().to_vec().expect("f32 log-probabilities");
+        let mut sums = vec![0.0f64; b];
+        for (lp, r) in logps.iter().zip(&owner) {
+            sums[*r] += *lp as f64;
+        }
+        lls.extend(sums);
+    }
+    let (mut acc, mut norm, mut all) = (Vec::new(), Vec::new(), Vec::new());
+    let mut at = 0;
+    for (answer, count) in answers.iter().zip(&counts) {
+        let ll = &lls[at..at + count];
+        let bytes: Vec<f64> = seqs[at..at + count].iter().map(|s| s.3 as f64).collect();
+        at += count;
+        let best = |score: &dyn Fn(usize) -> f64| (0..*count).max_by(|&a, &b| score(a).total_cmp(&score(b)).then(b.cmp(&a)));
+        acc.push((best(&|k| ll[k]) == Some(*answer)) as u8 as f64);
+        norm.push((best(&|k| ll[k] / bytes[k]) == Some(*answer)) as u8 as f64);
+        all.push(ll.to_vec());
+    }
+    Ok((acc, norm, all))
+}
+
+/// One fixed case of a regression set, and what its answer must (not) do.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub id: String,
+    pub row: EvalRow,
+    pub regex: Option<Regex>,
+    pub not_regex: Option<Regex>,
+    /// `Some(true)`: the answer must refuse; `Some(false)`: it must not.
+    pub refuse: Option<bool>,
+}
+
+impl Case {
+    /// The checks the answer fails (empty: it passes).
+    pub fn failures(&self, answer: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(re) = &self.regex
+            && !re.is_match(answer)
+        {
+            out.push(format!("does not match /{}/", re.as_str()));
+        }
+        if let Some(re) = &self.not_regex
+            && re.is_match(answer)
+        {
+            out.push(format!("matches /{}/", re.as_str()));
+        }
+        match (self.refuse, scores::refuses(answer)) {
+            (Some(true), false) => out.push("does not refuse".into()),
+            (Some(false), true) => out.push("refuses".into()),
+            _ => {}
+        }
+        out
+    }
+}
+
+/// Reads a regression set: JSON Lines (or any format the data pipeline reads) of `prompt` (a
+/// string or messages), an optional `id`, and at least one of `regex`, `not_regex`, `refuse`.
+pub fn read_cases(path: &Path) -> Result<Vec<Case>> {
+    let data: DataConfig = serde_json::from_value(serde_json::json!({
+        "path": path.display().to_string(), "format": "prompt", "shuffle": false,
+    }))
+    .expect("a valid data config");
+    let key = "regression";
+    let rows = read_rows(&data, usize::MAX).map_err(|e| Error::config(key, e.to_string()))?;
+    if rows.is_empty() {
+        return Err(Error::config(key, format!("{}: no cases", path.display())));
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let at = row.at.to_string();
+            let pattern = |name: &str| -> Result<Option<Regex>> {
+                match row.columns.get(name) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(Value::String(p)) => Regex::new(p)
+                        .map(Some)
+                        .map_err(|e| Error::config(key, format!("{at}: `{name}` is not a valid regular expression: {e}"))),
+                    Some(other) => Err(Error::config(key, format!("{at}: `{name}` must be a string, got {other}"))),
+                }
+            };
+            let refuse = match row.columns.get("refuse") {
+                None | Some(Value::Null) => None,
+                Some(Value::Bool(b)) => Some(*b),
+                Some(other) => return Err(Error::config(key, format!("{at}: `refuse` must be true or false, got {other}"))),
+            };
+            let id = match row.columns.get("id") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Number(n)) => n.to_string(),
+                _ => format!("case-{}", i + 1),
+            };
+            if !ids.insert(id.clone()) {
+                return Err(Error::config(key, format!("{at}: a second case with id `{id}`")));
+            }
+            let (regex, not_regex) = (pattern("regex")?, pattern("not_regex")?);
+            if regex.is_none() && not_regex.is_none() && refuse.is_none() {
+                return Err(Error::config(
+                    key,
+                    format!("{at}: the case checks nothing: give `regex`, `not_regex` or `refuse`"),
+                ));
+            }
+            Ok(Case {
+                id,
+                row,
+                regex,
+                not_regex,
+                refuse,
+            })
+        })
+        .collect()
+}
+
+/// A model evaluated: the base alone, or with an adapter.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    pub name: String,
+    pub adapter: Option<PathBuf>,
+}
+
+impl EvalConfig {
+    /// The models evaluated, the base first.
+    pub fn variants(&self) -> Vec<Variant> {
+        let mut v = Vec::new();
+        if self.base {
+            v.push(Variant {
+                name: "base".into(),
+                adapter: None,
+            });
+        }
+        for a in &self.adapters {
+            v.push(Variant {
+                name: a.display().to_string(),
+                adapter: Some(a.clone()),
+            });
+        }
+        v
+    }
+}
+
+/// Runs `config` on `device`: every variant on the same rows; writes `eval.json`, `eval.md`
+/// and `eval_samples.jsonl` to the output directory (and the evaluation into its model card,
+/// when it has one). `progress` hears what is being done.
+pub fn run<B: Backend>(config: &EvalConfig, device: &B::Device, progress: &dyn Fn(&str)) -> Result<Report> {
+    let file = &config.file;
+    let in_file = |e: Error| e.in_file(file);
+    let loaded = temper_models::load_pretrained::<B>(&config.model, device, DType::F32)?;
+    if loaded.model.score.is_some() {
+        return Err(Error::config(
+            "model",
+            format!("{}: a reward model scores sequences and does not generate: use `temper score`", config.model.display()),
+        )
+        .in_file(file));
+    }
+    let eos = loaded.eos_token_ids();
+    let context = loaded.config.max_position_embeddings;
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let loaded_model = loaded.model;
+    let mut data = config.data.clone();
+    data.shuffle = false;
+    let max_rows = config.max_rows.unwrap_or(usize::MAX);
+    let generating = config.scorers.iter().any(Scorer::generates);
+    let choice = config.scorers.iter().find(|s| !s.generates());
+    let rows = if generating || choice.is_some() {
+        let rows = read_rows(&data, max_rows).map_err(|e| in_file(e.into()))?;
+        if rows.is_empty() {
+            return Err(in_file(Error::config("data", "no rows to evaluate")));
+        }
+        // A scorer that needs a reference the rows lack fails now, not after generating.
+        for s in config.scorers.iter().filter(|s| s.needs_reference()) {
+            reference(&rows[0], s).map_err(in_file)?;
+        }
+        rows
+    } else {
+        Vec::new()
+    };
+    let cases = config.regression.as_deref().map(read_cases).transpose().map_err(in_file)?;
+    let encoder = prompt_encoder(&data, tokenizer.clone()).map_err(in_file)?;
+    let prompts: Vec<Vec<u32>> = if generating {
+        rows.iter().map(|r| prompt_ids(&encoder, r)).collect::<Result<_>>().map_err(in_file)?
+    } else {
+        Vec::new()
+    };
+    let case_prompts: Vec<Vec<u32>> = match &cases {
+        Some(cases) => cases.iter().map(|c| prompt_ids(&encoder, &c.row)).collect::<Result<_>>().map_err(in_file)?,
+        None => Vec::new(),
+    };
+    let mut report = Report::new(config, rows.len());
+    let mut samples = Vec::new();
+    for variant in config.variants() {
+        let model = match &variant.adapter {
+            Some(dir) => temper_peft::load_adapter(loaded_model.clone(), dir)?.0,
+            None => loaded_model.clone(),
+        };
+        if model.score.is_some() {
+            return Err(in_file(Error::config(
+                "adapters",
+                format!("{}: a reward adapter (with a `score` head) does not generate", variant.name),
+            )));
+        }
+        let mut measures: Vec<(String, Measure)> = Vec::new();
+        if config.loss != Some(false) {
+            progress(&format!("{}: held-out loss", variant.name));
+            let batch = config.generation.batch_size;
+            match held_out_loss(&model, &data, tokenizer.clone(), batch, max_rows, device).map_err(in_file)? {
+                Some((loss, tokens)) => {
+                    measures.push(("loss".into(), Measure { value: loss, count: tokens, ci: None }));
+                    measures.push(("perplexity".into(), Measure { value: loss.exp(), count: tokens, ci: None }));
+                }
+                None if config.loss == Some(true) => {
+                    return Err(in_file(Error::config(
+                        "loss",
+                        "the rows have no answers to score (prompts alone or preference pairs): drop `loss: true`",
+                    )));
+                }
+                None => {}
+            }
+        }
+        if generating {
+            progress(&format!("{}: generating {} answers", variant.name, rows.len()));
+            let answers = generate_answers(&model, &tokenizer, &prompts, &config.generation, &eos, context, device)?;
+            let scored = score_answers(&config.scorers, &rows, &answers, config.generation.seed).map_err(in_file)?;
+            measures.extend(scored.measures);
+            for (i, (row, answer)) in rows.iter().zip(&answers).enumerate() {
+                samples.push(serde_json::json!({
+                    "row": i, "model": variant.name, "prompt": row.raw_prompt, "reference": row.answer,
+                    "output": answer, "scores": scored.rows[i],
+                }));
+            }
+        }
+        if let Some(Scorer::Choice { options, answer, name }) = choice {
+            progress(&format!("{}: multiple choice", variant.name));
+            let (acc, norm, _) = choice_scores(
+                &model,
+                &tokenizer,
+                data.chat_template.as_deref(),
+                &rows,
+                options,
+                answer,
+                config.generation.batch_size,
+                device,
+            )
+            .map_err(in_file)?;
+            let base = name.as_deref().unwrap_or("choice");
+            measures.push((base.to_string(), Measure::share(&acc)));
+            measures.push((format!("{base}_norm"), Measure::share(&norm)));
+        }
+        if let Some(cases) = &cases {
+            progress(&format!("{}: {} regression cases", variant.name, cases.len()));
+            let answers = generate_answers(&model, &tokenizer, &case_prompts, &config.generation, &eos, context, device)?;
+            let passed: Vec<f64> = cases.iter().zip(&answers).map(|(c, a)| c.failures(a).is_empty() as u8 as f64).collect();
+            measures.push(("regression".into(), Measure::share(&passed)));
+            report.add_cases(&variant.name, cases, &answers);
+        }
+        report.variants.push(VariantReport {
+            name: variant.name.clone(),
+            adapter: variant.adapter.clone(),
+            metrics: measures,
+        });
+    }
+    report.write(config.output_dir(), &samples)?;
+    Ok(report)
+}
