@@ -810,6 +810,11 @@ pub struct TrainingSection {
     pub logging_steps: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_steps: Option<u64>,
+    /// At each evaluation, answers to the first evaluation rows generated (greedy) and scored
+    /// as `temper eval` scores them, logged as `eval_<scorer>` with the samples as TensorBoard
+    /// text and in `eval_generations.jsonl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_generation: Option<EvalGeneration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub save_steps: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -848,6 +853,25 @@ fn default_clip() -> f64 {
 }
 fn default_seed() -> u64 {
     42
+}
+
+/// `training.eval_generation`: scorers run on generated answers during training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalGeneration {
+    /// The first evaluation rows answered at each evaluation.
+    #[serde(default = "default_eval_generation_rows")]
+    pub rows: usize,
+    #[serde(default = "default_eval_generation_tokens")]
+    pub max_new_tokens: usize,
+    pub scorers: Vec<crate::eval::Scorer>,
+}
+
+fn default_eval_generation_rows() -> usize {
+    8
+}
+fn default_eval_generation_tokens() -> usize {
+    128
 }
 
 impl Default for TrainingSection {
@@ -1054,6 +1078,24 @@ impl JobConfig {
         )?;
         check(t.logging_steps > 0, "training.logging_steps", "must be > 0".into())?;
         check(t.eval_steps != Some(0), "training.eval_steps", "must be > 0".into())?;
+        if let Some(g) = &t.eval_generation {
+            let key = "training.eval_generation";
+            check(
+                t.eval_steps.is_some() && self.data.eval.is_some(),
+                key,
+                "runs at each evaluation: set `training.eval_steps` and `data.eval`".into(),
+            )?;
+            check(g.rows > 0, &format!("{key}.rows"), "must be > 0".into())?;
+            check(g.max_new_tokens > 0, &format!("{key}.max_new_tokens"), "must be > 0".into())?;
+            check(!g.scorers.is_empty(), &format!("{key}.scorers"), "give at least one scorer".into())?;
+            if let Some(i) = g.scorers.iter().position(|s| !s.generates()) {
+                return Err(Error::config(
+                    &format!("{key}.scorers[{i}]"),
+                    "`choice` generates nothing: score multiple choice with `temper eval`",
+                ));
+            }
+            crate::eval::config::check_scorers(&g.scorers, &format!("{key}.scorers"))?;
+        }
         check(t.save_steps != Some(0), "training.save_steps", "must be > 0".into())?;
         for (key, given, owner) in [
             ("training.dpo", t.dpo.is_some(), Objective::Dpo),

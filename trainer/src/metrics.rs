@@ -75,6 +75,12 @@ impl MetricsLog {
         }
         self.events.flush()
     }
+
+    /// A TensorBoard text summary (Markdown, shown in the Text tab) at `step`.
+    pub fn text(&mut self, tag: &str, markdown: &str, step: u64) -> Result<()> {
+        self.events.text(tag, markdown, step)?;
+        self.events.flush()
+    }
 }
 
 /// A progress line that redraws itself on a terminal and prints plain lines otherwise.
@@ -197,6 +203,33 @@ impl EventWriter {
         let mut event = Vec::new();
         put_double(&mut event, 1, wall_time());
         event.push(2 << 3); // field 2, varint
+        put_varint(&mut event, step);
+        put_bytes(&mut event, 5, &summary);
+        self.record(&event)
+    }
+
+    /// A `Value` with `metadata` (9: the `text` plugin) and a scalar string `tensor` (8:
+    /// `TensorProto` with dtype DT_STRING = 7, an empty shape, `string_val` (8)), as
+    /// TensorBoard's `text` summary writes it.
+    fn text(&mut self, tag: &str, text: &str, step: u64) -> Result<()> {
+        let mut plugin = Vec::new();
+        put_bytes(&mut plugin, 1, b"text");
+        let mut metadata = Vec::new();
+        put_bytes(&mut metadata, 1, &plugin);
+        let mut tensor = Vec::new();
+        tensor.push(1 << 3); // field 1 (dtype), varint
+        put_varint(&mut tensor, 7);
+        put_bytes(&mut tensor, 2, &[]);
+        put_bytes(&mut tensor, 8, text.as_bytes());
+        let mut v = Vec::new();
+        put_bytes(&mut v, 1, tag.as_bytes());
+        put_bytes(&mut v, 9, &metadata);
+        put_bytes(&mut v, 8, &tensor);
+        let mut summary = Vec::new();
+        put_bytes(&mut summary, 1, &v);
+        let mut event = Vec::new();
+        put_double(&mut event, 1, wall_time());
+        event.push(2 << 3);
         put_varint(&mut event, step);
         put_bytes(&mut event, 5, &summary);
         self.record(&event)

@@ -153,6 +153,16 @@ struct Run<'a, B: AutodiffBackend> {
     samples: Vec<Sample>,
     /// A mixture of experts with `output_router_logits`: the load-balancing loss's coefficient.
     router_aux_loss: Option<f64>,
+    /// `training.eval_generation` (rank 0): the rows answered at each evaluation.
+    generation_eval: Option<GenerationEval>,
+}
+
+/// The evaluation rows that `training.eval_generation` answers, prepared once.
+struct GenerationEval {
+    rows: Vec<temper_data::EvalRow>,
+    prompts: Vec<Vec<u32>>,
+    eos: Vec<u32>,
+    context: usize,
 }
 
 impl<'a, B: AutodiffBackend> Run<'a, B> {
@@ -303,6 +313,25 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             }
             _ => None,
         };
+        let generation_eval = match (&config.training.eval_generation, config.data.eval_config()) {
+            (Some(g), Some(eval)) if main => {
+                // Read now, so a bad row or reference column fails before training.
+                let rows = temper_data::read_rows(&eval, g.rows).map_err(|e| Error::from(e).in_file(&config.file))?;
+                let encoder = crate::eval::prompt_encoder(&eval, tokenizer.clone())?;
+                let prompts = rows.iter().map(|r| crate::eval::prompt_ids(&encoder, r)).collect::<Result<_>>()?;
+                crate::eval::score_answers(&g.scorers, &rows, &vec![String::new(); rows.len()], 0)
+                    .map_err(|e| e.in_file(&config.file))?;
+                let mut eos = model_config.eos_token_ids.clone();
+                eos.extend(tokenizer.eos_token_id().filter(|id| !eos.contains(id)));
+                Some(GenerationEval {
+                    rows,
+                    prompts,
+                    eos,
+                    context: model_config.max_position_embeddings,
+                })
+            }
+            _ => None,
+        };
         let epoch = state.cursor.epoch;
         Ok(Run {
             job,
@@ -335,6 +364,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                 .as_ref()
                 .and_then(MoeConfig::aux_loss_coef)
                 .filter(|_| job.objective.name() != "reward"),
+            generation_eval,
             grpo,
             epoch,
             round_metrics: Vec::new(),
@@ -637,6 +667,24 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             max_eval_rows(&self.job.config),
             self.device,
         )?;
+        let mut values = values;
+        if let (Some(g), Some(spec)) = (&self.generation_eval, &t.eval_generation) {
+            let (scored, samples) = generation_scores(&self.model.valid(), &self.tokenizer, g, spec, self.device)?;
+            values.extend(scored);
+            log.text("eval_samples", &samples.0, self.state.step)?;
+            let path = self.job.config.output_dir.join("eval_generations.jsonl");
+            let mut lines = String::new();
+            for s in samples.1 {
+                lines.push_str(&format!("{}\n", serde_json::json!({"step": self.state.step, "row": s.0, "output": s.1})));
+            }
+            use std::io::Write as _;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| f.write_all(lines.as_bytes()))
+                .map_err(|e| Error::io(&path, e))?;
+        }
         let row = Row {
             step: self.state.step,
             values,
@@ -1203,6 +1251,60 @@ fn check_vocab(batch: &Batch, vocab: usize, during: impl FnOnce() -> String) -> 
             vocab,
         }),
         None => Ok(()),
+    }
+}
+
+/// `training.eval_generation`: the answers to the prepared rows (greedy), their `eval_*`
+/// scores, and the samples as a Markdown table (for TensorBoard) and as (row, answer).
+#[allow(clippy::type_complexity)]
+fn generation_scores<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    tokenizer: &Tokenizer,
+    g: &GenerationEval,
+    spec: &crate::config::EvalGeneration,
+    device: &B::Device,
+) -> Result<(Vec<(&'static str, f64)>, (String, Vec<(usize, String)>))> {
+    let generation = crate::eval::GenerationSection {
+        max_new_tokens: spec.max_new_tokens,
+        batch_size: g.prompts.len(),
+        ..Default::default()
+    };
+    let answers = crate::eval::generate_answers(model, tokenizer, &g.prompts, &generation, &g.eos, g.context, device)?;
+    let scored = crate::eval::score_answers(&spec.scorers, &g.rows, &answers, 0)?;
+    let values = scored
+        .measures
+        .iter()
+        .map(|(name, m)| (metric_name(&format!("eval_{name}")), m.value))
+        .collect();
+    let cell = |s: &str| s.replace('|', "\\|").replace('\n', "<br>");
+    let mut table = String::from("| row | prompt | answer | reference |\n|---|---|---|---|\n");
+    for (i, (row, answer)) in g.rows.iter().zip(&answers).enumerate() {
+        let prompt = match &row.raw_prompt {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        table.push_str(&format!(
+            "| {i} | {} | {} | {} |\n",
+            cell(&prompt),
+            cell(answer),
+            cell(row.answer.as_deref().unwrap_or(""))
+        ));
+    }
+    Ok((values, (table, answers.into_iter().enumerate().collect())))
+}
+
+/// A metric name that lives as long as the process: the logged rows' names are `&'static`,
+/// and the scorers' names are known only from the config (a few bytes, interned once each).
+fn metric_name(name: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES.lock().expect("no panic while locked");
+    match names.iter().find(|n| **n == name) {
+        Some(n) => n,
+        None => {
+            let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
+            names.push(leaked);
+            leaked
+        }
     }
 }
 
