@@ -580,3 +580,52 @@ fn packed_examples_stay_apart_in_sliding_window_layers() {
         assert_eq!(packed.len(), (a.len() + b.len()) * vocab);
     }
 }
+
+/// `temper eval`'s `choice` scorer gives the log-likelihoods transformers computes for each
+/// option, scored as lm-evaluation-harness does (tests/fixtures/eval/make_choice.py), with
+/// options of different lengths padded together in a batch.
+#[test]
+fn choice_loglikelihoods_equal_transformers() {
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("eval/choice.json")).unwrap()).unwrap();
+    let device = Default::default();
+    let loaded = temper_models::load_pretrained::<B>(&smollm2_path(), &device, DType::F32).unwrap();
+    let file: std::sync::Arc<Path> = Path::new("choice.json").into();
+    let rows: Vec<temper_data::EvalRow> = fixture["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| temper_data::EvalRow {
+            at: temper_data::Location::file(&file),
+            prompt: match &r["prompt"] {
+                serde_json::Value::String(s) => temper_data::Content::Text(s.clone()),
+                m => temper_data::Content::Messages(serde_json::from_value(m.clone()).unwrap()),
+            },
+            raw_prompt: r["prompt"].clone(),
+            answer: None,
+            columns: r.as_object().unwrap().clone(),
+        })
+        .collect();
+    let (acc, norm, lls) = temper_trainer::eval::choice_scores(
+        &loaded.model,
+        &loaded.tokenizer,
+        None,
+        &rows,
+        "choices",
+        "answer",
+        3,
+        &device,
+    )
+    .unwrap();
+    for (row, got) in fixture["rows"].as_array().unwrap().iter().zip(&lls) {
+        let want: Vec<f64> = serde_json::from_value(row["loglikelihoods"].clone()).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 2e-3 * w.abs().max(1.0), "{}: {got:?} vs {want:?}", row["prompt"]);
+        }
+        assert_eq!(got.len(), want.len());
+    }
+    // Every answer is the most likely option by sum; per character, the last row's long wrong
+    // option wins (-24.6 over 21 characters against -7.3 over 5), as lm-eval's acc_norm has it.
+    assert_eq!(acc, vec![1.0; 5]);
+    assert_eq!(norm, vec![1.0, 1.0, 1.0, 1.0, 0.0]);
+}

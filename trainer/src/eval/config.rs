@@ -146,7 +146,8 @@ pub enum Scorer {
     /// Multiple choice by log-likelihood, as lm-evaluation-harness scores ARC or HellaSwag:
     /// each option of column `options` is scored as the prompt's continuation; the row is
     /// right when the most likely option is `answer` (an index, or the option's text).
-    /// Reports `choice` (summed log-likelihood) and `choice_norm` (per byte). Generates nothing.
+    /// Reports `choice` (summed log-likelihood) and `choice_norm` (per character). Generates
+    /// nothing.
     Choice {
         #[serde(default = "default_options")]
         options: String,

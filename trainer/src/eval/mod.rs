@@ -321,9 +321,11 @@ fn truncate_rows(mut batch: temper_data::SftBatch, keep: usize) -> temper_data::
 }
 
 /// Multiple choice by log-likelihood: per row, whether the most likely option (summed
-/// log-likelihood; and per byte, `norm`) is the answer. As lm-evaluation-harness: the
-/// context's trailing spaces move to the continuation, the continuation's tokens are those of
-/// context + option past the context's. Conversations are rendered with the generation prompt.
+/// log-likelihood; and divided by the option's length in characters, `norm`, as
+/// lm-evaluation-harness's `acc_norm`) is the answer, and every option's log-likelihood. As
+/// lm-evaluation-harness scores a continuation: the context's trailing spaces move to it, its
+/// tokens are those of context + option past the context's, no special tokens are added.
+/// Conversations are rendered with the generation prompt.
 #[allow(clippy::too_many_arguments)]
 pub fn choice_scores<B: Backend>(
     model: &LlamaForCausalLM<B>,
@@ -350,7 +352,7 @@ pub fn choice_scores<B: Backend>(
             None => Ok(tok.apply_chat_template(messages, true)?),
         }
     };
-    // (row, option) -> (whole ids, context length, continuation bytes)
+    // (row, option) -> (input ids, context length, option length in characters)
     let mut seqs: Vec<(usize, Vec<u32>, usize, usize)> = Vec::new();
     let mut answers = Vec::with_capacity(rows.len());
     let mut counts = Vec::with_capacity(rows.len());
@@ -398,23 +400,27 @@ pub fn choice_scores<B: Backend>(
         })?;
         answers.push(answer);
         counts.push(options.len());
-        let (mut context, special) = match &row.prompt {
-            Content::Text(t) => (t.clone(), true),
-            Content::Messages(m) => (render(m)?, false),
+        let context = match &row.prompt {
+            Content::Text(t) => t.clone(),
+            Content::Messages(m) => render(m)?,
         };
         for option in &options {
-            let mut continuation = option.clone();
+            let (mut context, mut continuation) = (context.clone(), option.clone());
             let trailing = context.len() - context.trim_end().len();
             if trailing > 0 {
                 continuation = format!("{}{continuation}", &context[context.len() - trailing..]);
                 context.truncate(context.len() - trailing);
             }
-            let whole = tok.encode(&format!("{context}{continuation}"), special)?;
-            let ctx = tok.encode(&context, special)?.len();
+            // As lm-evaluation-harness's HFLM: no special tokens added; the input is the
+            // context's tokens, then those of context + option past the context's length.
+            let whole = tok.encode(&format!("{context}{continuation}"), false)?;
+            let mut ids = tok.encode(&context, false)?;
+            let ctx = ids.len();
             if whole.len() <= ctx || ctx == 0 {
                 return Err(Error::config(key, format!("{at}: option {option:?} adds no token to the prompt")));
             }
-            seqs.push((i, whole, ctx, continuation.len()));
+            ids.extend_from_slice(&whole[ctx..]);
+            seqs.push((i, ids, ctx, option.chars().count()));
         }
     }
     let vocab = model.vocab_size();
@@ -461,11 +467,11 @@ pub fn choice_scores<B: Backend>(
     let mut at = 0;
     for (answer, count) in answers.iter().zip(&counts) {
         let ll = &lls[at..at + count];
-        let bytes: Vec<f64> = seqs[at..at + count].iter().map(|s| s.3 as f64).collect();
+        let chars: Vec<f64> = seqs[at..at + count].iter().map(|s| s.3 as f64).collect();
         at += count;
         let best = |score: &dyn Fn(usize) -> f64| (0..*count).max_by(|&a, &b| score(a).total_cmp(&score(b)).then(b.cmp(&a)));
         acc.push((best(&|k| ll[k]) == Some(*answer)) as u8 as f64);
-        norm.push((best(&|k| ll[k] / bytes[k]) == Some(*answer)) as u8 as f64);
+        norm.push((best(&|k| ll[k] / chars[k]) == Some(*answer)) as u8 as f64);
         all.push(ll.to_vec());
     }
     Ok((acc, norm, all))
