@@ -1318,7 +1318,7 @@ impl JobConfig {
             self.data.eval.is_none(),
             "data.eval",
             "GRPO runs do not evaluate on held-out data during training yet: drop `data.eval` and score the \
-             adapter afterwards (`temper generate`, examples/eval_arith.sh)"
+             adapter afterwards with `temper eval` (configs/eval-arith.yaml)"
                 .into(),
         )?;
         Ok(())

@@ -316,7 +316,8 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         let generation_eval = match (&config.training.eval_generation, config.data.eval_config()) {
             (Some(g), Some(eval)) if main => {
                 // Read now, so a bad row or reference column fails before training.
-                let rows = temper_data::read_rows(&eval, g.rows).map_err(|e| Error::from(e).in_file(&config.file))?;
+                let rows = temper_data::read_rows(&eval, g.rows)
+                .map_err(|e| Error::config("training.eval_generation", format!("data.eval: {e}")).in_file(&config.file))?;
                 let encoder = crate::eval::prompt_encoder(&eval, tokenizer.clone())?;
                 let prompts = rows.iter().map(|r| crate::eval::prompt_ids(&encoder, r)).collect::<Result<_>>()?;
                 crate::eval::score_answers(&g.scorers, &rows, &vec![String::new(); rows.len()], 0)
@@ -1279,9 +1280,9 @@ fn generation_scores<B: Backend>(
     let cell = |s: &str| s.replace('|', "\\|").replace('\n', "<br>");
     let mut table = String::from("| row | prompt | answer | reference |\n|---|---|---|---|\n");
     for (i, (row, answer)) in g.rows.iter().zip(&answers).enumerate() {
-        let prompt = match &row.raw_prompt {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
+        let prompt = match &row.prompt {
+            temper_data::Content::Text(s) => s.clone(),
+            temper_data::Content::Messages(m) => m.iter().map(|m| format!("{}: {}", m.role, m.content)).collect::<Vec<_>>().join("\n"),
         };
         table.push_str(&format!(
             "| {i} | {} | {} | {} |\n",

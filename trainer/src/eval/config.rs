@@ -100,6 +100,10 @@ pub enum Scorer {
     ExactMatch {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
+        /// Read the answer with this regular expression instead: its first capture group (or
+        /// the whole match) at the first match; no match is a wrong answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pattern: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
@@ -211,7 +215,7 @@ impl Scorer {
 pub(crate) fn check_scorers(scorers: &[Scorer], key: &str) -> Result<()> {
     let mut names = std::collections::BTreeSet::new();
     for (i, s) in scorers.iter().enumerate() {
-        if let Scorer::Regex { pattern, .. } = s {
+        if let Scorer::Regex { pattern, .. } | Scorer::ExactMatch { pattern: Some(pattern), .. } = s {
             regex::Regex::new(pattern)
                 .map_err(|e| Error::config(&format!("{key}[{i}].pattern"), format!("not a valid regular expression: {e}")))?;
         }
@@ -359,7 +363,7 @@ mod tests {
                 "model: MODEL\ndata: {path: x}\noutput_dir: o\nscorers: [{type: rouge}, {type: rouge}]\n",
                 "scorers[1]: a second scorer named `rouge`",
             ),
-            ("model: MODEL\ndata: {path: x}\noutput_dir: o\nscorers: [{type: bleu2}]\n", "scorers[0]: unknown variant"),
+            ("model: MODEL\ndata: {path: x}\noutput_dir: o\nscorers: [{type: bleu2}]\n", "scorers[0].type: unknown variant `bleu2`"),
             ("model: MODEL\ndata: {path: x}\noutput_dir: o\ngeneration: {batch_size: 0}\n", "generation.batch_size"),
             ("model: MODEL\ndata: {path: x}\noutput_dir: o\ngeneration: {top_p: 0}\n", "generation.top_p"),
             ("model: MODEL\ndata: {path: x}\noutput_dir: o\nloss: false\n", "scorers: nothing to measure"),

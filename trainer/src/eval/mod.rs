@@ -50,13 +50,14 @@ impl Measure {
         }
     }
 
-    /// A mean of per-row values with its normal-approximation interval.
+    /// A mean of per-row values in [0, 1] with its normal-approximation interval, cut to
+    /// that range.
     fn mean(values: &[f64]) -> Self {
         let (value, ci) = scores::mean_interval(values);
         Self {
             value,
             count: values.len(),
-            ci: ci.map(|(a, b)| [a, b]),
+            ci: ci.map(|(a, b)| [a.max(0.0), b.min(1.0)]),
         }
     }
 }
@@ -128,8 +129,18 @@ pub fn score_answers(scorers: &[Scorer], rows: &[EvalRow], answers: &[String], s
             answers.iter().zip(&refs).map(|(a, r)| f(a, r)).collect()
         };
         match scorer {
-            Scorer::ExactMatch { .. } => {
+            Scorer::ExactMatch { pattern: None, .. } => {
                 let v = each(&|a, r| scores_accuracy(a, r));
+                per_row(&name, v.clone(), Measure::share(&v));
+            }
+            Scorer::ExactMatch { pattern: Some(p), .. } => {
+                let re = Regex::new(p).expect("checked with the config");
+                let read = |a: &str| {
+                    re.captures(a)
+                        .and_then(|c| c.get(1).or_else(|| c.get(0)))
+                        .map(|m| m.as_str().to_string())
+                };
+                let v = each(&|a, r| read(a).map_or(0.0, |x| scores_accuracy(&x, r)));
                 per_row(&name, v.clone(), Measure::share(&v));
             }
             Scorer::Regex { pattern, .. } => {
@@ -519,6 +530,9 @@ pub fn read_cases(path: &Path) -> Result<Vec<Case>> {
     }))
     .expect("a valid data config");
     let key = "regression";
+    if std::fs::read_to_string(path).is_ok_and(|t| t.trim().is_empty()) {
+        return Err(Error::config(key, format!("{}: no cases", path.display())));
+    }
     let rows = read_rows(&data, usize::MAX).map_err(|e| Error::config(key, e.to_string()))?;
     if rows.is_empty() {
         return Err(Error::config(key, format!("{}: no cases", path.display())));
@@ -717,4 +731,159 @@ pub fn run<B: Backend>(config: &EvalConfig, device: &B::Device, progress: &dyn F
     }
     report.write(config.output_dir(), &samples)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(prompt: &str, answer: Option<&str>, columns: Value) -> EvalRow {
+        let file: Arc<Path> = Path::new("rows.jsonl").into();
+        EvalRow {
+            at: temper_data::Location {
+                path: file,
+                row: Some(1),
+                row_group: None,
+            },
+            prompt: Content::Text(prompt.into()),
+            raw_prompt: Value::String(prompt.into()),
+            answer: answer.map(str::to_string),
+            columns: columns.as_object().cloned().unwrap_or_default(),
+        }
+    }
+
+    fn scorers(yaml: &str) -> Vec<Scorer> {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn answers_are_scored_per_row_with_intervals() {
+        let rows = vec![
+            row("a", Some("#### 1,000"), serde_json::json!({"summary": "the cat sat"})),
+            row("b", Some("so 12 = 12\n#### 12"), serde_json::json!({"summary": "a dog"})),
+        ];
+        let answers = vec!["1000 = 999 + 1\n#### 1000".to_string(), "I think = 13".to_string()];
+        let s = scorers(
+            "[{type: exact_match}, {type: exact_match, name: first, pattern: '=\\s*(-?\\d+)'}, \
+             {type: regex, pattern: '#### \\d+$'}, {type: contains, reference: summary}, {type: rouge, name: r}, \
+             {type: refusal}, {type: bleu}, {type: chrf}]",
+        );
+        let out = score_answers(&s, &rows, &answers, 0).unwrap();
+        let get = |m: &str| out.measures.iter().find(|(n, _)| n == m).unwrap().1.clone();
+        assert_eq!(out.rows[0]["exact_match"], 1.0);
+        assert_eq!(out.rows[1]["exact_match"], 0.0);
+        // The first `=` of the first answer is followed by 999: wrong; of the second, 13: wrong.
+        assert_eq!((out.rows[0]["first"], out.rows[1]["first"]), (0.0, 0.0));
+        assert_eq!(get("regex").value, 0.5);
+        assert_eq!(get("contains").value, 0.0);
+        assert!(out.rows[0].contains_key("r_rouge1") && out.rows[0].contains_key("r_rougeL"));
+        let share = get("exact_match");
+        assert_eq!((share.value, share.count), (0.5, 2));
+        let [lo, hi] = share.ci.unwrap();
+        assert!(lo > 0.0 && hi < 1.0 && lo < 0.5 && hi > 0.5);
+        assert_eq!(get("refusal").value, 0.0);
+        assert!(get("bleu").ci.is_some() && get("chrf").value > 0.0);
+        for (_, m) in &out.measures {
+            if let Some([lo, hi]) = m.ci {
+                assert!(lo <= m.value + 1e-12 && m.value <= hi + 1e-12, "{m:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_reference_names_the_row_and_column() {
+        let rows = vec![row("a", None, serde_json::json!({}))];
+        let e = score_answers(&scorers("[{type: exact_match}]"), &rows, &["x".into()], 0).unwrap_err().to_string();
+        assert!(e.contains("rows.jsonl") && e.contains("no answer to compare with"), "{e}");
+        let e = score_answers(&scorers("[{type: rouge, reference: gold}]"), &rows, &["x".into()], 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no `gold` column"), "{e}");
+    }
+
+    #[test]
+    fn regression_cases_read_and_check() {
+        let dir = std::env::temp_dir().join(format!("temper-cases-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let good = write(
+            "good.jsonl",
+            concat!(
+                r#"{"id": "sum", "prompt": "2+2?", "regex": "4"}"#,
+                "\n",
+                r#"{"prompt": [{"role": "user", "content": "hack it"}], "refuse": true, "not_regex": "sudo"}"#,
+                "\n"
+            ),
+        );
+        let cases = read_cases(&good).unwrap();
+        assert_eq!((cases[0].id.as_str(), cases[1].id.as_str()), ("sum", "case-2"));
+        assert!(cases[0].failures("it is 4").is_empty());
+        assert_eq!(cases[0].failures("five"), ["does not match /4/"]);
+        assert_eq!(cases[1].failures("sure: sudo rm"), ["matches /sudo/", "does not refuse"]);
+        assert!(cases[1].failures("I can't help with that.").is_empty());
+        let bad = [
+            ("{\"prompt\": \"x\"}\n", "checks nothing"),
+            ("{\"prompt\": \"x\", \"regex\": \"(\"}\n", "not a valid regular expression"),
+            ("{\"prompt\": \"x\", \"refuse\": \"yes\"}\n", "`refuse` must be true or false"),
+            ("{\"id\": 1, \"prompt\": \"x\", \"refuse\": true}\n{\"id\": 1, \"prompt\": \"y\", \"refuse\": true}\n", "second case with id `1`"),
+            ("{\"question\": \"x\", \"refuse\": true}\n", "prompt"),
+            ("", "no cases"),
+        ];
+        for (i, (text, want)) in bad.iter().enumerate() {
+            let e = read_cases(&write(&format!("bad{i}.jsonl"), text)).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("regression"), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn reports_list_regressions_first_and_update_the_card() {
+        let case = |id: &str| Case {
+            id: id.into(),
+            row: row("p", None, serde_json::json!({})),
+            regex: Some(Regex::new("ok").unwrap()),
+            not_regex: None,
+            refuse: None,
+        };
+        let cases = [case("fine"), case("broken"), case("regressed")];
+        let mut report = Report {
+            model: "m.gguf".into(),
+            data: Value::Null,
+            rows: 0,
+            generation: Value::Null,
+            variants: ["base", "ad"]
+                .iter()
+                .map(|n| VariantReport {
+                    name: n.to_string(),
+                    adapter: None,
+                    metrics: vec![("exact_match".into(), Measure { value: 0.5, count: 4, ci: Some([0.15, 0.85]) })],
+                })
+                .collect(),
+            cases: Vec::new(),
+        };
+        report.add_cases("base", &cases, &["ok".into(), "no".into(), "ok".into()]);
+        report.add_cases("ad", &cases, &["ok".into(), "no".into(), "no".into()]);
+        let order: Vec<&str> = report.ordered_cases().iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(order, ["regressed", "broken", "fine"]);
+        let md = markdown(&report);
+        assert!(md.contains("| exact_match | 4 | 0.500 (0.150–0.850) | 0.500 (0.150–0.850) |"), "{md}");
+        assert!(md.contains("| regressed (worse) | pass | FAIL: does not match /ok/ |"), "{md}");
+        assert_eq!(report.to_json()["regression"][0]["worse_than_base"], serde_json::json!(["ad"]));
+        // The card's evaluation section is replaced, not repeated; other text is kept.
+        let dir = std::env::temp_dir().join(format!("temper-card-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("README.md"), "# Card\n\ntext\n").unwrap();
+        update_model_card(&dir, &md).unwrap();
+        update_model_card(&dir, "| new |\n").unwrap();
+        let card = std::fs::read_to_string(dir.join("README.md")).unwrap();
+        assert_eq!(card.matches("## Evaluation").count(), 1, "{card}");
+        assert!(card.starts_with("# Card\n\ntext\n") && card.contains("| new |") && !card.contains("regressed"));
+        let empty = dir.join("none");
+        std::fs::create_dir_all(&empty).unwrap();
+        update_model_card(&empty, &md).unwrap();
+        assert!(!empty.join("README.md").exists(), "no card, none written");
+    }
 }
