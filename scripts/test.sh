@@ -8,4 +8,4 @@ scripts/setup.sh
 scripts/fetch-model.sh >/dev/null
 cargo test --workspace --release "$@"
 cargo build --release --quiet
-TEMPER_BIN="${CARGO_TARGET_DIR:-target}/release/temper" node --test tests/review/
+TEMPER_BIN="${CARGO_TARGET_DIR:-target}/release/temper" node --test tests/review/review.test.mjs

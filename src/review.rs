@@ -114,9 +114,19 @@ pub fn run(args: ReviewArgs) -> Result<()> {
             std::process::exit(0);
         });
     }
-    let allowed_hosts = [format!("{addr}"), format!("localhost:{}", addr.port())];
+    // On loopback, only requests addressed to it by name are served (another site's page in
+    // the same browser cannot reach it through DNS rebinding); bound elsewhere, on purpose,
+    // any host name is.
+    let port = addr.port();
+    let allowed_hosts: Option<Vec<String>> = addr.ip().is_loopback().then(|| {
+        let mut hosts = vec![format!("{addr}"), format!("localhost:{port}")];
+        if port == 80 {
+            hosts.extend([addr.ip().to_string(), "localhost".into()]);
+        }
+        hosts
+    });
     for request in server.incoming_requests() {
-        let response = handle(request, &session, &allowed_hosts);
+        let response = handle(request, &session, allowed_hosts.as_deref());
         if let Err(e) = response {
             eprintln!("review: {e:#}");
         }
@@ -135,23 +145,33 @@ fn header(name: &str, value: &str) -> Header {
     Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("a valid header")
 }
 
-fn handle(mut request: Request, session: &Mutex<Session>, allowed_hosts: &[String]) -> Result<()> {
-    // Another site's page in the same browser must not read or write this one (DNS
-    // rebinding): only requests addressed to this server's own host are served.
-    let host_ok = request
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Host"))
-        .is_some_and(|h| allowed_hosts.iter().any(|a| h.value.as_str() == a));
-    if !host_ok {
-        return Ok(request.respond(json_response(403, &json!({"error": "unexpected Host"})))?);
+fn handle(mut request: Request, session: &Mutex<Session>, allowed_hosts: Option<&[String]>) -> Result<()> {
+    let header_value = |name: &'static str| {
+        request
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv(name))
+            .map(|h| h.value.as_str().to_string())
+    };
+    let host = header_value("Host").unwrap_or_default();
+    let host_ok = allowed_hosts.is_none_or(|hosts| hosts.iter().any(|a| *a == host));
+    // A page of another origin may not post here (its Origin names it), and the page is not
+    // framed (frame-ancestors), so its keys and buttons cannot be clicked for someone.
+    let origin_ok = header_value("Origin").is_none_or(|o| o == format!("http://{host}"));
+    if !host_ok || !origin_ok {
+        return Ok(request.respond(json_response(403, &json!({"error": "not this server's page"})))?);
     }
     let url = request.url().split('?').next().unwrap_or("").to_string();
     match (request.method(), url.as_str()) {
         (Method::Get, "/") => {
             let page = Response::from_string(PAGE)
                 .with_header(header("Content-Type", "text/html; charset=utf-8"))
-                .with_header(header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'none'"))
+                .with_header(header(
+                    "Content-Security-Policy",
+                    "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'none'; \
+                     frame-ancestors 'none'",
+                ))
+                .with_header(header("X-Frame-Options", "DENY"))
                 .with_header(header("Cache-Control", "no-store"));
             Ok(request.respond(page)?)
         }

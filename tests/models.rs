@@ -606,14 +606,18 @@ fn choice_loglikelihoods_equal_transformers() {
             columns: r.as_object().unwrap().clone(),
         })
         .collect();
+    let data: temper_data::DataConfig = serde_json::from_value(serde_json::json!({"path": "choice.json"})).unwrap();
+    let tokenizer = std::sync::Arc::new(loaded.tokenizer);
+    let encoder = temper_data::Encoder::new(tokenizer.clone(), data.encode_options(false, false)).unwrap();
     let (acc, norm, lls) = temper_trainer::eval::choice_scores(
         &loaded.model,
-        &loaded.tokenizer,
-        None,
+        &tokenizer,
+        &encoder,
         &rows,
         "choices",
         "answer",
         3,
+        loaded.config.max_position_embeddings,
         &device,
     )
     .unwrap();

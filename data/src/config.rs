@@ -171,6 +171,21 @@ impl DataConfig {
         Some(cfg)
     }
 
+    /// How rows are tokenized under this config; `unpair` and `drop_long_pairs` are the
+    /// objective's (KTO's, reward models').
+    pub fn encode_options(&self, unpair: bool, drop_long_pairs: bool) -> crate::tokenize::EncodeOptions {
+        crate::tokenize::EncodeOptions {
+            max_length: self.max_length,
+            truncation: self.truncation,
+            completion_only_loss: self.completion_only_loss,
+            assistant_only_loss: self.assistant_only_loss,
+            packing: self.packing,
+            chat_template: self.chat_template.clone(),
+            unpair,
+            drop_long_pairs,
+        }
+    }
+
     /// Checks values that are wrong whatever the data; `key` is this section's path (`data`).
     pub fn validate(&self, key: &str) -> Result<()> {
         if self.path.is_none() && self.sources.is_empty() {

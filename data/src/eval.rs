@@ -40,7 +40,7 @@ pub fn read_rows(config: &DataConfig, max_rows: usize) -> Result<Vec<EvalRow>> {
             let columns = file.columns()?;
             let renames = s.columns.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             let at = Location::file(&file.path);
-            let mut format = RowFormat::resolve(s.format.unwrap_or_default(), renames, &columns, &at)?;
+            let format = RowFormat::resolve(s.format.unwrap_or_default(), renames, &columns, &at)?;
             if matches!(format.format, Format::Text | Format::Tokenized) {
                 return Err(Error::File {
                     at,
@@ -50,9 +50,6 @@ pub fn read_rows(config: &DataConfig, max_rows: usize) -> Result<Vec<EvalRow>> {
                         if format.format == Format::Text { "plain `text`" } else { "token ids" }
                     ),
                 });
-            }
-            if format.format.is_unpaired() && s.format.is_none_or(|f| f == Format::Auto) {
-                format.format = Format::PromptCompletion;
             }
             for record in file.rows(None)? {
                 if out.len() >= max_rows {
@@ -86,9 +83,13 @@ fn split(sample: Sample) -> std::result::Result<(Content, Option<String>), Strin
             }
             _ => (Content::Messages(turns), None),
         },
-        Sample::PromptCompletion { prompt, completion } | Sample::Unpaired { prompt, completion, .. } => {
-            (prompt, Some(text(&completion)))
-        }
+        Sample::PromptCompletion { prompt, completion } => (prompt, Some(text(&completion))),
+        // An undesirable completion (KTO's `label: false`) is no answer to compare with.
+        Sample::Unpaired {
+            prompt,
+            completion,
+            desirable,
+        } => (prompt, desirable.then(|| text(&completion))),
         Sample::Preference {
             prompt: Some(prompt),
             chosen,
@@ -156,6 +157,12 @@ mod tests {
         assert_eq!(r[0].columns["id"], 7);
         let r = rows("{\"prompt\": \"Q\", \"answer\": \"42\"}\n", 5).unwrap();
         assert_eq!((r[0].answer.as_deref(), &r[0].columns["answer"]), (None, &serde_json::json!("42")));
+        let r = rows(
+            "{\"prompt\": \"Q\", \"completion\": \"A\", \"label\": true}\n{\"prompt\": \"Q\", \"completion\": \"B\", \"label\": false}\n",
+            5,
+        )
+        .unwrap();
+        assert_eq!((r[0].answer.as_deref(), r[1].answer.as_deref()), (Some("A"), None), "KTO's undesirable rows");
         let r = rows("{\"prompt\": \"Q\", \"chosen\": \"good\", \"rejected\": \"bad\"}\n", 5).unwrap();
         assert_eq!(r[0].answer.as_deref(), Some("good"));
     }

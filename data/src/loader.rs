@@ -24,7 +24,7 @@ use crate::format::{Format, RowFormat, Sample};
 use crate::pack::{PackedRow, PreferenceBatch, SftBatch, UnpairedBatch, pack_bfd};
 use crate::rollout::{PromptBatch, RolloutBatch};
 use crate::source::{DataFile, Record, resolve};
-use crate::tokenize::{EncodeOptions, Encoded, Encoder, PreferenceExample, PromptExample, SftExample, UnpairedExample};
+use crate::tokenize::{Encoded, Encoder, PreferenceExample, PromptExample, SftExample, UnpairedExample};
 
 /// The position of the next batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -246,16 +246,7 @@ impl Pipeline {
             .ok_or_else(|| Error::config("tokenizer", "the tokenizer has neither a pad nor an EOS token"))?;
         let encoder = Encoder::new(
             tokenizer,
-            EncodeOptions {
-                max_length: config.max_length,
-                truncation: config.truncation,
-                completion_only_loss: config.completion_only_loss,
-                assistant_only_loss: config.assistant_only_loss,
-                packing: config.packing,
-                chat_template: config.chat_template.clone(),
-                unpair: options.unpaired.is_some(),
-                drop_long_pairs: options.drop_long_pairs,
-            },
+            config.encode_options(options.unpaired.is_some(), options.drop_long_pairs),
         )?;
         Ok(Self {
             sources,

@@ -139,6 +139,16 @@ impl Encoder {
         })
     }
 
+    /// A conversation as text through the chat template (the config's, else the tokenizer's),
+    /// with the generation prompt when asked.
+    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> std::result::Result<String, String> {
+        let template = self.template.as_ref().ok_or(
+            "conversational data needs a chat template, and this tokenizer has none \
+             (set `chat_template` in the data config)",
+        )?;
+        Ok(template.render(messages, add_generation_prompt, &self.bos, &self.eos)?.text)
+    }
+
     /// Encodes one sample; errors name the row.
     pub fn encode(&self, sample: &Sample, at: &Location) -> Result<Encoded> {
         let bad = |message: String| Error::BadRow {

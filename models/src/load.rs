@@ -23,14 +23,19 @@ pub struct Loaded<B: Backend> {
 impl<B: Backend> Loaded<B> {
     /// Token ids that end a generation: the config's and the tokenizer's EOS.
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        let mut ids = self.config.eos_token_ids.clone();
-        if let Some(id) = self.tokenizer.eos_token_id()
-            && !ids.contains(&id)
-        {
-            ids.push(id);
-        }
-        ids
+        stop_token_ids(&self.config, &self.tokenizer)
     }
+}
+
+/// Token ids that end a generation: the config's EOS ids, and the tokenizer's EOS.
+pub fn stop_token_ids(config: &ModelConfig, tokenizer: &Tokenizer) -> Vec<u32> {
+    let mut ids = config.eos_token_ids.clone();
+    if let Some(id) = tokenizer.eos_token_id()
+        && !ids.contains(&id)
+    {
+        ids.push(id);
+    }
+    ids
 }
 
 /// Whether `path` names a GGUF file (by content, not by extension).

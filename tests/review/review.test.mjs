@@ -8,6 +8,7 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import http from 'node:http';
 import { existsSync, readFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -450,3 +451,43 @@ async function checkSummary(page, url) {
   }
   return summary;
 }
+
+// Raw HTTP (fetch may not set Host or Origin): what a page of another site could send.
+function raw(url, { method = 'GET', headers = {}, body = '' } = {}) {
+  const u = new URL(url);
+  return withTimeout(new Promise((res, rej) => {
+    const req = http.request({ host: u.hostname, port: u.port, path: u.pathname, method, headers }, (r) => {
+      let data = '';
+      r.on('data', (d) => { data += d; });
+      r.on('end', () => res({ status: r.statusCode, headers: r.headers, body: data }));
+    });
+    req.on('error', rej);
+    req.end(body);
+  }), 10_000, `${method} ${url}`);
+}
+
+test('only this server\'s own page may read or post, and it cannot be framed', { skip: MOCK }, async () => {
+  prerequisites();
+  const server = await startServer();
+  try {
+    const feedback = join(outDir, 'feedback.jsonl');
+    const before = existsSync(feedback) ? readFileSync(feedback, 'utf8') : '';
+    const judge = JSON.stringify({ id: '0', choice: 'A' });
+    const json = { 'Content-Type': 'application/json' };
+    const page = await raw(server.url);
+    assert.equal(page.status, 200);
+    assert.equal(page.headers['x-frame-options'], 'DENY');
+    assert.match(page.headers['content-security-policy'], /frame-ancestors 'none'/);
+    // DNS rebinding: the right address under another name.
+    assert.equal((await raw(`${server.url}api/state`, { headers: { Host: 'evil.example:80' } })).status, 403);
+    // Another origin posting.
+    const cross = await raw(`${server.url}api/judge`, { method: 'POST', headers: { ...json, Origin: 'http://evil.example' }, body: judge });
+    assert.equal(cross.status, 403);
+    // A form-like post (no preflight in a browser) is refused.
+    const plain = await raw(`${server.url}api/judge`, { method: 'POST', headers: { 'Content-Type': 'text/plain' }, body: judge });
+    assert.equal(plain.status, 415);
+    assert.equal(existsSync(feedback) ? readFileSync(feedback, 'utf8') : '', before, 'nothing was recorded');
+  } finally {
+    await stopServer(server);
+  }
+});

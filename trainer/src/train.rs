@@ -272,8 +272,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         };
         let grpo = match &job.objective {
             ObjectiveSpec::Grpo(g) => {
-                let mut eos = model_config.eos_token_ids.clone();
-                eos.extend(tokenizer.eos_token_id().filter(|e| !eos.contains(e)));
+                let eos = temper_models::load::stop_token_ids(&model_config, &tokenizer);
                 let mut grpo = Grpo::new(
                     g,
                     tokenizer.clone(),
@@ -316,14 +315,17 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
         let generation_eval = match (&config.training.eval_generation, config.data.eval_config()) {
             (Some(g), Some(eval)) if main => {
                 // Read now, so a bad row or reference column fails before training.
+                let key = "training.eval_generation";
                 let rows = temper_data::read_rows(&eval, g.rows)
-                .map_err(|e| Error::config("training.eval_generation", format!("data.eval: {e}")).in_file(&config.file))?;
+                    .map_err(|e| Error::config(key, format!("data.eval: {e}")).in_file(&config.file))?;
+                if rows.is_empty() {
+                    return Err(Error::config(key, "data.eval has no rows to answer").in_file(&config.file));
+                }
                 let encoder = crate::eval::prompt_encoder(&eval, tokenizer.clone())?;
-                let prompts = rows.iter().map(|r| crate::eval::prompt_ids(&encoder, r)).collect::<Result<_>>()?;
+                let prompts = rows.iter().map(|r| crate::eval::prompt_ids(&encoder, r).map(|p| p.0)).collect::<Result<_>>()?;
                 crate::eval::score_answers(&g.scorers, &rows, &vec![String::new(); rows.len()], 0)
                     .map_err(|e| e.in_file(&config.file))?;
-                let mut eos = model_config.eos_token_ids.clone();
-                eos.extend(tokenizer.eos_token_id().filter(|id| !eos.contains(id)));
+                let eos = temper_models::load::stop_token_ids(&model_config, &tokenizer);
                 Some(GenerationEval {
                     rows,
                     prompts,

@@ -62,15 +62,21 @@ fn normalize(answer: &str) -> String {
 /// (itself read with [`extract_answer`] when it has a `####` marker or a `\boxed{}`, as GSM8K's
 /// and MATH's reference solutions do), else 0.0.
 pub fn accuracy(completion: &str, reference: &str) -> f32 {
+    match extract_answer(completion) {
+        Some(answer) if same_answer(&answer, reference) => 1.0,
+        _ => 0.0,
+    }
+}
+
+/// Whether an answer already extracted (by a pattern, say) equals the reference answer (read
+/// with [`extract_answer`] when it has a `####` marker or a `\boxed{}`), numbers by value.
+pub fn same_answer(answer: &str, reference: &str) -> bool {
     let reference = if reference.contains("####") || reference.contains("\\boxed{") {
         extract_answer(reference).unwrap_or_default()
     } else {
         reference.to_string()
     };
-    match extract_answer(completion) {
-        Some(answer) if normalize(&answer) == normalize(&reference) => 1.0,
-        _ => 0.0,
-    }
+    normalize(answer) == normalize(&reference)
 }
 
 /// 1.0 when `pattern` matches somewhere in the completion (anchor it with `^`/`$` to match
@@ -105,6 +111,28 @@ mod tests {
         assert_eq!(accuracy("#### 80", "81"), 0.0);
         assert_eq!(accuracy("nothing", "81"), 0.0);
         assert_eq!(accuracy("\\boxed{x+1}", "\\boxed{x+1}"), 1.0);
+    }
+
+    /// The hand-made cases evaluation users hit: negative numbers, several markers (the last
+    /// counts), thousands separators, unicode around the answer, decimals.
+    #[test]
+    fn exact_match_edge_cases() {
+        assert_eq!(accuracy("3 - 8 = -5\n#### -5", "#### -5"), 1.0);
+        assert_eq!(accuracy("#### -5", "5"), 0.0);
+        assert_eq!(accuracy("#### 3\nno wait\n#### 4", "4"), 1.0, "the last marker counts");
+        assert_eq!(accuracy("#### 3\nno wait\n#### 4", "3"), 0.0);
+        assert_eq!(accuracy("Réponse : 12 345 → #### 12,345", "12345"), 1.0);
+        assert_eq!(accuracy("答えは 42 です", "42"), 1.0, "the last number, whatever the script around it");
+        assert_eq!(accuracy("#### 0.50", "0.5"), 1.0);
+        assert_eq!(accuracy("#### Paris.", "paris"), 0.0, "text is compared as written");
+        assert_eq!(accuracy("#### Paris.", "Paris"), 1.0);
+    }
+
+    #[test]
+    fn extracted_answers_compare_as_text_or_number() {
+        assert!(same_answer("B", "B") && !same_answer("B", "C"));
+        assert!(same_answer("1,000", "#### 1000"));
+        assert!(same_answer("Paris", "Paris."));
     }
 
     #[test]

@@ -185,6 +185,19 @@ impl Scorer {
         given.as_deref().unwrap_or(default)
     }
 
+    /// The metrics it reports: its name, ROUGE's three (`rouge1`, `rouge2`, `rougeL`, after
+    /// `NAME_` when named), `choice` and `choice_norm`.
+    pub fn metric_names(&self) -> Vec<String> {
+        match self {
+            Self::Rouge { name, .. } => ["rouge1", "rouge2", "rougeL"]
+                .iter()
+                .map(|m| name.as_ref().map_or_else(|| m.to_string(), |g| format!("{g}_{m}")))
+                .collect(),
+            Self::Choice { .. } => vec![self.name().to_string(), format!("{}_norm", self.name())],
+            _ => vec![self.name().to_string()],
+        }
+    }
+
     /// Whether it reads generated answers (all but `choice`).
     pub fn generates(&self) -> bool {
         !matches!(self, Self::Choice { .. })
@@ -211,19 +224,28 @@ impl Scorer {
     }
 }
 
-/// Checks a list of scorers (at config key `key`): patterns compile, names are unique.
+/// Metrics every evaluation may report beside the scorers'.
+const RESERVED_METRICS: [&str; 3] = ["loss", "perplexity", "regression"];
+
+/// Checks a list of scorers (at config key `key`): patterns compile, the metrics they report
+/// are distinct (from each other and from `loss`, `perplexity`, `regression`), one `choice`.
 pub(crate) fn check_scorers(scorers: &[Scorer], key: &str) -> Result<()> {
-    let mut names = std::collections::BTreeSet::new();
+    let mut names: std::collections::BTreeSet<String> = RESERVED_METRICS.iter().map(|n| n.to_string()).collect();
+    if scorers.iter().filter(|s| !s.generates()).count() > 1 {
+        return Err(Error::config(key, "one `choice` scorer at most (it reads the rows' options and answer)"));
+    }
     for (i, s) in scorers.iter().enumerate() {
         if let Scorer::Regex { pattern, .. } | Scorer::ExactMatch { pattern: Some(pattern), .. } = s {
             regex::Regex::new(pattern)
                 .map_err(|e| Error::config(&format!("{key}[{i}].pattern"), format!("not a valid regular expression: {e}")))?;
         }
-        if !names.insert(s.name()) {
-            return Err(Error::config(
-                &format!("{key}[{i}]"),
-                format!("a second scorer named `{}`: give each a distinct `name`", s.name()),
-            ));
+        for metric in s.metric_names() {
+            if !names.insert(metric.clone()) {
+                return Err(Error::config(
+                    &format!("{key}[{i}]"),
+                    format!("a second metric named `{metric}`: give each scorer a distinct `name`"),
+                ));
+            }
         }
     }
     Ok(())
@@ -268,6 +290,12 @@ impl EvalConfig {
             format!("{} does not exist", self.model.display()),
         )?;
         for (i, a) in self.adapters.iter().enumerate() {
+            // Models are named by their paths in the report, the base `base`.
+            check(
+                a.as_os_str() != "base" && !self.adapters[..i].contains(a),
+                &format!("adapters[{i}]"),
+                format!("`{}` is listed twice or reads as the base model's name: write it as ./{0}", a.display()),
+            )?;
             check(
                 a.join("adapter_config.json").is_file(),
                 &format!("adapters[{i}]"),
@@ -361,9 +389,19 @@ mod tests {
             ),
             (
                 "model: MODEL\ndata: {path: x}\noutput_dir: o\nscorers: [{type: rouge}, {type: rouge}]\n",
-                "scorers[1]: a second scorer named `rouge`",
+                "scorers[1]: a second metric named `rouge1`",
             ),
             ("model: MODEL\ndata: {path: x}\noutput_dir: o\nscorers: [{type: bleu2}]\n", "scorers[0].type: unknown variant `bleu2`"),
+            (
+                "model: MODEL\ndata: {path: x}\noutput_dir: o\nscorers: [{type: regex, pattern: x, name: loss}]\n",
+                "scorers[0]: a second metric named `loss`",
+            ),
+            (
+                "model: MODEL\ndata: {path: x}\noutput_dir: o\nscorers: [{type: choice}, {type: contains, name: choice_norm}]\n",
+                "scorers[1]: a second metric named `choice_norm`",
+            ),
+            ("model: MODEL\ndata: {path: x}\noutput_dir: o\nscorers: [{type: choice}, {type: choice, name: c2}]\n", "one `choice`"),
+            ("model: MODEL\ndata: {path: x}\nadapters: [base]\n", "adapters[0]: `base` is listed twice or reads as"),
             ("model: MODEL\ndata: {path: x}\noutput_dir: o\ngeneration: {batch_size: 0}\n", "generation.batch_size"),
             ("model: MODEL\ndata: {path: x}\noutput_dir: o\ngeneration: {top_p: 0}\n", "generation.top_p"),
             ("model: MODEL\ndata: {path: x}\noutput_dir: o\nloss: false\n", "scorers: nothing to measure"),

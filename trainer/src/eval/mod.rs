@@ -17,7 +17,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use temper_data::{
-    Batch, Content, Cursor, DataConfig, EncodeOptions, Encoded, Encoder, EvalRow, LoaderOptions, Pipeline, Sample,
+    Batch, Content, Cursor, DataConfig, Encoded, Encoder, EvalRow, LoaderOptions, Pipeline, Sample,
     read_rows,
 };
 use temper_models::{ForwardOptions, LlamaForCausalLM, Sampling, Tokenizer};
@@ -140,7 +140,7 @@ pub fn score_answers(scorers: &[Scorer], rows: &[EvalRow], answers: &[String], s
                         .and_then(|c| c.get(1).or_else(|| c.get(0)))
                         .map(|m| m.as_str().to_string())
                 };
-                let v = each(&|a, r| read(a).map_or(0.0, |x| scores_accuracy(&x, r)));
+                let v = each(&|a, r| read(a).is_some_and(|x| temper_trl::rewards::same_answer(&x, r)) as u8 as f64);
                 per_row(&name, v.clone(), Measure::share(&v));
             }
             Scorer::Regex { pattern, .. } => {
@@ -156,21 +156,17 @@ pub fn score_answers(scorers: &[Scorer], rows: &[EvalRow], answers: &[String], s
                 let v = each(&|a, _| scores::refuses(a) as u8 as f64);
                 per_row(&name, v.clone(), Measure::share(&v));
             }
-            Scorer::Rouge { name: given, .. } => {
+            Scorer::Rouge { .. } => {
                 let all: Vec<scores::Rouge> = answers.iter().zip(&refs).map(|(a, r)| scores::rouge(a, r)).collect();
-                let metric = |m: &str| given.as_ref().map_or_else(|| m.to_string(), |g| format!("{g}_{m}"));
-                for (m, get) in [
-                    ("rouge1", (|r: &scores::Rouge| r.rouge1) as fn(&scores::Rouge) -> f64),
-                    ("rouge2", |r| r.rouge2),
-                    ("rougeL", |r| r.rouge_l),
-                ] {
+                let gets: [fn(&scores::Rouge) -> f64; 3] = [|r| r.rouge1, |r| r.rouge2, |r| r.rouge_l];
+                for (metric, get) in scorer.metric_names().iter().zip(gets) {
                     let v: Vec<f64> = all.iter().map(get).collect();
-                    per_row(&metric(m), v.clone(), Measure::mean(&v));
+                    per_row(metric, v.clone(), Measure::mean(&v));
                 }
             }
             Scorer::Bleu { .. } => {
                 let stats: Vec<_> = answers.iter().zip(&refs).map(|(a, r)| scores::bleu_stats(a, r)).collect();
-                let v: Vec<f64> = stats.iter().map(|s| scores::bleu([s])).collect();
+                let v: Vec<f64> = stats.iter().map(scores::sentence_bleu).collect();
                 let corpus = |idx: &[usize]| scores::bleu(idx.iter().map(|&i| &stats[i]));
                 let measure = Measure {
                     value: scores::bleu(&stats),
@@ -203,28 +199,19 @@ fn scores_accuracy(answer: &str, reference: &str) -> f64 {
 /// How prompts become token ids: the data config's chat template and truncation, as the
 /// trainer encodes GRPO's prompts.
 pub(crate) fn prompt_encoder(data: &DataConfig, tokenizer: Arc<Tokenizer>) -> Result<Encoder> {
-    let options = EncodeOptions {
-        max_length: data.max_length,
-        truncation: data.truncation,
-        completion_only_loss: None,
-        assistant_only_loss: false,
-        packing: false,
-        chat_template: data.chat_template.clone(),
-        unpair: false,
-        drop_long_pairs: false,
-    };
-    Encoder::new(tokenizer, options).map_err(|e| Error::from(e).in_file(Path::new("")))
+    Encoder::new(tokenizer, data.encode_options(false, false)).map_err(Error::from)
 }
 
-/// The token ids the model is asked to complete for `row`.
-pub(crate) fn prompt_ids(encoder: &Encoder, row: &EvalRow) -> Result<Vec<u32>> {
+/// The token ids the model is asked to complete for `row`, and whether their start was cut
+/// to `data.max_length`.
+pub(crate) fn prompt_ids(encoder: &Encoder, row: &EvalRow) -> Result<(Vec<u32>, bool)> {
     let sample = Sample::Prompt {
         prompt: row.prompt.clone(),
         raw: row.raw_prompt.clone(),
         columns: row.columns.clone(),
     };
     match encoder.encode(&sample, &row.at)? {
-        Encoded::Prompt(p) => Ok(p.prompt_ids),
+        Encoded::Prompt(p) => Ok((p.prompt_ids, p.truncated)),
         other => unreachable!("a prompt encodes as a prompt, got {other:?}"),
     }
 }
@@ -252,7 +239,7 @@ pub fn generate_answers<B: Backend>(
     for (chunk_at, chunk) in prompts.chunks(generation.batch_size.max(1)).enumerate() {
         let first = chunk_at * generation.batch_size.max(1);
         let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
-        let seeds: Vec<u64> = (0..chunk.len()).map(|i| generation.seed + (first + i) as u64).collect();
+        let seeds: Vec<u64> = (0..chunk.len()).map(|i| generation.seed.wrapping_add((first + i) as u64)).collect();
         let ids = temper_models::generate_batch(model, &refs, eos, &sampling, &seeds, device)?;
         for ids in ids {
             // The final end-of-turn token is the model's stop, not part of its answer.
@@ -341,28 +328,16 @@ fn truncate_rows(mut batch: temper_data::SftBatch, keep: usize) -> temper_data::
 pub fn choice_scores<B: Backend>(
     model: &LlamaForCausalLM<B>,
     tokenizer: &Tokenizer,
-    chat_template: Option<&str>,
+    encoder: &Encoder,
     rows: &[EvalRow],
     options_column: &str,
     answer_column: &str,
     batch_size: usize,
+    max_length: usize,
     device: &B::Device,
 ) -> Result<(Vec<f64>, Vec<f64>, Vec<Vec<f64>>)> {
     let key = "scorers (choice)";
     let tok = tokenizer;
-    let render = |messages: &[temper_models::Message]| -> Result<String> {
-        match chat_template {
-            Some(t) => temper_models::tokenizer::render_chat_template(
-                t,
-                messages,
-                true,
-                tok.bos_token.as_deref().unwrap_or(""),
-                tok.eos_token.as_deref().unwrap_or(""),
-            )
-            .map_err(|m| Error::config("data.chat_template", m)),
-            None => Ok(tok.apply_chat_template(messages, true)?),
-        }
-    };
     // (row, option) -> (input ids, context length, option length in characters)
     let mut seqs: Vec<(usize, Vec<u32>, usize, usize)> = Vec::new();
     let mut answers = Vec::with_capacity(rows.len());
@@ -413,7 +388,9 @@ pub fn choice_scores<B: Backend>(
         counts.push(options.len());
         let context = match &row.prompt {
             Content::Text(t) => t.clone(),
-            Content::Messages(m) => render(m)?,
+            Content::Messages(m) => encoder
+                .render_chat(m, true)
+                .map_err(|message| Error::config(key, format!("{}: {message}", row.at)))?,
         };
         for option in &options {
             let (mut context, mut continuation) = (context.clone(), option.clone());
@@ -431,7 +408,19 @@ pub fn choice_scores<B: Backend>(
                 return Err(Error::config(key, format!("{at}: option {option:?} adds no token to the prompt")));
             }
             ids.extend_from_slice(&whole[ctx..]);
-            seqs.push((i, ids, ctx, option.chars().count()));
+            // Longer than the model's context: the context's start is cut, as lm-eval keeps
+            // the last `max_length` tokens.
+            let cut = ids.len().saturating_sub(max_length);
+            if cut >= ctx {
+                return Err(Error::config(
+                    key,
+                    format!("{at}: option {option:?} alone is longer than the model's context ({max_length} tokens)"),
+                ));
+            }
+            ids.drain(..cut);
+            // lm-eval's acc_norm divides by the option's length without the space before it
+            // (its `target_delimiter`), which options here carry themselves.
+            seqs.push((i, ids, ctx - cut, option.trim_start().chars().count().max(1)));
         }
     }
     let vocab = model.vocab_size();
@@ -647,14 +636,29 @@ pub fn run<B: Backend>(config: &EvalConfig, device: &B::Device, progress: &dyn F
     };
     let cases = config.regression.as_deref().map(read_cases).transpose().map_err(in_file)?;
     let encoder = prompt_encoder(&data, tokenizer.clone()).map_err(in_file)?;
-    let prompts: Vec<Vec<u32>> = if generating {
-        rows.iter().map(|r| prompt_ids(&encoder, r)).collect::<Result<_>>().map_err(in_file)?
-    } else {
-        Vec::new()
+    let encode = |rows: &mut dyn Iterator<Item = &EvalRow>, what: &str| -> Result<Vec<Vec<u32>>> {
+        let encoded: Vec<(Vec<u32>, bool)> = rows.map(|r| prompt_ids(&encoder, r)).collect::<Result<_>>().map_err(in_file)?;
+        let cut = encoded.iter().filter(|e| e.1).count();
+        if cut > 0 {
+            progress(&format!(
+                "{cut} of {} {what} are longer than data.max_length ({}): their start is cut",
+                encoded.len(),
+                data.max_length.map_or("none".into(), |m| m.to_string())
+            ));
+        }
+        Ok(encoded.into_iter().map(|e| e.0).collect())
     };
-    let case_prompts: Vec<Vec<u32>> = match &cases {
-        Some(cases) => cases.iter().map(|c| prompt_ids(&encoder, &c.row)).collect::<Result<_>>().map_err(in_file)?,
+    let prompts = if generating { encode(&mut rows.iter(), "prompts")? } else { Vec::new() };
+    let case_prompts = match &cases {
+        Some(cases) => encode(&mut cases.iter().map(|c| &c.row), "regression prompts")?,
         None => Vec::new(),
+    };
+    // The reference each row's samples show: the first reference a scorer compares with.
+    let sample_reference = |row: &EvalRow| -> Value {
+        match config.scorers.iter().find(|s| s.needs_reference()) {
+            Some(s) => reference(row, s).map_or(Value::Null, Value::String),
+            None => row.answer.clone().map_or(Value::Null, Value::String),
+        }
     };
     let mut report = Report::new(config, rows.len());
     let mut samples = Vec::new();
@@ -694,7 +698,7 @@ pub fn run<B: Backend>(config: &EvalConfig, device: &B::Device, progress: &dyn F
             measures.extend(scored.measures);
             for (i, (row, answer)) in rows.iter().zip(&answers).enumerate() {
                 samples.push(serde_json::json!({
-                    "row": i, "model": variant.name, "prompt": row.raw_prompt, "reference": row.answer,
+                    "row": i, "model": variant.name, "prompt": row.raw_prompt, "reference": sample_reference(row),
                     "output": answer, "scores": scored.rows[i],
                 }));
             }
@@ -704,11 +708,12 @@ pub fn run<B: Backend>(config: &EvalConfig, device: &B::Device, progress: &dyn F
             let (acc, norm, _) = choice_scores(
                 &model,
                 &tokenizer,
-                data.chat_template.as_deref(),
+                &encoder,
                 &rows,
                 options,
                 answer,
                 config.generation.batch_size,
+                context,
                 device,
             )
             .map_err(in_file)?;
@@ -774,6 +779,14 @@ mod tests {
         assert_eq!(out.rows[1]["exact_match"], 0.0);
         // The first `=` of the first answer is followed by 999: wrong; of the second, 13: wrong.
         assert_eq!((out.rows[0]["first"], out.rows[1]["first"]), (0.0, 0.0));
+        // A pattern's capture is compared as text when it is not a number.
+        let letters = vec![
+            row("q", None, serde_json::json!({"key": "B"})),
+            row("q", None, serde_json::json!({"key": "C"})),
+        ];
+        let s2 = scorers("[{type: exact_match, name: letter, pattern: 'Answer: ([A-D])', reference: key}]");
+        let out2 = score_answers(&s2, &letters, &["Answer: B".into(), "Answer: D, or C".into()], 0).unwrap();
+        assert_eq!((out2.rows[0]["letter"], out2.rows[1]["letter"]), (1.0, 0.0));
         assert_eq!(get("regex").value, 0.5);
         assert_eq!(get("contains").value, 0.0);
         assert!(out.rows[0].contains_key("r_rouge1") && out.rows[0].contains_key("r_rougeL"));
@@ -876,6 +889,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("temper-card-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("README.md"), "# Card\n\ntext\n").unwrap();
+        std::fs::write(dir.join("adapter_config.json"), "{}").unwrap();
         update_model_card(&dir, &md).unwrap();
         update_model_card(&dir, "| new |\n").unwrap();
         let card = std::fs::read_to_string(dir.join("README.md")).unwrap();
@@ -885,5 +899,8 @@ mod tests {
         std::fs::create_dir_all(&empty).unwrap();
         update_model_card(&empty, &md).unwrap();
         assert!(!empty.join("README.md").exists(), "no card, none written");
+        std::fs::write(empty.join("README.md"), "# A project\n").unwrap();
+        update_model_card(&empty, &md).unwrap();
+        assert_eq!(std::fs::read_to_string(empty.join("README.md")).unwrap(), "# A project\n", "not a training output");
     }
 }

@@ -226,7 +226,9 @@ const CARD_END: &str = "<!-- /temper eval -->";
 /// place of the previous evaluation's; a directory without a card is left alone.
 pub fn update_model_card(dir: &Path, tables: &str) -> Result<()> {
     let path = dir.join("README.md");
-    let Ok(card) = std::fs::read_to_string(&path) else {
+    // Only a training output's card (beside its adapter or model), never another README.
+    let trained = dir.join("adapter_config.json").is_file() || dir.join("config.json").is_file();
+    let Ok(card) = std::fs::read_to_string(&path).map_err(|_| ()).and_then(|c| if trained { Ok(c) } else { Err(()) }) else {
         return Ok(());
     };
     let section = format!(
@@ -235,6 +237,8 @@ pub fn update_model_card(dir: &Path, tables: &str) -> Result<()> {
     );
     let updated = match (card.find(CARD_START), card.find(CARD_END)) {
         (Some(a), Some(b)) if b > a => format!("{}{section}{}", &card[..a], card[b + CARD_END.len()..].trim_start_matches('\n')),
+        // A section whose end marker was deleted runs to the end of the card.
+        (Some(a), _) => format!("{}{section}", &card[..a]),
         _ => format!("{}\n\n{section}", card.trim_end()),
     };
     temper_models::atomic::write_file_atomic(&path, updated.as_bytes()).map_err(|e| Error::io(&path, e))

@@ -147,6 +147,20 @@ impl Session {
         let dir = &config.output_dir;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let path = dir.join("feedback.jsonl");
+        // preferences.jsonl and kto.jsonl are rewritten from feedback.jsonl: without it, they
+        // are someone else's files.
+        for name in ["preferences.jsonl", "kto.jsonl"] {
+            if !path.exists() && dir.join(name).exists() {
+                return Err(Error::config(
+                    "output_dir",
+                    format!(
+                        "{} holds {name} but no feedback.jsonl: review writes its own {name} there; choose another directory",
+                        dir.display()
+                    ),
+                )
+                .in_file(&config.file));
+            }
+        }
         let mut judgments = BTreeMap::new();
         if let Ok(text) = std::fs::read_to_string(&path) {
             let lines: Vec<&str> = text.lines().collect();
@@ -163,7 +177,8 @@ impl Session {
                         warn(&format!("{}: line {}: cut short (a kill while writing?); skipped", path.display(), n + 1));
                     }
                     None => warn(&format!(
-                        "{}: line {}: not a judgment of these samples' items and sides; skipped",
+                        "{}: line {}: not a judgment of these answers (another evaluation's samples, or other sides); \
+                         skipped",
                         path.display(),
                         n + 1
                     )),
@@ -283,8 +298,9 @@ impl Session {
             Some(Value::String(_)) => return Err("the comment is longer than 20000 bytes".into()),
             Some(other) => return Err(format!("`comment` must be text, not {other}")),
         };
-        if winner.is_none() && thumbs.iter().all(Option::is_none) && scores.iter().all(BTreeMap::is_empty) {
-            return Err("nothing to record: pick the better answer or a tie, a thumb, or a score".into());
+        if winner.is_none() && thumbs.iter().all(Option::is_none) && scores.iter().all(BTreeMap::is_empty) && comment.trim().is_empty()
+        {
+            return Err("nothing to record: pick the better answer or a tie, a thumb, a score, or write a comment".into());
         }
         let judgment = Judgment {
             winner,
@@ -436,6 +452,14 @@ fn to_slots(j: &Judgment, side_of_a: usize) -> Value {
 fn from_feedback(v: &Value, sides: &[String; 2], items: &[Item]) -> Option<(usize, Judgment)> {
     let id = v.get("id")?.as_str()?;
     let index = items.iter().position(|i| i.id == id)?;
+    // A judgment of other answers (another evaluation's samples, other sides) is not this
+    // item's, whatever its id.
+    let answers = v.get("answers")?.as_object()?;
+    let same = answers.len() == 2
+        && (0..2).all(|s| answers.get(&sides[s]).and_then(Value::as_str) == Some(items[index].answers[s].as_str()));
+    if !same {
+        return None;
+    }
     let side = |name: &str| sides.iter().position(|s| s == name);
     let winner = match v.get("winner")? {
         Value::Null => None,
@@ -469,12 +493,21 @@ fn from_feedback(v: &Value, sides: &[String; 2], items: &[Item]) -> Option<(usiz
     ))
 }
 
-/// A prompt as messages for the page: a string is one message with role `prompt`.
+/// A prompt as messages of text for the page: a string is one message with role `prompt`;
+/// content that is not text (a list of parts) is shown as its JSON.
 fn prompt_messages(prompt: &Value) -> Value {
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
     match prompt {
-        Value::Array(_) => prompt.clone(),
-        Value::String(s) => json!([{"role": "prompt", "content": s}]),
-        other => json!([{"role": "prompt", "content": other.to_string()}]),
+        Value::Array(turns) => Value::Array(
+            turns
+                .iter()
+                .map(|t| json!({"role": t.get("role").map(text).unwrap_or_default(), "content": t.get("content").map(text).unwrap_or_default()}))
+                .collect(),
+        ),
+        other => json!([{"role": "prompt", "content": text(other)}]),
     }
 }
 
@@ -559,12 +592,9 @@ fn mix(mut z: u64) -> u64 {
 mod tests {
     use super::*;
 
-    fn session(dir: &Path, samples: &str) -> Result<Session> {
-        std::fs::create_dir_all(dir).unwrap();
-        let path = dir.join("samples.jsonl");
-        std::fs::write(&path, samples).unwrap();
-        let config = ReviewConfig {
-            samples: path,
+    fn s_config(dir: &Path) -> ReviewConfig {
+        ReviewConfig {
+            samples: dir.join("samples.jsonl"),
             output_dir: dir.join("out"),
             sides: None,
             rubric: vec![Criterion {
@@ -577,8 +607,13 @@ mod tests {
             port: 0,
             seed: 3,
             file: "review.yaml".into(),
-        };
-        Session::open(config, &|_| {})
+        }
+    }
+
+    fn session(dir: &Path, samples: &str) -> Result<Session> {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("samples.jsonl"), samples).unwrap();
+        Session::open(s_config(dir), &|_| {})
     }
 
     const SAMPLES: &str = concat!(
@@ -611,6 +646,7 @@ mod tests {
             json!({"id": "9", "choice": "A"}),
             json!({"id": "0", "choice": "C"}),
             json!({"id": "0"}),
+            json!({"id": "0", "comment": "  "}),
             json!({"id": "0", "scores": {"A": {"tone": 6}}}),
             json!({"id": "0", "scores": {"A": {"style": 3}}}),
             json!({"id": "0", "thumbs": {"A": "sideways"}}),
@@ -640,6 +676,13 @@ mod tests {
         let state = s.state();
         assert_eq!(state["items"][1]["judgment"]["choice"], json!(slot_of_ad));
         assert_eq!(state["items"][0]["prompt"], json!([{"role": "prompt", "content": "Q0"}]));
+        drop(s);
+        // Other answers under the same ids (a new evaluation in the same directory) do not
+        // inherit these judgments.
+        let other = SAMPLES.replace("\"a1\"", "\"a1, again\"");
+        std::fs::write(dir.join("samples.jsonl"), &other).unwrap();
+        let s = Session::open(s_config(&dir), &|_| {}).unwrap();
+        assert_eq!(s.judged(), 1, "row 1's answers changed: only row 0's tie is kept");
     }
 
     #[test]
@@ -652,5 +695,11 @@ mod tests {
         assert!(e.contains("line 1: no `output`"), "{e}");
         let e = session(&dir, "not json\n").err().unwrap().to_string();
         assert!(e.contains("line 1: not JSON"), "{e}");
+        // Someone's own preference file in the output directory is not overwritten.
+        std::fs::create_dir_all(dir.join("out")).unwrap();
+        std::fs::write(dir.join("out/preferences.jsonl"), "mine\n").unwrap();
+        let e = session(&dir, SAMPLES).err().unwrap().to_string();
+        assert!(e.contains("holds preferences.jsonl but no feedback.jsonl"), "{e}");
+        assert_eq!(std::fs::read_to_string(dir.join("out/preferences.jsonl")).unwrap(), "mine\n");
     }
 }
