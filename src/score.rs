@@ -54,16 +54,7 @@ impl BackendJob for ScoreArgs {
                 }
             );
         }
-        let options = LoaderOptions {
-            batch_size: self.batch_size,
-            seed: 0,
-            rank: 0,
-            world_size: 1,
-            epochs: Some(1),
-            unpaired: None,
-            drop_long_pairs: false,
-            prompts: false,
-        };
+        let options = LoaderOptions::one_pass(self.batch_size);
         let pipeline = Arc::new(Pipeline::new(&data, Arc::new(loaded.tokenizer), options)?);
         if pipeline.prompts {
             bail!(

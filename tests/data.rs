@@ -37,14 +37,8 @@ fn config(yaml_like: Value) -> DataConfig {
 
 fn options(batch_size: usize) -> LoaderOptions {
     LoaderOptions {
-        batch_size,
         seed: 7,
-        rank: 0,
-        world_size: 1,
-        epochs: Some(1),
-        unpaired: None,
-        drop_long_pairs: false,
-        prompts: false,
+        ..LoaderOptions::one_pass(batch_size)
     }
 }
 

@@ -144,6 +144,23 @@ pub struct LoaderOptions {
     pub prompts: bool,
 }
 
+impl LoaderOptions {
+    /// One pass over the rows in order, in one process, batched as SFT or preference data:
+    /// what scoring and evaluation read.
+    pub fn one_pass(batch_size: usize) -> Self {
+        Self {
+            batch_size,
+            seed: 0,
+            rank: 0,
+            world_size: 1,
+            epochs: Some(1),
+            unpaired: None,
+            drop_long_pairs: false,
+            prompts: false,
+        }
+    }
+}
+
 /// How KTO batches unpaired completions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unpaired {

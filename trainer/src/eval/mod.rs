@@ -167,29 +167,28 @@ pub fn score_answers(scorers: &[Scorer], rows: &[EvalRow], answers: &[String], s
             Scorer::Bleu { .. } => {
                 let stats: Vec<_> = answers.iter().zip(&refs).map(|(a, r)| scores::bleu_stats(a, r)).collect();
                 let v: Vec<f64> = stats.iter().map(scores::sentence_bleu).collect();
-                let corpus = |idx: &[usize]| scores::bleu(idx.iter().map(|&i| &stats[i]));
-                let measure = Measure {
-                    value: scores::bleu(&stats),
-                    count: n,
-                    ci: scores::bootstrap(n, BOOTSTRAP_RESAMPLES, seed, corpus).map(|(a, b)| [a, b]),
-                };
-                per_row(&name, v, measure);
+                per_row(&name, v, corpus_measure(&stats, seed, |s| scores::bleu(s)));
             }
             Scorer::Chrf { .. } => {
                 let stats: Vec<_> = answers.iter().zip(&refs).map(|(a, r)| scores::chrf_stats(a, r)).collect();
                 let v: Vec<f64> = stats.iter().map(|s| scores::chrf([s])).collect();
-                let corpus = |idx: &[usize]| scores::chrf(idx.iter().map(|&i| &stats[i]));
-                let measure = Measure {
-                    value: scores::chrf(&stats),
-                    count: n,
-                    ci: scores::bootstrap(n, BOOTSTRAP_RESAMPLES, seed, corpus).map(|(a, b)| [a, b]),
-                };
-                per_row(&name, v, measure);
+                per_row(&name, v, corpus_measure(&stats, seed, |s| scores::chrf(s)));
             }
             Scorer::Choice { .. } => unreachable!("filtered: generates nothing"),
         }
     }
     Ok(out)
+}
+
+/// A corpus score (BLEU, chrF) of all rows' statistics, with its bootstrap interval.
+fn corpus_measure<S>(stats: &[S], seed: u64, score: impl Fn(&mut dyn Iterator<Item = &S>) -> f64) -> Measure {
+    let n = stats.len();
+    Measure {
+        value: score(&mut stats.iter()),
+        count: n,
+        ci: scores::bootstrap(n, BOOTSTRAP_RESAMPLES, seed, |idx| score(&mut idx.iter().map(|&i| &stats[i])))
+            .map(|(a, b)| [a, b]),
+    }
 }
 
 fn scores_accuracy(answer: &str, reference: &str) -> f64 {
@@ -263,17 +262,7 @@ pub fn held_out_loss<B: Backend>(
     let mut data = data.clone();
     data.shuffle = false;
     data.packing = false;
-    let options = LoaderOptions {
-        batch_size,
-        seed: 0,
-        rank: 0,
-        world_size: 1,
-        epochs: Some(1),
-        unpaired: None,
-        drop_long_pairs: false,
-        prompts: false,
-    };
-    let pipeline = Arc::new(Pipeline::new(&data, tokenizer, options)?);
+    let pipeline = Arc::new(Pipeline::new(&data, tokenizer, LoaderOptions::one_pass(batch_size))?);
     if pipeline.prompts {
         return Ok(None);
     }
