@@ -4,7 +4,7 @@
 # review page in headless Chromium against the binary those tests built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --tests
 scripts/fetch-model.sh >/dev/null
 cargo test --workspace --release "$@"
 cargo build --release --quiet

@@ -1329,3 +1329,90 @@ fn signal_worker(launcher: u32, rank: usize, signal: &str) {
     }
     panic!("no worker of rank {rank} under {launcher}");
 }
+
+/// `temper eval` end to end on the tiny model and its trained adapter: every kind of measure,
+/// the files it writes, sampled decoding reproducible from its seed, and flag errors.
+#[test]
+fn eval_command_writes_its_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = tmp.path().join("rows.jsonl");
+    let mut text = String::new();
+    for i in 0..5 {
+        text.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"prompt": format!("a b {i} c"), "completion": format!(" d {i} e"),
+                               "choices": [" d", " zz yy xx"], "answer": 0})
+        ));
+    }
+    std::fs::write(&rows, text).unwrap();
+    let cases = tmp.path().join("cases.jsonl");
+    std::fs::write(
+        &cases,
+        "{\"id\": \"any\", \"prompt\": \"a b\", \"regex\": \".*\"}\n{\"id\": \"never\", \"prompt\": \"a\", \"not_regex\": \"\"}\n",
+    )
+    .unwrap();
+    let eval = |out: &Path, extra: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_temper"));
+        cmd.args(["eval", "--model"]).arg(train_dir().join("tiny"));
+        cmd.arg("--adapter").arg(train_dir().join("final_adapter"));
+        cmd.arg("--data").arg(&rows).arg("--regression").arg(&cases);
+        for s in ["exact_match", "contains", "rouge", "bleu", "chrf", "refusal", "choice", "regex=e$"] {
+            cmd.args(["--scorer", s]);
+        }
+        cmd.args(["--max-new-tokens", "6", "--output-dir"]).arg(out).args(extra);
+        cmd.output().unwrap()
+    };
+    let out = tmp.path().join("report");
+    let run = eval(&out, &[]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let printed = String::from_utf8(run.stdout).unwrap();
+    assert!(printed.starts_with("| metric | n | base | "), "{printed}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    let variants = report["variants"].as_array().unwrap();
+    assert_eq!(variants.len(), 2);
+    let metrics = variants[1]["metrics"].as_object().unwrap();
+    let names: Vec<&str> = metrics.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "loss", "perplexity", "exact_match", "contains", "rouge1", "rouge2", "rougeL", "bleu", "chrf", "refusal",
+            "regex", "choice", "choice_norm", "regression"
+        ]
+    );
+    for v in variants {
+        let m = &v["metrics"];
+        let loss = m["loss"]["value"].as_f64().unwrap();
+        assert!(loss.is_finite() && loss > 0.0);
+        assert!((m["perplexity"]["value"].as_f64().unwrap() - loss.exp()).abs() < 1e-9);
+        assert_eq!(m["choice"]["count"], 5);
+        // The empty pattern matches every answer: `never` fails for both models.
+        assert_eq!(m["regression"]["value"], 0.5);
+    }
+    assert_eq!(report["regression"][0]["id"], "never", "failing cases first");
+    let samples = std::fs::read_to_string(out.join("eval_samples.jsonl")).unwrap();
+    assert_eq!(samples.lines().count(), 10, "5 rows x 2 models");
+    let first: serde_json::Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
+    assert_eq!((&first["model"], &first["reference"]), (&"base".into(), &" d 0 e".into()));
+    assert!(out.join("eval.md").is_file());
+    // Sampling is seeded per row: the same seed gives the same answers.
+    let sampled = |dir: &str| {
+        let out = tmp.path().join(dir);
+        let run = eval(&out, &["--set", "generation.temperature=1.0", "--set", "generation.seed=3"]);
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        std::fs::read_to_string(out.join("eval_samples.jsonl")).unwrap()
+    };
+    assert_eq!(sampled("s1"), sampled("s2"));
+    // Flags a user gets wrong.
+    for (extra, want) in [
+        (vec!["--scorer", "rouge=1"], "only `regex=PATTERN` takes a value"),
+        (vec!["--scorer", "blue"], "scorers[0].type: unknown variant `blue`"),
+        (vec!["--max-rows", "0"], "(command line): max_rows: must be > 0"),
+    ] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_temper"));
+        cmd.args(["eval", "--model"]).arg(train_dir().join("tiny")).arg("--data").arg(&rows);
+        cmd.args(["--output-dir"]).arg(tmp.path().join("bad")).args(&extra);
+        let run = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success() && err.contains(want), "{extra:?}: {err}");
+    }
+}
