@@ -615,9 +615,11 @@ pub fn run<B: Backend>(config: &EvalConfig, device: &B::Device, progress: &dyn F
         if rows.is_empty() {
             return Err(in_file(Error::config("data", "no rows to evaluate")));
         }
-        // A scorer that needs a reference the rows lack fails now, not after generating.
+        // A scorer that needs a reference some row lacks fails now, not after generating.
         for s in config.scorers.iter().filter(|s| s.needs_reference()) {
-            reference(&rows[0], s).map_err(in_file)?;
+            for row in &rows {
+                reference(row, s).map_err(in_file)?;
+            }
         }
         rows
     } else {
