@@ -2,7 +2,8 @@
 # LoRA SFT throughput and peak memory on the CPU: `temper train` beside PyTorch + PEFT doing the
 # same work (SmolLM2-135M, r=16 all-linear, micro-batch BATCH x 256 tokens, AdamW) in one command.
 #   benches/run-sft.sh [BATCH STEPS]     (PyTorch from $PYTHON, default python3; another temper
-#   binary, e.g. an older build for an A/B comparison, from $TEMPER; TORCH=0 skips PyTorch)
+#   binary, e.g. an older build for an A/B comparison, from $TEMPER; TORCH=0 skips PyTorch;
+#   TORCH_BF16=1 also runs PyTorch with bf16 weights, its fastest CPU setting on AVX512-BF16)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BATCH=${1:-4}; STEPS=${2:-6}
@@ -29,3 +30,5 @@ rss = int(open(sys.argv[1] + "/rss").read().split()[-1]) / 1024
 print(f"temper (ndarray): {rate:.0f} tokens/s (median step, first excluded), peak RSS {rss:.0f} MiB")
 PY
 [ "${TORCH:-1}" = 0 ] || "$PYTHON" benches/sft_torch.py "$WORK/rows.jsonl" "$BATCH" "$STEPS" 2>/dev/null
+[ "${TORCH:-1}" = 0 ] || [ "${TORCH_BF16:-0}" = 0 ] ||
+  TORCH_DTYPE=bf16 "$PYTHON" benches/sft_torch.py "$WORK/rows.jsonl" "$BATCH" "$STEPS" 2>/dev/null
