@@ -1384,6 +1384,8 @@ fn eval_command_writes_its_report() {
         let loss = m["loss"]["value"].as_f64().unwrap();
         assert!(loss.is_finite() && loss > 0.0);
         assert!((m["perplexity"]["value"].as_f64().unwrap() - loss.exp()).abs() < 1e-9);
+        let ci: Vec<f64> = serde_json::from_value(m["loss"]["ci"].clone()).unwrap();
+        assert!(ci[0] <= loss && loss <= ci[1], "{ci:?} around {loss}");
         assert_eq!(m["choice"]["count"], 5);
         // The empty pattern matches every answer: `never` fails for both models.
         assert_eq!(m["regression"]["value"], 0.5);

@@ -22,15 +22,27 @@ pub(crate) fn sft_loss<B: Backend>(
     batch: &SftBatch,
     device: &B::Device,
 ) -> Option<TokenLoss<B>> {
+    sft_token_logps(model, hidden, batch, device).map(|(logps, _)| TokenLoss::from_logps(logps))
+}
+
+/// The log-probabilities of an SFT batch's targets, and the row each belongs to.
+pub(crate) fn sft_token_logps<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    hidden: HiddenFn<B>,
+    batch: &SftBatch,
+    device: &B::Device,
+) -> Option<(TokenLogps<B>, Vec<usize>)> {
     let (b, s) = (batch.batch_size, batch.seq_len);
     let mut positions = Vec::new();
     let mut targets = Vec::new();
+    let mut rows = Vec::new();
     for r in 0..b {
         for t in 0..s.saturating_sub(1) {
             let label = batch.labels[r * s + t + 1];
             if label != IGNORE_INDEX {
                 positions.push((r * s + t) as i64);
                 targets.push(label as i64);
+                rows.push(r);
             }
         }
     }
@@ -60,7 +72,7 @@ pub(crate) fn sft_loss<B: Backend>(
         targets,
         device,
     );
-    Some(TokenLoss::from_logps(logps))
+    Some((logps, rows))
 }
 
 /// Log-probabilities of `targets` at `positions` (flat `row * seq + t` indices) of a forward

@@ -28,7 +28,7 @@ pub use report::{Report, VariantReport, markdown, update_model_card};
 
 use crate::blocks::plain;
 use crate::error::{Error, Result};
-use crate::forward::{int_matrix, sft_loss, token_logps_at};
+use crate::forward::{int_matrix, sft_token_logps, token_logps_at};
 
 /// A metric's value, how many rows (or tokens) it is over, and its 95% interval.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -248,9 +248,9 @@ pub fn generate_answers<B: Backend>(
     Ok(out)
 }
 
-/// The mean negative log-likelihood per target token over the rows' answers (the trainer's
-/// SFT masks: completions, assistant turns), and the number of target tokens. `None` when
-/// the rows have no answers to score (prompts alone, preference pairs).
+/// The negative log-likelihood of each row's answer (the trainer's SFT masks: completions,
+/// assistant turns) and its number of target tokens. `None` when the rows have no answers to
+/// score (prompts alone, preference pairs).
 pub fn held_out_loss<B: Backend>(
     model: &LlamaForCausalLM<B>,
     data: &DataConfig,
@@ -258,7 +258,7 @@ pub fn held_out_loss<B: Backend>(
     batch_size: usize,
     max_rows: usize,
     device: &B::Device,
-) -> Result<Option<(f64, usize)>> {
+) -> Result<Option<Vec<(f64, usize)>>> {
     let mut data = data.clone();
     data.shuffle = false;
     data.packing = false;
@@ -266,7 +266,8 @@ pub fn held_out_loss<B: Backend>(
     if pipeline.prompts {
         return Ok(None);
     }
-    let (mut nll, mut tokens, mut rows) = (0.0f64, 0usize, 0usize);
+    let mut per_row: Vec<(f64, usize)> = Vec::new();
+    let mut rows = 0usize;
     let vocab = model.vocab_size();
     for batch in pipeline.spawn(Cursor::default()) {
         let batch = match batch?.batch {
@@ -284,15 +285,46 @@ pub fn held_out_loss<B: Backend>(
         let keep = batch.batch_size.min(max_rows - rows);
         let batch = truncate_rows(batch, keep);
         rows += keep;
-        tokens += batch.num_target_tokens();
-        if let Some(loss) = sft_loss(model, &plain::<B>, &batch, device) {
-            nll += loss.sum.into_data().convert::<f64>().to_vec::<f64>().expect("f64")[0];
+        let mut sums = vec![(0.0f64, 0usize); keep];
+        if let Some((logps, owner)) = sft_token_logps(model, &plain::<B>, &batch, device) {
+            let logps: Vec<f32> = logps.logps.cast(DType::F32).into_data().to_vec().expect("f32 log-probabilities");
+            for (lp, r) in logps.iter().zip(owner) {
+                sums[r].0 -= *lp as f64;
+                sums[r].1 += 1;
+            }
         }
+        per_row.extend(sums);
         if rows >= max_rows {
             break;
         }
     }
-    Ok((tokens > 0).then(|| (nll / tokens as f64, tokens)))
+    Ok(per_row.iter().any(|r| r.1 > 0).then_some(per_row))
+}
+
+/// The loss per target token over rows (their summed NLL and token counts), and perplexity,
+/// each with a 95% bootstrap interval over rows (the unit that was sampled), seeded.
+fn loss_measures(per_row: &[(f64, usize)], seed: u64) -> [Measure; 2] {
+    let loss = |idx: &mut dyn Iterator<Item = &(f64, usize)>| {
+        let (nll, tokens) = idx.fold((0.0, 0usize), |a, r| (a.0 + r.0, a.1 + r.1));
+        nll / tokens.max(1) as f64
+    };
+    let tokens: usize = per_row.iter().map(|r| r.1).sum();
+    let value = loss(&mut per_row.iter());
+    let ci = scores::bootstrap(per_row.len(), BOOTSTRAP_RESAMPLES, seed, |idx| {
+        loss(&mut idx.iter().map(|&i| &per_row[i]))
+    });
+    [
+        Measure {
+            value,
+            count: tokens,
+            ci: ci.map(|(a, b)| [a, b]),
+        },
+        Measure {
+            value: value.exp(),
+            count: tokens,
+            ci: ci.map(|(a, b)| [a.exp(), b.exp()]),
+        },
+    ]
 }
 
 fn truncate_rows(mut batch: temper_data::SftBatch, keep: usize) -> temper_data::SftBatch {
@@ -669,9 +701,10 @@ pub fn run<B: Backend>(config: &EvalConfig, device: &B::Device, progress: &dyn F
             progress(&format!("{}: held-out loss", variant.name));
             let batch = config.generation.batch_size;
             match held_out_loss(&model, &data, tokenizer.clone(), batch, max_rows, device).map_err(in_file)? {
-                Some((loss, tokens)) => {
-                    measures.push(("loss".into(), Measure { value: loss, count: tokens, ci: None }));
-                    measures.push(("perplexity".into(), Measure { value: loss.exp(), count: tokens, ci: None }));
+                Some(per_row) => {
+                    let [loss, perplexity] = loss_measures(&per_row, config.generation.seed);
+                    measures.push(("loss".into(), loss));
+                    measures.push(("perplexity".into(), perplexity));
                 }
                 None if config.loss == Some(true) => {
                     return Err(in_file(Error::config(
