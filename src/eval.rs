@@ -1,12 +1,13 @@
 //! `temper eval`: a model and its adapters on held-out rows, side by side.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
 use burn::tensor::backend::Backend;
 use temper_trainer::eval::{self, EvalConfig};
 
 use crate::backend::{BackendJob, DeviceSpec, dispatch};
+use crate::set;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalArgs {
@@ -43,18 +44,16 @@ pub struct EvalArgs {
 impl EvalArgs {
     /// The flags as `--set` overrides (after the file's and `--set`'s, so they win).
     fn overrides(&self) -> Result<Vec<String>> {
-        let json = |v: serde_json::Value| v.to_string();
-        let path = |p: &Path| json(p.display().to_string().into());
         let mut o = self.set.clone();
         if let Some(m) = &self.model {
-            o.push(format!("model={}", path(m)));
+            set(&mut o, "model", m.display().to_string());
         }
         if !self.adapters.is_empty() {
             let list: Vec<String> = self.adapters.iter().map(|a| a.display().to_string()).collect();
-            o.push(format!("adapters={}", json(list.into())));
+            set(&mut o, "adapters", list);
         }
         if let Some(d) = &self.data {
-            o.push(format!("data.path={}", json(d.clone().into())));
+            set(&mut o, "data.path", d.as_str());
         }
         if !self.scorers.is_empty() {
             let list = self
@@ -66,19 +65,19 @@ impl EvalArgs {
                     None => Ok(serde_json::json!({"type": s})),
                 })
                 .collect::<Result<Vec<_>>>()?;
-            o.push(format!("scorers={}", json(list.into())));
+            set(&mut o, "scorers", list);
         }
         if let Some(r) = &self.regression {
-            o.push(format!("regression={}", path(r)));
+            set(&mut o, "regression", r.display().to_string());
         }
         if let Some(n) = self.max_rows {
-            o.push(format!("max_rows={n}"));
+            set(&mut o, "max_rows", n);
         }
         if let Some(n) = self.max_new_tokens {
-            o.push(format!("generation.max_new_tokens={n}"));
+            set(&mut o, "generation.max_new_tokens", n);
         }
         if let Some(d) = &self.output_dir {
-            o.push(format!("output_dir={}", path(d)));
+            set(&mut o, "output_dir", d.display().to_string());
         }
         Ok(o)
     }
@@ -97,10 +96,7 @@ impl BackendJob for EvalJob {
 
 pub fn run(args: EvalArgs, device: Option<DeviceSpec>) -> Result<()> {
     let overrides = args.overrides()?;
-    let config = match &args.config {
-        Some(file) => EvalConfig::load(file, &overrides)?,
-        None => EvalConfig::from_overrides(Path::new("(command line)"), &overrides)?,
-    };
+    let config = EvalConfig::load(args.config.as_deref(), &overrides)?;
     let out = config.output_dir().to_path_buf();
     let device = device.unwrap_or(config.device);
     let report = dispatch(device, EvalJob(config)).map_err(anyhow::Error::msg)??;

@@ -2,13 +2,15 @@
 //! person's choices as preference data (the session: `temper_trainer::eval::review`).
 
 use std::io::Read as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use temper_trainer::eval::review::{ReviewConfig, Session};
 use tiny_http::{Header, Method, Request, Response, Server};
+
+use crate::set;
 
 /// The page: one file, no external assets (answers are inserted as text, never as HTML).
 const PAGE: &str = include_str!("review.html");
@@ -45,32 +47,30 @@ pub struct ReviewArgs {
 
 impl ReviewArgs {
     fn overrides(&self) -> Result<Vec<String>> {
-        let json = |v: Value| v.to_string();
-        let path = |p: &Path| json(p.display().to_string().into());
         let mut o = self.set.clone();
         if let Some(s) = &self.samples {
-            o.push(format!("samples={}", path(s)));
+            set(&mut o, "samples", s.display().to_string());
         }
         if let Some(d) = &self.output {
-            o.push(format!("output_dir={}", path(d)));
+            set(&mut o, "output_dir", d.display().to_string());
         }
         match self.sides.len() {
             0 => {}
-            2 => o.push(format!("sides={}", json(json!(self.sides)))),
+            2 => set(&mut o, "sides", self.sides.as_slice()),
             n => bail!("--side: name two models, got {n}"),
         }
         if !self.rubric.is_empty() {
             let list: Vec<Value> = self.rubric.iter().map(|n| json!({"name": n})).collect();
-            o.push(format!("rubric={}", json(list.into())));
+            set(&mut o, "rubric", list);
         }
         if let Some(h) = &self.host {
-            o.push(format!("host={}", json(h.clone().into())));
+            set(&mut o, "host", h.as_str());
         }
         if let Some(p) = self.port {
-            o.push(format!("port={p}"));
+            set(&mut o, "port", p);
         }
         if let Some(s) = self.seed {
-            o.push(format!("seed={s}"));
+            set(&mut o, "seed", s);
         }
         Ok(o)
     }
@@ -78,10 +78,7 @@ impl ReviewArgs {
 
 pub fn run(args: ReviewArgs) -> Result<()> {
     let overrides = args.overrides()?;
-    let config = match &args.config {
-        Some(file) => ReviewConfig::load(file, &overrides)?,
-        None => ReviewConfig::from_overrides(Path::new("(command line)"), &overrides)?,
-    };
+    let config = ReviewConfig::load(args.config.as_deref(), &overrides)?;
     let (host, port) = (config.host.clone(), config.port);
     let session = Session::open(config, &|w| eprintln!("warning: {w}"))?;
     let server = Server::http((host.as_str(), port))

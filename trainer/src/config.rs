@@ -1375,6 +1375,22 @@ pub(crate) fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path, overrides: 
     with_overrides(value, path, overrides)
 }
 
+/// A config from `file` (YAML) or, without one, from the overrides alone (a command given
+/// as flags), and the name its errors give as the file (`(command line)` without one).
+pub(crate) fn read_file_or_flags<T: serde::de::DeserializeOwned>(
+    file: Option<&Path>,
+    overrides: &[String],
+) -> Result<(T, PathBuf)> {
+    match file {
+        Some(path) => Ok((read_yaml(path, overrides)?, path.to_path_buf())),
+        None => {
+            let origin = PathBuf::from("(command line)");
+            let empty = Value::Mapping(Default::default());
+            Ok((with_overrides(empty, &origin, overrides)?, origin))
+        }
+    }
+}
+
 /// `value` (read from `path`, for the errors) with `key.path=value` overrides applied, into `T`.
 pub(crate) fn with_overrides<T: serde::de::DeserializeOwned>(mut value: Value, path: &Path, overrides: &[String]) -> Result<T> {
     for o in overrides {

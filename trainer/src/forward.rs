@@ -3,11 +3,25 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use temper_data::{IGNORE_INDEX, SftBatch};
+use temper_data::{Batch, IGNORE_INDEX, SftBatch};
 use temper_models::{ForwardOptions, LlamaForCausalLM};
 use temper_trl::{TokenLogps, TokenLoss, head_token_logps, token_logps};
 
 use crate::blocks::HiddenFn;
+use crate::error::{Error, Result};
+
+/// Stops at an id past the embedding, which would index out of bounds inside the backend (a
+/// panic there); `during` names the step or the evaluation.
+pub(crate) fn check_vocab(batch: &Batch, vocab: usize, during: impl FnOnce() -> String) -> Result<()> {
+    match batch.max_token_id().filter(|&id| id as usize >= vocab) {
+        Some(id) => Err(Error::TokenOutOfVocab {
+            during: during(),
+            id,
+            vocab,
+        }),
+        None => Ok(()),
+    }
+}
 
 pub(crate) fn int_matrix<B: Backend>(values: &[u32], shape: [usize; 2], device: &B::Device) -> Tensor<B, 2, Int> {
     let v: Vec<i64> = values.iter().map(|&x| x as i64).collect();

@@ -18,6 +18,7 @@ use temper_models::{LlamaForCausalLM, ModelConfig, Tokenizer};
 use temper_peft::{LoraConfig, SavedModule};
 
 use crate::blocks::{Checkpointed, plain};
+use crate::forward::check_vocab;
 use crate::checkpoint::{self, TrainerState};
 use crate::config::JobConfig;
 use crate::error::{Error, Result};
@@ -323,8 +324,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                 }
                 let encoder = crate::eval::prompt_encoder(&eval, tokenizer.clone())?;
                 let prompts = rows.iter().map(|r| crate::eval::prompt_ids(&encoder, r).map(|p| p.0)).collect::<Result<_>>()?;
-                crate::eval::score_answers(&g.scorers, &rows, &vec![String::new(); rows.len()], 0)
-                    .map_err(|e| e.in_file(&config.file))?;
+                crate::eval::check_references(&g.scorers, &rows).map_err(|e| e.in_file(&config.file))?;
                 let eos = temper_models::load::stop_token_ids(&model_config, &tokenizer);
                 Some(GenerationEval {
                     rows,
@@ -1242,19 +1242,6 @@ fn save_model<B: Backend>(model: &LlamaForCausalLM<B>, save_as: &SaveAs, dir: &P
         }
     }
     Ok(())
-}
-
-/// Stops at an id past the embedding, which would index out of bounds inside the backend (a
-/// panic there); `during` names the step or the evaluation.
-fn check_vocab(batch: &Batch, vocab: usize, during: impl FnOnce() -> String) -> Result<()> {
-    match batch.max_token_id().filter(|&id| id as usize >= vocab) {
-        Some(id) => Err(Error::TokenOutOfVocab {
-            during: during(),
-            id,
-            vocab,
-        }),
-        None => Ok(()),
-    }
 }
 
 /// `training.eval_generation`: the answers to the prepared rows (greedy), their `eval_*`

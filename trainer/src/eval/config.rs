@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use temper_data::DataConfig;
 
-use crate::config::{DeviceSpec, expand_home, read_yaml, with_overrides};
+use crate::config::{DeviceSpec, expand_home, read_file_or_flags};
 use crate::error::{Error, Result};
 
 /// An evaluation: a model, the adapters compared with it, the rows, and what is measured.
@@ -252,23 +252,13 @@ pub(crate) fn check_scorers(scorers: &[Scorer], key: &str) -> Result<()> {
 }
 
 impl EvalConfig {
-    /// Reads the file with `key.path=value` overrides, then checks it (errors name the file
-    /// and the key).
-    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        Self::checked(read_yaml(path, overrides)?, path)
-    }
-
-    /// A config from overrides alone (`temper eval` with flags and no file); errors name
-    /// `origin` as the file.
-    pub fn from_overrides(origin: &Path, overrides: &[String]) -> Result<Self> {
-        let empty = serde_yaml::Value::Mapping(Default::default());
-        Self::checked(with_overrides(empty, origin, overrides)?, origin)
-    }
-
-    fn checked(mut config: Self, path: &Path) -> Result<Self> {
-        config.file = path.to_path_buf();
+    /// Reads `file` (or, without one, the overrides alone: `temper eval` given as flags) with
+    /// `key.path=value` overrides, then checks it; errors name the file and the key.
+    pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let (mut config, origin): (Self, PathBuf) = read_file_or_flags(file, overrides)?;
         config.expand_home();
-        config.validate().map_err(|e| e.in_file(path))?;
+        config.validate().map_err(|e| e.in_file(&origin))?;
+        config.file = origin;
         Ok(config)
     }
 
@@ -358,7 +348,7 @@ mod tests {
         std::fs::write(&model, b"").unwrap();
         let file = dir.join(format!("eval-{}.yaml", yaml.len()));
         std::fs::write(&file, yaml.replace("MODEL", &model.display().to_string())).unwrap();
-        EvalConfig::load(&file, &[])
+        EvalConfig::load(Some(&file), &[])
     }
 
     #[test]

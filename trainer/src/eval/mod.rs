@@ -28,7 +28,7 @@ pub use report::{Report, VariantReport, markdown, update_model_card};
 
 use crate::blocks::plain;
 use crate::error::{Error, Result};
-use crate::forward::{int_matrix, sft_token_logps, token_logps_at};
+use crate::forward::{check_vocab, int_matrix, sft_token_logps, token_logps_at};
 
 /// A metric's value, how many rows (or tokens) it is over, and its 95% interval.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,6 +103,17 @@ fn reference(row: &EvalRow, scorer: &Scorer) -> Result<String> {
     }
 }
 
+/// Checks that every row has the reference each scorer compares with, before any answer is
+/// generated for them.
+pub(crate) fn check_references(scorers: &[Scorer], rows: &[EvalRow]) -> Result<()> {
+    for s in scorers.iter().filter(|s| s.needs_reference()) {
+        for row in rows {
+            reference(row, s)?;
+        }
+    }
+    Ok(())
+}
+
 /// Scores `answers` (one per row) with every generating scorer. `seed` seeds the bootstrap
 /// intervals.
 pub fn score_answers(scorers: &[Scorer], rows: &[EvalRow], answers: &[String], seed: u64) -> Result<Scored> {
@@ -130,7 +141,7 @@ pub fn score_answers(scorers: &[Scorer], rows: &[EvalRow], answers: &[String], s
         };
         match scorer {
             Scorer::ExactMatch { pattern: None, .. } => {
-                let v = each(&|a, r| scores_accuracy(a, r));
+                let v = each(&|a, r| temper_trl::rewards::accuracy(a, r) as f64);
                 per_row(&name, v.clone(), Measure::share(&v));
             }
             Scorer::ExactMatch { pattern: Some(p), .. } => {
@@ -191,9 +202,6 @@ fn corpus_measure<S>(stats: &[S], seed: u64, score: impl Fn(&mut dyn Iterator<It
     }
 }
 
-fn scores_accuracy(answer: &str, reference: &str) -> f64 {
-    temper_trl::rewards::accuracy(answer, reference) as f64
-}
 
 /// How prompts become token ids: the data config's chat template and truncation, as the
 /// trainer encodes GRPO's prompts.
@@ -270,17 +278,11 @@ pub fn held_out_loss<B: Backend>(
     let mut rows = 0usize;
     let vocab = model.vocab_size();
     for batch in pipeline.spawn(Cursor::default()) {
-        let batch = match batch?.batch {
-            Batch::Sft(b) => b,
-            _ => return Ok(None),
+        let batch = batch?.batch;
+        check_vocab(&batch, vocab, || "evaluation data".into())?;
+        let Batch::Sft(batch) = batch else {
+            return Ok(None);
         };
-        if let Some(id) = batch.input_ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::TokenOutOfVocab {
-                during: "evaluation data".into(),
-                id: *id,
-                vocab,
-            });
-        }
         // A full last batch may run past max_rows: only its first rows count.
         let keep = batch.batch_size.min(max_rows - rows);
         let batch = truncate_rows(batch, keep);
@@ -358,7 +360,6 @@ pub fn choice_scores<B: Backend>(
     device: &B::Device,
 ) -> Result<(Vec<f64>, Vec<f64>, Vec<Vec<f64>>)> {
     let key = "scorers (choice)";
-    let tok = tokenizer;
     // (row, option) -> (input ids, context length, option length in characters)
     let mut seqs: Vec<(usize, Vec<u32>, usize, usize)> = Vec::new();
     let mut answers = Vec::with_capacity(rows.len());
@@ -422,8 +423,8 @@ pub fn choice_scores<B: Backend>(
             }
             // As lm-evaluation-harness's HFLM: no special tokens added; the input is the
             // context's tokens, then those of context + option past the context's length.
-            let whole = tok.encode(&format!("{context}{continuation}"), false)?;
-            let mut ids = tok.encode(&context, false)?;
+            let whole = tokenizer.encode(&format!("{context}{continuation}"), false)?;
+            let mut ids = tokenizer.encode(&context, false)?;
             let ctx = ids.len();
             if whole.len() <= ctx || ctx == 0 {
                 return Err(Error::config(key, format!("{at}: option {option:?} adds no token to the prompt")));
@@ -647,12 +648,7 @@ pub fn run<B: Backend>(config: &EvalConfig, device: &B::Device, progress: &dyn F
         if rows.is_empty() {
             return Err(in_file(Error::config("data", "no rows to evaluate")));
         }
-        // A scorer that needs a reference some row lacks fails now, not after generating.
-        for s in config.scorers.iter().filter(|s| s.needs_reference()) {
-            for row in &rows {
-                reference(row, s).map_err(in_file)?;
-            }
-        }
+        check_references(&config.scorers, &rows).map_err(in_file)?;
         rows
     } else {
         Vec::new()

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use temper_trl::scores;
 
-use crate::config::{expand_home, read_yaml, with_overrides};
+use crate::config::{expand_home, read_file_or_flags};
 use crate::error::{Error, Result};
 
 /// `temper review`'s YAML file (or its flags).
@@ -72,17 +72,12 @@ fn default_max() -> u32 {
 }
 
 impl ReviewConfig {
-    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        Self::checked(read_yaml(path, overrides)?, path)
-    }
-
-    pub fn from_overrides(origin: &Path, overrides: &[String]) -> Result<Self> {
-        let empty = serde_yaml::Value::Mapping(Default::default());
-        Self::checked(with_overrides(empty, origin, overrides)?, origin)
-    }
-
-    fn checked(mut c: Self, path: &Path) -> Result<Self> {
-        c.file = path.to_path_buf();
+    /// Reads `file` (or, without one, the overrides alone: `temper review` given as flags)
+    /// with `key.path=value` overrides, then checks it; errors name the file and the key.
+    pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let (mut c, origin): (Self, PathBuf) = read_file_or_flags(file, overrides)?;
+        let path = origin.as_path();
+        c.file = origin.clone();
         c.samples = PathBuf::from(expand_home(&c.samples.display().to_string()));
         c.output_dir = PathBuf::from(expand_home(&c.output_dir.display().to_string()));
         let check = |ok: bool, key: &str, message: String| if ok { Ok(()) } else { Err(Error::config(key, message).in_file(path)) };
@@ -162,7 +157,8 @@ impl Session {
             }
         }
         let mut judgments = BTreeMap::new();
-        if let Ok(text) = std::fs::read_to_string(&path) {
+        let recorded = std::fs::read(&path).ok();
+        if let Some(text) = recorded.as_deref().and_then(|b| std::str::from_utf8(b).ok()) {
             let lines: Vec<&str> = text.lines().collect();
             for (n, line) in lines.iter().enumerate() {
                 if line.trim().is_empty() {
@@ -191,7 +187,7 @@ impl Session {
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
         // A torn last line gets its own line ending, so the next judgment starts clean.
-        if std::fs::read(&path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n')) {
+        if recorded.is_some_and(|b| b.last().is_some_and(|&c| c != b'\n')) {
             feedback.write_all(b"\n").map_err(|e| Error::io(&path, e))?;
         }
         let session = Self {
