@@ -3,7 +3,8 @@ DPOTrainer does it with a PEFT model (policy forward + backward over chosen and 
 padded together, and the reference forward with the adapter disabled, without gradients),
 SmolLM2-135M, LoRA r=16 on all linear layers, AdamW, PAIRS pairs per step, 2 threads. Pairs are
 tokenized as DPOTrainer does (prompt ids, completion ids + EOS). Prints tokens/s (real tokens of
-the median step, first step excluded) and peak RSS."""
+the median step, first step excluded) and peak RSS. $TORCH_DTYPE=bf16 loads the weights in bf16
+(PEFT keeps the adapter in f32)."""
 import json
 import os
 import resource
@@ -20,7 +21,8 @@ torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 path = os.environ.get("TEMPER_SMOLLM2_GGUF", os.path.expanduser("~/.cache/temper/SmolLM2-135M-Instruct.Q4_1.gguf"))
 folder, name = os.path.split(path)
 tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+DTYPE_NAME = os.environ.get("TORCH_DTYPE", "f32")
+model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype={"f32": torch.float32, "bf16": torch.bfloat16}[DTYPE_NAME])
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
 model.train()
 params = [p for p in model.parameters() if p.requires_grad]
@@ -66,4 +68,4 @@ for step in range(steps):
 times.sort()
 m, n = times[len(times) // 2]
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(f"pytorch+peft {torch.__version__}: {n / m:.0f} tokens/s (median step {m:.2f} s), peak RSS {rss:.0f} MiB")
+print(f"pytorch+peft {torch.__version__} ({DTYPE_NAME}): {n / m:.0f} tokens/s (median step {m:.2f} s), peak RSS {rss:.0f} MiB")

@@ -2,8 +2,10 @@
 # DPO (LoRA) throughput and peak memory on the CPU: `temper train` with the reference computed at
 # each step, then with `precompute_ref_log_probs`, beside PyTorch + PEFT doing TRL's step (policy
 # forward + backward, reference forward with the adapter disabled) in one command. SmolLM2-135M,
-# r=16 all-linear, PAIRS pairs per step (2·PAIRS rows of ~250 tokens), AdamW.
-#   benches/run-dpo.sh [PAIRS STEPS]     (PyTorch from $PYTHON, default python3)
+# r=16 all-linear, PAIRS pairs per step (2·PAIRS rows of ~250 tokens), AdamW; each in f32 and in
+# bf16 (PyTorch with bf16 weights).
+#   benches/run-dpo.sh [PAIRS STEPS]     (PyTorch from $PYTHON, default python3; PRECISIONS="bf16"
+#   runs only those)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAIRS=${1:-2}; STEPS=${2:-6}
@@ -35,13 +37,18 @@ rss = int(open(sys.argv[1] + "/rss").read().split()[-1]) / 1024
 print(f"temper ({sys.argv[2]}): {rate:.0f} tokens/s (median step, first excluded), peak RSS {rss:.0f} MiB")
 PY
 }
-for precompute in false true; do
-  rm -rf "$WORK/out"
-  /usr/bin/time -f "%M" -o "$WORK/rss" target/release/temper train benches/configs/dpo-bench.yaml \
-    --set "data.path=$WORK/pairs.jsonl" --set "output_dir=$WORK/out" \
-    --set "training.micro_batch_size=$PAIRS" --set "training.max_steps=$STEPS" \
-    --set "training.dpo.precompute_ref_log_probs=$precompute" 2>"$WORK/log"
-  grep -h "precomputed" "$WORK/log" || true
-  report "reference $([ $precompute = true ] && echo precomputed || echo 'at each step')"
+PRECISIONS=${PRECISIONS:-f32 bf16}
+for precision in $PRECISIONS; do
+  for precompute in false true; do
+    rm -rf "$WORK/out"
+    /usr/bin/time -f "%M" -o "$WORK/rss" target/release/temper train benches/configs/dpo-bench.yaml \
+      --set "data.path=$WORK/pairs.jsonl" --set "output_dir=$WORK/out" --set "training.precision=$precision" \
+      --set "training.micro_batch_size=$PAIRS" --set "training.max_steps=$STEPS" \
+      --set "training.dpo.precompute_ref_log_probs=$precompute" 2>"$WORK/log"
+    grep -h "precomputed" "$WORK/log" || true
+    report "$precision, reference $([ $precompute = true ] && echo precomputed || echo 'at each step')"
+  done
 done
-"$PYTHON" benches/dpo_torch.py "$WORK/pairs.jsonl" "$PAIRS" "$STEPS" 2>/dev/null
+for dtype in $PRECISIONS; do
+  TORCH_DTYPE=$dtype "$PYTHON" benches/dpo_torch.py "$WORK/pairs.jsonl" "$PAIRS" "$STEPS" 2>/dev/null
+done

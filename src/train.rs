@@ -62,10 +62,18 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
     let dtype = job.storage_dtype(device);
     if device == DeviceSpec::Cpu && dtype != DType::F32 && cfg!(feature = "ndarray") {
         bail!(
-            "{}: training.precision: the ndarray CPU backend computes in f32 only; use `precision: f32` (or `auto`) on the CPU",
+            "{}: training.precision: f16 is not available on the CPU backend (ndarray); use `bf16`, `f32` or `auto`",
             args.config.display()
         );
     }
+    // bf16 products need temper-kernels' CPU kernels (the `ndarray` backend); `flex` keeps its
+    // own dtype handling.
+    let (products, line) = if cfg!(feature = "ndarray") {
+        (job.products(device), job.precision_line(device))
+    } else {
+        (Default::default(), format!("precision: {dtype:?}").to_lowercase())
+    };
+    eprintln!("{line}");
     let stop = crate::stop::on_ctrl_c("stopping: saving a checkpoint after this step (Ctrl-C again to quit now)");
     // `temper launch`'s request (and Slurm's `--signal=USR1`): the same, quietly.
     temper_launch::stop_on_signal(stop.clone()).context("installing the stop signal's handler")?;
@@ -101,6 +109,7 @@ pub fn run(args: TrainArgs, device: Option<DeviceSpec>) -> Result<()> {
             collective,
             heartbeat: std::env::var_os("TEMPER_HEARTBEAT").map(PathBuf::from),
             loss_scale: None,
+            products,
         },
     };
     let summary = dispatch(device, job).map_err(anyhow::Error::msg)??;

@@ -870,6 +870,48 @@ fn dpo_matches_trl() {
 /// `temper train` with the model given by Hub id, found offline in a Hugging Face cache, as a
 /// user runs it: the adapter records the id, the model card describes the run, and
 /// `hub.push` without a token fails before training.
+/// `precision: bf16` on the CPU (bf16 frozen base, bf16 products with f32 sums, f32 adapters,
+/// optimizer and loss): the PEFT SFT run and TRL's DPO run stay within bf16's tolerance of their
+/// f32 references, and are not the f32 run itself.
+#[test]
+fn bf16_products_stay_within_bf16_of_the_references() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bf16 = || TrainOptions {
+        products: temper_kernels::Products::Bf16,
+        ..Default::default()
+    };
+    let within = |what: &str, got: &[f64], want: &[f64], tol: f64| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        let mut largest = 0f64;
+        for (step, (a, b)) in got.iter().zip(want).enumerate() {
+            let err = (a - b).abs() / b.abs().max(1e-2);
+            assert!(err <= tol, "{what} step {}: {a} vs {b} (relative {err:.2e})", step + 1);
+            largest = largest.max(err);
+        }
+        largest
+    };
+    // SFT against PyTorch + PEFT (f32).
+    let out = tmp.path().join("sft");
+    let job = load_job(tmp.path(), &job_yaml(&out), &[]).unwrap();
+    let got: Vec<f64> = run(&job, bf16()).losses.iter().map(|l| l.1).collect();
+    let want: Vec<f64> = peft_losses().iter().map(|&l| l as f64).collect();
+    let largest = within("sft loss", &got, &want, 1e-2);
+    assert!(largest > 1e-6, "the bf16 run equals the f32 one: were its products bf16?");
+    // DPO (sigmoid) against TRL: loss and reward margins.
+    let exp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(train_dir().join("dpo_expected.json")).unwrap()).unwrap();
+    let out = tmp.path().join("dpo");
+    let yaml = preference_yaml(&out, "objective: dpo\n  dpo: {beta: 0.1, loss_type: sigmoid}");
+    let job = load_job(tmp.path(), &yaml, &[]).unwrap();
+    run(&job, bf16());
+    let rows = metrics_rows(&out);
+    for key in ["loss", "logps/chosen", "logps/rejected"] {
+        let got: Vec<f64> = rows.iter().map(|r| r[key].as_f64().unwrap()).collect();
+        let want: Vec<f64> = exp["sigmoid"].as_array().unwrap().iter().map(|r| r[key].as_f64().unwrap()).collect();
+        within(&format!("dpo {key}"), &got, &want, 1e-2);
+    }
+}
+
 #[test]
 fn hub_ids_and_the_model_card() {
     let tmp = tempfile::tempdir().unwrap();

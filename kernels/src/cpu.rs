@@ -24,6 +24,8 @@ use burn_ndarray::{NdArray, NdArrayTensor};
 use ndarray::{ArcArray, IxDyn};
 use rayon::prelude::*;
 
+use crate::gemm::{Matrix, Values};
+
 type Nd = NdArray<f32>;
 type Ad = Autodiff<Nd>;
 
@@ -249,6 +251,111 @@ impl Backward<Nd, 2> for MatmulBackward {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Products with bf16 inputs and f32 sums (gemm.rs): a frozen weight held as bf16 bits, or two
+// f32 operands rounded as they are packed (PyTorch's autocast).
+
+/// Runs `f` on `t` (a matrix, f32 or bf16 bits in U16) as a gemm operand: read in place through
+/// its strides when its memory is one block (a transpose is), copied otherwise.
+fn with_matrix<R>(t: &NdArrayTensor, f: impl FnOnce(Matrix<'_>) -> R) -> R {
+    fn run<'a, T: Copy, R>(
+        view: ndarray::ArrayViewD<'a, T>,
+        values: impl for<'b> Fn(&'b [T]) -> Values<'b>,
+        f: impl FnOnce(Matrix<'_>) -> R,
+    ) -> R {
+        let (rows, cols) = (view.shape()[0], view.shape()[1]);
+        let strides = view.strides();
+        if let (true, Some(memory)) = (strides.iter().all(|&s| s >= 0), view.as_slice_memory_order()) {
+            return f(Matrix {
+                values: values(memory),
+                rows,
+                cols,
+                row_stride: strides[0] as usize,
+                col_stride: strides[1] as usize,
+            });
+        }
+        let copy: Vec<T> = view.iter().copied().collect();
+        f(Matrix::row_major(values(&copy), rows, cols))
+    }
+    match t {
+        NdArrayTensor::F32(storage) => run(storage.view(), |v| Values::F32(v), f),
+        NdArrayTensor::U16(storage) => run(storage.view(), |v| Values::Bf16(v), f),
+        other => unreachable!("checked f32 or u16, got {:?}", burn::tensor::TensorMetadata::dtype(other)),
+    }
+}
+
+/// `a·b` with bf16 inputs, as an f32 tensor.
+fn gemm_bf16(a: &NdArrayTensor, transpose_a: bool, b: &NdArrayTensor, transpose_b: bool) -> NdArrayTensor {
+    with_matrix(a, |a| {
+        with_matrix(b, |b| {
+            let a = if transpose_a { a.t() } else { a };
+            let b = if transpose_b { b.t() } else { b };
+            let shape = [a.rows, b.cols];
+            let mut out = vec![0.0f32; a.rows * b.cols];
+            crate::gemm::gemm(a, b, &mut out);
+            from_vec(out, &shape)
+        })
+    })
+}
+
+/// The ndarray U16 primitive of `bits`, if `B` has kernels.
+fn bits_prim<B: Backend>(bits: &Tensor<B, 2, burn::tensor::Int>) -> Option<NdArrayTensor> {
+    kind::<B>()?;
+    if bits.dtype() != DType::U16 {
+        return None;
+    }
+    // Autodiff's int tensors are its inner backend's.
+    Some(same::<burn::tensor::ops::IntTensor<B>, NdArrayTensor>(bits.clone().into_primitive()))
+}
+
+pub(crate) fn linear_bf16_frozen<B: Backend>(x: &Tensor<B, 2>, bits: &Tensor<B, 2, burn::tensor::Int>) -> Option<Tensor<B, 2>> {
+    let x = float_prim(x)?;
+    let w = bits_prim(bits)?;
+    let out = gemm_bf16(x.inner(), false, &w, false);
+    Some(tensor(record(FrozenBf16Backward, [&x], out, || w)))
+}
+
+#[derive(Debug)]
+struct FrozenBf16Backward;
+
+impl Backward<Nd, 1> for FrozenBf16Backward {
+    type State = NdArrayTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Nd>(&ops.node);
+        let [px] = ops.parents;
+        // dx = dy · Wᵀ
+        register!(grads, (px, || gemm_bf16(&grad, false, &ops.state, true)));
+    }
+}
+
+pub(crate) fn matmul_bf16<B: Backend>(a: &Tensor<B, 2>, b: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    let a = float_prim(a)?;
+    let b = float_prim(b)?;
+    let out = gemm_bf16(a.inner(), false, b.inner(), false);
+    Some(tensor(record(MatmulBf16Backward, [&a, &b], out, || {
+        (a.inner().clone(), b.inner().clone())
+    })))
+}
+
+#[derive(Debug)]
+struct MatmulBf16Backward;
+
+impl Backward<Nd, 2> for MatmulBf16Backward {
+    type State = (NdArrayTensor, NdArrayTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Nd>(&ops.node);
+        let (a, b) = ops.state;
+        let [pa, pb] = ops.parents;
+        register!(
+            grads,
+            (pa, || gemm_bf16(&grad, false, &b, true)),
+            (pb, || gemm_bf16(&a, true, &grad, false))
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Softmax statistics of the output head's logits, per row: max, argmax, mean and the target's
 // logit in one pass; the probabilities in a second.
 
@@ -311,7 +418,34 @@ fn untracked<B: Backend, const D: usize>(t: NdArrayTensor) -> Tensor<B, D> {
 // ---------------------------------------------------------------------------------------------
 // SwiGLU
 
-pub(crate) fn swiglu<B: Backend, const D: usize>(gate: &Tensor<B, D>, up: &Tensor<B, D>) -> Option<Tensor<B, D>> {
+/// An activation kept for a backward pass: as it is, or rounded to bf16 (`Products::Bf16`).
+#[derive(Debug, Clone)]
+enum Saved {
+    F32(NdArrayTensor),
+    Bf16(Arc<Vec<u16>>),
+}
+
+impl Saved {
+    fn new(t: &NdArrayTensor, products: crate::Products) -> Self {
+        match products {
+            crate::Products::F32 => Saved::F32(t.clone()),
+            crate::Products::Bf16 => Saved::Bf16(Arc::new(bf16_vec(&values(t)))),
+        }
+    }
+
+    fn values(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            Saved::F32(t) => values(t),
+            Saved::Bf16(bits) => bits.par_iter().with_min_len(CHUNK).map(|&b| bf16_value(b)).collect::<Vec<_>>().into(),
+        }
+    }
+}
+
+pub(crate) fn swiglu<B: Backend, const D: usize>(
+    gate: &Tensor<B, D>,
+    up: &Tensor<B, D>,
+    saved: crate::Products,
+) -> Option<Tensor<B, D>> {
     let gate = float_prim(gate)?;
     let up = float_prim(up)?;
     let shape = dims(gate.inner());
@@ -328,7 +462,7 @@ pub(crate) fn swiglu<B: Backend, const D: usize>(gate: &Tensor<B, D>, up: &Tenso
         from_vec(out, &shape)
     };
     Some(tensor(record(SwigluBackward, [&gate, &up], out, || {
-        (gate.inner().clone(), up.inner().clone())
+        (Saved::new(gate.inner(), saved), Saved::new(up.inner(), saved), shape.clone())
     })))
 }
 
@@ -336,31 +470,52 @@ pub(crate) fn swiglu<B: Backend, const D: usize>(gate: &Tensor<B, D>, up: &Tenso
 struct SwigluBackward;
 
 impl Backward<Nd, 2> for SwigluBackward {
-    type State = (NdArrayTensor, NdArrayTensor);
+    type State = (Saved, Saved, Vec<usize>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<Nd>(&ops.node);
-        let (gate, up) = ops.state;
-        let shape = dims(&gate);
-        let (dy, g, u) = (values(&grad), values(&gate), values(&up));
-        let mut dg = vec![0.0f32; g.len()];
-        let mut du = vec![0.0f32; g.len()];
-        dg.par_chunks_mut(CHUNK)
-            .zip(du.par_chunks_mut(CHUNK))
-            .enumerate()
-            .for_each(|(c, (dg, du))| {
-                let at = c * CHUNK;
-                for i in 0..dg.len() {
-                    let (g, u, dy) = (g[at + i], u[at + i], dy[at + i]);
-                    let sig = 1.0 / (1.0 + (-g).exp());
-                    let silu = g * sig;
-                    dg[i] = dy * u * sig * (1.0 + g * (1.0 - sig));
-                    du[i] = dy * silu;
-                }
-            });
+        let (gate, up, shape) = ops.state;
+        let dy = values(&grad);
+        let (dg, du) = match (&gate, &up) {
+            // Read in place, bf16 converted as it is read.
+            (Saved::Bf16(g), Saved::Bf16(u)) => swiglu_backward(&dy, |i| bf16_value(g[i]), |i| bf16_value(u[i])),
+            _ => {
+                let (g, u) = (gate.values(), up.values());
+                swiglu_backward(&dy, |i| g[i], |i| u[i])
+            }
+        };
         let [pg, pu] = ops.parents;
         register!(grads, (pg, || from_vec(dg, &shape)), (pu, || from_vec(du, &shape)));
     }
+}
+
+/// `values` rounded to bf16, on all cores.
+fn bf16_vec(values: &[f32]) -> Vec<u16> {
+    values.par_iter().with_min_len(CHUNK).map(|&x| crate::gemm::round_bf16(x)).collect()
+}
+
+fn bf16_value(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// The gradients of `silu(g) * u` given the upstream `dy`.
+fn swiglu_backward(dy: &[f32], g: impl Fn(usize) -> f32 + Sync, u: impl Fn(usize) -> f32 + Sync) -> (Vec<f32>, Vec<f32>) {
+    let mut dg = vec![0.0f32; dy.len()];
+    let mut du = vec![0.0f32; dy.len()];
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(c, (dg, du))| {
+            let at = c * CHUNK;
+            for i in 0..dg.len() {
+                let (g, u, dy) = (g(at + i), u(at + i), dy[at + i]);
+                let sig = 1.0 / (1.0 + (-g).exp());
+                let silu = g * sig;
+                dg[i] = dy * u * sig * (1.0 + g * (1.0 - sig));
+                du[i] = dy * silu;
+            }
+        });
+    (dg, du)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -615,9 +770,31 @@ struct AttentionState {
     v: NdArrayTensor,
     out: NdArrayTensor,
     /// `[batch, heads, seq, keys]`, zero where a query may not see a key.
-    probs: Arc<Vec<f32>>,
+    probs: Arc<SavedProbs>,
     mask: Option<Arc<Vec<bool>>>,
     dims: Dims,
+}
+
+/// The attention probabilities kept for the backward pass.
+#[derive(Debug)]
+enum SavedProbs {
+    F32(Vec<f32>),
+    /// Rounded to bf16 (`Products::Bf16`).
+    Bf16(Vec<u16>),
+}
+
+impl SavedProbs {
+    /// `len` probabilities from `at`, as f32 (converted into `buffer` when kept in bf16).
+    fn read<'a>(&'a self, at: usize, len: usize, buffer: &'a mut Vec<f32>) -> &'a [f32] {
+        match self {
+            SavedProbs::F32(p) => &p[at..][..len],
+            SavedProbs::Bf16(p) => {
+                buffer.clear();
+                buffer.extend(p[at..][..len].iter().map(|&b| bf16_value(b)));
+                buffer
+            }
+        }
+    }
 }
 
 pub(crate) fn attention<B: Backend>(
@@ -625,6 +802,7 @@ pub(crate) fn attention<B: Backend>(
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
     mask: Option<&Tensor<B, 4, Bool>>,
+    saved: crate::Products,
 ) -> Option<Tensor<B, 4>> {
     let q = float_prim(q)?;
     let k = float_prim(k)?;
@@ -656,7 +834,10 @@ pub(crate) fn attention<B: Backend>(
         k: k.inner().clone(),
         v: v.inner().clone(),
         out: out.clone(),
-        probs: Arc::new(probs),
+        probs: Arc::new(match saved {
+            crate::Products::F32 => SavedProbs::F32(probs),
+            crate::Products::Bf16 => SavedProbs::Bf16(bf16_vec(&probs)),
+        }),
         mask,
         dims,
     };
@@ -789,7 +970,7 @@ fn attention_backward(
     k: &[f32],
     v: &[f32],
     out: &[f32],
-    probs: &[f32],
+    probs: &SavedProbs,
     mask: Option<&[bool]>,
     dims: Dims,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -819,8 +1000,9 @@ fn attention_backward(
         // of group g.
         let (dk0, dv0) = (dk_ptr.at(kv_at), dv_ptr.at(kv_at));
         let mut ds = vec![0.0f32; ROWS * keys];
+        let mut buffer = Vec::new();
         for head in g * groups..(g + 1) * groups {
-            let p = &probs[(b * h + head) * seq * keys..][..seq * keys];
+            let p = probs.read((b * h + head) * seq * keys, seq * keys, &mut buffer);
             let row_at = |i: usize| ((b * seq + i) * h + head) * d;
             for r0 in (0..seq).step_by(ROWS) {
                 let r1 = (r0 + ROWS).min(seq);
@@ -904,10 +1086,12 @@ mod tests {
         op: impl Fn(Vec<Tensor<Ad, D>>) -> Tensor<Ad, O>,
         reference: impl Fn(Vec<Tensor<Ad, D>>) -> Tensor<Ad, O>,
     ) {
+        // Drawn once: tests run in parallel and reseed the backend's generator.
+        let weights = random(reference(inputs.clone()).dims(), 99);
         let run = |f: &dyn Fn(Vec<Tensor<Ad, D>>) -> Tensor<Ad, O>| {
             let inputs: Vec<_> = inputs.iter().map(|t| t.clone().detach().require_grad()).collect();
             let out = f(inputs.clone());
-            let weights = random(out.dims(), 99);
+            let weights = weights.clone();
             let grads = (out.clone() * weights).sum().backward();
             let grads: Vec<_> = inputs.iter().map(|t| t.grad(&grads).expect("a gradient")).collect();
             (out, grads)
@@ -947,6 +1131,44 @@ mod tests {
         );
     }
 
+    /// `t`'s values rounded to bf16.
+    fn bf16_round(t: Tensor<Ad, 2>) -> Tensor<Ad, 2> {
+        crate::from_bf16_bits(crate::to_bf16_bits(t.detach()), burn::tensor::DType::F32)
+    }
+
+    #[test]
+    fn bf16_products_equal_f32_products_of_the_rounded_inputs() {
+        // Odd sizes (k odd, tiles cut at both edges); the loss's upstream gradient exactly bf16,
+        // so the backward's rounding of it changes nothing and only the order of sums differs.
+        let (m, k, n) = (70, 33, 50);
+        let (a, b) = (random([m, k], 16), random([k, n], 17));
+        let upstream = bf16_round(random([m, n], 18));
+        // Values rounded, gradients passed straight through (what the kernel computes).
+        let ste = |t: Tensor<Ad, 2>| t.clone() + (bf16_round(t.clone()) - t).detach();
+        let run = |f: &dyn Fn(Tensor<Ad, 2>, Tensor<Ad, 2>) -> Tensor<Ad, 2>| {
+            let (a, b) = (a.clone().detach().require_grad(), b.clone().detach().require_grad());
+            let out = f(a.clone(), b.clone());
+            let grads = (out.clone() * upstream.clone()).sum().backward();
+            (out, a.grad(&grads), b.grad(&grads))
+        };
+        let (out, da, db) = run(&|a, b| super::matmul_bf16(&a, &b).expect("the kernel runs"));
+        let (want, want_da, want_db) = run(&|a, b| ste(a).matmul(ste(b)));
+        close(out, want);
+        close(Tensor::from_inner(da.unwrap()), Tensor::from_inner(want_da.unwrap()));
+        close(Tensor::from_inner(db.unwrap()), Tensor::from_inner(want_db.unwrap()));
+        // A frozen bf16 weight: the same values, a gradient for x only.
+        let bits = crate::to_bf16_bits(b.clone());
+        let weight = crate::from_bf16_bits(bits.clone(), burn::tensor::DType::F32);
+        let (out, da, db) = run(&|a, _| super::linear_bf16_frozen(&a, &bits).expect("the kernel runs"));
+        let (want, want_da, _) = run(&|a, _| ste(a).matmul(weight.clone()));
+        assert!(db.is_none(), "no gradient flows to a frozen weight");
+        close(out, want.clone());
+        close(Tensor::from_inner(da.unwrap()), Tensor::from_inner(want_da.unwrap()));
+        // Plain ndarray (no autodiff) takes the same path.
+        let plain = super::linear_bf16_frozen::<Nd>(&a.clone().inner(), &bits.inner()).expect("the kernel runs");
+        close(Tensor::from_inner(plain), want.detach());
+    }
+
     #[test]
     fn softmax_rows_match_the_composed_form() {
         let logits = random([7, 3000], 15) * 4.0;
@@ -976,7 +1198,7 @@ mod tests {
         let inputs = vec![random([3, 5, 40_000], 1), random([3, 5, 40_000], 2)];
         check(
             inputs,
-            |t| super::swiglu(&t[0], &t[1]).expect("the kernel runs"),
+            |t| super::swiglu(&t[0], &t[1], crate::Products::F32).expect("the kernel runs"),
             |t| composed::swiglu(t[0].clone(), t[1].clone()),
         );
     }
@@ -1027,7 +1249,7 @@ mod tests {
         ];
         check(
             inputs,
-            |t| super::attention(&t[0], &t[1], &t[2], mask.as_ref()).expect("the kernel runs"),
+            |t| super::attention(&t[0], &t[1], &t[2], mask.as_ref(), crate::Products::F32).expect("the kernel runs"),
             |t| composed::attention(t[0].clone(), t[1].clone(), t[2].clone(), mask.clone()),
         );
     }
@@ -1038,6 +1260,45 @@ mod tests {
         attention_case(2, 150, 150, 6, 2, None);
         attention_case(1, 70, 100, 4, 4, None);
         attention_case(1, 1, 9, 3, 1, None);
+    }
+
+    #[test]
+    fn swiglu_with_bf16_saved_inputs_is_within_bf16_of_f32() {
+        let (gate, up) = (random([3, 5, 4000], 1), random([3, 5, 4000], 2));
+        let upstream = random([3, 5, 4000], 3);
+        let run = |saved| {
+            let (g, u) = (gate.clone().detach().require_grad(), up.clone().detach().require_grad());
+            let out = super::swiglu(&g, &u, saved).expect("the kernel runs");
+            let grads = (out.clone() * upstream.clone()).sum().backward();
+            (out, [g.grad(&grads).unwrap(), u.grad(&grads).unwrap()])
+        };
+        let (out, grads) = run(crate::Products::F32);
+        let (out_bf16, grads_bf16) = run(crate::Products::Bf16);
+        out_bf16.into_data().assert_eq(&out.into_data(), true);
+        for (got, want) in grads_bf16.into_iter().zip(grads) {
+            got.into_data()
+                .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(2e-2).set_relative(1e-2));
+        }
+    }
+
+    #[test]
+    fn attention_with_bf16_saved_probabilities_is_within_bf16_of_f32() {
+        // The same forward; gradients from probabilities rounded to bf16 (relative error 2^-9).
+        let (q, k, v) = (random([2, 70, 4, 16], 5), random([2, 70, 2, 16], 6), random([2, 70, 2, 16], 7));
+        let upstream = random([2, 70, 4, 16], 8);
+        let run = |saved| {
+            let inputs = [&q, &k, &v].map(|t| t.clone().detach().require_grad());
+            let out = super::attention(&inputs[0], &inputs[1], &inputs[2], None, saved).expect("the kernel runs");
+            let grads = (out.clone() * upstream.clone()).sum().backward();
+            (out, inputs.map(|t| t.grad(&grads).expect("a gradient")))
+        };
+        let (out, grads) = run(crate::Products::F32);
+        let (out_bf16, grads_bf16) = run(crate::Products::Bf16);
+        out_bf16.into_data().assert_eq(&out.into_data(), true);
+        for (got, want) in grads_bf16.into_iter().zip(grads) {
+            got.into_data()
+                .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(2e-2).set_relative(1e-2));
+        }
     }
 
     #[test]
@@ -1061,7 +1322,7 @@ mod tests {
     fn plain_ndarray_runs_the_kernels_too() {
         let x = random([2, 4, 6], 8).inner();
         let y = random([2, 4, 6], 9).inner();
-        let got = super::swiglu::<Nd, 3>(&x, &y).expect("the kernel runs");
+        let got = super::swiglu::<Nd, 3>(&x, &y, crate::Products::F32).expect("the kernel runs");
         got.into_data()
             .assert_approx_eq::<f32>(&composed::swiglu(x, y).into_data(), Tolerance::absolute(1e-6));
     }

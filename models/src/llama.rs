@@ -13,6 +13,7 @@ use crate::config::{Activation, Family, ModelConfig, MoeConfig, RopeScaling};
 use crate::error::Result;
 use crate::lora::Lora;
 use crate::quant::QuantizedWeight;
+use temper_kernels::Products;
 use crate::weights::{WeightLoader, WeightSource};
 
 // ---------------------------------------------------------------------------------------------
@@ -307,8 +308,12 @@ pub struct Linear<B: Backend> {
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// A LoRA adapter, placed by `temper-peft`.
     pub adapter: Option<Lora<B>>,
-    /// When set, the frozen weight lives here, block-quantized, and `weight` is empty.
+    /// When set, the frozen weight lives here, block-quantized or bf16, and `weight` is empty.
     pub quantized: Option<QuantizedWeight<B>>,
+    /// The inputs of the base product: bf16 under `precision: bf16` on the CPU (a bf16 frozen
+    /// weight always is).
+    #[module(skip)]
+    pub products: Products,
 }
 
 impl<B: Backend> Linear<B> {
@@ -323,7 +328,11 @@ impl<B: Backend> Linear<B> {
         let rows = dims[..D - 1].iter().product::<usize>();
         let x = temper_kernels::reshape(x, [rows, in_f]);
         let bias = self.bias.as_ref().map(|b| b.val());
-        let y = temper_kernels::linear(x.clone(), self.weight(), bias.clone());
+        let y = match (&self.quantized, self.products) {
+            (Some(q), _) if q.is_bf16() => temper_kernels::linear_bf16_frozen(x.clone(), q.qs.val(), bias.clone()),
+            (_, Products::Bf16) => temper_kernels::linear_bf16(x.clone(), self.weight(), bias.clone()),
+            (_, Products::F32) => temper_kernels::linear(x.clone(), self.weight(), bias.clone()),
+        };
         let y = match &self.adapter {
             Some(lora) if lora.enabled => lora.apply(x, y, || self.weight(), bias),
             _ => y,
@@ -344,10 +353,7 @@ impl<B: Backend> Linear<B> {
     /// `[in, out]`.
     pub fn dims(&self) -> [usize; 2] {
         match &self.quantized {
-            Some(q) => {
-                let [blocks, out] = q.scales.dims();
-                [blocks * crate::quant::BLOCK, out]
-            }
+            Some(q) => q.dims(),
             None => self.weight.dims(),
         }
     }
@@ -362,6 +368,7 @@ impl<B: Backend> Linear<B> {
             },
             adapter: None,
             quantized: None,
+            products: Products::F32,
         })
     }
 }
@@ -419,7 +426,8 @@ impl<B: Backend> Mlp<B> {
             other => unreachable!("an MLP has 1 or 2 input projections, not {}", other.len()),
         };
         let gated = match self.activation {
-            Activation::Silu => temper_kernels::swiglu(gate, up),
+            // Under bf16 products its saved inputs are bf16 (as `Attention::forward`'s).
+            Activation::Silu => temper_kernels::swiglu_with(gate, up, self.down_proj.products),
             // In f32 and rounded once, as PyTorch's gelu computes on bf16 inputs.
             Activation::GeluTanh => gelu_tanh(gate.clone().cast(DType::F32)).cast(gate.dtype()) * up,
         };
@@ -654,7 +662,8 @@ impl<B: Backend> Attention<B> {
             }
             None => (k, v),
         };
-        let out = temper_kernels::attention(q, k, v, mask); // [b, s, h, d]
+        // Under bf16 products (`set_products`) the probabilities saved for the backward are bf16.
+        let out = temper_kernels::attention_with(q, k, v, mask, self.o_proj.products); // [b, s, h, d]
         self.o_proj.forward(temper_kernels::reshape(out, [b, s, h * d]))
     }
 }
@@ -756,6 +765,7 @@ fn sparse_moe<B: Backend>(c: &ModelConfig, moe: &MoeConfig, mut linears: Vec<Lin
                 bias: None,
                 adapter: None,
                 quantized: None,
+                products: Products::F32,
             };
             Mlp {
                 gate_up: vec![fused],
@@ -867,6 +877,9 @@ pub struct LlamaForCausalLM<B: Backend> {
     pub embed_scale: Option<f64>,
     /// Gemma: logits become `cap * tanh(logits / cap)`.
     pub final_logit_softcapping: Option<f64>,
+    /// The inputs of the tied output head's product (see [`LlamaForCausalLM::set_products`]).
+    #[module(skip)]
+    pub products: Products,
 }
 
 impl<B: Backend> LlamaForCausalLM<B> {
@@ -968,6 +981,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 .map(|theta| upload(inv_freq(c.head_dim, theta, &RopeScaling::Default))),
             embed_scale: c.embed_scale,
             final_logit_softcapping: c.final_logit_softcapping,
+            products: Products::F32,
         })
     }
 
@@ -1242,7 +1256,18 @@ impl<B: Backend> LlamaForCausalLM<B> {
             bias: None,
             adapter: None,
             quantized: None,
+            products: Products::F32,
         });
+    }
+
+    /// Computes every base product (each linear layer's and the tied output head's) with bf16
+    /// inputs and f32 sums, or in f32: what `precision: bf16` means on CPU backends, whose
+    /// tensors stay f32 (adapters compute in their own dtype either way).
+    pub fn set_products(&mut self, products: Products) {
+        self.products = products;
+        for (_, linear) in self.linears_mut() {
+            linear.products = products;
+        }
     }
 
     /// A reward model's score of each row, read at `last[row]`, the row's last token that is not
@@ -1273,7 +1298,11 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 let [b, s, h] = hidden.dims();
                 let embed = self.model.embed_tokens.val(); // [vocab, hidden]
                 let vocab = embed.dims()[0];
-                let logits = temper_kernels::matmul(temper_kernels::reshape(hidden, [b * s, h]), embed.transpose());
+                let hidden = temper_kernels::reshape(hidden, [b * s, h]);
+                let logits = match self.products {
+                    Products::F32 => temper_kernels::matmul(hidden, embed.transpose()),
+                    Products::Bf16 => temper_kernels::matmul_bf16(hidden, embed.transpose()),
+                };
                 temper_kernels::reshape(logits, [b, s, vocab])
             }
         };

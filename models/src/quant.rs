@@ -1,6 +1,8 @@
-//! Frozen base weights kept block-quantized in memory (QLoRA-style), dequantized per matmul.
+//! Frozen base weights kept compact in memory: block-quantized (QLoRA-style), dequantized per
+//! matmul, or bf16 on CPU backends that hold no bf16 tensors (`precision: bf16` there), multiplied
+//! as bf16 by temper-kernels.
 //!
-//! The formats are llama.cpp's Q8_0 and Q4_0: blocks of 32 input rows per output column, one
+//! The block formats are llama.cpp's Q8_0 and Q4_0: blocks of 32 input rows per output column, one
 //! f16-rounded scale per block; 8-bit values, or 4-bit values offset by 8 and packed two per
 //! byte. They are built from plain burn ops on integer tensors (I8/U8), so they work on every
 //! backend and under autodiff (burn-autodiff 0.21 has no quantized tensors of its own: its
@@ -17,8 +19,9 @@ pub const BLOCK: usize = 32;
 pub struct QuantizedWeight<B: Backend> {
     /// 8 bits: `[in, out]` i8. 4 bits: `[in / 2, out]` u8; within each block of 32 input rows
     /// the low nibbles hold rows 0..16 and the high nibbles rows 16..32 (Q4_0's order).
+    /// 16 bits: `[in, out]` u16, the bf16 bit patterns.
     pub qs: Param<Tensor<B, 2, Int>>,
-    /// `[in / 32, out]`, in the dtype the weight is dequantized to.
+    /// `[in / 32, out]`, in the dtype the weight is dequantized to; `[1, 1]` and unused for bf16.
     pub scales: Param<Tensor<B, 2>>,
     pub bits: usize,
 }
@@ -81,8 +84,35 @@ impl<B: Backend> QuantizedWeight<B> {
         }
     }
 
-    /// The `[in, out]` weight, in the scales' dtype.
+    /// Keeps a `[in, out]` weight as bf16 (rounded to nearest even).
+    pub fn bf16(weight: Tensor<B, 2>) -> Self {
+        let device = weight.device();
+        Self {
+            qs: Param::initialized(ParamId::new(), temper_kernels::to_bf16_bits(weight)),
+            scales: Param::from_tensor(Tensor::zeros([1, 1], (&device, DType::F32))).set_require_grad(false),
+            bits: 16,
+        }
+    }
+
+    /// bf16 rather than block-quantized.
+    pub fn is_bf16(&self) -> bool {
+        self.bits == 16
+    }
+
+    /// `[in, out]`.
+    pub fn dims(&self) -> [usize; 2] {
+        if self.is_bf16() {
+            return self.qs.dims();
+        }
+        let [blocks, out] = self.scales.dims();
+        [blocks * BLOCK, out]
+    }
+
+    /// The `[in, out]` weight, in the scales' dtype (f32 for bf16).
     pub fn dequantize(&self) -> Tensor<B, 2> {
+        if self.is_bf16() {
+            return temper_kernels::from_bf16_bits(self.qs.val(), DType::F32);
+        }
         let scales = self.scales.val();
         let dtype = scales.dtype();
         let [blocks, out_f] = scales.dims();
@@ -106,7 +136,8 @@ impl<B: Backend> QuantizedWeight<B> {
 
     /// Bytes held: the packed values plus the scales.
     pub fn bytes(&self) -> usize {
-        let scale_bytes = self.scales.val().dtype().size();
-        self.qs.shape().num_elements() + self.scales.shape().num_elements() * scale_bytes
+        let value_bytes = if self.is_bf16() { 2 } else { 1 };
+        let scale_bytes = if self.is_bf16() { 0 } else { self.scales.val().dtype().size() };
+        self.qs.shape().num_elements() * value_bytes + self.scales.shape().num_elements() * scale_bytes
     }
 }

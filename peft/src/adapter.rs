@@ -538,6 +538,48 @@ pub fn merge_adapters<B: Backend>(mut model: LlamaForCausalLM<B>) -> LlamaForCau
     model
 }
 
+/// Keeps the frozen linear weights in bf16 (`precision: bf16` on CPU backends, whose tensors stay
+/// f32): half their f32 memory, multiplied by temper-kernels' bf16 products. Weights that train
+/// (full fine-tuning, `modules_to_save`) and the output head (which the trainer's chunked head
+/// reads as a dense matrix) stay as they are.
+pub fn keep_base_bf16<B: Backend>(mut model: LlamaForCausalLM<B>) -> (LlamaForCausalLM<B>, QuantReport) {
+    let mut report = QuantReport {
+        quantized_layers: 0,
+        dense_layers: vec![],
+        bytes_before: 0,
+        bytes_after: 0,
+    };
+    for (name, linear) in model.linears_mut() {
+        let [in_f, out_f] = linear.dims();
+        if let Some(q) = &linear.quantized {
+            report.bytes_before += q.bytes();
+            report.bytes_after += q.bytes();
+            continue;
+        }
+        let dense_bytes = in_f * out_f * linear.weight.val().dtype().size();
+        report.bytes_before += dense_bytes;
+        if temper_models::llama::is_output_head(&name) || linear.weight.is_require_grad() {
+            report.bytes_after += dense_bytes;
+            report.dense_layers.push(name);
+            continue;
+        }
+        let q = temper_models::quant::QuantizedWeight::bf16(linear.weight.val());
+        report.bytes_after += q.bytes();
+        drop_dense_weight(linear, q);
+        report.quantized_layers += 1;
+    }
+    (model, report)
+}
+
+/// Moves `linear`'s frozen weight to its compact form `q`; a 1x1 placeholder keeps the dense
+/// field's type.
+fn drop_dense_weight<B: Backend>(linear: &mut temper_models::llama::Linear<B>, q: temper_models::quant::QuantizedWeight<B>) {
+    let device = linear.weight.device();
+    let dtype = linear.weight.val().dtype();
+    linear.quantized = Some(q);
+    linear.weight = Param::from_tensor(Tensor::<B, 2>::zeros([1, 1], (&device, dtype))).set_require_grad(false);
+}
+
 /// What [`quantize_base`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantReport {
@@ -604,11 +646,7 @@ pub fn quantize_base<B: Backend>(
         }
         let q = temper_models::quant::QuantizedWeight::quantize(linear.weight.val(), bits);
         report.bytes_after += q.bytes();
-        let device = linear.weight.device();
-        let dtype = linear.weight.val().dtype();
-        linear.quantized = Some(q);
-        // The dense copy goes; a 1x1 placeholder keeps the field's type.
-        linear.weight = Param::from_tensor(Tensor::<B, 2>::zeros([1, 1], (&device, dtype))).set_require_grad(false);
+        drop_dense_weight(linear, q);
         report.quantized_layers += 1;
     }
     Ok((model, report))

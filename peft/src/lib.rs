@@ -13,7 +13,8 @@ pub mod export;
 mod experts;
 
 pub use adapter::{
-    BaseQuantization, Injected, QuantReport, count_parameters, inject, load_adapter, merge_adapters, quantize_base,
+    BaseQuantization, Injected, QuantReport, count_parameters, inject, keep_base_bf16, load_adapter, merge_adapters,
+    quantize_base,
     save_adapter,
 };
 pub use config::{InitLoraWeights, LoraConfig, SavedModule, TargetModules};

@@ -739,7 +739,8 @@ pub enum Schedule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
-    /// bf16 on GPUs, f32 on the CPU (whose backends have no fast bf16 matmul).
+    /// bf16 on GPUs, and on CPUs that multiply bf16 natively (AVX512-BF16); f32 on other CPUs,
+    /// where bf16 products are slower than f32 ([`crate::Job::products`]).
     #[default]
     Auto,
     Bf16,

@@ -147,7 +147,7 @@ pub(crate) fn scored_token_logps_at<B: Backend>(
             let rows_per_chunk = (HEAD_CHUNK_ELEMENTS / weight.dims()[0]).max(64) / 64 * 64;
             // The head is linear here: scaling its input scales the logits.
             let picked = if inverse == 1.0 { picked } else { picked.mul_scalar(inverse) };
-            head_token_logps(picked, weight, targets, rows_per_chunk, scoring.entropy)
+            head_token_logps(picked, weight, targets, rows_per_chunk, scoring.entropy, model.products)
         }
         None => {
             let logits = model.head(picked.reshape([1, padded, h])); // [1, padded, vocab]

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
+use temper_kernels::Products;
 use temper_peft::{BaseQuantization, LoraConfig};
 
 use crate::config::{
@@ -248,12 +249,43 @@ impl Job {
     }
 
     /// The dtype the weights are stored and computed in on `device`: `precision`, where `auto`
-    /// means bf16 on GPUs and f32 on the CPU.
+    /// means bf16 on GPUs. On the CPU it is f32 but for f16 (which CPU backends refuse): bf16
+    /// there is [`Job::products`] over f32 tensors.
     pub fn storage_dtype(&self, device: DeviceSpec) -> DType {
         match (self.config.training.precision, device) {
-            (Precision::Auto, DeviceSpec::Cpu) | (Precision::F32, _) => DType::F32,
-            (Precision::Auto, _) | (Precision::Bf16, _) => DType::BF16,
             (Precision::F16, _) => DType::F16,
+            (_, DeviceSpec::Cpu) | (Precision::F32, _) => DType::F32,
+            (Precision::Auto, _) | (Precision::Bf16, _) => DType::BF16,
+        }
+    }
+
+    /// The inputs of the base's products on `device`. On the CPU `bf16` means bf16 inputs and f32
+    /// sums (a frozen base held in bf16), as PyTorch computes with bf16 weights; `auto` chooses it
+    /// where the processor multiplies bf16 natively (AVX512-BF16), where it is about twice as
+    /// fast as f32. GPUs compute in their storage dtype.
+    pub fn products(&self, device: DeviceSpec) -> Products {
+        match (self.config.training.precision, device) {
+            (Precision::Bf16, DeviceSpec::Cpu) => Products::Bf16,
+            (Precision::Auto, DeviceSpec::Cpu) if temper_kernels::cpu_has_bf16() => Products::Bf16,
+            _ => Products::F32,
+        }
+    }
+
+    /// What [`Job::products`] chose and why, for the first line of a run's log.
+    pub fn precision_line(&self, device: DeviceSpec) -> String {
+        let precision = self.config.training.precision;
+        match (precision, device, self.products(device)) {
+            (Precision::Auto, DeviceSpec::Cpu, Products::Bf16) => {
+                "precision: bf16 (auto: this CPU multiplies bf16 natively, AVX512-BF16; f32 adapters, optimizer and loss)".into()
+            }
+            (Precision::Auto, DeviceSpec::Cpu, Products::F32) => {
+                "precision: f32 (auto: this CPU has no bf16 instructions, where bf16 would be slower)".into()
+            }
+            (_, DeviceSpec::Cpu, Products::Bf16) if !temper_kernels::cpu_has_bf16() => {
+                "precision: bf16 (this CPU has no bf16 instructions: the bf16 products are computed in f32, slower than `precision: f32`)".into()
+            }
+            (_, DeviceSpec::Cpu, Products::Bf16) => "precision: bf16 (f32 adapters, optimizer and loss)".into(),
+            (_, _, _) => format!("precision: {:?}", self.storage_dtype(device)).to_lowercase(),
         }
     }
 

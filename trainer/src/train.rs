@@ -12,6 +12,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, Tensor};
 use temper_data::{Batch, Cursor, DataConfig, DataLoader, LoaderOptions, Pipeline};
+use temper_kernels::Products;
 use temper_models::config::{CheckpointDtype, MoeConfig};
 use temper_models::save::{DEFAULT_SHARD_BYTES, save_pretrained};
 use temper_models::{LlamaForCausalLM, ModelConfig, Tokenizer};
@@ -55,6 +56,9 @@ pub struct TrainOptions {
     /// Dynamic loss scaling from this scale, whatever the precision (f16 always has it, from
     /// [`LossScaler::INITIAL_SCALE`]).
     pub loss_scale: Option<f64>,
+    /// The inputs of the base's products ([`Job::products`]): with `Bf16` a frozen base is held
+    /// in bf16 and every base product takes bf16 inputs (CPU backends, whose tensors stay f32).
+    pub products: Products,
 }
 
 #[derive(Debug, Clone)]
@@ -209,7 +213,7 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
             &model_config,
             &tokenizer,
             device,
-            dtype,
+            (dtype, opts.products),
             resumed.as_ref().map(|r| r.dir.as_path()),
         )?;
         let mut optim = AdamW::<B::InnerBackend>::new(AdamWConfig::from_training(t, job.adapter.loraplus_lr_ratio()));
@@ -777,7 +781,16 @@ impl<'a, B: AutodiffBackend> Run<'a, B> {
                 state: &state,
                 last_train: self.last_train.as_ref(),
                 last_eval: self.last_eval.as_ref(),
-                hardware: format!("{} on {:?}, {:?}", B::name(self.device), self.device, self.dtype),
+                hardware: format!(
+                    "{} on {:?}, {:?}{}",
+                    B::name(self.device),
+                    self.device,
+                    self.dtype,
+                    match self.model.products {
+                        Products::Bf16 => " with bf16 products",
+                        Products::F32 => "",
+                    }
+                ),
             };
             crate::card::write(self.job, &record, out)?;
         }
@@ -1135,7 +1148,7 @@ fn build_model<B: AutodiffBackend>(
     model_config: &ModelConfig,
     tokenizer: &Arc<Tokenizer>,
     device: &B::Device,
-    dtype: DType,
+    (dtype, products): (DType, Products),
     checkpoint: Option<&Path>,
 ) -> Result<(LlamaForCausalLM<B>, SaveAs)> {
     let (config, seed) = (&job.config, job.config.training.seed);
@@ -1186,7 +1199,9 @@ fn build_model<B: AutodiffBackend>(
         ..
     } = &job.adapter
     else {
-        let model = base.map(&mut TrainAll);
+        // Every weight trains in f32; bf16 products round them as autocast does.
+        let mut model = base.map(&mut TrainAll);
+        model.set_products(products);
         return Ok((model, SaveAs::Full(model_config, tokenizer.clone())));
     };
     let (mut model, mut lora) = match checkpoint.or(init_from.as_deref()) {
@@ -1215,6 +1230,11 @@ fn build_model<B: AutodiffBackend>(
         None => model,
         Some(q) => temper_peft::quantize_base(model, *q)?.0,
     };
+    let mut model = match products {
+        Products::Bf16 => temper_peft::keep_base_bf16(model).0,
+        Products::F32 => model,
+    };
+    model.set_products(products);
     lora.base_model_name_or_path = Some(
         config
             .base_model_id()

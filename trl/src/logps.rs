@@ -7,6 +7,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
+use temper_kernels::Products;
 
 /// `log(softmax(x))` along the last dimension, in f32, computed as `x - max - log Σ exp(x - max)`
 /// so large logits do not overflow.
@@ -61,8 +62,8 @@ pub fn token_logps<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>,
 }
 
 /// From hidden states (`[n, hidden]`) through a frozen output head (`weight: [vocab, hidden]`,
-/// logits = hidden · weightᵀ, computed in the weight's dtype and read in f32) and targets
-/// (`[n]`). The same values as [`token_logps`] on those logits (the entropies with
+/// logits = hidden · weightᵀ, computed in the weight's dtype, or with bf16 inputs when
+/// `products` says so, and read in f32) and targets (`[n]`). The same values as [`token_logps`] on those logits (the entropies with
 /// `entropy`), and the same gradient with respect to `hidden`; none flows to `weight`, so it
 /// must not be trained.
 ///
@@ -79,7 +80,12 @@ pub fn head_token_logps<B: Backend>(
     targets: Tensor<B, 1, Int>,
     rows_per_chunk: usize,
     entropy: bool,
+    products: Products,
 ) -> TokenLogps<B> {
+    let matmul = match products {
+        Products::F32 => temper_kernels::matmul::<B>,
+        Products::Bf16 => temper_kernels::matmul_bf16::<B>,
+    };
     let [n, _] = hidden.dims();
     let weight = weight.detach();
     let inputs = hidden.clone().detach();
@@ -90,7 +96,7 @@ pub fn head_token_logps<B: Backend>(
         let rows = start..(start + step).min(n);
         let t = targets.clone().slice(rows.clone());
         let chunk = inputs.clone().slice(rows);
-        let logits = temper_kernels::matmul(chunk, weight.clone().transpose()).cast(DType::F32); // [c, vocab]
+        let logits = matmul(chunk, weight.clone().transpose()).cast(DType::F32); // [c, vocab]
         let stats = temper_kernels::softmax_rows(logits, t.clone());
         logps.push(stats.logps);
         means.push(stats.mean_logits);
@@ -100,7 +106,7 @@ pub fn head_token_logps<B: Backend>(
         }
         // (onehot − p) · W = W[target] − p · W
         let probs = stats.probs.cast(weight.dtype());
-        grads.push(weight.clone().select(0, t) - temper_kernels::matmul(probs, weight.clone())); // [c, hidden]
+        grads.push(weight.clone().select(0, t) - matmul(probs, weight.clone())); // [c, hidden]
     }
     let value = Tensor::cat(logps, 0);
     let grad = Tensor::cat(grads, 0).cast(hidden.dtype());
@@ -172,7 +178,7 @@ mod tests {
         let want_grad = vec(hidden.grad(&grads).unwrap());
         for chunk in [1, 3, 7, 100] {
             let hidden = hidden0.clone().require_grad();
-            let got = head_token_logps(hidden.clone(), weight.clone(), targets.clone(), chunk, true);
+            let got = head_token_logps(hidden.clone(), weight.clone(), targets.clone(), chunk, true, Products::F32);
             close(&vec(got.logps.clone()), &vec(want.logps.clone()), 1e-5);
             close(
                 &vec(got.entropy.clone().unwrap()),
