@@ -24,7 +24,7 @@ use burn_ndarray::{NdArray, NdArrayTensor};
 use ndarray::{ArcArray, IxDyn};
 use rayon::prelude::*;
 
-use crate::gemm::{Matrix, Values};
+use crate::gemm::{Matrix, Values, bf16_to_f32};
 
 type Nd = NdArray<f32>;
 type Ad = Autodiff<Nd>;
@@ -206,7 +206,7 @@ pub(crate) fn matmul<B: Backend>(a: &Tensor<B, 2>, b: &Tensor<B, 2>) -> Option<T
     let a = float_prim(a)?;
     let b = float_prim(b)?;
     let out = gemm_views(a.inner(), false, b.inner(), false);
-    Some(tensor(record(MatmulBackward, [&a, &b], out, || {
+    Some(tensor(record(MatmulBackward(crate::Products::F32), [&a, &b], out, || {
         (a.inner().clone(), b.inner().clone())
     })))
 }
@@ -232,8 +232,9 @@ fn with_view2<R>(t: &NdArrayTensor, f: impl FnOnce(ndarray::ArrayView2<'_, f32>)
     }
 }
 
+/// The backward of `a·b`, whose gradients are products of the same kind as the forward's.
 #[derive(Debug)]
-struct MatmulBackward;
+struct MatmulBackward(crate::Products);
 
 impl Backward<Nd, 2> for MatmulBackward {
     type State = (NdArrayTensor, NdArrayTensor);
@@ -242,10 +243,14 @@ impl Backward<Nd, 2> for MatmulBackward {
         let grad = grads.consume::<Nd>(&ops.node);
         let (a, b) = ops.state;
         let [pa, pb] = ops.parents;
+        let product = match self.0 {
+            crate::Products::F32 => gemm_views,
+            crate::Products::Bf16 => gemm_bf16,
+        };
         register!(
             grads,
-            (pa, || gemm_views(&grad, false, &b, true)),
-            (pb, || gemm_views(&a, true, &grad, false))
+            (pa, || product(&grad, false, &b, true)),
+            (pb, || product(&a, true, &grad, false))
         );
     }
 }
@@ -307,7 +312,10 @@ fn bits_prim<B: Backend>(bits: &Tensor<B, 2, burn::tensor::Int>) -> Option<NdArr
     Some(same::<burn::tensor::ops::IntTensor<B>, NdArrayTensor>(bits.clone().into_primitive()))
 }
 
-pub(crate) fn linear_bf16_frozen<B: Backend>(x: &Tensor<B, 2>, bits: &Tensor<B, 2, burn::tensor::Int>) -> Option<Tensor<B, 2>> {
+pub(crate) fn linear_bf16_frozen<B: Backend>(
+    x: &Tensor<B, 2>,
+    bits: &Tensor<B, 2, burn::tensor::Int>,
+) -> Option<Tensor<B, 2>> {
     let x = float_prim(x)?;
     let w = bits_prim(bits)?;
     let out = gemm_bf16(x.inner(), false, &w, false);
@@ -332,27 +340,9 @@ pub(crate) fn matmul_bf16<B: Backend>(a: &Tensor<B, 2>, b: &Tensor<B, 2>) -> Opt
     let a = float_prim(a)?;
     let b = float_prim(b)?;
     let out = gemm_bf16(a.inner(), false, b.inner(), false);
-    Some(tensor(record(MatmulBf16Backward, [&a, &b], out, || {
+    Some(tensor(record(MatmulBackward(crate::Products::Bf16), [&a, &b], out, || {
         (a.inner().clone(), b.inner().clone())
     })))
-}
-
-#[derive(Debug)]
-struct MatmulBf16Backward;
-
-impl Backward<Nd, 2> for MatmulBf16Backward {
-    type State = (NdArrayTensor, NdArrayTensor);
-
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = grads.consume::<Nd>(&ops.node);
-        let (a, b) = ops.state;
-        let [pa, pb] = ops.parents;
-        register!(
-            grads,
-            (pa, || gemm_bf16(&grad, false, &b, true)),
-            (pb, || gemm_bf16(&a, true, &grad, false))
-        );
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -436,7 +426,26 @@ impl Saved {
     fn values(&self) -> std::borrow::Cow<'_, [f32]> {
         match self {
             Saved::F32(t) => values(t),
-            Saved::Bf16(bits) => bits.par_iter().with_min_len(CHUNK).map(|&b| bf16_value(b)).collect::<Vec<_>>().into(),
+            Saved::Bf16(bits) => bits.par_iter().with_min_len(CHUNK).map(|&b| bf16_to_f32(b)).collect::<Vec<_>>().into(),
+        }
+    }
+
+    /// `len` values from `at` (of the flattened tensor), as f32: in place, or converted into
+    /// `buffer`.
+    fn read<'a>(&'a self, at: usize, len: usize, buffer: &'a mut Vec<f32>) -> &'a [f32] {
+        match self {
+            Saved::F32(t) => match values(t) {
+                std::borrow::Cow::Borrowed(v) => &v[at..][..len],
+                std::borrow::Cow::Owned(v) => {
+                    *buffer = v[at..][..len].to_vec();
+                    buffer
+                }
+            },
+            Saved::Bf16(bits) => {
+                buffer.clear();
+                buffer.extend(bits[at..][..len].iter().map(|&b| bf16_to_f32(b)));
+                buffer
+            }
         }
     }
 }
@@ -478,7 +487,7 @@ impl Backward<Nd, 2> for SwigluBackward {
         let dy = values(&grad);
         let (dg, du) = match (&gate, &up) {
             // Read in place, bf16 converted as it is read.
-            (Saved::Bf16(g), Saved::Bf16(u)) => swiglu_backward(&dy, |i| bf16_value(g[i]), |i| bf16_value(u[i])),
+            (Saved::Bf16(g), Saved::Bf16(u)) => swiglu_backward(&dy, |i| bf16_to_f32(g[i]), |i| bf16_to_f32(u[i])),
             _ => {
                 let (g, u) = (gate.values(), up.values());
                 swiglu_backward(&dy, |i| g[i], |i| u[i])
@@ -494,12 +503,12 @@ fn bf16_vec(values: &[f32]) -> Vec<u16> {
     values.par_iter().with_min_len(CHUNK).map(|&x| crate::gemm::round_bf16(x)).collect()
 }
 
-fn bf16_value(bits: u16) -> f32 {
-    f32::from_bits((bits as u32) << 16)
-}
-
 /// The gradients of `silu(g) * u` given the upstream `dy`.
-fn swiglu_backward(dy: &[f32], g: impl Fn(usize) -> f32 + Sync, u: impl Fn(usize) -> f32 + Sync) -> (Vec<f32>, Vec<f32>) {
+fn swiglu_backward(
+    dy: &[f32],
+    g: impl Fn(usize) -> f32 + Sync,
+    u: impl Fn(usize) -> f32 + Sync,
+) -> (Vec<f32>, Vec<f32>) {
     let mut dg = vec![0.0f32; dy.len()];
     let mut du = vec![0.0f32; dy.len()];
     dg.par_chunks_mut(CHUNK)
@@ -770,31 +779,9 @@ struct AttentionState {
     v: NdArrayTensor,
     out: NdArrayTensor,
     /// `[batch, heads, seq, keys]`, zero where a query may not see a key.
-    probs: Arc<SavedProbs>,
+    probs: Saved,
     mask: Option<Arc<Vec<bool>>>,
     dims: Dims,
-}
-
-/// The attention probabilities kept for the backward pass.
-#[derive(Debug)]
-enum SavedProbs {
-    F32(Vec<f32>),
-    /// Rounded to bf16 (`Products::Bf16`).
-    Bf16(Vec<u16>),
-}
-
-impl SavedProbs {
-    /// `len` probabilities from `at`, as f32 (converted into `buffer` when kept in bf16).
-    fn read<'a>(&'a self, at: usize, len: usize, buffer: &'a mut Vec<f32>) -> &'a [f32] {
-        match self {
-            SavedProbs::F32(p) => &p[at..][..len],
-            SavedProbs::Bf16(p) => {
-                buffer.clear();
-                buffer.extend(p[at..][..len].iter().map(|&b| bf16_value(b)));
-                buffer
-            }
-        }
-    }
 }
 
 pub(crate) fn attention<B: Backend>(
@@ -834,10 +821,7 @@ pub(crate) fn attention<B: Backend>(
         k: k.inner().clone(),
         v: v.inner().clone(),
         out: out.clone(),
-        probs: Arc::new(match saved {
-            crate::Products::F32 => SavedProbs::F32(probs),
-            crate::Products::Bf16 => SavedProbs::Bf16(bf16_vec(&probs)),
-        }),
+        probs: Saved::new(&from_vec(probs, &[dims.batch * heads * seq * dims.keys]), saved),
         mask,
         dims,
     };
@@ -970,7 +954,7 @@ fn attention_backward(
     k: &[f32],
     v: &[f32],
     out: &[f32],
-    probs: &SavedProbs,
+    probs: &Saved,
     mask: Option<&[bool]>,
     dims: Dims,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {

@@ -109,8 +109,8 @@ pub(crate) fn round_bf16(x: f32) -> u16 {
     ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
 }
 
-#[cfg(test)]
-fn bf16_to_f32(bits: u16) -> f32 {
+#[inline(always)]
+pub(crate) fn bf16_to_f32(bits: u16) -> f32 {
     f32::from_bits((bits as u32) << 16)
 }
 
@@ -251,80 +251,54 @@ fn pairs_of_row(isa: Isa, row: &[f32], dst: &mut [u32], r: usize) {
 /// Columns `j0..j0 + cols` and pairs `p0..p0 + np` of `b` as one panel: `[pair][column]`, zero
 /// past the last column.
 fn pack_b(b: Matrix<'_>, j0: usize, cols: usize, p0: usize, np: usize, dst: &mut [u32]) {
-    let k = b.rows;
-    if b.col_stride == 1 {
+    match b.values {
+        Values::Bf16(v) => pack_b_from(v, b, j0, cols, p0, np, dst),
+        Values::F32(v) => pack_b_from(v, b, j0, cols, p0, np, dst),
+    }
+}
+
+/// A value as bf16 bits: bf16 as it is, f32 rounded.
+trait Bf16Bits: Copy {
+    fn bf16_bits(self) -> u32;
+}
+
+impl Bf16Bits for u16 {
+    #[inline(always)]
+    fn bf16_bits(self) -> u32 {
+        self as u32
+    }
+}
+
+impl Bf16Bits for f32 {
+    #[inline(always)]
+    fn bf16_bits(self) -> u32 {
+        round_bf16(self) as u32
+    }
+}
+
+/// [`pack_b`] for `b`'s values `v`.
+fn pack_b_from<T: Bf16Bits>(v: &[T], b: Matrix<'_>, j0: usize, cols: usize, p0: usize, np: usize, dst: &mut [u32]) {
+    let (k, row_stride, col_stride) = (b.rows, b.row_stride, b.col_stride);
+    if col_stride == 1 {
         // Rows contiguous: interleave rows 2p and 2p + 1.
         for (p, d) in dst.chunks_exact_mut(NR).enumerate() {
             let i = 2 * (p0 + p);
-            let second = i + 1 < k;
-            match b.values {
-                Values::Bf16(v) => {
-                    let r0 = &v[i * b.row_stride + j0..][..cols];
-                    if second {
-                        let r1 = &v[(i + 1) * b.row_stride + j0..][..cols];
-                        for ((d, &x), &y) in d.iter_mut().zip(r0).zip(r1) {
-                            *d = x as u32 | (y as u32) << 16;
-                        }
-                    } else {
-                        for (d, &x) in d.iter_mut().zip(r0) {
-                            *d = x as u32;
-                        }
-                    }
+            let r0 = &v[i * row_stride + j0..][..cols];
+            if i + 1 < k {
+                let r1 = &v[(i + 1) * row_stride + j0..][..cols];
+                for ((d, &x), &y) in d.iter_mut().zip(r0).zip(r1) {
+                    *d = x.bf16_bits() | y.bf16_bits() << 16;
                 }
-                Values::F32(v) => {
-                    let r0 = &v[i * b.row_stride + j0..][..cols];
-                    if second {
-                        let r1 = &v[(i + 1) * b.row_stride + j0..][..cols];
-                        for ((d, &x), &y) in d.iter_mut().zip(r0).zip(r1) {
-                            *d = round_bf16(x) as u32 | (round_bf16(y) as u32) << 16;
-                        }
-                    } else {
-                        for (d, &x) in d.iter_mut().zip(r0) {
-                            *d = round_bf16(x) as u32;
-                        }
-                    }
+            } else {
+                for (d, &x) in d.iter_mut().zip(r0) {
+                    *d = x.bf16_bits();
                 }
             }
             d[cols..].fill(0);
         }
-    } else if let (Values::Bf16(v), 1) = (b.values, b.row_stride) {
-        // Pairs contiguous (b is a transposed row-major bf16 matrix): each pair is one u32.
-        let full = (p0 + np) * 2 <= k;
-        for j in 0..NR {
-            if j >= cols {
-                for p in 0..np {
-                    dst[p * NR + j] = 0;
-                }
-                continue;
-            }
-            let column = &v[(j0 + j) * b.col_stride + 2 * p0..];
-            let whole = if full { np } else { np - 1 };
-            for (p, pair) in column.chunks_exact(2).take(whole).enumerate() {
-                dst[p * NR + j] = pair[0] as u32 | (pair[1] as u32) << 16;
-            }
-            if !full {
-                dst[whole * NR + j] = column[2 * whole] as u32;
-            }
-        }
-    } else if let (Values::F32(v), 1) = (b.values, b.row_stride) {
-        // Pairs contiguous in f32 (a transposed row-major f32 matrix).
-        for j in 0..NR {
-            if j >= cols {
-                for p in 0..np {
-                    dst[p * NR + j] = 0;
-                }
-                continue;
-            }
-            let column = &v[(j0 + j) * b.col_stride..][..k];
-            for p in p0..p0 + np {
-                let lo = round_bf16(column[2 * p]) as u32;
-                let hi = column.get(2 * p + 1).map_or(0, |&x| round_bf16(x) as u32);
-                dst[(p - p0) * NR + j] = lo | hi << 16;
-            }
-        }
     } else {
-        // Any other strides: one column at a time, reading along k.
-        let bt = b.t();
+        // One column at a time, along k: the pairs are contiguous when `b` is a transposed
+        // row-major matrix (row stride 1).
         for j in 0..NR {
             if j >= cols {
                 for p in 0..np {
@@ -332,8 +306,11 @@ fn pack_b(b: Matrix<'_>, j0: usize, cols: usize, p0: usize, np: usize, dst: &mut
                 }
                 continue;
             }
+            let column = &v[(j0 + j) * col_stride..];
             for p in 0..np {
-                dst[p * NR + j] = bt.pair(j0 + j, p0 + p);
+                let i = 2 * (p0 + p);
+                let hi = if i + 1 < k { column[(i + 1) * row_stride].bf16_bits() } else { 0 };
+                dst[p * NR + j] = column[i * row_stride].bf16_bits() | hi << 16;
             }
         }
     }

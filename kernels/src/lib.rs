@@ -88,10 +88,26 @@ pub fn matmul_bf16<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2>
     composed::matmul_bf16(a, b)
 }
 
-/// `x·W + bias` with both products' inputs rounded to bf16 and the sums in f32 ([`matmul_bf16`]);
-/// the weight is f32 and may be trained (autocast over full fine-tuning).
-pub fn linear_bf16<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
-    with_bias(matmul_bf16(x, weight), bias)
+/// [`matmul`] or [`matmul_bf16`], as `products` says.
+pub fn matmul_with<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>, products: Products) -> Tensor<B, 2> {
+    match products {
+        Products::F32 => matmul(a, b),
+        Products::Bf16 => matmul_bf16(a, b),
+    }
+}
+
+/// [`linear`], or with both inputs rounded to bf16 and the sums in f32 ([`matmul_bf16`]); the
+/// weight is f32 and may be trained (autocast over full fine-tuning).
+pub fn linear_with<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    products: Products,
+) -> Tensor<B, 2> {
+    match products {
+        Products::F32 => linear(x, weight, bias),
+        Products::Bf16 => with_bias(matmul_bf16(x, weight), bias),
+    }
 }
 
 /// `x·W + bias` with a frozen `W` held as bf16 bits (`[in, out]`, U16; see [`to_bf16_bits`]):
@@ -99,7 +115,11 @@ pub fn linear_bf16<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Opti
 ///
 /// # Shapes
 /// `x: [rows, in]`, `bits: [in, out]`, `bias: [out]` -> `[rows, out]`
-pub fn linear_bf16_frozen<B: Backend>(x: Tensor<B, 2>, bits: Tensor<B, 2, Int>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+pub fn linear_bf16_frozen<B: Backend>(
+    x: Tensor<B, 2>,
+    bits: Tensor<B, 2, Int>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 2> {
     #[cfg(feature = "ndarray")]
     if let Some(out) = cpu::linear_bf16_frozen(&x, &bits) {
         return with_bias(out, bias);
@@ -121,7 +141,10 @@ pub fn to_bf16_bits<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 2, Int> {
     let device = w.device();
     let shape = w.dims();
     let values = w.into_data().convert::<f32>().to_vec::<f32>().expect("f32 values");
-    let bits: Vec<u16> = values.iter().map(|&x| burn::tensor::bf16::from_f32(x).to_bits()).collect();
+    let bits: Vec<u16> = values
+        .iter()
+        .map(|&x| burn::tensor::bf16::from_f32(x).to_bits())
+        .collect();
     Tensor::from_data(TensorData::new(bits, shape), (&device, DType::U16))
 }
 
@@ -130,10 +153,17 @@ pub fn from_bf16_bits<B: Backend>(bits: Tensor<B, 2, Int>, dtype: DType) -> Tens
     let device = bits.device();
     let shape = bits.dims();
     let data = bits.into_data();
+    let value = |b: u32| f32::from_bits(b << 16);
     let values: Vec<f32> = match data.clone().to_vec::<u16>() {
-        Ok(bits) => bits.into_iter().map(|b| f32::from_bits((b as u32) << 16)).collect(),
+        Ok(bits) => bits.into_iter().map(|b| value(b as u32)).collect(),
         // A backend that widened the ints: the same bit patterns.
-        Err(_) => data.convert::<i64>().to_vec::<i64>().expect("ints").into_iter().map(|b| f32::from_bits((b as u32) << 16)).collect(),
+        Err(_) => data
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .expect("ints")
+            .into_iter()
+            .map(|b| value(b as u32))
+            .collect(),
     };
     Tensor::<B, 2>::from_data(TensorData::new(values, shape), (&device, DType::F32)).cast(dtype)
 }

@@ -13,8 +13,8 @@ use crate::config::{Activation, Family, ModelConfig, MoeConfig, RopeScaling};
 use crate::error::Result;
 use crate::lora::Lora;
 use crate::quant::QuantizedWeight;
-use temper_kernels::Products;
 use crate::weights::{WeightLoader, WeightSource};
+use temper_kernels::Products;
 
 // ---------------------------------------------------------------------------------------------
 // RoPE (Hugging Face's `rotate_half` layout: the two halves of each head are the pair, not
@@ -328,10 +328,9 @@ impl<B: Backend> Linear<B> {
         let rows = dims[..D - 1].iter().product::<usize>();
         let x = temper_kernels::reshape(x, [rows, in_f]);
         let bias = self.bias.as_ref().map(|b| b.val());
-        let y = match (&self.quantized, self.products) {
-            (Some(q), _) if q.is_bf16() => temper_kernels::linear_bf16_frozen(x.clone(), q.qs.val(), bias.clone()),
-            (_, Products::Bf16) => temper_kernels::linear_bf16(x.clone(), self.weight(), bias.clone()),
-            (_, Products::F32) => temper_kernels::linear(x.clone(), self.weight(), bias.clone()),
+        let y = match &self.quantized {
+            Some(q) if q.is_bf16() => temper_kernels::linear_bf16_frozen(x.clone(), q.qs.val(), bias.clone()),
+            _ => temper_kernels::linear_with(x.clone(), self.weight(), bias.clone(), self.products),
         };
         let y = match &self.adapter {
             Some(lora) if lora.enabled => lora.apply(x, y, || self.weight(), bias),
@@ -505,7 +504,10 @@ impl<B: Backend> SparseMoe<B> {
             };
             out = out.select_assign(0, tokens, y, IndexingUpdateOp::Add);
         }
-        (temper_kernels::reshape(out, [b, s, h]), crate::moe::Routing { probs, chosen })
+        (
+            temper_kernels::reshape(out, [b, s, h]),
+            crate::moe::Routing { probs, chosen },
+        )
     }
 
     /// The router's and the experts' linear layers' names under the layer, in walk order: each
@@ -1299,10 +1301,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 let embed = self.model.embed_tokens.val(); // [vocab, hidden]
                 let vocab = embed.dims()[0];
                 let hidden = temper_kernels::reshape(hidden, [b * s, h]);
-                let logits = match self.products {
-                    Products::F32 => temper_kernels::matmul(hidden, embed.transpose()),
-                    Products::Bf16 => temper_kernels::matmul_bf16(hidden, embed.transpose()),
-                };
+                let logits = temper_kernels::matmul_with(hidden, embed.transpose(), self.products);
                 temper_kernels::reshape(logits, [b, s, vocab])
             }
         };

@@ -542,7 +542,21 @@ pub fn merge_adapters<B: Backend>(mut model: LlamaForCausalLM<B>) -> LlamaForCau
 /// f32): half their f32 memory, multiplied by temper-kernels' bf16 products. Weights that train
 /// (full fine-tuning, `modules_to_save`) and the output head (which the trainer's chunked head
 /// reads as a dense matrix) stay as they are.
-pub fn keep_base_bf16<B: Backend>(mut model: LlamaForCausalLM<B>) -> (LlamaForCausalLM<B>, QuantReport) {
+pub fn keep_base_bf16<B: Backend>(model: LlamaForCausalLM<B>) -> (LlamaForCausalLM<B>, QuantReport) {
+    compact_base(
+        model,
+        |name, linear| temper_models::llama::is_output_head(name) || linear.weight.is_require_grad(),
+        temper_models::quant::QuantizedWeight::bf16,
+    )
+}
+
+/// Moves each linear's dense weight to the compact form `compact` makes of it, but those that
+/// `stays_dense` or that are compact already; reports the bytes before and after.
+fn compact_base<B: Backend>(
+    mut model: LlamaForCausalLM<B>,
+    stays_dense: impl Fn(&str, &temper_models::llama::Linear<B>) -> bool,
+    compact: impl Fn(Tensor<B, 2>) -> temper_models::quant::QuantizedWeight<B>,
+) -> (LlamaForCausalLM<B>, QuantReport) {
     let mut report = QuantReport {
         quantized_layers: 0,
         dense_layers: vec![],
@@ -550,20 +564,20 @@ pub fn keep_base_bf16<B: Backend>(mut model: LlamaForCausalLM<B>) -> (LlamaForCa
         bytes_after: 0,
     };
     for (name, linear) in model.linears_mut() {
-        let [in_f, out_f] = linear.dims();
         if let Some(q) = &linear.quantized {
             report.bytes_before += q.bytes();
             report.bytes_after += q.bytes();
             continue;
         }
+        let [in_f, out_f] = linear.dims();
         let dense_bytes = in_f * out_f * linear.weight.val().dtype().size();
         report.bytes_before += dense_bytes;
-        if temper_models::llama::is_output_head(&name) || linear.weight.is_require_grad() {
+        if stays_dense(&name, linear) {
             report.bytes_after += dense_bytes;
             report.dense_layers.push(name);
             continue;
         }
-        let q = temper_models::quant::QuantizedWeight::bf16(linear.weight.val());
+        let q = compact(linear.weight.val());
         report.bytes_after += q.bytes();
         drop_dense_weight(linear, q);
         report.quantized_layers += 1;
@@ -573,7 +587,10 @@ pub fn keep_base_bf16<B: Backend>(mut model: LlamaForCausalLM<B>) -> (LlamaForCa
 
 /// Moves `linear`'s frozen weight to its compact form `q`; a 1x1 placeholder keeps the dense
 /// field's type.
-fn drop_dense_weight<B: Backend>(linear: &mut temper_models::llama::Linear<B>, q: temper_models::quant::QuantizedWeight<B>) {
+fn drop_dense_weight<B: Backend>(
+    linear: &mut temper_models::llama::Linear<B>,
+    q: temper_models::quant::QuantizedWeight<B>,
+) {
     let device = linear.weight.device();
     let dtype = linear.weight.val().dtype();
     linear.quantized = Some(q);
@@ -614,40 +631,20 @@ impl BaseQuantization {
 /// per matmul: QLoRA's memory saving with adapters trained in their own dtype. The output
 /// head stays dense, as bitsandbytes leaves it.
 pub fn quantize_base<B: Backend>(
-    mut model: LlamaForCausalLM<B>,
+    model: LlamaForCausalLM<B>,
     quantization: BaseQuantization,
 ) -> Result<(LlamaForCausalLM<B>, QuantReport)> {
     let bits = quantization.bits();
     let experts = crate::experts::ExpertTargets::of(&model);
-    let mut report = QuantReport {
-        quantized_layers: 0,
-        dense_layers: vec![],
-        bytes_before: 0,
-        bytes_after: 0,
-    };
-    for (name, linear) in model.linears_mut() {
-        let [in_f, out_f] = linear.dims();
-        let dense_bytes = in_f * out_f * linear.weight.val().dtype().size();
-        if let Some(q) = &linear.quantized {
-            report.bytes_before += q.bytes();
-            report.bytes_after += q.bytes();
-            continue;
-        }
-        report.bytes_before += dense_bytes;
+    Ok(compact_base(
+        model,
         // Routers stay dense too: they choose the experts (bitsandbytes leaves transformers 5's
         // routers, which are not `nn.Linear`, unquantized).
-        if temper_models::llama::is_output_head(&name)
-            || experts.is_router(&name)
-            || !in_f.is_multiple_of(temper_models::quant::BLOCK)
-        {
-            report.bytes_after += dense_bytes;
-            report.dense_layers.push(name);
-            continue;
-        }
-        let q = temper_models::quant::QuantizedWeight::quantize(linear.weight.val(), bits);
-        report.bytes_after += q.bytes();
-        drop_dense_weight(linear, q);
-        report.quantized_layers += 1;
-    }
-    Ok((model, report))
+        |name, linear| {
+            temper_models::llama::is_output_head(name)
+                || experts.is_router(name)
+                || !linear.dims()[0].is_multiple_of(temper_models::quant::BLOCK)
+        },
+        |weight| temper_models::quant::QuantizedWeight::quantize(weight, bits),
+    ))
 }

@@ -63,9 +63,9 @@ pub fn token_logps<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>,
 
 /// From hidden states (`[n, hidden]`) through a frozen output head (`weight: [vocab, hidden]`,
 /// logits = hidden · weightᵀ, computed in the weight's dtype, or with bf16 inputs when
-/// `products` says so, and read in f32) and targets (`[n]`). The same values as [`token_logps`] on those logits (the entropies with
-/// `entropy`), and the same gradient with respect to `hidden`; none flows to `weight`, so it
-/// must not be trained.
+/// `products` says so, and read in f32) and targets (`[n]`). The same values as
+/// [`token_logps`] on those logits (the entropies with `entropy`), and the same gradient with
+/// respect to `hidden`; none flows to `weight`, so it must not be trained.
 ///
 /// Rows go through the head `rows_per_chunk` at a time. For each chunk the gradient of
 /// log p(target) with respect to the hidden state, `(onehot − softmax) · weight`, is computed
@@ -82,10 +82,6 @@ pub fn head_token_logps<B: Backend>(
     entropy: bool,
     products: Products,
 ) -> TokenLogps<B> {
-    let matmul = match products {
-        Products::F32 => temper_kernels::matmul::<B>,
-        Products::Bf16 => temper_kernels::matmul_bf16::<B>,
-    };
     let [n, _] = hidden.dims();
     let weight = weight.detach();
     let inputs = hidden.clone().detach();
@@ -96,7 +92,7 @@ pub fn head_token_logps<B: Backend>(
         let rows = start..(start + step).min(n);
         let t = targets.clone().slice(rows.clone());
         let chunk = inputs.clone().slice(rows);
-        let logits = matmul(chunk, weight.clone().transpose()).cast(DType::F32); // [c, vocab]
+        let logits = temper_kernels::matmul_with(chunk, weight.clone().transpose(), products).cast(DType::F32); // [c, vocab]
         let stats = temper_kernels::softmax_rows(logits, t.clone());
         logps.push(stats.logps);
         means.push(stats.mean_logits);
@@ -106,7 +102,7 @@ pub fn head_token_logps<B: Backend>(
         }
         // (onehot − p) · W = W[target] − p · W
         let probs = stats.probs.cast(weight.dtype());
-        grads.push(weight.clone().select(0, t) - matmul(probs, weight.clone())); // [c, hidden]
+        grads.push(weight.clone().select(0, t) - temper_kernels::matmul_with(probs, weight.clone(), products)); // [c, hidden]
     }
     let value = Tensor::cat(logps, 0);
     let grad = Tensor::cat(grads, 0).cast(hidden.dtype());
@@ -178,7 +174,14 @@ mod tests {
         let want_grad = vec(hidden.grad(&grads).unwrap());
         for chunk in [1, 3, 7, 100] {
             let hidden = hidden0.clone().require_grad();
-            let got = head_token_logps(hidden.clone(), weight.clone(), targets.clone(), chunk, true, Products::F32);
+            let got = head_token_logps(
+                hidden.clone(),
+                weight.clone(),
+                targets.clone(),
+                chunk,
+                true,
+                Products::F32,
+            );
             close(&vec(got.logps.clone()), &vec(want.logps.clone()), 1e-5);
             close(
                 &vec(got.entropy.clone().unwrap()),
