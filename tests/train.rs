@@ -105,8 +105,12 @@ fn lora_sft_on_each_family_matches_peft() {
                 }
                 let got = row[key].as_f64().unwrap_or_else(|| panic!("{name}: no {key} in {row}"));
                 let want = exp[key][i].as_f64().unwrap();
+                // Gemma 3's third grad norm is 1.3e-4 from PEFT's where OpenBLAS runs its
+                // AVX-512 kernels (Zen 4, Cooper Lake: another order of f32 sums, carried
+                // through two updates at lr 1e-2), under 1e-4 with its Zen or Haswell ones.
+                let tolerance = if key == "grad_norm" { 3e-4 } else { 1e-4 };
                 assert!(
-                    (got - want).abs() <= 1e-4 * want.abs().max(1e-12),
+                    (got - want).abs() <= tolerance * want.abs().max(1e-12),
                     "{name}, step {}: {key} {got} vs PEFT's {want}",
                     i + 1
                 );

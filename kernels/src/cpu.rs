@@ -202,26 +202,69 @@ impl Backward<Nd, 1> for ReshapeBackward {
 // Here both operands go to BLAS as views, transposes as a layout flag; the backward computes
 // only the gradients that parents want (a frozen base weight gets none).
 
-pub(crate) fn matmul<B: Backend>(a: &Tensor<B, 2>, b: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+/// `a·b` in f32; `in_pieces`: the work split over rayon ([`gemm_pieces`]).
+pub(crate) fn matmul<B: Backend>(a: &Tensor<B, 2>, b: &Tensor<B, 2>, in_pieces: bool) -> Option<Tensor<B, 2>> {
     let a = float_prim(a)?;
     let b = float_prim(b)?;
-    let out = gemm_views(a.inner(), false, b.inner(), false);
-    Some(tensor(record(MatmulBackward(crate::Products::F32), [&a, &b], out, || {
+    let product = if in_pieces { Product::F32InPieces } else { Product::F32 };
+    let out = product.run(a.inner(), false, b.inner(), false);
+    Some(tensor(record(MatmulBackward(product), [&a, &b], out, || {
         (a.inner().clone(), b.inner().clone())
     })))
 }
 
-/// `op(a)·op(b)` for 2-D f32 tensors, `op` transposing when asked.
-fn gemm_views(a: &NdArrayTensor, transpose_a: bool, b: &NdArrayTensor, transpose_b: bool) -> NdArrayTensor {
-    with_view2(a, |a| {
-        with_view2(b, |b| {
-            let a = if transpose_a { a.t() } else { a };
-            let b = if transpose_b { b.t() } else { b };
-            let mut out = ndarray::Array2::<f32>::zeros((a.nrows(), b.ncols()));
-            ndarray::linalg::general_mat_mul(1.0, &a, &b, 0.0, &mut out);
-            NdArrayTensor::from(out.into_dyn().into_shared())
+/// How a matmul and its backward compute their products.
+#[derive(Debug, Clone, Copy)]
+enum Product {
+    /// BLAS, as it threads itself.
+    F32,
+    /// BLAS in pieces over rayon ([`gemm_pieces`]).
+    F32InPieces,
+    /// bf16 inputs, f32 sums ([`gemm_bf16`]).
+    Bf16,
+}
+
+impl Product {
+    /// `op(a)·op(b)` for 2-D f32 tensors, `op` transposing when asked.
+    fn run(self, a: &NdArrayTensor, transpose_a: bool, b: &NdArrayTensor, transpose_b: bool) -> NdArrayTensor {
+        if let Product::Bf16 = self {
+            return gemm_bf16(a, transpose_a, b, transpose_b);
+        }
+        with_view2(a, |a| {
+            with_view2(b, |b| {
+                let a = if transpose_a { a.t() } else { a };
+                let b = if transpose_b { b.t() } else { b };
+                let mut out = ndarray::Array2::<f32>::zeros((a.nrows(), b.ncols()));
+                let big = a.nrows() * a.ncols() * b.ncols() >= 1 << 20;
+                let pieces = if let (Product::F32InPieces, true) = (self, big) { rayon::current_num_threads() } else { 1 };
+                gemm_pieces(a, b, out.view_mut(), pieces);
+                NdArrayTensor::from(out.into_dyn().into_shared())
+            })
         })
-    })
+    }
+}
+
+/// `out = a·b` by BLAS, in `pieces` parts along the longer side of `out`, run in parallel: once
+/// OpenBLAS is kept to one thread ([`quiet_blas`], under bf16 products), the cores share the
+/// LoRA products this way. (Only where asked: the pieces' sums may be ordered differently from
+/// one call's, and f32 runs keep OpenBLAS's.)
+fn gemm_pieces(a: ndarray::ArrayView2<'_, f32>, b: ndarray::ArrayView2<'_, f32>, mut out: ndarray::ArrayViewMut2<'_, f32>, pieces: usize) {
+    use ndarray::Axis;
+    let (rows, cols) = out.dim();
+    if pieces <= 1 || rows.max(cols) < 2 {
+        ndarray::linalg::general_mat_mul(1.0, &a, &b, 0.0, &mut out);
+        return;
+    }
+    let half = pieces / 2;
+    if rows >= cols {
+        let mid = rows * half / pieces;
+        let ((a1, a2), (o1, o2)) = (a.split_at(Axis(0), mid), out.split_at(Axis(0), mid));
+        rayon::join(|| gemm_pieces(a1, b, o1, half), || gemm_pieces(a2, b, o2, pieces - half));
+    } else {
+        let mid = cols * half / pieces;
+        let ((b1, b2), (o1, o2)) = (b.split_at(Axis(1), mid), out.split_at(Axis(1), mid));
+        rayon::join(|| gemm_pieces(a, b1, o1, half), || gemm_pieces(a, b2, o2, pieces - half));
+    }
 }
 
 /// Runs `f` on a 2-D view of `t`.
@@ -234,7 +277,7 @@ fn with_view2<R>(t: &NdArrayTensor, f: impl FnOnce(ndarray::ArrayView2<'_, f32>)
 
 /// The backward of `a·b`, whose gradients are products of the same kind as the forward's.
 #[derive(Debug)]
-struct MatmulBackward(crate::Products);
+struct MatmulBackward(Product);
 
 impl Backward<Nd, 2> for MatmulBackward {
     type State = (NdArrayTensor, NdArrayTensor);
@@ -243,14 +286,10 @@ impl Backward<Nd, 2> for MatmulBackward {
         let grad = grads.consume::<Nd>(&ops.node);
         let (a, b) = ops.state;
         let [pa, pb] = ops.parents;
-        let product = match self.0 {
-            crate::Products::F32 => gemm_views,
-            crate::Products::Bf16 => gemm_bf16,
-        };
         register!(
             grads,
-            (pa, || product(&grad, false, &b, true)),
-            (pb, || product(&a, true, &grad, false))
+            (pa, || self.0.run(&grad, false, &b, true)),
+            (pb, || self.0.run(&a, true, &grad, false))
         );
     }
 }
@@ -288,16 +327,37 @@ fn with_matrix<R>(t: &NdArrayTensor, f: impl FnOnce(Matrix<'_>) -> R) -> R {
     }
 }
 
+/// Sets OpenBLAS, when the binary links it, to one thread, once. Its idle workers spin on
+/// `sched_yield` for a while after every call; under bf16 products only the small LoRA products
+/// still go to BLAS while our GEMM's rayon threads run the rest, and a spinning worker takes a
+/// core from them (20% of a SmolLM2 step's samples on 2 cores; the step 9% faster with one
+/// thread, benches/RESULTS.md). Looked up at run time so that builds without OpenBLAS (this
+/// crate's own tests) need not link it.
+fn quiet_blas() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        #[cfg(unix)]
+        // SAFETY: dlsym with a NUL-terminated name; the symbol, when present, is OpenBLAS's
+        // `void openblas_set_num_threads(int)`.
+        unsafe {
+            let f = libc::dlsym(libc::RTLD_DEFAULT, c"openblas_set_num_threads".as_ptr());
+            if !f.is_null() {
+                let set: extern "C" fn(libc::c_int) = std::mem::transmute(f);
+                set(1);
+            }
+        }
+    });
+}
+
 /// `a·b` with bf16 inputs, as an f32 tensor.
 fn gemm_bf16(a: &NdArrayTensor, transpose_a: bool, b: &NdArrayTensor, transpose_b: bool) -> NdArrayTensor {
+    quiet_blas();
     with_matrix(a, |a| {
         with_matrix(b, |b| {
             let a = if transpose_a { a.t() } else { a };
             let b = if transpose_b { b.t() } else { b };
             let shape = [a.rows, b.cols];
-            let mut out = vec![0.0f32; a.rows * b.cols];
-            crate::gemm::gemm(a, b, &mut out);
-            from_vec(out, &shape)
+            from_vec(crate::gemm::gemm(a, b), &shape)
         })
     })
 }
@@ -336,11 +396,37 @@ impl Backward<Nd, 1> for FrozenBf16Backward {
     }
 }
 
+/// `w` rounded to bf16, as bits in a row-major U16 tensor; a strided `w` (a transposed weight,
+/// at load time) is read through its strides.
+pub(crate) fn to_bf16_bits<B: Backend>(w: &Tensor<B, 2>) -> Option<Tensor<B, 2, burn::tensor::Int>> {
+    let w = float_prim(w)?;
+    let NdArrayTensor::F32(storage) = w.inner() else {
+        unreachable!("checked f32")
+    };
+    let view = storage.view().into_dimensionality::<ndarray::Ix2>().expect("a matrix");
+    let (rows, cols) = view.dim();
+    let bits = match view.as_slice() {
+        Some(values) => bf16_vec(values),
+        None => {
+            let mut bits = vec![0u16; rows * cols];
+            bits.par_chunks_mut(cols.max(1)).enumerate().for_each(|(i, out)| {
+                for (o, &x) in out.iter_mut().zip(view.row(i)) {
+                    *o = crate::gemm::round_bf16(x);
+                }
+            });
+            bits
+        }
+    };
+    let array = ArcArray::from_shape_vec(IxDyn(&[rows, cols]), bits).expect("values match the shape");
+    let bits = NdArrayTensor::from(array);
+    Some(Tensor::from_primitive(same::<NdArrayTensor, burn::tensor::ops::IntTensor<B>>(bits)))
+}
+
 pub(crate) fn matmul_bf16<B: Backend>(a: &Tensor<B, 2>, b: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     let a = float_prim(a)?;
     let b = float_prim(b)?;
     let out = gemm_bf16(a.inner(), false, b.inner(), false);
-    Some(tensor(record(MatmulBackward(crate::Products::Bf16), [&a, &b], out, || {
+    Some(tensor(record(MatmulBackward(Product::Bf16), [&a, &b], out, || {
         (a.inner().clone(), b.inner().clone())
     })))
 }
@@ -1105,19 +1191,46 @@ mod tests {
 
     #[test]
     fn matmul_matches_burns() {
-        // Contiguous, and a transposed (column-major) operand.
-        let a = random([70, 33], 12);
-        let b = random([21, 33], 13);
-        check(
-            vec![a.clone(), b.clone()],
-            |t| super::matmul(&t[0], &t[1].clone().transpose()).expect("the kernel runs"),
-            |t| t[0].clone().matmul(t[1].clone().transpose()),
-        );
+        // Contiguous, and a transposed (column-major) operand; in pieces, a product large
+        // enough to be split.
+        for ([m, k, n], in_pieces) in [([70, 33, 21], false), ([300, 70, 60], true)] {
+            let a = random([m, k], 12);
+            let b = random([n, k], 13);
+            check(
+                vec![a.clone(), b.clone()],
+                |t| super::matmul(&t[0], &t[1].clone().transpose(), in_pieces).expect("the kernel runs"),
+                |t| t[0].clone().matmul(t[1].clone().transpose()),
+            );
+        }
     }
 
     /// `t`'s values rounded to bf16.
     fn bf16_round(t: Tensor<Ad, 2>) -> Tensor<Ad, 2> {
         crate::from_bf16_bits(crate::to_bf16_bits(t.detach()), burn::tensor::DType::F32)
+    }
+
+    #[test]
+    fn products_in_pieces_equal_one_product() {
+        // Split by rows (tall output), by columns (wide), unevenly, and through a transpose.
+        for (m, k, n, pieces) in [(7, 5, 4, 3), (3, 5, 9, 2), (2, 6, 11, 5), (1, 4, 1, 4)] {
+            let a = ndarray::Array2::from_shape_fn((m, k), |(i, j)| (i * 7 + j * 3) as f32 * 0.25 - 2.0);
+            let b = ndarray::Array2::from_shape_fn((n, k), |(i, j)| (i * 5 + j) as f32 * 0.5 - 3.0);
+            let want = a.dot(&b.t());
+            let mut got = ndarray::Array2::<f32>::zeros((m, n));
+            super::gemm_pieces(a.view(), b.t(), got.view_mut(), pieces);
+            assert_eq!(got, want, "{m}x{k}x{n} in {pieces}");
+        }
+    }
+
+    #[test]
+    fn bf16_bits_round_to_nearest_even_contiguous_or_transposed() {
+        let t = random([37, 21], 19) * 100.0;
+        for t in [t.clone(), t.transpose()] {
+            let want: Vec<u16> = t.to_data().to_vec::<f32>().unwrap().iter().map(|&x| burn::tensor::bf16::from_f32(x).to_bits()).collect();
+            let got = crate::to_bf16_bits(t.clone());
+            assert_eq!(got.dims(), t.dims());
+            assert_eq!(got.into_data().to_vec::<u16>().unwrap(), want);
+        }
     }
 
     #[test]

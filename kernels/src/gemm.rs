@@ -12,8 +12,9 @@
 //! of the same bf16 values, in f32): slower, the same numbers up to the order of the sums.
 //!
 //! Why our own: OpenBLAS as Debian ships it (0.3.21) has no `sbgemm`, and burn's CPU backends
-//! hold no bf16 tensors. On this project's 2-core AMD EPYC (Zen 5, AVX512-BF16) it runs the
-//! SmolLM2 step's products at 2-3× OpenBLAS's f32 `sgemm` (benches/RESULTS.md).
+//! hold no bf16 tensors. On this project's 2-core AMD EPYCs it runs the SmolLM2 step's products
+//! at 2-3× OpenBLAS's f32 `sgemm` on Zen 5 (600-800 GFLOP/s) and about 1.8× on Zen 4 (300-380
+//! GFLOP/s, the double-pumped `vdpbf16ps`'s peak there).
 
 use std::sync::OnceLock;
 
@@ -135,9 +136,17 @@ pub(crate) fn isa() -> Isa {
     })
 }
 
-/// `c = a·b` (`c`: `[a.rows, b.cols]`, row-major), inputs rounded to bf16, sums in f32.
-pub(crate) fn gemm(a: Matrix<'_>, b: Matrix<'_>, c: &mut [f32]) {
-    gemm_with(isa(), a, b, c)
+/// `a·b` (`[a.rows, b.cols]`, row-major), inputs rounded to bf16, sums in f32.
+pub(crate) fn gemm(a: Matrix<'_>, b: Matrix<'_>) -> Vec<f32> {
+    let len = a.rows * b.cols;
+    // Not zeroed first: every element is written (the tests fill the output with NaN to check),
+    // and zeroing the outputs (each output-head chunk's 64 MiB of logits among them) was 2-3% of
+    // a step's samples, on one core.
+    let mut c = Vec::with_capacity(len);
+    gemm_into(isa(), a, b, c.spare_capacity_mut());
+    // SAFETY: `gemm_into` wrote all `len` values.
+    unsafe { c.set_len(len) };
+    c
 }
 
 struct Out(*mut f32);
@@ -145,7 +154,14 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-pub(crate) fn gemm_with(isa: Isa, a: Matrix<'_>, b: Matrix<'_>, c: &mut [f32]) {
+#[cfg(test)]
+fn gemm_with(isa: Isa, a: Matrix<'_>, b: Matrix<'_>, c: &mut [f32]) {
+    // SAFETY: f32 and MaybeUninit<f32> have one layout; `gemm_into` only writes.
+    gemm_into(isa, a, b, unsafe { &mut *(c as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) })
+}
+
+/// `c = a·b`, writing every element of `c`.
+fn gemm_into(isa: Isa, a: Matrix<'_>, b: Matrix<'_>, c: &mut [std::mem::MaybeUninit<f32>]) {
     assert_eq!(a.cols, b.rows, "inner dimensions");
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(c.len(), m * n, "output size");
@@ -156,7 +172,7 @@ pub(crate) fn gemm_with(isa: Isa, a: Matrix<'_>, b: Matrix<'_>, c: &mut [f32]) {
         return;
     }
     if kp == 0 {
-        c.fill(0.0);
+        c.fill(std::mem::MaybeUninit::new(0.0));
         return;
     }
     let packed_a = pack_a(isa, a, kp);
@@ -178,7 +194,7 @@ pub(crate) fn gemm_with(isa: Isa, a: Matrix<'_>, b: Matrix<'_>, c: &mut [f32]) {
     let panels_per_group = panels_n.div_ceil(groups);
     let groups = panels_n.div_ceil(panels_per_group);
     let kc = kp.div_ceil(kp.div_ceil(KC)); // equal blocks
-    let out = Out(c.as_mut_ptr());
+    let out = Out(c.as_mut_ptr().cast::<f32>());
     let out = &out;
     (0..blocks_m * groups)
         .into_par_iter()
@@ -192,7 +208,7 @@ pub(crate) fn gemm_with(isa: Isa, a: Matrix<'_>, b: Matrix<'_>, c: &mut [f32]) {
                 for jp in col_panels.clone() {
                     let j0 = jp * NR;
                     let cols = NR.min(n - j0);
-                    pack_b(b, j0, cols, p0, np, &mut panel[..np * NR]);
+                    pack_b(isa, b, j0, cols, p0, np, &mut panel[..np * NR]);
                     for ip in row_panels.clone() {
                         let rows = MR.min(m - ip * MR);
                         let a_panel = &packed_a[ip * kp * MR + p0 * MR..][..np * MR];
@@ -218,7 +234,7 @@ fn pack_a(isa: Isa, a: Matrix<'_>, kp: usize) -> Vec<u32> {
             match a.values {
                 Values::F32(v) if a.col_stride == 1 => {
                     let row = &v[i * a.row_stride..][..a.cols];
-                    pairs_of_row(isa, row, panel, r);
+                    pairs_of_row(isa, row, panel, r, MR);
                 }
                 _ => {
                     for p in 0..kp {
@@ -231,41 +247,88 @@ fn pack_a(isa: Isa, a: Matrix<'_>, kp: usize) -> Vec<u32> {
     packed
 }
 
-/// `dst[p * MR + r]` = the pair `(row[2p], row[2p + 1])` of a contiguous f32 row, rounded.
-fn pairs_of_row(isa: Isa, row: &[f32], dst: &mut [u32], r: usize) {
+/// `dst[p * stride + r]` = the pair `(row[2p], row[2p + 1])` of contiguous f32 values, rounded.
+fn pairs_of_row(isa: Isa, row: &[f32], dst: &mut [u32], r: usize, stride: usize) {
     let mut done = 0; // pairs
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Bf16 {
         // SAFETY: the processor has these instructions (`isa`).
-        done = unsafe { avx512::pairs_of_row(row, dst, r) };
+        done = unsafe { avx512::pairs_of_row(row, dst, r, stride) };
     }
     let _ = isa;
     let kp = row.len().div_ceil(2);
     for p in done..kp {
         let lo = round_bf16(row[2 * p]) as u32;
         let hi = row.get(2 * p + 1).map_or(0, |&x| round_bf16(x) as u32);
-        dst[p * MR + r] = lo | hi << 16;
+        dst[p * stride + r] = lo | hi << 16;
     }
 }
 
 /// Columns `j0..j0 + cols` and pairs `p0..p0 + np` of `b` as one panel: `[pair][column]`, zero
 /// past the last column.
-fn pack_b(b: Matrix<'_>, j0: usize, cols: usize, p0: usize, np: usize, dst: &mut [u32]) {
+fn pack_b(isa: Isa, b: Matrix<'_>, j0: usize, cols: usize, p0: usize, np: usize, dst: &mut [u32]) {
     match b.values {
-        Values::Bf16(v) => pack_b_from(v, b, j0, cols, p0, np, dst),
-        Values::F32(v) => pack_b_from(v, b, j0, cols, p0, np, dst),
+        Values::Bf16(v) => pack_b_from(isa, v, b, j0, cols, p0, np, dst),
+        Values::F32(v) => pack_b_from(isa, v, b, j0, cols, p0, np, dst),
     }
 }
 
 /// A value as bf16 bits: bf16 as it is, f32 rounded.
 trait Bf16Bits: Copy {
     fn bf16_bits(self) -> u32;
+
+    /// `dst[p * stride + r]` = the pair `(values[2p], values[2p + 1])` (the second 0 past the end).
+    fn pairs(isa: Isa, values: &[Self], dst: &mut [u32], r: usize, stride: usize);
+
+    /// `dst[j]` = the pair `(r0[j], r1[j])`.
+    fn interleave(isa: Isa, r0: &[Self], r1: &[Self], dst: &mut [u32]) {
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512Bf16 {
+            let n = r0.len().min(r1.len()).min(dst.len()) / 16 * 16;
+            for j in (0..n).step_by(16) {
+                // SAFETY: 16 values from j in each slice; the processor has the instructions.
+                unsafe { Self::interleave16(&r0[j..j + 16], &r1[j..j + 16], &mut dst[j..j + 16]) };
+            }
+            done = n;
+        }
+        let _ = isa;
+        for ((d, &x), &y) in dst[done..].iter_mut().zip(&r0[done..]).zip(&r1[done..]) {
+            *d = x.bf16_bits() | y.bf16_bits() << 16;
+        }
+    }
+
+    /// [`Bf16Bits::interleave`] of 16 values, with AVX512-BF16.
+    ///
+    /// # Safety
+    /// Each slice holds at least 16 values; the processor has AVX512-BF16.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn interleave16(r0: &[Self], r1: &[Self], dst: &mut [u32]);
 }
 
 impl Bf16Bits for u16 {
     #[inline(always)]
     fn bf16_bits(self) -> u32 {
         self as u32
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn interleave16(r0: &[u16], r1: &[u16], dst: &mut [u32]) {
+        // SAFETY: as the caller promised.
+        unsafe { avx512::interleave16_u16(r0.as_ptr(), r1.as_ptr(), dst.as_mut_ptr()) }
+    }
+
+    fn pairs(_: Isa, values: &[u16], dst: &mut [u32], r: usize, stride: usize) {
+        let whole = values.chunks_exact(2);
+        let last = whole.remainder().first().map(|&x| x as u32);
+        let mut p = 0;
+        for pair in whole {
+            dst[p * stride + r] = pair[0] as u32 | (pair[1] as u32) << 16;
+            p += 1;
+        }
+        if let Some(x) = last {
+            dst[p * stride + r] = x;
+        }
     }
 }
 
@@ -274,21 +337,43 @@ impl Bf16Bits for f32 {
     fn bf16_bits(self) -> u32 {
         round_bf16(self) as u32
     }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn interleave16(r0: &[f32], r1: &[f32], dst: &mut [u32]) {
+        // SAFETY: as the caller promised.
+        unsafe { avx512::interleave16_f32(r0.as_ptr(), r1.as_ptr(), dst.as_mut_ptr()) }
+    }
+
+    fn pairs(isa: Isa, values: &[f32], dst: &mut [u32], r: usize, stride: usize) {
+        pairs_of_row(isa, values, dst, r, stride)
+    }
 }
 
 /// [`pack_b`] for `b`'s values `v`.
-fn pack_b_from<T: Bf16Bits>(v: &[T], b: Matrix<'_>, j0: usize, cols: usize, p0: usize, np: usize, dst: &mut [u32]) {
+#[allow(clippy::too_many_arguments)]
+fn pack_b_from<T: Bf16Bits>(isa: Isa, v: &[T], b: Matrix<'_>, j0: usize, cols: usize, p0: usize, np: usize, dst: &mut [u32]) {
     let (k, row_stride, col_stride) = (b.rows, b.row_stride, b.col_stride);
-    if col_stride == 1 {
+    if row_stride == 1 && col_stride != 1 {
+        // Columns contiguous (`b` is a transposed row-major matrix: the output head's
+        // embedding, `Wᵀ` in the input gradient): a column's pairs are adjacent values.
+        let len = (k - 2 * p0).min(2 * np);
+        for j in 0..NR {
+            if j < cols {
+                T::pairs(isa, &v[(j0 + j) * col_stride + 2 * p0..][..len], dst, j, NR);
+            } else {
+                for p in 0..np {
+                    dst[p * NR + j] = 0;
+                }
+            }
+        }
+    } else if col_stride == 1 {
         // Rows contiguous: interleave rows 2p and 2p + 1.
         for (p, d) in dst.chunks_exact_mut(NR).enumerate() {
             let i = 2 * (p0 + p);
             let r0 = &v[i * row_stride + j0..][..cols];
             if i + 1 < k {
                 let r1 = &v[(i + 1) * row_stride + j0..][..cols];
-                for ((d, &x), &y) in d.iter_mut().zip(r0).zip(r1) {
-                    *d = x.bf16_bits() | y.bf16_bits() << 16;
-                }
+                T::interleave(isa, r0, r1, d);
             } else {
                 for (d, &x) in d.iter_mut().zip(r0) {
                     *d = x.bf16_bits();
@@ -382,7 +467,7 @@ mod avx512 {
 
     /// The SIMD part of [`super::pairs_of_row`]: 16 pairs at a time; returns how many it did.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn pairs_of_row(row: &[f32], dst: &mut [u32], r: usize) -> usize {
+    pub(super) unsafe fn pairs_of_row(row: &[f32], dst: &mut [u32], r: usize, stride: usize) -> usize {
         let chunks = row.len() / 32;
         let mut pairs = [0u32; 16];
         for c in 0..chunks {
@@ -393,10 +478,31 @@ mod avx512 {
             // SAFETY: 64 bytes into a 64-byte array.
             unsafe { _mm512_storeu_si512(pairs.as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(packed)) };
             for (q, &pair) in pairs.iter().enumerate() {
-                dst[(c * 16 + q) * MR + r] = pair;
+                dst[(c * 16 + q) * stride + r] = pair;
             }
         }
         chunks * 16
+    }
+
+    /// `dst[j] = r0[j] | r1[j] << 16` for 16 bf16 values each.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn interleave16_u16(r0: *const u16, r1: *const u16, dst: *mut u32) {
+        unsafe {
+            let lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(r0.cast()));
+            let hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(r1.cast()));
+            _mm512_storeu_si512(dst.cast(), _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)));
+        }
+    }
+
+    /// `dst[j] = bf16(r0[j]) | bf16(r1[j]) << 16` for 16 f32 values each, rounded to nearest even.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn interleave16_f32(r0: *const f32, r1: *const f32, dst: *mut u32) {
+        unsafe {
+            let lo: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(r0)));
+            let hi: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(r1)));
+            let (lo, hi) = (_mm512_cvtepu16_epi32(lo), _mm512_cvtepu16_epi32(hi));
+            _mm512_storeu_si512(dst.cast(), _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)));
+        }
     }
 
     /// The `MR × NR` micro-kernel: 24 accumulators, three `b` registers, `a` broadcast.
@@ -524,8 +630,7 @@ mod tests {
         let b = Matrix::row_major(Values::Bf16(&bv), k, n);
         let mut first = vec![7.0; m * n];
         gemm_with(Isa::Portable, a, b, &mut first);
-        let mut second = vec![-3.0; m * n];
-        gemm(a, b, &mut second);
+        let second = gemm(a, b);
         for (x, y) in first.iter().zip(&second) {
             assert!((x - y).abs() <= 1e-4, "{x} vs {y}");
         }

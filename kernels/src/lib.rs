@@ -37,7 +37,22 @@ pub fn reshape<B: Backend, const D: usize, const D2: usize>(x: Tensor<B, D>, sha
 /// `a: [m, k]`, `b: [k, n]` -> `[m, n]`
 pub fn matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     #[cfg(feature = "ndarray")]
-    if let Some(out) = cpu::matmul(&a, &b) {
+    if let Some(out) = cpu::matmul(&a, &b, false) {
+        return out;
+    }
+    a.matmul(b)
+}
+
+/// [`matmul`], with the work split over the cores in row or column pieces, each one
+/// single-threaded BLAS call: for the small f32 products (LoRA's) beside [`Products::Bf16`]
+/// products, under which OpenBLAS is kept to one thread (its idle workers' spinning took a core
+/// from our bf16 GEMM). The same values up to the order of the sums; composed elsewhere.
+///
+/// # Shapes
+/// `a: [m, k]`, `b: [k, n]` -> `[m, n]`
+pub fn matmul_in_pieces<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    #[cfg(feature = "ndarray")]
+    if let Some(out) = cpu::matmul(&a, &b, true) {
         return out;
     }
     a.matmul(b)
@@ -49,7 +64,7 @@ pub fn matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
 /// `x: [rows, in]`, `weight: [in, out]`, `bias: [out]` -> `[rows, out]`
 pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
     #[cfg(feature = "ndarray")]
-    if let Some(out) = cpu::matmul(&x, &weight) {
+    if let Some(out) = cpu::matmul(&x, &weight, false) {
         return with_bias(out, bias);
     }
     burn::tensor::module::linear(x, weight, bias)
@@ -138,6 +153,10 @@ fn with_bias<B: Backend>(out: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tenso
 /// `w` rounded to bf16 (to nearest even), as its bit patterns in a U16 tensor: half the memory
 /// of f32 on backends that hold no bf16 floats.
 pub fn to_bf16_bits<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 2, Int> {
+    #[cfg(feature = "ndarray")]
+    if let Some(bits) = cpu::to_bf16_bits(&w) {
+        return bits;
+    }
     let device = w.device();
     let shape = w.dims();
     let values = w.into_data().convert::<f32>().to_vec::<f32>().expect("f32 values");

@@ -333,7 +333,7 @@ impl<B: Backend> Linear<B> {
             _ => temper_kernels::linear_with(x.clone(), self.weight(), bias.clone(), self.products),
         };
         let y = match &self.adapter {
-            Some(lora) if lora.enabled => lora.apply(x, y, || self.weight(), bias),
+            Some(lora) if lora.enabled => lora.apply(x, y, || self.weight(), bias, self.products),
             _ => y,
         };
         let mut out = dims;

@@ -7,6 +7,7 @@ use burn::module::{Module, Param};
 use burn::nn::DropoutConfig;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use temper_kernels::Products;
 
 /// `y = x·W + b + scaling · dropout(x)·A·B`, or its DoRA form when `lora_magnitude_vector`
 /// is set. Matrices are stored `[in, r]` and `[r, out]` (the transposes of PEFT's `lora_A`
@@ -42,7 +43,14 @@ impl<B: Backend> Lora<B> {
         base: Tensor<B, 2>,
         weight: impl FnOnce() -> Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
+        products: Products,
     ) -> Tensor<B, 2> {
+        // The adapter's products stay f32; beside bf16 base products (which keep OpenBLAS to one
+        // thread) they are split over the cores by us.
+        let matmul = |a, b| match products {
+            Products::F32 => temper_kernels::matmul(a, b),
+            Products::Bf16 => temper_kernels::matmul_in_pieces(a, b),
+        };
         let base_dtype = base.dtype();
         let dtype = self.lora_a.val().dtype();
         let x = x.cast(dtype);
@@ -53,13 +61,13 @@ impl<B: Backend> Lora<B> {
         } else {
             x
         };
-        let xa = temper_kernels::matmul(x.clone(), self.lora_a.val()); // [rows, r]
+        let xa = matmul(x.clone(), self.lora_a.val()); // [rows, r]
         let delta = match &self.lora_magnitude_vector {
             // Scaled while it is `r` wide rather than `out` wide: the same product, a pass over
             // 16 columns instead of thousands, forward and backward.
-            None => temper_kernels::matmul(xa * self.scaling, self.lora_b.val()),
+            None => matmul(xa * self.scaling, self.lora_b.val()),
             Some(magnitude) => {
-                let lora = temper_kernels::matmul(xa, self.lora_b.val()); // [rows, out]
+                let lora = matmul(xa, self.lora_b.val()); // [rows, out]
                 // DoRA, as PEFT computes it (`tuners/lora/dora.py`): the column norm of the
                 // adapted weight is treated as a constant (detached), as the DoRA paper advises.
                 let weight = weight().cast(dtype);
